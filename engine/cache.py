@@ -1,0 +1,131 @@
+"""Content-addressed artifact cache: keys, atomic writes, manifests, integrity checks.
+
+Every artifact directory holds its files and a `manifest.json` that records the key's inputs and the
+sha256 of every file. A directory is published by renaming a finished temp directory, so readers
+never see half-written artifacts; a truncated or altered file is caught by `verify`.
+
+Layout under the engine dir:
+    <engine_dir>/<model_id>/onnx/<component>-<key>/      exported + optimized ONNX (+ external data)
+    <engine_dir>/<model_id>/<backend>/<component>-<key>/ backend artifact (engine plan, ORT model, ...)
+    <engine_dir>/<model_id>/build.json                   the last build: which artifact per component
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.json"
+BUILD_RECORD = "build.json"
+KEY_LEN = 16
+
+
+class CorruptArtifact(RuntimeError):
+    """An artifact on disk does not match its manifest."""
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def content_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(parts).encode()).hexdigest()[:KEY_LEN]
+
+
+def hash_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_files(paths: list[Path]) -> str:
+    """One hash over several files, in the given order (names included)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(hash_file(p).encode())
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+@contextmanager
+def staging_dir(final: Path) -> Iterator[Path]:
+    """Yield a temp dir beside `final`; on success publish it as `final` in one rename."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.old.{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def write_manifest(art_dir: Path, key: str, key_parts: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    files = {
+        p.relative_to(art_dir).as_posix(): hash_file(p)
+        for p in sorted(art_dir.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"key": key, "key_parts": key_parts, "files": files, "created": time.time(), **extra}
+    write_json_atomic(art_dir / MANIFEST, manifest)
+    return manifest
+
+
+def verify(art_dir: Path, check_hashes: bool = True) -> dict[str, Any]:
+    """Return the manifest if every listed file is present (and matches its hash); else raise."""
+    mpath = art_dir / MANIFEST
+    if not mpath.is_file():
+        raise CorruptArtifact(f"{art_dir}: no {MANIFEST} (interrupted build?); rebuild with --force-rebuild")
+    try:
+        manifest = read_json(mpath)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptArtifact(f"{mpath}: unreadable manifest ({e}); rebuild with --force-rebuild") from e
+    for rel, digest in manifest.get("files", {}).items():
+        p = art_dir / rel
+        if not p.is_file():
+            raise CorruptArtifact(f"{p}: missing; rebuild with --force-rebuild")
+        if check_hashes and hash_file(p) != digest:
+            raise CorruptArtifact(f"{p}: content does not match its manifest hash (truncated or altered)")
+    return manifest
+
+
+def artifact_dir(engine_dir: Path, model_id: str, kind: str, component: str, key: str) -> Path:
+    return engine_dir / model_id / kind / f"{component}-{key}"
+
+
+def lookup(art_dir: Path) -> dict[str, Any] | None:
+    """The manifest of a valid cached artifact, or None when it must be (re)built."""
+    if not art_dir.exists():
+        return None
+    try:
+        return verify(art_dir)
+    except CorruptArtifact:
+        return None

@@ -1,0 +1,166 @@
+"""The single attention function used by the UNet and the VAE, and how it is written to ONNX.
+
+`attention(q, k, v, num_heads, scale)` takes packed heads, q [B, Sq, H*D], k/v [B, Sk, H*D], and
+returns [B, Sq, H*D]. In eager PyTorch it runs SDPA (or our fused kernel on CUDA when enabled); while
+exporting it is emitted in one of three modes, chosen with `emission(mode)`:
+
+- `decomposed`: MatMul(Q*scale, K^T) -> Softmax -> MatMul(., V). Q is pre-scaled, the pattern
+  TensorRT >= 8.6 fuses into one MHA kernel.
+- `onnx`: the opset-23 `Attention` op (TensorRT >= 10.14 maps it to IAttention). Needs opset 23.
+- `plugin`: one custom node per call for our kernel (kernels/contract.py defines it). Calls whose head
+  dim has no specialised kernel fall back to `decomposed`, as do fp32 graphs (the kernel is fp16/bf16).
+
+It is inserted into diffusers models through `EngineAttnProcessor`, never by patching graphs.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from kernels import contract
+
+MODES = ("decomposed", "onnx", "plugin")
+_mode: str | None = None  # None: eager execution
+_eager_impl = "sdpa"  # "sdpa" | "kernel" (our fused kernel, CUDA fp16/bf16 only)
+
+
+@contextmanager
+def emission(mode: str) -> Iterator[None]:
+    """Emit attention in `mode` while exporting."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"unknown attention mode {mode!r}; choose from {', '.join(MODES)}")
+    prev, _mode = _mode, mode
+    try:
+        yield
+    finally:
+        _mode = prev
+
+
+@contextmanager
+def eager_impl(impl: str) -> Iterator[None]:
+    """Run eager attention with `sdpa` or our fused `kernel`."""
+    global _eager_impl
+    if impl not in ("sdpa", "kernel"):
+        raise ValueError(f"unknown eager attention {impl!r}; choose 'sdpa' or 'kernel'")
+    prev, _eager_impl = _eager_impl, impl
+    try:
+        yield
+    finally:
+        _eager_impl = prev
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    b, s, _ = x.shape
+    return x.view(b, s, num_heads, -1).transpose(1, 2)  # [B, H, S, D]
+
+
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    b, h, s, d = x.shape
+    return x.transpose(1, 2).reshape(b, s, h * d)  # [B, S, H*D]
+
+
+def attention_reference(q, k, v, num_heads: int, scale: float | None = None) -> torch.Tensor:
+    """Pure-torch reference in float32: softmax(Q K^T * scale) V, returned in q's dtype."""
+    d = q.shape[-1] // num_heads
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qh, kh, vh = (_heads(t.float(), num_heads) for t in (q, k, v))
+    p = torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1)  # [B, H, Sq, Sk]
+    return _packed(p @ vh).to(q.dtype)
+
+
+def _decomposed(q, k, v, num_heads: int, scale: float, upcast: bool) -> torch.Tensor:
+    qh, kh, vh = (_heads(t, num_heads) for t in (q, k, v))
+    if upcast:  # SD 2.x: scores in fp32 to avoid fp16 overflow
+        qh, kh = qh.float(), kh.float()
+    scores = (qh * scale) @ kh.transpose(-1, -2)  # [B, H, Sq, Sk], Q pre-scaled
+    p = torch.softmax(scores, dim=-1).to(vh.dtype)
+    return _packed(p @ vh)
+
+
+def _onnx_attention(q, k, v, num_heads: int, scale: float) -> torch.Tensor:
+    return torch.onnx.ops.attention(q, k, v, q_num_heads=num_heads, kv_num_heads=num_heads, scale=scale)[0]
+
+
+def plugin_supported(q: torch.Tensor, num_heads: int, scale: float) -> bool:
+    d = q.shape[-1] // num_heads
+    return (
+        d in contract.SUPPORTED_HEAD_DIMS
+        and str(q.dtype).removeprefix("torch.") in contract.SUPPORTED_DTYPES
+        and math.isclose(scale, 1.0 / math.sqrt(d), rel_tol=1e-6)
+    )
+
+
+def _plugin(q, k, v, num_heads: int) -> torch.Tensor:
+    attrs = {
+        contract.ATTR_NUM_HEADS: num_heads,
+        contract.ATTR_HEAD_DIM: q.shape[-1] // num_heads,
+        "plugin_namespace": contract.PLUGIN_NAMESPACE,
+        "plugin_version": contract.PLUGIN_VERSION,
+    }
+    op = f"{contract.PLUGIN_NAMESPACE}::{contract.PLUGIN_NAME}"
+    return torch.onnx.ops.symbolic(op, (q, k, v), attrs, dtype=q.dtype, shape=q.shape, version=1)
+
+
+def _eager(q, k, v, num_heads: int, scale: float, upcast: bool) -> torch.Tensor:
+    if _eager_impl == "kernel" and q.is_cuda:
+        from kernels import torch_op  # registers torch.ops.sd_engine.fused_attention
+
+        return torch_op.fused_attention(q, k, v, num_heads, scale)
+    if upcast and q.dtype != torch.float32:
+        return _decomposed(q, k, v, num_heads, scale, upcast=True)
+    qh, kh, vh = (_heads(t, num_heads) for t in (q, k, v))
+    return _packed(F.scaled_dot_product_attention(qh, kh, vh, scale=scale))
+
+
+def attention(q, k, v, num_heads: int, scale: float | None = None, upcast: bool = False) -> torch.Tensor:
+    """softmax(Q K^T * scale) V over packed heads: q [B, Sq, H*D], k/v [B, Sk, H*D] -> [B, Sq, H*D]."""
+    scale = 1.0 / math.sqrt(q.shape[-1] // num_heads) if scale is None else scale
+    if _mode is None:
+        return _eager(q, k, v, num_heads, scale, upcast)
+    if _mode == "onnx":
+        return _onnx_attention(q, k, v, num_heads, scale)
+    if _mode == "plugin" and plugin_supported(q, num_heads, scale):
+        return _plugin(q, k, v, num_heads)
+    return _decomposed(q, k, v, num_heads, scale, upcast)
+
+
+class EngineAttnProcessor:
+    """A diffusers attention processor that routes every attention call through `attention`."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if attention_mask is not None:
+            raise ValueError("attention masks are not supported by the engine's attention op")
+        if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+            raise ValueError("q/k normalisation is not supported by the engine's attention op")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        spatial = hidden_states.ndim == 4
+        if spatial:  # VAE mid-block: [B, C, H, W] -> [B, H*W, C]
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)  # [B, S, H*D]
+        out = attention(q, k, v, attn.heads, attn.scale, upcast=bool(attn.upcast_attention))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if spatial:
+            out = out.transpose(1, 2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def install(module: torch.nn.Module) -> torch.nn.Module:
+    """Route every diffusers `Attention` in `module` (UNet, VAE) through the engine's op."""
+    if hasattr(module, "set_attn_processor"):
+        module.set_attn_processor(EngineAttnProcessor())
+    return module

@@ -1,0 +1,217 @@
+"""Reference torch modules: from a local diffusers folder, a single-file checkpoint or a random preset.
+
+Every model goes through one loader (`load_model`): a random preset is first materialised from its
+fixed seed as an ordinary diffusers folder (safetensors), a single-file LDM checkpoint is first
+converted to one (export/single_file.py). Nothing is downloaded, nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from export import attention
+from export.presets import PRESETS, Preset
+from export.specs import Dims
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+DATA_DIR = Path(__file__).parent / "data"
+FORMAT_VERSION = 1  # bump when materialisation changes, so cached preset folders are remade
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SD_ENGINE_CACHE", Path.home() / ".cache" / "sd_engine"))
+
+
+def default_tokenizer(max_length: int = 77):
+    """The real CLIP BPE tokenizer (49408 tokens) from the vocabulary shipped in export/data."""
+    from transformers import CLIPTokenizer
+
+    vocab = json.loads((DATA_DIR / "clip_vocab.json").read_text(encoding="utf-8"))
+    lines = (DATA_DIR / "clip_merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    merges = [tuple(line.split()) for line in lines if line]
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>", model_max_length=max_length)
+
+
+def random_components(preset: Preset) -> dict:
+    """Seeded random UNet, VAE and CLIP text encoder for a preset (fp32)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(preset.seed)
+    unet = UNet2DConditionModel(**preset.unet.config(preset.latent_channels, preset.latent_size))
+    torch.manual_seed(preset.seed + 1)
+    vae = AutoencoderKL(**preset.vae.config(preset.latent_channels, preset.scaling_factor, preset.default_size))
+    torch.manual_seed(preset.seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**preset.clip.config()))
+    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval()}
+
+
+def save_diffusers_folder(components: dict, scheduler_config: dict, folder: Path) -> None:
+    """Write components as a standard diffusers StableDiffusionPipeline folder (safetensors)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        **components,
+        tokenizer=default_tokenizer(),
+        scheduler=DDIMScheduler.from_config(scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def materialize_preset(preset: Preset, root: Path | None = None) -> Path:
+    """The preset's diffusers folder, created once from its seed (atomically) and reused."""
+    from engine.cache import content_key, staging_dir
+
+    key = content_key({"preset": repr(preset), "format": FORMAT_VERSION})
+    folder = (root or cache_root() / "presets") / f"{preset.name}-{key}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    with staging_dir(folder) as tmp:
+        save_diffusers_folder(random_components(preset), preset.scheduler.config(preset.prediction_type), tmp)
+    return folder
+
+
+@dataclass
+class LoadedModel:
+    path: Path  # the diffusers folder
+    model_id: str  # short name for engine directories
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    dims: Dims
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+
+def resolve_model(model: str | Path) -> tuple[Path, str]:
+    """(diffusers folder, model id) for a preset name, a diffusers folder or a .safetensors file."""
+    if str(model) in PRESETS:
+        return materialize_preset(PRESETS[str(model)]), str(model)
+    path = Path(model).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"refusing to load {path}: pickled checkpoints ({', '.join(PICKLE_SUFFIXES)}) can run code. "
+            "Convert it to .safetensors first (e.g. load it yourself in a trusted environment and save with "
+            "safetensors.torch.save_file(state_dict, 'model.safetensors'))."
+        )
+    if not path.exists():
+        raise ValueError(f"model {str(model)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.resolve().stem if path.is_file() else path.resolve().name)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"{path} is not a diffusers folder (no model_index.json)")
+        return path, slug
+    if path.suffix.lower() == ".safetensors":
+        from export.single_file import convert_single_file
+
+        return convert_single_file(path), slug
+    raise ValueError(f"unsupported model file {path}: expected a diffusers folder or a .safetensors checkpoint")
+
+
+def model_dims(text_encoder_config, unet_config, vae_config, text_len: int) -> Dims:
+    return Dims(
+        latent_channels=unet_config.in_channels,
+        text_dim=text_encoder_config.hidden_size,
+        text_len=text_len,
+        vae_scale=2 ** (len(vae_config.block_out_channels) - 1),
+        unet_scale=2 ** (len(unet_config.down_block_types) - 1),
+    )
+
+
+def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load every component of a model through diffusers / transformers, offline, safetensors only."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder, model_id = resolve_model(model)
+    kw = dict(use_safetensors=True, local_files_only=True, torch_dtype=dtype)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    for m in (unet, vae):
+        attention.install(m)
+    text_len = min(int(tokenizer.model_max_length), text_encoder.config.max_position_embeddings)
+    return LoadedModel(
+        path=folder,
+        model_id=model_id,
+        text_encoder=text_encoder.to(device).eval(),
+        unet=unet.to(device).eval(),
+        vae=vae.to(device).eval(),
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        dims=model_dims(text_encoder.config, unet.config, vae.config, text_len),
+    )
+
+
+# ---- thin export wrappers: tensor names and conventions from export/specs.py ----
+
+
+class ClipWrapper(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):  # [B, 77] int32 -> [B, 77, C]
+        return self.text_encoder(input_ids.long()).last_hidden_state
+
+
+class UNetWrapper(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):  # [2B, 4, h, w], [2B], [2B, 77, C]
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoderWrapper(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.inv_scale = 1.0 / vae.config.scaling_factor
+
+    def forward(self, latent):  # raw latents [B, 4, h, w] -> images [B, 3, H, W] in [-1, 1]
+        return self.vae.decode(latent * self.inv_scale, return_dict=False)[0]
+
+
+class VaeEncoderWrapper(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scale = vae.config.scaling_factor
+
+    def forward(self, images):  # [B, 3, H, W] in [-1, 1] -> scaled latent mean [B, 4, h, w]
+        return self.vae.encode(images).latent_dist.mean * self.scale
+
+
+def component_module(model: LoadedModel, name: str) -> torch.nn.Module:
+    """The torch module of one component, with the spec's input/output conventions."""
+    wrappers = {
+        "clip": lambda: ClipWrapper(model.text_encoder),
+        "unet": lambda: UNetWrapper(model.unet),
+        "vae_decoder": lambda: VaeDecoderWrapper(model.vae),
+        "vae_encoder": lambda: VaeEncoderWrapper(model.vae),
+    }
+    if name not in wrappers:
+        raise ValueError(f"unknown component {name!r}; choose from {', '.join(wrappers)}")
+    return wrappers[name]().eval()
+
+
+def component_files(model: LoadedModel, folder_name: str) -> list[Path]:
+    """The files whose bytes define one component's weights and config (for cache keys)."""
+    sub = model.path / folder_name
+    return sorted(p for p in sub.iterdir() if p.suffix in (".json", ".safetensors"))

@@ -1,0 +1,154 @@
+"""torch -> ONNX for one component, with dynamic batch and size, checked and validated.
+
+The graph's tensor names, dtypes and dynamic axes come from export/specs.py. Spatial sizes are
+exported as multiples of the model's size granularity (`Dims.size_multiple` pixels), the only sizes
+for which a diffusers UNet takes one code path; the runtime rejects other sizes with a clear error.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from export import attention
+from export.models import LoadedModel, component_module
+from export.specs import ComponentSpec, Dims, Shape, get_spec
+
+ONNX_FILE = "model.onnx"
+EXTERNAL_DATA_LIMIT = 2 * 1024**3  # protobuf's 2 GB limit
+MAX_BATCH = 63  # diffusers' Upsample2D switches code path at batch >= 64
+OPSET = {"decomposed": 18, "plugin": 18, "onnx": 23}  # opset 23 brings the Attention op
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int32": torch.int32}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    precision: str = "fp32"  # "fp32" | "fp16": fp16 graphs are what TensorRT 11 builds fp16 engines from
+    attention: str = "decomposed"  # see export/attention.py
+    shape: Shape | None = None  # example shape; None = model default size, batch 1
+    optimize: bool = True  # constant folding + shape inference (export/optimize.py)
+
+    @property
+    def opset(self) -> int:
+        return OPSET[self.attention]
+
+    def to_json(self) -> dict:
+        return {"precision": self.precision, "attention": self.attention, "opset": self.opset,
+                "optimize": self.optimize, "torch": torch.__version__, "onnx": onnx.__version__}
+
+
+def example_inputs(spec: ComponentSpec, dims: Dims, shape: Shape, precision: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic inputs of the spec's shapes: ids in the vocabulary, timesteps in [0, 1000)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    batch = shape.batch * spec.batch_factor
+    for t, s in spec.input_shapes(dims, batch, shape.height, shape.width).items():
+        dtype = TORCH_DTYPES[str(spec.inputs[spec.input_names.index(t)].numpy_dtype(precision))]
+        if t == "input_ids":
+            x = torch.randint(0, 49406, s, generator=g, dtype=torch.int32)
+            x[:, 0] = 49406  # bos
+        elif t == "timestep":
+            x = torch.randint(0, 1000, s, generator=g).float()
+        else:
+            x = torch.randn(s, generator=g)
+        out[t] = x.to(dtype)
+    return out
+
+
+def dynamic_shapes(spec: ComponentSpec, dims: Dims) -> dict[str, dict[int, object]]:
+    """torch.export Dims for each input: batch, and height/width in units of the size granularity."""
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    hu, wu = Dim("height_units", min=1, max=1024), Dim("width_units", min=1, max=1024)
+    out: dict[str, dict[int, object]] = {}
+    for t in spec.inputs:
+        axes: dict[int, object] = {}
+        for axis, sym in t.dynamic_axes.items():
+            if sym == "batch":
+                axes[axis] = batch
+            else:
+                pixels = t.shape(dims, 1, dims.size_multiple, dims.size_multiple)[axis]  # size of one unit
+                axes[axis] = pixels * (hu if sym == "height" else wu)
+        out[t.name] = axes
+    return out
+
+
+def export_component(model: LoadedModel, name: str, out_dir: Path, opts: ExportOptions) -> dict:
+    """Export one component to out_dir/model.onnx (+ external data when > 2 GB); return a summary."""
+    spec = get_spec(name)
+    if opts.attention == "plugin" and opts.precision != "fp16":
+        raise ValueError("attention 'plugin' needs --precision fp16 (the fused kernel is fp16/bf16)")
+    dtype = torch.float16 if opts.precision == "fp16" else torch.float32
+    shape = opts.shape or Shape(1, model.dims.size_multiple * 2, model.dims.size_multiple * 2)
+    # example batch 2 (not 1) keeps torch.export from specialising the batch axis to 1
+    example = example_inputs(spec, model.dims, Shape(2, shape.height, shape.width), opts.precision)
+    module = component_module(model, name).to(dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / ONNX_FILE
+    t0 = time.perf_counter()
+    with torch.no_grad(), attention.emission(opts.attention):
+        program = torch.onnx.export(
+            module,
+            kwargs=example,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            opset_version=opts.opset,
+            dynamic_shapes=dynamic_shapes(spec, model.dims),
+            dynamo=True,
+            external_data=True,
+            verbose=False,
+        )
+    assert program is not None
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    program.save(path, external_data=size > EXTERNAL_DATA_LIMIT * 0.9)
+    export_s = time.perf_counter() - t0
+    if opts.optimize:
+        from export.optimize import optimize_onnx
+
+        optimize_onnx(path)
+    onnx.checker.check_model(str(path), full_check=True)
+    return {
+        "component": name,
+        "precision": opts.precision,
+        "attention": opts.attention,
+        "opset": opts.opset,
+        "export_seconds": round(export_s, 2),
+        "total_seconds": round(time.perf_counter() - t0, 2),
+        "files": {p.name: p.stat().st_size for p in sorted(out_dir.iterdir()) if p.is_file()},
+        "inputs": describe(spec, "inputs", opts.precision),
+        "outputs": describe(spec, "outputs", opts.precision),
+    }
+
+
+def describe(spec: ComponentSpec, which: str, precision: str) -> list[dict]:
+    return [
+        {"name": t.name, "dtype": str(t.numpy_dtype(precision)), "dynamic_axes": t.dynamic_axes}
+        for t in getattr(spec, which)
+    ]
+
+
+def run_onnx(path: Path, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Run an ONNX graph on the CPU with ONNX Runtime."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, {k: v.numpy() for k, v in inputs.items()})))
+
+
+def validate(model: LoadedModel, name: str, path: Path, shape: Shape, precision: str = "fp32") -> float:
+    """Max abs difference between ONNX Runtime and the torch module at one shape."""
+    spec = get_spec(name)
+    inputs = example_inputs(spec, model.dims, shape, precision, seed=1)
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    with torch.no_grad():
+        ref = component_module(model, name).to(dtype)(**inputs).float().numpy()
+    got = run_onnx(path, inputs)[spec.output_names[0]].astype(np.float32)
+    if got.shape != ref.shape:
+        raise AssertionError(f"{name}: ONNX output shape {got.shape} != torch {ref.shape}")
+    return float(np.abs(got - ref).max())

@@ -1,0 +1,166 @@
+"""Model presets: the architecture of each supported model family, as dataclasses.
+
+A preset never holds weights. `tiny` is materialised from a fixed seed as random weights (seconds on a
+CPU); `sd15` / `sd21` describe the real architectures, so a random full-size model can be built for
+export and benchmark work, and so a single-file checkpoint can be converted with local configs.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class UNetArch:
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    attention_head_dim: int | tuple[int, ...] = 8  # diffusers' name; for SD 1.x it is the head *count*
+    cross_attention_dim: int = 768
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    norm_num_groups: int = 32
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+
+    def config(self, latent_channels: int, sample_size: int) -> dict:
+        c = asdict(self)
+        c.update(in_channels=latent_channels, out_channels=latent_channels, sample_size=sample_size)
+        return c
+
+
+@dataclass(frozen=True)
+class VaeArch:
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+
+    def config(self, latent_channels: int, scaling_factor: float, sample_size: int) -> dict:
+        n = len(self.block_out_channels)
+        return dict(
+            asdict(self),
+            in_channels=3,
+            out_channels=3,
+            latent_channels=latent_channels,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            scaling_factor=scaling_factor,
+            sample_size=sample_size,
+        )
+
+
+@dataclass(frozen=True)
+class ClipArch:
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "quick_gelu"
+    projection_dim: int = 768
+    vocab_size: int = 49408  # the real CLIP BPE vocabulary (export/data)
+    max_position_embeddings: int = 77
+
+    def config(self) -> dict:
+        # bos/eos are the real CLIP ids, so pooled outputs pick the eos token like the reference.
+        return dict(asdict(self), bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+
+@dataclass(frozen=True)
+class SchedulerDefaults:
+    """What a model folder's scheduler/scheduler_config.json says for this family."""
+
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    num_train_timesteps: int = 1000
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+    clip_sample: bool = False
+    timestep_spacing: str = "leading"
+
+    def config(self, prediction_type: str) -> dict:
+        return dict(asdict(self), prediction_type=prediction_type, _class_name="DDIMScheduler")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    unet: UNetArch = field(default_factory=UNetArch)
+    vae: VaeArch = field(default_factory=VaeArch)
+    clip: ClipArch = field(default_factory=ClipArch)
+    scheduler: SchedulerDefaults = field(default_factory=SchedulerDefaults)
+    latent_channels: int = 4
+    scaling_factor: float = 0.18215
+    prediction_type: str = "epsilon"  # or "v_prediction"
+    default_size: int = 512  # pixels, square
+    min_size: int = 256  # dynamic-shape profile range, pixels
+    max_size: int = 1024
+    seed: int = 0  # random weights of a materialised preset
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent along one axis: 2 ** (number of VAE down blocks - 1)."""
+        return 2 ** (len(self.vae.block_out_channels) - 1)
+
+    @property
+    def text_dim(self) -> int:
+        return self.clip.hidden_size
+
+    @property
+    def text_len(self) -> int:
+        return self.clip.max_position_embeddings
+
+    @property
+    def latent_size(self) -> int:
+        return self.default_size // self.vae_scale
+
+
+SD15 = Preset(name="sd15")
+
+SD21 = Preset(
+    name="sd21",
+    unet=UNetArch(
+        attention_head_dim=(5, 10, 20, 20),  # head dim 64 everywhere
+        cross_attention_dim=1024,
+        use_linear_projection=True,
+        upcast_attention=True,
+    ),
+    clip=ClipArch(
+        hidden_size=1024,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        hidden_act="gelu",
+        projection_dim=512,
+    ),
+    prediction_type="v_prediction",
+    default_size=768,
+    min_size=256,
+    max_size=1024,
+)
+
+TINY = Preset(
+    name="tiny",
+    unet=UNetArch(
+        block_out_channels=(64, 128),
+        layers_per_block=1,
+        attention_head_dim=(1, 2),  # head counts: head dim 64 everywhere, a size our kernel serves
+        cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=32,
+    ),
+    vae=VaeArch(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8),
+    clip=ClipArch(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, projection_dim=32
+    ),
+    default_size=128,
+    min_size=64,
+    max_size=512,
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, SD15, SD21)}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or a model path")
+    return PRESETS[name]

@@ -1,0 +1,200 @@
+"""The one registry of components: names, I/O tensors, symbolic shapes, dynamic axes, profiles.
+
+Exporter, optimizer, every backend, the pipeline and the tests read this file; nothing else spells a
+component's tensor names or shapes. Shapes are functions of `Dims` (what the model fixes) and the
+request: batch (the component's own batch, i.e. 2B for `clip`/`unet` under classifier-free guidance),
+image height and width in pixels.
+
+Conventions fixed here:
+- `clip` takes int32 token ids and returns the last hidden state.
+- `unet` takes one float32 timestep per batch row and returns the model output (epsilon or v).
+- `vae_decoder` takes *raw* latents: the scaling factor 1/scaling_factor is inside the graph. It
+  returns images in [-1, 1], NCHW.
+- `vae_encoder` takes images in [-1, 1] and returns the latent mean already multiplied by the
+  scaling factor (deterministic: the mean of the latent distribution, no sampling).
+- dtype "model" means the export precision (float16 or float32); other names are fixed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+COMPONENTS = ("clip", "unet", "vae_decoder", "vae_encoder")
+TXT2IMG_COMPONENTS = ("clip", "unet", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """What a model fixes about tensor shapes (read from its configs or its preset)."""
+
+    latent_channels: int = 4
+    text_dim: int = 768
+    text_len: int = 77
+    vae_scale: int = 8  # pixels per latent
+    unet_scale: int = 8  # latent size must be a multiple of this (2 ** UNet down-samplers)
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this many pixels."""
+        return self.vae_scale * self.unet_scale
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One request: image batch and pixel size."""
+
+    batch: int
+    height: int
+    width: int
+
+
+ShapeFn = Callable[[Dims, int, int, int], tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "model" | "float32" | "int32"
+    shape: ShapeFn  # (dims, batch, height_px, width_px) -> shape
+    dynamic_axes: dict[int, str]  # axis -> symbol: "batch", "height", "width" (pixels or latent)
+
+    def numpy_dtype(self, precision: str) -> np.dtype:
+        name = precision_dtype(precision) if self.dtype == "model" else self.dtype
+        return np.dtype(name)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batch_factor: int  # component batch per image under classifier-free guidance
+    model_folder: str  # diffusers sub-folder holding the weights
+    description: str
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def input_shapes(self, dims: Dims, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.shape(dims, batch, height, width) for t in self.inputs}
+
+    def output_shapes(self, dims: Dims, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.shape(dims, batch, height, width) for t in self.outputs}
+
+    def profile(self, dims: Dims, lo: Shape, opt: Shape, hi: Shape) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """min/opt/max shape per input, for image-level shapes lo <= opt <= hi.
+
+        Components run under CFG get batch from lo.batch (guidance off) to hi.batch * batch_factor."""
+        b_lo, b_opt, b_hi = lo.batch, opt.batch * self.batch_factor, hi.batch * self.batch_factor
+        return {
+            t.name: (
+                t.shape(dims, b_lo, lo.height, lo.width),
+                t.shape(dims, b_opt, opt.height, opt.width),
+                t.shape(dims, b_hi, hi.height, hi.width),
+            )
+            for t in self.inputs
+        }
+
+
+def precision_dtype(precision: str) -> str:
+    if precision not in ("fp16", "fp32"):
+        raise ValueError(f"precision must be 'fp16' or 'fp32', got {precision!r}")
+    return "float16" if precision == "fp16" else "float32"
+
+
+def _latent(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
+    return (b, d.latent_channels, h // d.vae_scale, w // d.vae_scale)  # [B, 4, H/8, W/8]
+
+
+def _image(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
+    return (b, 3, h, w)  # [B, 3, H, W]
+
+
+def _tokens(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
+    return (b, d.text_len)  # [B, 77]
+
+
+def _text(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
+    return (b, d.text_len, d.text_dim)  # [B, 77, C]
+
+
+def _per_row(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
+    return (b,)  # [B]
+
+
+_BATCH = {0: "batch"}
+_SPATIAL = {0: "batch", 2: "height", 3: "width"}
+
+SPECS: dict[str, ComponentSpec] = {
+    "clip": ComponentSpec(
+        name="clip",
+        inputs=(TensorSpec("input_ids", "int32", _tokens, _BATCH),),
+        outputs=(TensorSpec("text_embeddings", "model", _text, _BATCH),),
+        batch_factor=2,
+        model_folder="text_encoder",
+        description="CLIP text encoder: token ids [B, 77] -> last hidden state [B, 77, C]",
+    ),
+    "unet": ComponentSpec(
+        name="unet",
+        inputs=(
+            TensorSpec("sample", "model", _latent, _SPATIAL),
+            TensorSpec("timestep", "float32", _per_row, _BATCH),
+            TensorSpec("encoder_hidden_states", "model", _text, _BATCH),
+        ),
+        outputs=(TensorSpec("latent", "model", _latent, _SPATIAL),),
+        batch_factor=2,
+        model_folder="unet",
+        description="UNet denoiser: latents [2B, 4, H/8, W/8], timesteps [2B], text [2B, 77, C] -> eps or v",
+    ),
+    "vae_decoder": ComponentSpec(
+        name="vae_decoder",
+        inputs=(TensorSpec("latent", "model", _latent, _SPATIAL),),
+        outputs=(TensorSpec("images", "model", _image, _SPATIAL),),
+        batch_factor=1,
+        model_folder="vae",
+        description="VAE decoder: raw latents [B, 4, H/8, W/8] (scaling inside) -> images [B, 3, H, W] in [-1, 1]",
+    ),
+    "vae_encoder": ComponentSpec(
+        name="vae_encoder",
+        inputs=(TensorSpec("images", "model", _image, _SPATIAL),),
+        outputs=(TensorSpec("latent", "model", _latent, _SPATIAL),),
+        batch_factor=1,
+        model_folder="vae",
+        description="VAE encoder: images [B, 3, H, W] in [-1, 1] -> scaled latent mean [B, 4, H/8, W/8]",
+    ),
+}
+
+
+def get_spec(name: str) -> ComponentSpec:
+    if name not in SPECS:
+        raise ValueError(f"unknown component {name!r}; choose from {', '.join(COMPONENTS)}")
+    return SPECS[name]
+
+
+def parse_components(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    for n in names:
+        get_spec(n)
+    return names
+
+
+def check_size(dims: Dims, height: int, width: int, lo: Shape | None = None, hi: Shape | None = None) -> None:
+    """Raise ValueError naming the value and the allowed range if a pixel size is not usable."""
+    m = dims.size_multiple
+    for what, v in (("height", height), ("width", width)):
+        if v <= 0 or v % m:
+            raise ValueError(f"{what} {v} must be a positive multiple of {m} for this model")
+        if lo is not None and hi is not None:
+            a, b = getattr(lo, what), getattr(hi, what)
+            if not a <= v <= b:
+                raise ValueError(
+                    f"{what} {v} is outside the built profile [{a}, {b}]; rebuild with "
+                    f"--{what} {v} or --build-dynamic-shape"
+                )
