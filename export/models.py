@@ -120,14 +120,28 @@ def resolve_model(model: str | Path) -> tuple[Path, str]:
     raise ValueError(f"unsupported model file {path}: expected a diffusers folder or a .safetensors checkpoint")
 
 
-def model_dims(text_encoder_config, unet_config, vae_config, text_len: int) -> Dims:
+def folder_dims(folder: Path) -> Dims:
+    """A model folder's shape facts, read from its config files (no weights loaded)."""
+
+    def config(sub: str, name: str = "config.json") -> dict:
+        return json.loads((folder / sub / name).read_text())
+
+    unet, vae, text = config("unet"), config("vae"), config("text_encoder")
+    tok = config("tokenizer", "tokenizer_config.json")
+    max_len = int(tok.get("model_max_length") or text["max_position_embeddings"])
     return Dims(
-        latent_channels=unet_config.in_channels,
-        text_dim=text_encoder_config.hidden_size,
-        text_len=text_len,
-        vae_scale=2 ** (len(vae_config.block_out_channels) - 1),
-        unet_scale=2 ** (len(unet_config.down_block_types) - 1),
+        latent_channels=unet["in_channels"],
+        text_dim=text["hidden_size"],
+        text_len=min(max_len, text["max_position_embeddings"]),
+        vae_scale=2 ** (len(vae["block_out_channels"]) - 1),
+        unet_scale=2 ** (len(unet["down_block_types"]) - 1),
     )
+
+
+def default_size(folder: Path) -> int:
+    """The model's native image size in pixels (VAE sample_size, else UNet sample_size x 8)."""
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return int(vae.get("sample_size") or 512)
 
 
 def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
@@ -144,7 +158,6 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: st
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     for m in (unet, vae):
         attention.install(m)
-    text_len = min(int(tokenizer.model_max_length), text_encoder.config.max_position_embeddings)
     return LoadedModel(
         path=folder,
         model_id=model_id,
@@ -153,7 +166,7 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: st
         vae=vae.to(device).eval(),
         tokenizer=tokenizer,
         scheduler_config=scheduler_config,
-        dims=model_dims(text_encoder.config, unet.config, vae.config, text_len),
+        dims=folder_dims(folder),
     )
 
 
@@ -211,7 +224,7 @@ def component_module(model: LoadedModel, name: str) -> torch.nn.Module:
     return wrappers[name]().eval()
 
 
-def component_files(model: LoadedModel, folder_name: str) -> list[Path]:
+def component_files(folder: Path, sub_folder: str) -> list[Path]:
     """The files whose bytes define one component's weights and config (for cache keys)."""
-    sub = model.path / folder_name
+    sub = folder / sub_folder
     return sorted(p for p in sub.iterdir() if p.suffix in (".json", ".safetensors"))

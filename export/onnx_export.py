@@ -18,7 +18,6 @@ from export import attention
 from export.models import LoadedModel, component_module
 from export.specs import ComponentSpec, Dims, Shape, get_spec
 
-ONNX_FILE = "model.onnx"
 EXTERNAL_DATA_LIMIT = 2 * 1024**3  # protobuf's 2 GB limit
 MAX_BATCH = 63  # diffusers' Upsample2D switches code path at batch >= 64
 OPSET = {"decomposed": 18, "plugin": 18, "onnx": 23}  # opset 23 brings the Attention op
@@ -78,8 +77,8 @@ def dynamic_shapes(spec: ComponentSpec, dims: Dims) -> dict[str, dict[int, objec
     return out
 
 
-def export_component(model: LoadedModel, name: str, out_dir: Path, opts: ExportOptions) -> dict:
-    """Export one component to out_dir/model.onnx (+ external data when > 2 GB); return a summary."""
+def export_component(model: LoadedModel, name: str, path: Path, opts: ExportOptions) -> dict:
+    """Export one component to `path` (+ `path`.data when > 2 GB), optimized and checked; summarise."""
     spec = get_spec(name)
     if opts.attention == "plugin" and opts.precision != "fp16":
         raise ValueError("attention 'plugin' needs --precision fp16 (the fused kernel is fp16/bf16)")
@@ -88,8 +87,7 @@ def export_component(model: LoadedModel, name: str, out_dir: Path, opts: ExportO
     # example batch 2 (not 1) keeps torch.export from specialising the batch axis to 1
     example = example_inputs(spec, model.dims, Shape(2, shape.height, shape.width), opts.precision)
     module = component_module(model, name).to(dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / ONNX_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with torch.no_grad(), attention.emission(opts.attention):
         program = torch.onnx.export(
@@ -119,7 +117,7 @@ def export_component(model: LoadedModel, name: str, out_dir: Path, opts: ExportO
         "opset": opts.opset,
         "export_seconds": round(export_s, 2),
         "total_seconds": round(time.perf_counter() - t0, 2),
-        "files": {p.name: p.stat().st_size for p in sorted(out_dir.iterdir()) if p.is_file()},
+        "files": {p.name: p.stat().st_size for p in sorted(path.parent.glob(path.name + "*"))},
         "inputs": describe(spec, "inputs", opts.precision),
         "outputs": describe(spec, "outputs", opts.precision),
     }

@@ -1,0 +1,127 @@
+"""ONNX Runtime backend: CPU execution provider, or CUDA EP with IO binding where installed.
+
+The artifact is the optimized ONNX graph itself (hard-linked from the export cache when possible);
+the session is created at load time with full graph optimizations.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.config import BuildConfig, Profile
+from export.specs import ComponentSpec, Dims
+
+MODEL_FILE = "model.onnx"
+_NP_TO_TORCH = {np.dtype("float32"): torch.float32, np.dtype("float16"): torch.float16, np.dtype("int32"): torch.int32}
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    return "cuda" if "CUDAExecutionProvider" in _ort().get_available_providers() and torch.cuda.is_available() else "cpu"
+
+
+def _providers(device: str) -> list[str]:
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in _ort().get_available_providers():
+            raise RuntimeError("onnxruntime has no CUDA execution provider here: pip install onnxruntime-gpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+class OrtRunner:
+    """Runs one component's session; torch tensors in and out, on the session's device."""
+
+    graph_safe = False  # ORT's own allocations and host work are not capturable in a CUDA graph
+
+    def __init__(self, spec: ComponentSpec, path: Path, device: str, threads: int = 0):
+        ort = _ort()
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.spec = spec
+        self.device = torch.device(device)
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=_providers(device))
+        self.dtypes = {i.name: _onnx_type_to_torch(i.type) for i in self.session.get_inputs()}
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        feeds = {n: inputs[n].to(self.dtypes[n]).contiguous() for n in self.spec.input_names}
+        if self.device.type == "cuda":
+            return self._run_cuda(feeds)
+        outs = self.session.run(self.spec.output_names, {n: t.numpy() for n, t in feeds.items()})
+        return {n: torch.from_numpy(o) for n, o in zip(self.spec.output_names, outs)}
+
+    def _run_cuda(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        binding = self.session.io_binding()
+        idx = self.device.index or 0
+        for n, t in feeds.items():
+            binding.bind_input(n, "cuda", idx, _torch_to_np(t.dtype), tuple(t.shape), t.data_ptr())
+        for n in self.spec.output_names:
+            binding.bind_output(n, "cuda", idx)
+        self.session.run_with_iobinding(binding)
+        return {n: _ortvalue_to_torch(v) for n, v in zip(self.spec.output_names, binding.get_outputs())}
+
+
+def _onnx_type_to_torch(t: str) -> torch.dtype:
+    return {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int32)": torch.int32,
+            "tensor(int64)": torch.int64}[t]
+
+
+def _torch_to_np(dtype: torch.dtype) -> type:
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32}[dtype]
+
+
+def _ortvalue_to_torch(v) -> torch.Tensor:
+    # DLPack keeps the output on the GPU, no host copy
+    return torch.utils.dlpack.from_dlpack(v.to_dlpack())
+
+
+class OrtBackend:
+    name = "onnxruntime"
+    needs_onnx = True
+
+    def version(self) -> str:
+        return _ort().__version__
+
+    def fingerprint(self, cfg: BuildConfig) -> dict[str, Any]:
+        return {"onnxruntime": self.version(), "device": _resolve_device(cfg.device)}
+
+    def default_precision(self, cfg: BuildConfig) -> str:
+        return "fp16" if _resolve_device(cfg.device) == "cuda" else "fp32"
+
+    def default_attention(self) -> str:
+        return "decomposed"
+
+    def build(self, spec: ComponentSpec, onnx_path: Path | None, out_dir: Path, dims: Dims, profile: Profile,
+              cfg: BuildConfig) -> dict[str, Any]:
+        assert onnx_path is not None
+        for src in sorted(onnx_path.parent.glob(onnx_path.name + "*")):
+            _link_or_copy(src, out_dir / src.name)  # the export cache names it model.onnx too
+        device = _resolve_device(cfg.device)
+        OrtRunner(spec, out_dir / MODEL_FILE, device)  # fails here, not at generate time, if ORT rejects it
+        return {"device": device}
+
+    def load(self, spec: ComponentSpec, art_dir: Path, manifest: dict[str, Any], device: str) -> OrtRunner:
+        return OrtRunner(spec, art_dir / MODEL_FILE, manifest.get("device", "cpu") if device == "auto" else device)
+
+
+BACKEND = OrtBackend()

@@ -1,0 +1,74 @@
+"""python -m export --model tiny --out DIR: one ONNX graph per component plus export.json."""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+from export.attention import MODES
+from export.onnx_export import ExportOptions
+
+DEFAULTS = ExportOptions()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    p.add_argument("--model", default="tiny", help="preset (tiny, sd15, sd21) or a local diffusers folder / .safetensors")
+    p.add_argument("--out", type=Path, required=True, help="output folder: <component>.onnx (+ .data) and export.json")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default=DEFAULTS.precision)
+    p.add_argument("--attention", choices=MODES, default=DEFAULTS.attention)
+    p.add_argument("--components", default="clip,unet,vae_decoder,vae_encoder")
+    p.add_argument("--height", type=int, default=None, help="example height (pixels); default: model default")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from engine.cache import write_json_atomic
+    from export.models import load_model
+    from export.onnx_export import export_component, validate
+    from export.specs import Shape, check_size, parse_components
+
+    components = parse_components(args.components)
+    dtype = torch.float16 if args.precision == "fp16" else torch.float32
+    model = load_model(args.model, dtype=dtype)
+    m = model.dims.size_multiple
+    shape = Shape(1, args.height or 2 * m, args.width or 2 * m)
+    check_size(model.dims, shape.height, shape.width)
+    opts = ExportOptions(precision=args.precision, attention=args.attention, shape=shape)
+    report = {"model": str(args.model), "model_id": model.model_id, "options": opts.to_json(), "components": {}}
+    for name in (bar := tqdm(components, desc="export", unit="component")):
+        bar.set_postfix_str(name)
+        info = export_component(model, name, args.out / f"{name}.onnx", opts)
+        if not args.no_validate and args.precision == "fp32":  # ORT CPU vs torch CPU; fp16 CPU torch is not a reference
+            info["max_abs_err_vs_torch"] = validate(model, name, args.out / f"{name}.onnx", shape)
+        report["components"][name] = info
+    report["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
+    report["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_json_atomic(args.out / "export.json", report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, info in report["components"].items():
+        err = info.get("max_abs_err_vs_torch")
+        print(f"{name}: {info['total_seconds']} s, {sum(info['files'].values()) / 1e6:.1f} MB"
+              + (f", max |ORT - torch| = {err:.2e}" if err is not None else ""))
+    print(f"wrote {args.out / 'export.json'} (peak RSS {report['peak_rss_gib']} GiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
