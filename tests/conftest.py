@@ -1,0 +1,48 @@
+"""Shared fixtures: one private cache (materialised `tiny`) and one ORT engine set per test session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache(tmp_path_factory) -> Path:
+    """Keep presets and conversions out of the user's ~/.cache for the whole session."""
+    root = tmp_path_factory.mktemp("sd_engine_cache")
+    old = os.environ.get("SD_ENGINE_CACHE")
+    os.environ["SD_ENGINE_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("SD_ENGINE_CACHE", None)
+    else:
+        os.environ["SD_ENGINE_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(engine_cache) -> Path:
+    from export.models import materialize_preset
+    from export.presets import PRESETS
+
+    return materialize_preset(PRESETS["tiny"])
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tiny_folder):
+    from export.models import load_model
+
+    return load_model(tiny_folder)
+
+
+@pytest.fixture(scope="session")
+def ort_engines(tmp_path_factory, tiny_folder) -> Path:
+    """tiny built for ONNX Runtime fp32, batch up to 2, 64..256 px (the e2e and CLI tests share it)."""
+    from engine.build import build_all
+    from engine.config import BuildConfig
+
+    engine_dir = tmp_path_factory.mktemp("engines")
+    cfg = BuildConfig(model="tiny", backend="onnxruntime", precision="fp32", engine_dir=engine_dir, batch_size=2,
+                      build_dynamic_shape=True, min_batch=1, max_batch=2, min_size=64, max_size=256)
+    build_all(cfg, progress=False)
+    return engine_dir

@@ -1,0 +1,113 @@
+"""engine.build's content-hash cache: reuse, partial rebuilds, detection of damaged artifacts."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine import cache
+from engine.build import build_all, make_profile
+from engine.config import BuildConfig
+from engine.pipeline import Pipeline
+from export.specs import Dims, Shape
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_ino) for p in root.rglob("*") if p.is_file()}
+
+
+def test_second_identical_build_is_cached(tmp_path, tiny_folder):
+    cfg = BuildConfig(model="tiny", backend="onnxruntime", engine_dir=tmp_path)
+    t0 = time.perf_counter()
+    first = build_all(cfg, progress=False)
+    t_first = time.perf_counter() - t0
+    assert sorted(first.built) == sorted(f"{c}:{s}" for c in cfg.components for s in ("onnx", "onnxruntime"))
+    before = _snapshot(tmp_path)
+    t0 = time.perf_counter()
+    second = build_all(cfg, progress=False)
+    t_second = time.perf_counter() - t0
+    assert second.built == [] and sorted(second.reused) == sorted(cfg.components)
+    assert _snapshot(tmp_path) == before  # no artifact (nor build.json) was touched
+    assert t_first >= 3 * t_second, (t_first, t_second)
+    assert second.record == first.record
+
+
+def test_option_change_rebuilds_backend_stage_only(tmp_path, tiny_folder):
+    cfg = BuildConfig(model="tiny", backend="onnxruntime", engine_dir=tmp_path, components=("clip",))
+    build_all(cfg, progress=False)
+    cfg.batch_size = 2  # another profile: same ONNX, new backend artifact
+    assert build_all(cfg, progress=False).built == ["clip:onnxruntime"]
+
+
+def test_weight_change_rebuilds_only_that_component(tmp_path, tiny_folder):
+    model = tmp_path / "my-model"
+    shutil.copytree(tiny_folder, model)
+    cfg = BuildConfig(model=str(model), backend="onnxruntime", engine_dir=tmp_path / "engines",
+                      components=("clip", "vae_decoder"))
+    build_all(cfg, progress=False)
+    weights = next((model / "vae").glob("*.safetensors"))
+    state = load_file(weights)
+    name = next(k for k in state if k.startswith("decoder.conv_out") and k.endswith("bias"))
+    state[name] = state[name] + 0.5
+    save_file(state, weights, metadata={"format": "pt"})
+    result = build_all(cfg, progress=False)
+    assert sorted(result.built) == ["vae_decoder:onnx", "vae_decoder:onnxruntime"]
+    assert result.reused == ["clip"]
+
+
+def test_damaged_artifact_is_detected_and_rebuilt(tmp_path, tiny_folder):
+    cfg = BuildConfig(model="tiny", backend="onnxruntime", engine_dir=tmp_path, components=("clip",))
+    record = build_all(cfg, progress=False).record
+    onnx_file = tmp_path / record["components"]["clip"]["dir"] / "model.onnx"
+    data = onnx_file.read_bytes()
+    onnx_file.unlink()  # a hard link to the export cache: replace it, don't write through it
+    onnx_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(cache.CorruptArtifact, match="does not match its manifest hash"):
+        cache.verify(onnx_file.parent)
+    assert build_all(cfg, progress=False).built == ["clip:onnxruntime"]
+    cache.verify(onnx_file.parent)
+
+
+def test_loading_a_damaged_artifact_fails_clearly(ort_engines, tmp_path):
+    engines = tmp_path / "engines"
+    shutil.copytree(ort_engines, engines)
+    record = cache.read_json(engines / "tiny" / cache.BUILD_RECORD)
+    manifest = engines / record["components"]["unet"]["dir"] / cache.MANIFEST
+    manifest.write_text(manifest.read_text().replace('"files"', '"filez"', 1)[:-10])
+    with pytest.raises(cache.CorruptArtifact, match="unreadable manifest"):
+        Pipeline.from_engines(engines, "tiny")
+
+
+def test_staging_dir_publishes_atomically(tmp_path):
+    final = tmp_path / "a"
+    with pytest.raises(RuntimeError):
+        with cache.staging_dir(final) as tmp:
+            (tmp / "x").write_text("half")
+            raise RuntimeError("interrupted")
+    assert not final.exists() and list(tmp_path.iterdir()) == []
+    with cache.staging_dir(final) as tmp:
+        (tmp / "x").write_text("whole")
+    assert (final / "x").read_text() == "whole"
+
+
+def test_profiles():
+    dims = Dims(latent_channels=4, text_dim=32, text_len=77, vae_scale=8, unet_scale=2)
+    static = make_profile(BuildConfig(batch_size=2, height=128, width=192), dims, 128, 64, 512)
+    assert static.lo == static.opt == static.hi == Shape(2, 128, 192)
+    dyn = make_profile(BuildConfig(build_dynamic_shape=True, max_batch=4), dims, 128, 64, 512)
+    assert (dyn.lo, dyn.opt, dyn.hi) == (Shape(1, 64, 64), Shape(1, 128, 128), Shape(4, 512, 512))
+    with pytest.raises(ValueError, match="height 120 must be a positive multiple of 16"):
+        make_profile(BuildConfig(height=120), dims, 128, 64, 512)
+
+
+def test_torch_backend_artifact_is_keyed_by_weights(tmp_path, tiny_folder):
+    cfg = BuildConfig(model="tiny", backend="torch", engine_dir=tmp_path)
+    first = build_all(cfg, progress=False)
+    assert all(s.endswith(":torch") for s in first.built)  # no ONNX export for the torch backend
+    assert build_all(cfg, progress=False).built == []
+    m = cache.verify(tmp_path / first.record["components"]["unet"]["dir"])
+    assert m["key_parts"]["backend"]["torch"] == torch.__version__
