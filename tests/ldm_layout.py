@@ -1,0 +1,139 @@
+"""Test helper: write a diffusers folder's weights as ONE single-file LDM/CompVis `.safetensors`.
+
+The inverse of diffusers' LDM -> diffusers conversion (`convert_ldm_unet_checkpoint`,
+`convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint` in diffusers/loaders/single_file_utils.py),
+for SD 1.x-style models (UNet2DConditionModel, AutoencoderKL, CLIPTextModel), any number of blocks and
+layers per block. Our own mapping, so a round trip through diffusers' conversion tests both directions.
+
+LDM layout:
+    model.diffusion_model.*               UNet: input_blocks / middle_block / output_blocks / time_embed / out
+    first_stage_model.*                   VAE: encoder.down.{i}.block.{j}, decoder.up.{n-1-i}..., mid.attn_1
+                                          (q/k/v/proj_out as 1x1 conv weights [C, C, 1, 1])
+    cond_stage_model.transformer.*        CLIP text encoder (transformers' text_model.* names)
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+
+# diffusers ResnetBlock2D names -> LDM ResBlock names (UNet)
+UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+UNET_FIXED = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+VAE_FIXED = {"conv_norm_out": "norm_out"}  # conv_in, conv_out, (post_)quant_conv keep their names
+VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _resnet(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    return f"{UNET_RESNET[head]}.{tail}"
+
+
+def unet_to_ldm(sd: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
+    """diffusers UNet2DConditionModel keys -> LDM `model.diffusion_model.*` keys."""
+    per = layers_per_block + 1  # LDM input/output slots per block: the layers + a down/upsampler slot
+    up_has_attn = {int(m.group(1)) for k in sd if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    out = {}
+    for key, value in sd.items():
+        if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            i = 1 + b * per + j
+            new = f"input_blocks.{i}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{i}.1.{rest}"
+        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+            new = f"input_blocks.{1 + int(m[1]) * per + layers_per_block}.0.op.{m[2]}"
+        elif m := re.match(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+            new = f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
+        elif m := re.match(r"mid_block\.attentions\.0\.(.+)", key):
+            new = f"middle_block.1.{m[1]}"
+        elif m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            i = b * per + j
+            new = f"output_blocks.{i}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{i}.1.{rest}"
+        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+            b = int(m[1])
+            slot = 2 if b in up_has_attn else 1  # after the attention, if the block has one
+            new = f"output_blocks.{b * per + layers_per_block}.{slot}.conv.{m[2]}"
+        else:
+            module, _, param = key.rpartition(".")
+            if module not in UNET_FIXED:
+                raise KeyError(f"no LDM name for UNet key {key!r}")
+            new = f"{UNET_FIXED[module]}.{param}"
+        out[UNET_PREFIX + new] = value
+    return out
+
+
+def vae_to_ldm(sd: dict[str, torch.Tensor], num_blocks: int) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL keys -> LDM `first_stage_model.*` keys (mid attention as 1x1 convs)."""
+    out = {}
+    for key, value in sd.items():
+        if m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            new = f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}"
+        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+            new = f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            new = f"decoder.up.{num_blocks - 1 - int(m[1])}.block.{m[2]}.{m[3]}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+            new = f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.conv.{m[2]}"
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+            new = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
+            if m[2] not in VAE_ATTN:
+                raise KeyError(f"no LDM name for VAE key {key!r}")
+            new = f"{m[1]}.mid.attn_1.{VAE_ATTN[m[2]]}.{m[3]}"
+            if m[3] == "weight" and m[2] != "group_norm":
+                value = value[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
+        else:
+            module, _, param = key.rpartition(".")
+            side, _, name = module.partition(".")
+            if name in VAE_FIXED:
+                module = f"{side}.{VAE_FIXED[name]}"
+            elif module not in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out",
+                                "quant_conv", "post_quant_conv"):
+                raise KeyError(f"no LDM name for VAE key {key!r}")
+            new = f"{module}.{param}"
+        new = new.replace(".conv_shortcut.", ".nin_shortcut.")
+        out[VAE_PREFIX + new] = value.contiguous()
+    return out
+
+
+def clip_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIPTextModel keys (flat `embeddings.*`, or `text_model.*`) -> `cond_stage_model.transformer.text_model.*`."""
+    return {CLIP_PREFIX + (k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in sd.items()}
+
+
+def write_ldm_checkpoint(folder: Path, out: Path) -> Path:
+    """Write the diffusers folder's UNet, VAE and text encoder as one LDM-layout .safetensors file."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
+    state = {}
+    state.update(unet_to_ldm(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"),
+                             unet_cfg["layers_per_block"]))
+    state.update(vae_to_ldm(load_file(folder / "vae" / "diffusion_pytorch_model.safetensors"),
+                            len(vae_cfg["block_out_channels"])))
+    state.update(clip_to_ldm(load_file(folder / "text_encoder" / "model.safetensors")))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out), metadata={"format": "pt"})
+    return out
