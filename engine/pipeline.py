@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import samplers
+from engine import graphs, samplers
 from engine.backends.base import Runner, get_backend
 from engine.config import Profile
 from export.specs import Dims, Shape, check_size, get_spec
@@ -109,7 +109,7 @@ class Pipeline:
     def __call__(self, prompt: str | list[str], negative_prompt: str = "", steps: int = 25,
                  guidance_scale: float = 7.5, scheduler: str = "dpmpp_2m", seed: int = 0,
                  height: int | None = None, width: int | None = None, batch_size: int = 1,
-                 progress: bool = True) -> Result:
+                 progress: bool = True, cuda_graph: bool = True) -> Result:
         from tqdm import tqdm
 
         prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
@@ -135,9 +135,18 @@ class Pipeline:
         state = samplers.init_state(schedule, latents)
         idx = torch.zeros((), dtype=torch.long, device=self.device)  # device step counter
         gs = torch.tensor(guidance_scale, dtype=torch.float32, device=self.device)
+        def one_step(i: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return denoise_step(self.runners["unet"], schedule, i, x, s, text, gs, cfg, noise)
+
+        graph = None
+        if cuda_graph and getattr(self.runners["unet"], "graph_safe", False):
+            graph = graphs.try_capture(one_step, idx, latents, state)
         for _ in tqdm(range(steps), desc=f"denoise ({scheduler})", unit="step", disable=not progress):
-            latents, state = denoise_step(self.runners["unet"], schedule, idx, latents, state, text, gs, cfg, noise)
-            idx += 1
+            if graph is not None:
+                graph.replay()  # updates latents, state and idx in place
+            else:
+                latents, state = one_step(idx, latents, state)
+                idx += 1
         t = self._lap(timings, "unet", t)
         timings["unet_per_step"] = timings["unet"] / steps
 
@@ -147,7 +156,7 @@ class Pipeline:
         params = dict(prompt=prompts, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
                       scheduler=scheduler, seed=seed, height=height, width=width,
                       model=self.info.get("model"), backend=self.info.get("backend"),
-                      precision=self.info.get("precision"))
+                      precision=self.info.get("precision"), cuda_graph=graph is not None)
         return Result(images, timings, params)
 
     def _now(self) -> float:
