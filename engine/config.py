@@ -31,7 +31,6 @@ class BuildConfig:
     workspace_gib: float = 8.0  # TensorRT builder workspace limit
     builder_optimization_level: int = 3  # TensorRT 0..5
     device: str = "auto"  # torch / onnxruntime device: auto = cuda if available, else cpu
-    opset: int = 18  # opset 23 is used when attention == "onnx"
 
 
 @dataclass(frozen=True)

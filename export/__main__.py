@@ -31,15 +31,15 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from engine.cache import write_json_atomic
-    from export.models import load_model
+    from export.models import default_size, load_model
     from export.onnx_export import export_component, validate
     from export.specs import Shape, check_size, parse_components
 
     components = parse_components(args.components)
     dtype = torch.float16 if args.precision == "fp16" else torch.float32
     model = load_model(args.model, dtype=dtype)
-    m = model.dims.size_multiple
-    shape = Shape(1, args.height or 2 * m, args.width or 2 * m)
+    size = default_size(model.path)
+    shape = Shape(1, args.height or size, args.width or size)
     check_size(model.dims, shape.height, shape.width)
     opts = ExportOptions(precision=args.precision, attention=args.attention, shape=shape)
     report = {"model": str(args.model), "model_id": model.model_id, "options": opts.to_json(), "components": {}}

@@ -90,10 +90,6 @@ class LoadedModel:
     scheduler_config: dict
     dims: Dims
 
-    @property
-    def prediction_type(self) -> str:
-        return self.scheduler_config.get("prediction_type", "epsilon")
-
 
 def resolve_model(model: str | Path) -> tuple[Path, str]:
     """(diffusers folder, model id) for a preset name, a diffusers folder or a .safetensors file."""

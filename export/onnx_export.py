@@ -15,7 +15,7 @@ import onnx
 import torch
 
 from export import attention
-from export.models import LoadedModel, component_module
+from export.models import LoadedModel, component_module, default_size
 from export.specs import ComponentSpec, Dims, Shape, get_spec
 
 EXTERNAL_DATA_LIMIT = 2 * 1024**3  # protobuf's 2 GB limit
@@ -28,7 +28,7 @@ TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int32": tor
 class ExportOptions:
     precision: str = "fp32"  # "fp32" | "fp16": fp16 graphs are what TensorRT 11 builds fp16 engines from
     attention: str = "decomposed"  # see export/attention.py
-    shape: Shape | None = None  # example shape; None = model default size, batch 1
+    shape: Shape | None = None  # example shape (batch is traced as 2); None = the model's default size
     optimize: bool = True  # constant folding + shape inference (export/optimize.py)
 
     @property
@@ -83,7 +83,8 @@ def export_component(model: LoadedModel, name: str, path: Path, opts: ExportOpti
     if opts.attention == "plugin" and opts.precision != "fp16":
         raise ValueError("attention 'plugin' needs --precision fp16 (the fused kernel is fp16/bf16)")
     dtype = torch.float16 if opts.precision == "fp16" else torch.float32
-    shape = opts.shape or Shape(1, model.dims.size_multiple * 2, model.dims.size_multiple * 2)
+    size = default_size(model.path)
+    shape = opts.shape or Shape(1, size, size)
     # example batch 2 (not 1) keeps torch.export from specialising the batch axis to 1
     example = example_inputs(spec, model.dims, Shape(2, shape.height, shape.width), opts.precision)
     module = component_module(model, name).to(dtype)

@@ -22,7 +22,7 @@ def optimize_onnx(path: Path) -> None:
     out = gs.export_onnx(graph, do_type_check=False)
     del out.opset_import[:]
     out.opset_import.extend(model.opset_import)  # keep custom domains (sd_engine) declared
-    big = out.ByteSize() > EXTERNAL_DATA_LIMIT * 0.9 if _fits(out) else True
+    big = sum(len(t.raw_data) for t in out.graph.initializer) > EXTERNAL_DATA_LIMIT * 0.9
     for stale in path.parent.glob(path.name + ".data"):
         stale.unlink()
     if big:
@@ -30,14 +30,6 @@ def optimize_onnx(path: Path) -> None:
         onnx.shape_inference.infer_shapes_path(str(path), str(path))
     else:
         onnx.save_model(onnx.shape_inference.infer_shapes(out), str(path))
-
-
-def _fits(model: onnx.ModelProto) -> bool:
-    try:
-        model.ByteSize()
-    except ValueError:
-        return False
-    return True
 
 
 def count_ops(path: Path) -> dict[str, int]:
