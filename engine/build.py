@@ -30,12 +30,11 @@ class BuildResult:
 def resolve_backend(name: str) -> str:
     if name != "auto":
         return name
-    import importlib.util
-
     import torch
 
-    usable = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
-    return "tensorrt" if usable else "onnxruntime"
+    from engine.backends.trt_backend import trt_available
+
+    return "tensorrt" if trt_available() and torch.cuda.is_available() else "onnxruntime"
 
 
 def make_profile(cfg: BuildConfig, dims: Dims, size: int, min_size: int, max_size: int) -> Profile:
