@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install everything into ./.venv (CPU torch) and run the checks: pyright on the TensorRT code, then pytest.
+# Usage: bash tests/run.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first, pinned: 2.13.0 is the CPU wheel here; an unpinned torch would pull GBs of CUDA wheels.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[dev]"
+# TensorRT itself cannot be installed here; its API stubs type-check our TensorRT code (they would pull tensorrt).
+.venv/bin/python -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
+if [ -f pyrightconfig.json ]; then
+  .venv/bin/pyright
+fi
+exec .venv/bin/python -m pytest -q "$@"
