@@ -1,11 +1,11 @@
 """TensorRT backend: pure logic here (no TensorRT, no GPU); the real build/run flow under @pytest.mark.trt.
 
 The trt-marked tests have never run in this workplace (no TensorRT, no GPU): they are written against
-engine.build.build_all and the backend protocol, for a session that has both.
+engine.build.build_all and the backend protocol, for a session that has both. The engine-inspector parser,
+ONNX summary and compatibility checks are in tests/test_trt_inspect.py.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -13,19 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import cuda, trt_inspect
+from engine import cuda
 from engine.backends import trt_backend as tb
 from engine.backends.base import get_backend
 from engine.config import BuildConfig, Profile
 from export.specs import Dims, Shape, get_spec
+from tests.test_trt_inspect import ENV, _manifest
 
-DATA = Path(__file__).parent / "data"
 # The tiny preset's dims: 4 latent channels, CLIP width 32, 77 tokens, VAE /8 (4 blocks), UNet /2 (2 blocks).
 TINY = Dims(latent_channels=4, text_dim=32, text_len=77, vae_scale=8, unet_scale=2)
 STATIC = Profile(Shape(1, 128, 128), Shape(1, 128, 128), Shape(1, 128, 128))
 DYNAMIC = Profile(Shape(1, 64, 64), Shape(1, 128, 128), Shape(4, 512, 512))
-ENV = {"version": "10.13.0.35", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
-       "plugin_ptx_sha256": "a" * 64}
 
 
 # ---- profiles from the spec -----------------------------------------------------------------------------
@@ -87,91 +85,7 @@ def test_input_rank_mismatch_is_rejected():
         tb.check_input_shape("unet", "timestep", (2, 1), (1,), (2,))
 
 
-# ---- engine compatibility -------------------------------------------------------------------------------
-
-
-def _manifest(**changes):
-    return {"key": "abc", tb.MANIFEST_KEY: {**ENV, "engine": tb.ENGINE_FILE, **changes}}
-
-
-def test_same_environment_is_compatible():
-    assert tb.check_compat(_manifest(), dict(ENV)) is None
-
-
-def test_other_tensorrt_version_is_refused_with_both_versions():
-    msg = tb.check_compat(_manifest(), {**ENV, "version": "10.14.1.48"})
-    assert msg and "10.13.0.35" in msg and "10.14.1.48" in msg and "--force-rebuild" in msg
-
-
-def test_other_compute_capability_is_refused_with_both_values():
-    msg = tb.check_compat(_manifest(), {**ENV, "compute_capability": "8.9", "gpu": "NVIDIA L4"})
-    assert msg and "9.0" in msg and "8.9" in msg and "NVIDIA L4" in msg and "rebuild" in msg
-
-
-def test_other_plugin_ptx_is_refused_with_both_hashes():
-    msg = tb.check_compat(_manifest(), {**ENV, "plugin_ptx_sha256": "b" * 64})
-    assert msg and "a" * 64 in msg and "b" * 64 in msg and "rebuild" in msg
-
-
-def test_engine_with_plugin_loads_when_the_plugin_module_is_absent():
-    # AOT plugin engines embed their PTX: without kernels.trt_plugin there is nothing to compare against.
-    assert tb.check_compat(_manifest(), {**ENV, "plugin_ptx_sha256": None}) is None
-
-
-def test_engine_without_plugin_ignores_the_plugin_hash():
-    assert tb.check_compat(_manifest(plugin_ptx_sha256=None), {**ENV, "plugin_ptx_sha256": "c" * 64}) is None
-
-
-def test_same_gpu_arch_with_another_name_is_compatible():
-    assert tb.check_compat(_manifest(), {**ENV, "gpu": "NVIDIA H100 PCIe"}) is None
-
-
-def test_manifest_without_build_record_is_refused():
-    msg = tb.check_compat({"key": "abc"}, dict(ENV))
-    assert msg and "rebuild" in msg
-
-
-def test_all_problems_are_listed_in_one_message():
-    msg = tb.check_compat(_manifest(), {**ENV, "version": "11.0.0", "compute_capability": "10.0"})
-    assert msg and "11.0.0" in msg and "10.0" in msg and msg.count("\n") == 0
-
-
-def test_plugin_ptx_hash_comes_from_the_built_ptx(tmp_path, monkeypatch):
-    import hashlib
-
-    from kernels import build as kernel_build
-
-    def no_plugin_module():
-        raise ImportError("no tensorrt")
-
-    ptx = tmp_path / "attention.ptx"
-    ptx.write_text(".version 9.0\n.target sm_80\n")
-    monkeypatch.setattr(tb, "_trt_plugin_module", no_plugin_module)
-    monkeypatch.setattr(kernel_build, "find_artifacts", lambda ptx_only=False: kernel_build.Artifacts(tmp_path, ptx, None))
-    assert tb.plugin_ptx_sha256() == hashlib.sha256(ptx.read_bytes()).hexdigest()
-    monkeypatch.setattr(kernel_build, "find_artifacts", lambda ptx_only=False: None)
-    assert tb.plugin_ptx_sha256() is None
-
-
 # ---- precision and attention decisions -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize("version, precision, expected", [
-    ("10.13.0.35", "fp16", (False, True)),  # weak typing + FP16 flag on 10.x
-    ("10.6.0", "fp32", (False, False)),
-    ("11.0.0.1", "fp16", (True, False)),  # strongly typed, no flag: precision comes from the ONNX
-    ("11.4.1", "fp32", (True, False)),
-])
-def test_network_typing(version, precision, expected):
-    assert tb.network_typing(version, precision) == expected
-
-
-def test_onnx_attention_needs_tensorrt_10_14():
-    assert "10.14" in (tb.attention_mode_error("onnx", "10.13.0.35") or "")
-    assert tb.attention_mode_error("onnx", "10.14.1.48") is None
-    assert tb.attention_mode_error("onnx", "11.0.0") is None
-    assert tb.attention_mode_error("decomposed", "10.6.0") is None
-    assert "unknown" in (tb.attention_mode_error("flash", "10.13.0") or "")
 
 
 def test_default_attention_and_precision():
@@ -191,70 +105,6 @@ def test_torch_dtypes_of_tensorrt_types():
     assert tb.torch_dtype("INT32") is torch.int32 and tb.torch_dtype("BF16") is torch.bfloat16
     with pytest.raises(ValueError):
         tb.torch_dtype("FP4")
-
-
-# ---- engine inspector JSON ------------------------------------------------------------------------------
-
-
-def test_inspector_counts_fused_plugged_and_opaque_layers():
-    s = trt_inspect.summarize((DATA / "trt_engine_info_sample.json").read_text(), "FusedAttention")
-    assert (s.layers, s.fused, s.plugged, s.other_plugins, s.opaque, s.detailed) == (9, 2, 1, 1, 1, True)
-    assert s.to_json()["plugged"] == 1
-
-
-def test_inspector_does_not_count_attention_named_onnx_layers():
-    layers = [{"Name": "/down_blocks.0/attentions.0/transformer_blocks.0/attn1/MatMul", "LayerType": "gemm",
-               "Metadata": "[ONNX Layer: /down_blocks.0/attentions.0/attn1/Softmax]"}]
-    assert trt_inspect.summarize({"Layers": layers}, "FusedAttention").fused == 0
-
-
-def test_inspector_names_only_format():
-    s = trt_inspect.summarize(json.dumps({"Layers": ["/conv_in/Conv", "_gemm_mha_v2_myl0_1"], "Bindings": []}),
-                              "FusedAttention")
-    assert (s.layers, s.fused, s.plugged, s.detailed) == (2, 1, 0, False)
-
-
-def test_inspector_tensorrt_11_io_tensors():
-    info = {"Layers": [], "I/O Tensors": [{"Name": "sample", "IOMode": "Input"}, {"Name": "latent", "IOMode": "Output"}]}
-    assert trt_inspect.io_tensor_names(info) == ["sample", "latent"]
-    assert trt_inspect.io_tensor_names((DATA / "trt_engine_info_sample.json").read_text())[-1] == "latent"
-
-
-def test_inspector_attention_layer_type_counts_as_fused():
-    layers = [{"Name": "attn_0", "LayerType": "Attention"}, {"Name": "x", "ParameterType": "Attention"}]
-    assert trt_inspect.summarize({"Layers": layers}, "FusedAttention").fused == 2
-
-
-def test_inspector_rejects_a_non_list():
-    with pytest.raises(ValueError):
-        trt_inspect.parse_layers({"Layers": "oops"})
-
-
-def test_plugin_build_without_plugin_layer_is_an_error():
-    none = trt_inspect.summarize({"Layers": [{"Name": "x", "LayerType": "PluginV2"}]}, "FusedAttention")
-    msg = trt_inspect.plugin_build_error(none, "FusedAttention", expected=12)
-    assert msg and "FusedAttention" in msg and "12" in msg and "1 other plugin" in msg
-    assert "no plugin node" in (trt_inspect.plugin_build_error(none, "FusedAttention", expected=0) or "")
-    ok = trt_inspect.summarize((DATA / "trt_engine_info_sample.json").read_text(), "FusedAttention")
-    assert trt_inspect.plugin_build_error(ok, "FusedAttention", expected=1) is None
-
-
-def test_onnx_summary_counts_attention_nodes(tmp_path):
-    from onnx import TensorProto, helper, save
-
-    fp16 = TensorProto.FLOAT16
-    nodes = [
-        helper.make_node("FusedAttention", ["q", "k", "v"], ["a"], name="attn_0", domain="sd_engine", num_heads=1),
-        helper.make_node("Attention", ["a", "k", "v"], ["b"], name="attn_1"),
-        helper.make_node("Cast", ["b"], ["out"], to=TensorProto.FLOAT),
-    ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, fp16, [1, 4, 64]) for n in "qkv"],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 64])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("sd_engine", 1)])
-    save(model, str(tmp_path / "m.onnx"))
-    counts, names, dtypes = trt_inspect.onnx_summary(tmp_path / "m.onnx", "sd_engine::FusedAttention")
-    assert counts["sd_engine::FusedAttention"] == 1 and counts["Attention"] == 1 and names == {"attn_0"}
-    assert dtypes == {"q": "float16", "k": "float16", "v": "float16", "out": "float32"}
 
 
 # ---- activation arena, CUDA-graph cache, cuda helpers ---------------------------------------------------

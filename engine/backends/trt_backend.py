@@ -1,10 +1,8 @@
-"""TensorRT backend: polygraphy builds one engine per component; runners share one activation buffer.
+"""TensorRT backend: engines built by engine.trt_build; runners share one activation buffer.
 
-Build: polygraphy parses the component's ONNX; one optimization profile from the ComponentSpec
-(`spec.profile(dims, lo, opt, hi)`); workspace limit, builder optimization level, a reused timing
-cache, tqdm progress (trt.IProgressMonitor), ProfilingVerbosity.DETAILED for the engine inspector,
-which tells how many attention layers were fused or plugged. fp16 engines come from an fp16 ONNX:
-TensorRT 11 networks are strongly typed; on 10.x the FP16 builder flag is set as well.
+Build: `TrtBackend.build` checks the attention mode and precision against the installed TensorRT, then
+engine.trt_build parses the ONNX through polygraphy, applies one optimization profile from the
+ComponentSpec, reuses a timing cache and builds; the engine inspector's JSON is kept next to the engine.
 Load: `check_compat` refuses engines of another TensorRT / GPU arch / plugin PTX; `TrtRunner` binds a
 USER_MANAGED context to the device's shared activation arena, owns static I/O buffers, runs on one
 non-default cuda-python stream per device (a torch ExternalStream) and replays the UNet as CUDA graphs.
@@ -17,7 +15,6 @@ import importlib
 import logging
 import math
 import os
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +24,17 @@ import torch
 from engine import cuda, trt_inspect
 from engine.trt_inspect import MANIFEST_KEY, REBUILD_HINT, attention_mode_error, check_compat, network_typing
 from engine.config import BuildConfig, Profile
+from engine.trt_build import (  # INSTALL_HINT, TensorRTUnavailable, ...: importable from here as before
+    INSTALL_HINT,
+    TensorRTUnavailable,
+    _build_engine,
+    _check_onnx_dtype,
+    _inspect,
+    _logger,
+    _trt,
+    input_profiles,
+    timing_cache_path,
+)
 from export.specs import ComponentSpec, Dims
 from kernels import contract
 
@@ -37,19 +45,11 @@ log = logging.getLogger(__name__)
 
 ENGINE_FILE = "engine.plan"
 LAYERS_FILE = "layers.json"  # the engine inspector's JSON, kept next to the engine
-INSTALL_HINT = "TensorRT is not installed: pip install 'sd-engine[trt]' (needs NVIDIA's package index and a CUDA GPU)"
 DEBUG_ENV = "SD_ENGINE_TRT_DEBUG"  # "1": check outputs for NaN/Inf after every call (host sync)
 CUDA_GRAPH_ENV = "SD_ENGINE_TRT_CUDA_GRAPH"  # "0": never capture CUDA graphs
 GRAPH_COMPONENTS = ("unet",)
-GIB = 1 << 30
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                  "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
-
-Range = tuple[tuple[int, ...], ...]  # (min, opt, max) shape
-
-
-class TensorRTUnavailable(RuntimeError):
-    """TensorRT (the real package, not only its type stubs) cannot be imported."""
 
 
 class EngineIncompatible(RuntimeError):
@@ -58,19 +58,6 @@ class EngineIncompatible(RuntimeError):
 
 class PluginUnavailable(RuntimeError):
     """attention == 'plugin' but our TensorRT plugin (kernels.trt_plugin) cannot be registered."""
-
-
-def _trt():
-    """The tensorrt module; TensorRTUnavailable if absent (tensorrt-stubs alone import as a namespace)."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise TensorRTUnavailable(INSTALL_HINT) from e
-    except OSError as e:  # the wheel is there but its CUDA libraries are not
-        raise TensorRTUnavailable(f"{INSTALL_HINT}; importing it failed: {e}") from e
-    if not hasattr(trt, "Builder"):
-        raise TensorRTUnavailable(INSTALL_HINT)
-    return trt
 
 
 def trt_available() -> bool:
@@ -120,15 +107,6 @@ def plugin_ptx_sha256() -> str | None:
 # ---- pure decisions (unit-tested without TensorRT) ----------------------------------------------------
 
 
-def input_profiles(spec: ComponentSpec, dims: Dims, profile: Profile) -> dict[str, Range]:
-    """(min, opt, max) shape per input of one component, from the spec; checks min <= opt <= max."""
-    ranges = spec.profile(dims, profile.lo, profile.opt, profile.hi)
-    for name, (lo, opt, hi) in ranges.items():
-        if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
-            raise ValueError(f"{spec.name} input {name!r}: profile min {lo} <= opt {opt} <= max {hi} does not hold")
-    return ranges
-
-
 def check_input_shape(component: str, name: str, shape: tuple[int, ...], lo: tuple[int, ...],
                       hi: tuple[int, ...]) -> None:
     """ValueError naming the value and the built range when `shape` is outside [lo, hi]."""
@@ -147,14 +125,6 @@ def torch_dtype(trt_dtype_name: str) -> torch.dtype:
     return _TORCH_DTYPES[trt_dtype_name]
 
 
-def timing_cache_path(cfg: BuildConfig, env: dict[str, Any]) -> Path:
-    """BuildConfig.timing_cache, else one file per TensorRT version and GPU arch under engine_dir."""
-    if cfg.timing_cache is not None:
-        return Path(cfg.timing_cache)
-    arch = str(env.get("compute_capability", "unknown")).replace(".", "")
-    return Path(cfg.engine_dir) / f"timing-trt{env.get('version', 'unknown')}-sm{arch}.cache"
-
-
 def _device_index(device: str) -> int:
     if device in ("auto", "cuda"):
         return 0
@@ -169,138 +139,6 @@ def current_environment(device_index: int = 0, with_plugin: bool = False) -> dic
     info = cuda.device_info(device_index)
     return {"version": trt.__version__, "gpu": info["name"], "compute_capability": info["compute_capability"],
             "plugin_ptx_sha256": plugin_ptx_sha256() if with_plugin else None}
-
-
-# ---- build --------------------------------------------------------------------------------------------
-
-
-def _progress_monitor(label: str) -> trt_t.IProgressMonitor:
-    """A trt.IProgressMonitor drawing one tqdm bar per builder phase (nested by parent phase)."""
-    from tqdm import tqdm
-
-    trt = _trt()
-
-    class TqdmProgress(trt.IProgressMonitor):
-        def __init__(self) -> None:
-            trt.IProgressMonitor.__init__(self)
-            self._bars: dict[str, tuple[Any, int]] = {}
-            self._lock = threading.Lock()  # TensorRT may call from several builder threads
-
-        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-            with self._lock:
-                depth = 0 if parent_phase is None else self._bars.get(parent_phase, (None, -1))[1] + 1
-                desc = f"{label}: {phase_name}" if depth == 0 else phase_name
-                bar = tqdm(total=num_steps, desc=desc, position=depth, leave=depth == 0, disable=None)
-                self._bars[phase_name] = (bar, depth)
-
-        def step_complete(self, phase_name: str, step: int) -> bool:
-            with self._lock:
-                entry = self._bars.get(phase_name)
-                if entry is not None:
-                    entry[0].update(max(0, step + 1 - entry[0].n))
-            return True  # False would cancel the build
-
-        def phase_finish(self, phase_name: str) -> None:
-            with self._lock:
-                entry = self._bars.pop(phase_name, None)
-                if entry is not None:
-                    entry[0].close()
-
-    return TqdmProgress()
-
-
-def _tag_plugin_layers(network: trt_t.INetworkDefinition, onnx_names: set[str]) -> int:
-    """Prefix our plugin layers' names with the plugin id, so the engine inspector's JSON names them.
-    Ours: PluginV3 layers named after one of our ONNX plugin nodes (or all PluginV3 layers if none is)."""
-    trt = _trt()
-    layers = [network.get_layer(i) for i in range(network.num_layers)]
-    plugins = [layer for layer in layers if layer.type == trt.LayerType.PLUGIN_V3]
-    ours = [layer for layer in plugins if layer.name in onnx_names or contract.PLUGIN_NAME in layer.name] or plugins
-    for layer in ours:
-        if contract.PLUGIN_NAME not in layer.name:
-            layer.name = f"{contract.PLUGIN_ID}/{layer.name}"
-    return len(ours)
-
-
-def _parse_network(onnx_path: Path, mode: str, onnx_names: set[str]) -> tuple[Any, trt_t.INetworkDefinition, Any]:
-    from polygraphy.backend.trt import NetworkFromOnnxPath
-
-    builder, network, parser = NetworkFromOnnxPath(str(onnx_path))()
-    if mode == "plugin":
-        _tag_plugin_layers(network, onnx_names)
-    return builder, network, parser
-
-
-def _builder_config(ranges: dict[str, Range], cfg: BuildConfig, fp16_flag: bool, cache: Path,
-                    monitor: trt_t.IProgressMonitor) -> Any:
-    from polygraphy.backend.trt import CreateConfig
-    from polygraphy.backend.trt import Profile as PolyProfile
-
-    trt = _trt()
-    profile = PolyProfile()
-    for name, (lo, opt, hi) in ranges.items():
-        profile.add(name, min=lo, opt=opt, max=hi)
-    kwargs: dict[str, Any] = dict(
-        profiles=[profile],
-        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(cfg.workspace_gib * GIB)},
-        builder_optimization_level=cfg.builder_optimization_level,
-        profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
-        progress_monitor=monitor,
-        load_timing_cache=str(cache),
-    )
-    if fp16_flag:
-        kwargs["fp16"] = True  # TensorRT 10.x only: polygraphy fails on 11 where the flag is gone
-    return CreateConfig(**kwargs)
-
-
-def _build_engine(name: str, onnx_path: Path, mode: str, plugin_nodes: set[str], ranges: dict[str, Range],
-                  cfg: BuildConfig, fp16_flag: bool, cache: Path) -> Any:
-    """Parse, configure and build through polygraphy; the serialized engine (IHostMemory)."""
-    from polygraphy.backend.trt import EngineBytesFromNetwork
-    from polygraphy.exception import PolygraphyException
-
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    monitor = _progress_monitor(f"TensorRT {name}")  # must outlive the build
-    try:
-        network = _parse_network(onnx_path, mode, plugin_nodes)
-        config = _builder_config(ranges, cfg, fp16_flag, cache, monitor)
-        return EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache))()
-    except PolygraphyException as e:  # one line for the CLI; details are in the TensorRT log above
-        last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-        raise RuntimeError(f"TensorRT could not build {name} from {onnx_path}: {last}") from e
-
-
-def _inspect(engine_bytes: Any) -> tuple[str, int]:
-    """(engine inspector JSON, activation bytes the engine needs: device_memory_size_v2)."""
-    trt = _trt()
-    runtime = trt.Runtime(_logger())
-    engine = runtime.deserialize_cuda_engine(engine_bytes)
-    if engine is None:
-        raise RuntimeError("TensorRT built an engine it cannot deserialize (see the TensorRT log above)")
-    info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
-    return info, int(engine.device_memory_size_v2)
-
-
-_TRT_LOGGER: trt_t.Logger | None = None
-
-
-def _logger() -> trt_t.Logger:
-    global _TRT_LOGGER
-    if _TRT_LOGGER is None:
-        trt = _trt()
-        _TRT_LOGGER = trt.Logger(trt.Logger.WARNING)
-    return _TRT_LOGGER
-
-
-def _check_onnx_dtype(spec: ComponentSpec, onnx_path: Path, precision: str, io_dtypes: dict[str, str]) -> None:
-    """Strongly typed networks (TensorRT >= 11) take their precision from the ONNX: it must match."""
-    want = "float16" if precision == "fp16" else "float32"
-    tensors = [t.name for t in (*spec.inputs, *spec.outputs) if t.dtype == "model" and t.name in io_dtypes]
-    if wrong := {io_dtypes[n] for n in tensors} - {want}:
-        raise ValueError(
-            f"{onnx_path} has {'/'.join(sorted(wrong))} tensors but a {precision} engine was asked for; TensorRT >= 11 "
-            f"builds strongly typed networks, so export the ONNX in {precision} (--precision {precision})"
-        )
 
 
 # ---- runtime ------------------------------------------------------------------------------------------
