@@ -10,7 +10,8 @@ exporting it is emitted in one of three modes, chosen with `emission(mode)`:
 - `plugin`: one custom node per call for our kernel (kernels/contract.py defines it). Calls whose head
   dim has no specialised kernel fall back to `decomposed`, as do fp32 graphs (the kernel is fp16/bf16).
 
-It is inserted into diffusers models through `EngineAttnProcessor`, never by patching graphs.
+It is inserted into diffusers models through `EngineAttnProcessor`, never by patching graphs. The fp32
+reference implementation sits beside our kernel: kernels.torch_op.attention_reference.
 """
 from __future__ import annotations
 
@@ -64,15 +65,6 @@ def _packed(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, s, h * d)  # [B, S, H*D]
 
 
-def attention_reference(q, k, v, num_heads: int, scale: float | None = None) -> torch.Tensor:
-    """Pure-torch reference in float32: softmax(Q K^T * scale) V, returned in q's dtype."""
-    d = q.shape[-1] // num_heads
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qh, kh, vh = (_heads(t.float(), num_heads) for t in (q, k, v))
-    p = torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1)  # [B, H, Sq, Sk]
-    return _packed(p @ vh).to(q.dtype)
-
-
 def _decomposed(q, k, v, num_heads: int, scale: float, upcast: bool) -> torch.Tensor:
     qh, kh, vh = (_heads(t, num_heads) for t in (q, k, v))
     if upcast:  # SD 2.x: scores in fp32 to avoid fp16 overflow
@@ -86,13 +78,16 @@ def _onnx_attention(q, k, v, num_heads: int, scale: float) -> torch.Tensor:
     return torch.onnx.ops.attention(q, k, v, q_num_heads=num_heads, kv_num_heads=num_heads, scale=scale)[0]
 
 
-def plugin_supported(q: torch.Tensor, num_heads: int, scale: float) -> bool:
+def kernel_supported(q: torch.Tensor, num_heads: int) -> bool:
+    """Our kernel serves this call: a specialised head dim and fp16/bf16."""
     d = q.shape[-1] // num_heads
-    return (
-        d in contract.SUPPORTED_HEAD_DIMS
-        and str(q.dtype).removeprefix("torch.") in contract.SUPPORTED_DTYPES
-        and math.isclose(scale, 1.0 / math.sqrt(d), rel_tol=1e-6)
-    )
+    return d in contract.SUPPORTED_HEAD_DIMS and str(q.dtype).removeprefix("torch.") in contract.SUPPORTED_DTYPES
+
+
+def plugin_supported(q: torch.Tensor, num_heads: int, scale: float) -> bool:
+    """The plugin also bakes the softmax scale 1/sqrt(D)."""
+    d = q.shape[-1] // num_heads
+    return kernel_supported(q, num_heads) and math.isclose(scale, 1.0 / math.sqrt(d), rel_tol=1e-6)
 
 
 def _plugin(q, k, v, num_heads: int) -> torch.Tensor:
@@ -107,7 +102,7 @@ def _plugin(q, k, v, num_heads: int) -> torch.Tensor:
 
 
 def _eager(q, k, v, num_heads: int, scale: float, upcast: bool) -> torch.Tensor:
-    if _eager_impl == "kernel" and q.is_cuda:
+    if _eager_impl == "kernel" and q.is_cuda and kernel_supported(q, num_heads):
         from kernels import torch_op  # registers torch.ops.sd_engine.fused_attention
 
         return torch_op.fused_attention(q, k, v, num_heads, scale)
