@@ -53,13 +53,15 @@ def make_profile(cfg: BuildConfig, dims: Dims, size: int, min_size: int, max_siz
     return Profile(lo, opt, hi)
 
 
-def _onnx_stage(cfg, model_ref, name, weights, precision, attention, engine_dir, model_id, done) -> tuple[Path, str]:
+def _onnx_stage(cfg: BuildConfig, model_id: str, name: str, weights: str, precision: str, attention: str,
+                model_ref, done: list[str]) -> tuple[Path, str]:
+    """The component's exported ONNX (reused when cached) and its key."""
     from export.onnx_export import ExportOptions, export_component
 
     opts = ExportOptions(precision=precision, attention=attention)
     parts = {"component": name, "weights": weights, "export": opts.to_json()}
     key = cache.content_key(parts)
-    art = cache.artifact_dir(engine_dir, model_id, "onnx", name, key)
+    art = cache.artifact_dir(cfg.engine_dir, model_id, "onnx", name, key)
     if cfg.force_rebuild or cache.lookup(art) is None:
         with cache.staging_dir(art) as tmp:
             info = export_component(model_ref(), name, tmp / "model.onnx", opts)
@@ -108,8 +110,7 @@ def build_all(cfg: BuildConfig, progress: bool = True) -> BuildResult:
         n_before = len(built)
         onnx_path, onnx_key = None, None
         if backend.needs_onnx:
-            onnx_path, onnx_key = _onnx_stage(cfg, model_ref, name, weights, precision, attention,
-                                              cfg.engine_dir, model_id, built)
+            onnx_path, onnx_key = _onnx_stage(cfg, model_id, name, weights, precision, attention, model_ref, built)
         parts = {"component": name, "weights": weights, "onnx": onnx_key, "backend": fingerprint,
                  "precision": precision, "attention": attention, "profile": profile.to_json()}
         key = cache.content_key(parts)

@@ -6,6 +6,7 @@ converted to one (export/single_file.py). Nothing is downloaded, nothing is unpi
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -104,7 +105,9 @@ def resolve_model(model: str | Path) -> tuple[Path, str]:
         )
     if not path.exists():
         raise ValueError(f"model {str(model)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.resolve().stem if path.is_file() else path.resolve().name)
+    name = path.resolve().stem if path.is_file() else path.resolve().name
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]  # same-named folders stay apart
+    slug = f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{digest}"
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"{path} is not a diffusers folder (no model_index.json)")
