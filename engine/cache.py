@@ -90,7 +90,7 @@ def staging_dir(final: Path) -> Iterator[Path]:
 
 def write_manifest(art_dir: Path, key: str, key_parts: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     files = {
-        p.relative_to(art_dir).as_posix(): hash_file(p)
+        p.relative_to(art_dir).as_posix(): {"sha256": hash_file(p), **_stamp(p)}
         for p in sorted(art_dir.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
@@ -99,21 +99,36 @@ def write_manifest(art_dir: Path, key: str, key_parts: dict[str, Any], extra: di
     return manifest
 
 
-def verify(art_dir: Path, check_hashes: bool = True) -> dict[str, Any]:
-    """Return the manifest if every listed file is present (and matches its hash); else raise."""
+def _stamp(p: Path) -> dict[str, int]:
+    st = p.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def verify(art_dir: Path, full: bool = False) -> dict[str, Any]:
+    """Return the manifest if every listed file is intact; else raise CorruptArtifact.
+
+    A file must have its recorded size; its sha256 is recomputed when its mtime changed since the
+    build (an in-place edit) or when `full` is set, so an untouched multi-GB artifact loads without
+    being re-read."""
     mpath = art_dir / MANIFEST
     if not mpath.is_file():
         raise CorruptArtifact(f"{art_dir}: no {MANIFEST} (interrupted build?); rebuild with --force-rebuild")
     try:
         manifest = read_json(mpath)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptArtifact(f"{mpath}: unreadable manifest ({e}); rebuild with --force-rebuild") from e
-    for rel, digest in manifest.get("files", {}).items():
+        files = manifest["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CorruptArtifact(f"{mpath}: unreadable manifest ({e!r}); rebuild with --force-rebuild") from e
+    for rel, rec in files.items():
         p = art_dir / rel
         if not p.is_file():
             raise CorruptArtifact(f"{p}: missing; rebuild with --force-rebuild")
-        if check_hashes and hash_file(p) != digest:
-            raise CorruptArtifact(f"{p}: content does not match its manifest hash (truncated or altered)")
+        stamp = _stamp(p)
+        if stamp["size"] != rec["size"]:
+            raise CorruptArtifact(f"{p}: {stamp['size']} bytes, the manifest says {rec['size']} (truncated?); "
+                                  "rebuild with --force-rebuild")
+        if (full or stamp["mtime_ns"] != rec["mtime_ns"]) and hash_file(p) != rec["sha256"]:
+            raise CorruptArtifact(f"{p}: content does not match its manifest hash (altered); "
+                                  "rebuild with --force-rebuild")
     return manifest
 
 

@@ -66,10 +66,15 @@ def test_damaged_artifact_is_detected_and_rebuilt(tmp_path, tiny_folder):
     data = onnx_file.read_bytes()
     onnx_file.unlink()  # a hard link to the export cache: replace it, don't write through it
     onnx_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(cache.CorruptArtifact, match="truncated"):
+        cache.verify(onnx_file.parent)
+    assert build_all(cfg, progress=False).built == ["clip:onnxruntime"]
+    cache.verify(onnx_file.parent, full=True)
+    onnx_file.unlink()  # same size, one byte flipped: found by the hash
+    onnx_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(cache.CorruptArtifact, match="does not match its manifest hash"):
         cache.verify(onnx_file.parent)
     assert build_all(cfg, progress=False).built == ["clip:onnxruntime"]
-    cache.verify(onnx_file.parent)
 
 
 def test_loading_a_damaged_artifact_fails_clearly(ort_engines, tmp_path):
