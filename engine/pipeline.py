@@ -19,10 +19,11 @@ import torch
 
 from engine import graphs, samplers
 from engine.backends.base import Runner, get_backend
-from engine.config import Profile
+from engine.config import GenerateConfig, Profile
 from export.specs import Dims, Shape, check_size, get_spec
 
 MAX_STEPS = 1000
+_D = GenerateConfig()  # the one place generation defaults live
 
 
 @dataclass
@@ -106,9 +107,9 @@ class Pipeline:
             return self.profile.opt.height, self.profile.opt.width
         return 8 * self.dims.size_multiple, 8 * self.dims.size_multiple
 
-    def __call__(self, prompt: str | list[str], negative_prompt: str = "", steps: int = 25,
-                 guidance_scale: float = 7.5, scheduler: str = "dpmpp_2m", seed: int = 0,
-                 height: int | None = None, width: int | None = None, batch_size: int = 1,
+    def __call__(self, prompt: str | list[str], negative_prompt: str = _D.negative_prompt, steps: int = _D.steps,
+                 guidance_scale: float = _D.guidance_scale, scheduler: str = _D.scheduler, seed: int = _D.seed,
+                 height: int | None = None, width: int | None = None, batch_size: int = _D.batch_size,
                  progress: bool = True, cuda_graph: bool = True) -> Result:
         from tqdm import tqdm
 

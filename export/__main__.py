@@ -9,6 +9,7 @@ from pathlib import Path
 
 from export.attention import MODES
 from export.onnx_export import ExportOptions
+from export.specs import COMPONENTS
 
 DEFAULTS = ExportOptions()
 
@@ -19,7 +20,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="output folder: <component>.onnx (+ .data) and export.json")
     p.add_argument("--precision", choices=("fp32", "fp16"), default=DEFAULTS.precision)
     p.add_argument("--attention", choices=MODES, default=DEFAULTS.attention)
-    p.add_argument("--components", default="clip,unet,vae_decoder,vae_encoder")
+    p.add_argument("--components", default=",".join(COMPONENTS))
     p.add_argument("--height", type=int, default=None, help="example height (pixels); default: model default")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check")
