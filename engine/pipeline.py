@@ -87,7 +87,9 @@ class Pipeline:
         return self.runners["clip"](input_ids=ids.to(self.device))["text_embeddings"]  # [2B, 77, C]
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
+        _check_finite(latents, "the denoise loop (unet)", self.info.get("precision"))
         images = self.runners["vae_decoder"](latent=latents)["images"].float()  # [B, 3, H, W] in [-1, 1]
+        _check_finite(images, "vae_decoder", self.info.get("precision"))
         images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return (images * 255).round().astype(np.uint8)  # [B, H, W, 3]
 
@@ -184,3 +186,10 @@ def denoise_step(unet: Runner, schedule: samplers.Schedule, i: torch.Tensor, lat
         out = uncond + guidance * (cond - uncond)
     n = None if noise is None else noise.index_select(0, i.view(1))[0]
     return samplers.step(schedule, i, latents, out, state, n)
+
+
+def _check_finite(t: torch.Tensor, stage: str, precision: str | None) -> None:
+    """Once per image, after the loop (never inside the denoise step): NaN/Inf is an error, not black pixels."""
+    if not bool(torch.isfinite(t).all()):
+        hint = " (fp16 overflow? rebuild with --precision fp32)" if precision == "fp16" else ""
+        raise RuntimeError(f"{stage} produced NaN/Inf values{hint}")

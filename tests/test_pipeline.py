@@ -118,3 +118,18 @@ def test_torch_backend_matches_onnxruntime(tmp_path, ours):
     a = pt(PROMPTS, "", 6, 7.5, "dpmpp_2m", 5, 64, 64, progress=False).images
     b = ours(PROMPTS, "", 6, 7.5, "dpmpp_2m", 5, 64, 64, progress=False).images
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_nan_output_is_an_error_not_an_image(ours):
+    vae = ours.runners["vae_decoder"]
+
+    def overflowing(**inputs):
+        out = vae(**inputs)
+        return {"images": out["images"] * float("inf")}  # what an fp16 overflow looks like downstream
+
+    ours.runners["vae_decoder"] = overflowing
+    try:
+        with pytest.raises(RuntimeError, match="vae_decoder produced NaN/Inf"):
+            ours(PROMPTS, "", 2, 7.5, "ddim", 0, 64, 64, progress=False)
+    finally:
+        ours.runners["vae_decoder"] = vae
