@@ -74,7 +74,7 @@ def build_all(cfg: BuildConfig, progress: bool = True) -> BuildResult:
     """Build (or reuse) every requested component; write <engine_dir>/<model_id>/build.json."""
     from tqdm import tqdm
 
-    from export.models import component_files, default_size, folder_dims, resolve_model
+    from export.models import cache_root, component_files, default_size, folder_dims, resolve_model
     from export.presets import PRESETS
 
     t0 = time.perf_counter()
@@ -106,7 +106,7 @@ def build_all(cfg: BuildConfig, progress: bool = True) -> BuildResult:
     for name in bar:
         bar.set_postfix_str(name)
         spec = get_spec(name)
-        weights = cache.hash_files(component_files(folder, spec.model_folder))
+        weights = cache.hash_files(component_files(folder, spec.model_folder), memo=cache_root() / cache.HASH_MEMO)
         n_before = len(built)
         onnx_path, onnx_key = None, None
         if backend.needs_onnx:

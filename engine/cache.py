@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 MANIFEST = "manifest.json"
 BUILD_RECORD = "build.json"
+HASH_MEMO = "file-hashes.json"  # under the cache root: stat-keyed sha256 of weight files
 KEY_LEN = 16
 
 
@@ -46,12 +47,30 @@ def hash_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def hash_files(paths: list[Path]) -> str:
+def hash_file_memo(path: Path, memo: Path) -> str:
+    """sha256 of a file, remembered in `memo` (JSON) by resolved path, size and mtime: an unchanged
+    multi-GB weight file is read once, not on every build or start-up."""
+    key, st = str(path.resolve()), path.stat()
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        known = read_json(memo) if memo.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        known = {}  # a damaged memo only costs a re-hash
+    rec = known.get(key)
+    if isinstance(rec, dict) and {k: rec.get(k) for k in stamp} == stamp and "sha256" in rec:
+        return rec["sha256"]
+    digest = hash_file(path)
+    known[key] = {**stamp, "sha256": digest}
+    write_json_atomic(memo, known)
+    return digest
+
+
+def hash_files(paths: list[Path], memo: Path | None = None) -> str:
     """One hash over several files, in the given order (names included)."""
     h = hashlib.sha256()
     for p in paths:
         h.update(p.name.encode())
-        h.update(hash_file(p).encode())
+        h.update((hash_file_memo(p, memo) if memo else hash_file(p)).encode())
     return h.hexdigest()
 
 

@@ -175,7 +175,7 @@ def convert_single_file(path: Path, preset: str | None = None) -> Path:
     """
     from safetensors.torch import load_file
 
-    from engine.cache import hash_file, staging_dir
+    from engine.cache import HASH_MEMO, hash_file_memo, staging_dir
     from export.models import cache_root
 
     path = Path(path).expanduser()
@@ -183,7 +183,7 @@ def convert_single_file(path: Path, preset: str | None = None) -> Path:
         raise ValueError(f"{path}: only .safetensors single-file checkpoints can be converted (nothing is unpickled)")
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    digest = hash_file(path)
+    digest = hash_file_memo(path, cache_root() / HASH_MEMO)  # re-read only when the file changed
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem)
     final = cache_root() / "converted" / f"{slug}-{digest[:16]}"
     if (final / "model_index.json").is_file() and (final / INFO).is_file():

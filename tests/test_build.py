@@ -1,6 +1,7 @@
 """engine.build's content-hash cache: reuse, partial rebuilds, detection of damaged artifacts."""
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -116,3 +117,18 @@ def test_torch_backend_artifact_is_keyed_by_weights(tmp_path, tiny_folder):
     assert build_all(cfg, progress=False).built == []
     m = cache.verify(tmp_path / first.record["components"]["unet"]["dir"])
     assert m["key_parts"]["backend"]["torch"] == torch.__version__
+
+
+def test_weight_hashes_are_memoised_by_stat(tmp_path, monkeypatch):
+    f, memo = tmp_path / "w.safetensors", tmp_path / "memo.json"
+    f.write_bytes(b"a" * 1000)
+    assert cache.hash_file_memo(f, memo) == cache.hash_file(f)
+    reads = []
+    real = cache.hash_file
+    monkeypatch.setattr(cache, "hash_file", lambda p, *a: reads.append(p) or real(p, *a))
+    cache.hash_file_memo(f, memo)
+    assert reads == []  # unchanged file: not read again
+    st = f.stat()
+    f.write_bytes(b"b" * 1000)  # same size, new mtime (set explicitly: timestamps can be coarse)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert cache.hash_file_memo(f, memo) == real(f) and reads == [f]
