@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from benchmarks import save_result
+
 TEXT_LEN = 77
 
 # (model, tokens, heads, head_dim)
@@ -166,12 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name()
     now = datetime.datetime.now(datetime.timezone.utc)
     result = {"device": device, "capability": list(torch.cuda.get_device_capability()),
-              "date": now.isoformat(timespec="seconds"), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "date": now.strftime("%Y-%m-%d"), "time_utc": now.isoformat(timespec="seconds"),
+              "torch": torch.__version__, "cuda": torch.version.cuda,
               "dtype": args.dtype, "flops_formula": "4*B*H*Sq*Sk*D", "rows": rows}
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
-    out = args.out or RESULTS_DIR / f"attention-{slug}-{now.strftime('%Y%m%d')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        out = args.out
+    else:
+        out = save_result(f"attention-{device}", result)
     backends = sorted({b for r in rows for b in r["backends"] if b != "ours"})
     print(f"\n{device}, torch {torch.__version__}, {args.dtype}, batch {args.batch}\n")
     print(markdown(rows, backends))

@@ -20,7 +20,7 @@ import torch
 from engine import graphs, samplers
 from engine.backends.base import Runner, get_backend
 from engine.config import GenerateConfig, Profile
-from export.specs import Dims, Shape, check_size, get_spec
+from export.specs import Dims, check_size, get_spec
 
 MAX_STEPS = 1000
 _D = GenerateConfig()  # the one place generation defaults live

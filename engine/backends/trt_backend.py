@@ -25,7 +25,7 @@ from engine import cuda, trt_inspect
 from engine.trt_inspect import MANIFEST_KEY, REBUILD_HINT, attention_mode_error, check_compat, network_typing
 from engine.config import BuildConfig, Profile
 from engine.trt_build import (  # INSTALL_HINT, TensorRTUnavailable, ...: importable from here as before
-    INSTALL_HINT,
+    INSTALL_HINT,  # noqa: F401  (re-exported)
     TensorRTUnavailable,
     _build_engine,
     _check_onnx_dtype,
