@@ -129,7 +129,8 @@ def folder_dims(folder: Path) -> Dims:
     tok = config("tokenizer", "tokenizer_config.json")
     max_len = int(tok.get("model_max_length") or text["max_position_embeddings"])
     return Dims(
-        latent_channels=unet["in_channels"],
+        latent_channels=vae.get("latent_channels", 4),
+        unet_in_channels=unet["in_channels"],
         text_dim=text["hidden_size"],
         text_len=min(max_len, text["max_position_embeddings"]),
         vae_scale=2 ** (len(vae["block_out_channels"]) - 1),
@@ -143,30 +144,30 @@ def default_size(folder: Path) -> int:
     return int(vae.get("sample_size") or 512)
 
 
+def load_submodel(folder: Path, sub: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """One sub-folder's model (unet, vae, text_encoder) through diffusers / transformers, offline,
+    safetensors only, with our attention processor installed on diffusers modules."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if sub == "text_encoder":
+        return CLIPTextModel.from_pretrained(folder / sub, local_files_only=True, dtype=dtype).eval()
+    cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[sub]
+    module = cls.from_pretrained(folder, subfolder=sub, use_safetensors=True, local_files_only=True, torch_dtype=dtype)
+    attention.install(module)
+    return module.eval()
+
+
 def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
     """Load every component of a model through diffusers / transformers, offline, safetensors only."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     folder, model_id = resolve_model(model)
-    kw = dict(use_safetensors=True, local_files_only=True, torch_dtype=dtype)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
+    subs = {sub: load_submodel(folder, sub, dtype).to(device) for sub in ("text_encoder", "unet", "vae")}
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    for m in (unet, vae):
-        attention.install(m)
-    return LoadedModel(
-        path=folder,
-        model_id=model_id,
-        text_encoder=text_encoder.to(device).eval(),
-        unet=unet.to(device).eval(),
-        vae=vae.to(device).eval(),
-        tokenizer=tokenizer,
-        scheduler_config=scheduler_config,
-        dims=folder_dims(folder),
-    )
+    return LoadedModel(path=folder, model_id=model_id, tokenizer=tokenizer, scheduler_config=scheduler_config,
+                       dims=folder_dims(folder), **subs)
 
 
 # ---- thin export wrappers: tensor names and conventions from export/specs.py ----
@@ -206,21 +207,35 @@ class VaeEncoderWrapper(torch.nn.Module):
         self.vae = vae
         self.scale = vae.config.scaling_factor
 
-    def forward(self, images):  # [B, 3, H, W] in [-1, 1] -> scaled latent mean [B, 4, h, w]
-        return self.vae.encode(images).latent_dist.mean * self.scale
+    def forward(self, images):  # [B, 3, H, W] in [-1, 1] -> scaled latent mean and std [B, 4, h, w] each
+        dist = self.vae.encode(images).latent_dist
+        return dist.mean * self.scale, dist.std * self.scale
+
+
+_WRAPPERS = {  # component -> (model sub-folder, wrapper with the spec's conventions)
+    "clip": ("text_encoder", ClipWrapper),
+    "unet": ("unet", UNetWrapper),
+    "vae_decoder": ("vae", VaeDecoderWrapper),
+    "vae_encoder": ("vae", VaeEncoderWrapper),
+}
+
+
+def _wrapper(name: str):
+    if name not in _WRAPPERS:
+        raise ValueError(f"unknown component {name!r}; choose from {', '.join(_WRAPPERS)}")
+    return _WRAPPERS[name]
 
 
 def component_module(model: LoadedModel, name: str) -> torch.nn.Module:
     """The torch module of one component, with the spec's input/output conventions."""
-    wrappers = {
-        "clip": lambda: ClipWrapper(model.text_encoder),
-        "unet": lambda: UNetWrapper(model.unet),
-        "vae_decoder": lambda: VaeDecoderWrapper(model.vae),
-        "vae_encoder": lambda: VaeEncoderWrapper(model.vae),
-    }
-    if name not in wrappers:
-        raise ValueError(f"unknown component {name!r}; choose from {', '.join(wrappers)}")
-    return wrappers[name]().eval()
+    sub, wrap = _wrapper(name)
+    return wrap(getattr(model, sub)).eval()
+
+
+def load_component(folder: Path, name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
+    """One component's wrapped torch module, loading only its own sub-folder of `folder`."""
+    sub, wrap = _wrapper(name)
+    return wrap(load_submodel(folder, sub, dtype).to(device)).eval()
 
 
 def component_files(folder: Path, sub_folder: str) -> list[Path]:

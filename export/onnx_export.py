@@ -141,13 +141,18 @@ def run_onnx(path: Path, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarra
 
 
 def validate(model: LoadedModel, name: str, path: Path, shape: Shape, precision: str = "fp32") -> float:
-    """Max abs difference between ONNX Runtime and the torch module at one shape."""
+    """Max abs difference between ONNX Runtime and the torch module at one shape, over every output."""
     spec = get_spec(name)
     inputs = example_inputs(spec, model.dims, shape, precision, seed=1)
     dtype = torch.float16 if precision == "fp16" else torch.float32
     with torch.no_grad():
-        ref = component_module(model, name).to(dtype)(**inputs).float().numpy()
-    got = run_onnx(path, inputs)[spec.output_names[0]].astype(np.float32)
-    if got.shape != ref.shape:
-        raise AssertionError(f"{name}: ONNX output shape {got.shape} != torch {ref.shape}")
-    return float(np.abs(got - ref).max())
+        ref = component_module(model, name).to(dtype)(**inputs)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    onnx_out = run_onnx(path, inputs)
+    err = 0.0
+    for out_name, r in zip(spec.output_names, refs, strict=True):
+        got, want = onnx_out[out_name].astype(np.float32), r.float().numpy()
+        if got.shape != want.shape:
+            raise AssertionError(f"{name}.{out_name}: ONNX output shape {got.shape} != torch {want.shape}")
+        err = max(err, float(np.abs(got - want).max()))
+    return err

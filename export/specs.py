@@ -10,8 +10,11 @@ Conventions fixed here:
 - `unet` takes one float32 timestep per batch row and returns the model output (epsilon or v).
 - `vae_decoder` takes *raw* latents: the scaling factor 1/scaling_factor is inside the graph. It
   returns images in [-1, 1], NCHW.
-- `vae_encoder` takes images in [-1, 1] and returns the latent mean already multiplied by the
-  scaling factor (deterministic: the mean of the latent distribution, no sampling).
+- `vae_encoder` takes images in [-1, 1] and returns the latent distribution already multiplied by the
+  scaling factor: `latent` (mean) and `latent_std` (standard deviation), so the runtime draws
+  `latent + latent_std * randn` from a seeded generator exactly as diffusers' img2img/inpaint do.
+- `unet` takes `unet_in_channels` input channels: `latent_channels` (4) for ordinary models, 9 for
+  inpainting UNets (latents + 1 mask channel + 4 masked-image latent channels, concatenated).
 - dtype "model" means the export precision (float16 or float32); other names are fixed.
 """
 from __future__ import annotations
@@ -29,11 +32,17 @@ TXT2IMG_COMPONENTS = ("clip", "unet", "vae_decoder")
 class Dims:
     """What a model fixes about tensor shapes (read from its configs or its preset)."""
 
-    latent_channels: int = 4
+    latent_channels: int = 4  # VAE latent channels: what the sampler and the VAE see
+    unet_in_channels: int = 4  # UNet input channels: latent_channels, or 2 * latent_channels + 1 (inpainting)
     text_dim: int = 768
     text_len: int = 77
     vae_scale: int = 8  # pixels per latent
     unet_scale: int = 8  # latent size must be a multiple of this (2 ** UNet down-samplers)
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """A 9-channel inpainting UNet: latents + mask + masked-image latents, concatenated."""
+        return self.unet_in_channels == 2 * self.latent_channels + 1
 
     @property
     def size_multiple(self) -> int:
@@ -113,6 +122,10 @@ def _latent(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
     return (b, d.latent_channels, h // d.vae_scale, w // d.vae_scale)  # [B, 4, H/8, W/8]
 
 
+def _unet_sample(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
+    return (b, d.unet_in_channels, h // d.vae_scale, w // d.vae_scale)  # [2B, 4 or 9, H/8, W/8]
+
+
 def _image(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
     return (b, 3, h, w)  # [B, 3, H, W]
 
@@ -144,14 +157,14 @@ SPECS: dict[str, ComponentSpec] = {
     "unet": ComponentSpec(
         name="unet",
         inputs=(
-            TensorSpec("sample", "model", _latent, _SPATIAL),
+            TensorSpec("sample", "model", _unet_sample, _SPATIAL),
             TensorSpec("timestep", "float32", _per_row, _BATCH),
             TensorSpec("encoder_hidden_states", "model", _text, _BATCH),
         ),
         outputs=(TensorSpec("latent", "model", _latent, _SPATIAL),),
         batch_factor=2,
         model_folder="unet",
-        description="UNet denoiser: latents [2B, 4, H/8, W/8], timesteps [2B], text [2B, 77, C] -> eps or v",
+        description="UNet denoiser: latents [2B, 4|9, H/8, W/8], timesteps [2B], text [2B, 77, C] -> eps or v",
     ),
     "vae_decoder": ComponentSpec(
         name="vae_decoder",
@@ -164,10 +177,13 @@ SPECS: dict[str, ComponentSpec] = {
     "vae_encoder": ComponentSpec(
         name="vae_encoder",
         inputs=(TensorSpec("images", "model", _image, _SPATIAL),),
-        outputs=(TensorSpec("latent", "model", _latent, _SPATIAL),),
+        outputs=(
+            TensorSpec("latent", "model", _latent, _SPATIAL),
+            TensorSpec("latent_std", "model", _latent, _SPATIAL),
+        ),
         batch_factor=1,
         model_folder="vae",
-        description="VAE encoder: images [B, 3, H, W] in [-1, 1] -> scaled latent mean [B, 4, H/8, W/8]",
+        description="VAE encoder: images [B, 3, H, W] in [-1, 1] -> scaled latent mean and std [B, 4, H/8, W/8]",
     ),
 }
 

@@ -30,10 +30,14 @@ def _check_parity(model, name: str, path, precision: str = "fp32", atol: float =
         inputs = example_inputs(spec, model.dims, shape, precision, seed=3)
         with torch.no_grad():
             ref = component_module(model, name)(**inputs)
-        got = torch.from_numpy(run_onnx(path, inputs)[spec.output_names[0]])
-        expected_shape = spec.output_shapes(model.dims, shape.batch * spec.batch_factor, shape.height, shape.width)[spec.output_names[0]]
-        assert tuple(got.shape) == expected_shape
-        torch.testing.assert_close(got, ref, atol=atol, rtol=0)
+        refs = ref if isinstance(ref, tuple) else (ref,)
+        onnx_out = run_onnx(path, inputs)
+        expected = spec.output_shapes(model.dims, shape.batch * spec.batch_factor, shape.height, shape.width)
+        assert len(refs) == len(spec.output_names)
+        for out_name, want in zip(spec.output_names, refs):
+            got = torch.from_numpy(onnx_out[out_name])
+            assert tuple(got.shape) == expected[out_name]
+            torch.testing.assert_close(got, want, atol=atol, rtol=0)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,8 @@ class TorchRunner:
                 for t in self.spec.inputs}
         with attention.eager_impl(self.attention_impl):
             out = self.module(**args)
-        return {self.spec.output_names[0]: out}
+        outs = out if isinstance(out, tuple) else (out,)
+        return dict(zip(self.spec.output_names, outs, strict=True))
 
 
 class TorchBackend:
