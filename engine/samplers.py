@@ -15,6 +15,10 @@ index tensor ``i`` (``index_select``): no ``.item()``, no host sync, no Python b
 so the whole denoise step can be captured in one CUDA graph. First/last-step special cases
 (DPM++ 2M first order, lower_order_final, LCM's noise-free last step) are 0/1 weights in the tables.
 
+img2img / inpainting (``strength < 1``): tables and timesteps stay full length [N]; the caller runs
+``i = start .. N-1`` (``start`` as StableDiffusionImg2ImgPipeline.get_timesteps computes it) and noises the
+image latents with ``add_noise`` at ``j = start`` (and at ``j = i + 1`` for the 4-channel inpainting blend).
+
 Every sampler predicts x0 as ``x0_x[i] * x + x0_m[i] * model_output``: the prediction type
 (epsilon / v_prediction / sample) is folded into those two tables.
 """
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -62,10 +68,17 @@ class Schedule:
     init_noise_sigma: float  # initial latents = randn * init_noise_sigma
     needs_noise: bool  # True for euler_a and lcm: step() takes fresh noise each step
     tables: dict[str, torch.Tensor]  # per-step coefficient tables, each [N] or [N+1], float32
+    start: int = 0  # first executed step index (img2img strength < 1); 0 = txt2img
 
     @property
     def num_steps(self) -> int:
+        """N, the length of timesteps and of the per-step tables (not the number of steps run)."""
         return int(self.timesteps.shape[0])
+
+    @property
+    def run_steps(self) -> int:
+        """Steps the caller actually runs: i = start .. N-1."""
+        return self.num_steps - self.start
 
     def to(self, device, dtype=torch.float32) -> "Schedule":
         """Move tables (as ``dtype``) and timesteps (kept float32) to ``device`` once."""
@@ -101,8 +114,11 @@ def _clip_table(cfg, n: int) -> dict[str, torch.Tensor]:
     return {"clip": torch.full((n,), float(cfg.clip_sample_range), dtype=torch.float64)}
 
 
-def _ddim_tables(sched, pred: str) -> dict[str, torch.Tensor]:
-    """DDIMScheduler.step with eta=0: x' = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps."""
+def _ddim_tables(sched, pred: str, start: int) -> dict[str, torch.Tensor]:
+    """DDIMScheduler.step with eta=0: x' = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps.
+
+    ``start`` is unused: DDIM's step depends only on the timestep (no first-executed-step special case).
+    """
     ac = sched.alphas_cumprod.double()  # [T]
     t = sched.timesteps.long()  # [N]
     n_train = sched.config.num_train_timesteps
@@ -136,15 +152,21 @@ def _euler_base(sched, pred: str) -> tuple[dict[str, torch.Tensor], torch.Tensor
     return {"in_div": in_div, "x0_x": x0_x, "x0_m": x0_m, "sigmas": s32.double()}, sg
 
 
-def _euler_tables(sched, pred: str) -> dict[str, torch.Tensor]:
-    """EulerDiscreteScheduler.step (s_churn=0): x' = x + (x - x0) / sigma * (sigma_next - sigma)."""
+def _euler_tables(sched, pred: str, start: int) -> dict[str, torch.Tensor]:
+    """EulerDiscreteScheduler.step (s_churn=0): x' = x + (x - x0) / sigma * (sigma_next - sigma).
+
+    ``start`` is unused: the step reads sigmas[step_index] only (step_index begins at begin_index = start).
+    """
     tabs, sg = _euler_base(sched, pred)
     nxt = tabs["sigmas"][1:]
     return {**tabs, "d_scale": (nxt - sg) / sg}
 
 
-def _euler_a_tables(sched, pred: str) -> dict[str, torch.Tensor]:
-    """EulerAncestralDiscreteScheduler.step: Euler to sigma_down, then + noise * sigma_up."""
+def _euler_a_tables(sched, pred: str, start: int) -> dict[str, torch.Tensor]:
+    """EulerAncestralDiscreteScheduler.step: Euler to sigma_down, then + noise * sigma_up.
+
+    ``start`` is unused: like Euler, no history and no first-executed-step special case.
+    """
     tabs, sg = _euler_base(sched, pred)
     s32 = sched.sigmas.float()
     s_from, s_to = s32[:-1], s32[1:]  # float32 like diffusers, which computes these on the fly
@@ -153,8 +175,11 @@ def _euler_a_tables(sched, pred: str) -> dict[str, torch.Tensor]:
     return {**tabs, "d_scale": (s_down.double() - sg) / sg, "noise_w": s_up.double()}
 
 
-def _dpmpp_2m_tables(sched, pred: str) -> dict[str, torch.Tensor]:
-    """DPMSolverMultistepScheduler (dpmsolver++, order 2): x' = a*x + b*x0 + w*(x0 - x0_prev)."""
+def _dpmpp_2m_tables(sched, pred: str, start: int) -> dict[str, torch.Tensor]:
+    """DPMSolverMultistepScheduler (dpmsolver++, order 2): x' = a*x + b*x0 + w*(x0 - x0_prev).
+
+    The first *executed* step (index ``start``) is first order: diffusers' lower_order_nums is 0 there.
+    """
     cfg = sched.config
     if cfg.get("use_flow_sigmas", False) or cfg.get("variance_type") in ("learned", "learned_range"):
         raise ValueError("dpmpp_2m: use_flow_sigmas / learned variance_type are not supported; allowed: false / None")
@@ -173,7 +198,7 @@ def _dpmpp_2m_tables(sched, pred: str) -> dict[str, torch.Tensor]:
     else:  # midpoint
         w = -0.5 * a_t * em1 / r0
     second = torch.ones(n, dtype=torch.bool)
-    second[0] = False  # no previous x0 yet: first order
+    second[: start + 1] = False  # no previous x0 before / at the first executed step: first order
     if cfg.euler_at_final or (cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero":
         second[-1] = False  # lower_order_final
     x0_x, x0_m = _x0_coeffs(pred, alpha[:-1], sigma[:-1])
@@ -184,8 +209,11 @@ def _dpmpp_2m_tables(sched, pred: str) -> dict[str, torch.Tensor]:
     }
 
 
-def _lcm_tables(sched, pred: str) -> dict[str, torch.Tensor]:
-    """LCMScheduler.step: boundary-condition denoised, then re-noise to the next timestep (not at the last)."""
+def _lcm_tables(sched, pred: str, start: int) -> dict[str, torch.Tensor]:
+    """LCMScheduler.step: boundary-condition denoised, then re-noise to the next timestep (not at the last).
+
+    ``start`` is unused: the step reads timesteps[step_index] / [step_index + 1] and the last index only.
+    """
     cfg = sched.config
     ac = sched.alphas_cumprod.double()
     t = sched.timesteps.long()  # [N]
@@ -205,6 +233,44 @@ def _lcm_tables(sched, pred: str) -> dict[str, torch.Tensor]:
         "noise_w": torch.where(last, torch.zeros_like(a_prev), (1 - a_prev).sqrt()),
         **_clip_table(cfg, n),
     }
+
+
+def _add_noise_tables(sched) -> dict[str, torch.Tensor]:
+    """add_noise(x0, noise, j) = noise_a[j] * x0 + noise_b[j] * noise, each [N+1]; entry N is (1, 0).
+
+    Read from diffusers' own ``add_noise`` applied to ones / zeros in float32 (so the values are the exact
+    float32 scalars it multiplies by), with the scheduler in the state a pipeline calls it in:
+    sigma-indexed schedulers (Euler family, DPM-Solver) read ``sigmas[begin_index]`` before the first step
+    and ``sigmas[step_index]`` after step j - 1 has run; either way that is index j, so ``set_begin_index(j)``
+    (step_index still None after ``set_timesteps``) selects it. DDIM / LCM read alphas_cumprod[timesteps[j]].
+    After the last step the inpainting blend uses the clean image latents: (1, 0).
+    """
+    n = len(sched.timesteps)
+    one, zero = torch.ones(1), torch.zeros(1)  # [1] float32, like fp32 latents
+    noise_a, noise_b = torch.ones(n + 1), torch.zeros(n + 1)  # [N+1]
+    for j in range(n):
+        t = sched.timesteps[j : j + 1]  # what the pipelines pass: timesteps[:1] / tensor([timesteps[i + 1]])
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(j)
+        noise_a[j] = sched.add_noise(one, zero, t)[0]
+        noise_b[j] = sched.add_noise(zero, one, t)[0]
+    return {"noise_a": noise_a, "noise_b": noise_b}
+
+
+def _first_step(strength, steps: int) -> int:
+    """StableDiffusionImg2ImgPipeline.get_timesteps (scheduler.order == 1): index of the first executed step."""
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    if steps - t_start < 1:
+        # smallest float s with int(steps * s) >= 1: 1 / steps itself is too small for e.g. steps=49
+        s_min = 1.0 / steps
+        while int(steps * s_min) < 1:
+            s_min = math.nextafter(s_min, 2.0)
+        raise ValueError(
+            f"strength {strength!r} with steps={steps} runs 0 steps (int(steps * strength) = 0); "
+            f"allowed: strength >= {s_min!r} (1/steps)"
+        )
+    return t_start
 
 
 _TABLE_BUILDERS = {
@@ -230,8 +296,15 @@ def diffusers_scheduler(name: str, scheduler_config: dict):
     return cls.from_config(config, **overrides)
 
 
-def make_schedule(name: str, scheduler_config: dict, steps: int) -> Schedule:
-    """Build the coefficient tables of sampler ``name`` for ``steps`` steps (CPU, float32)."""
+def make_schedule(name: str, scheduler_config: dict, steps: int, strength: float = 1.0) -> Schedule:
+    """Build the coefficient tables of sampler ``name`` for ``steps`` steps (CPU, float32).
+
+    ``strength`` in (0, 1] (img2img / inpainting) sets ``Schedule.start`` like diffusers' get_timesteps;
+    1.0 is txt2img (start 0). Tables and timesteps are full length [N] either way.
+    """
+    ok = isinstance(strength, numbers.Real) and not isinstance(strength, bool) and math.isfinite(strength)
+    if not (ok and 0 < strength <= 1):
+        raise ValueError(f"strength {strength!r} is outside (0, 1]; allowed: a finite float in (0, 1]")
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
     pred = scheduler_config.get("prediction_type", "epsilon")  # the default of every class used
@@ -247,7 +320,11 @@ def make_schedule(name: str, scheduler_config: dict, steps: int) -> Schedule:
         sched.set_timesteps(steps)
     except ValueError as err:  # e.g. LCM: steps > original_inference_steps
         raise ValueError(f"{name} with steps={steps}: {err}") from None
-    tables = {k: v.to(torch.float32).contiguous() for k, v in _TABLE_BUILDERS[name](sched, pred).items()}
+    if sched.order != 1:  # get_timesteps slices timesteps[t_start * order:]; our tables are one entry per step
+        raise ValueError(f"{name}: scheduler order {sched.order} is not supported; allowed: 1")
+    start = _first_step(strength, steps)
+    tables = {**_TABLE_BUILDERS[name](sched, pred, start), **_add_noise_tables(sched)}
+    tables = {k: v.to(torch.float32).contiguous() for k, v in tables.items()}
     return Schedule(
         name=name,
         prediction_type=pred,
@@ -255,6 +332,7 @@ def make_schedule(name: str, scheduler_config: dict, steps: int) -> Schedule:
         init_noise_sigma=float(sched.init_noise_sigma),
         needs_noise=name in ("euler_a", "lcm"),
         tables=tables,
+        start=start,
     )
 
 
@@ -323,6 +401,19 @@ def scale_model_input(schedule: Schedule, latents: torch.Tensor, i: torch.Tensor
     if "in_div" not in schedule.tables:
         return latents
     return (latents.float() / _at(schedule.tables, "in_div", i)).to(latents.dtype)
+
+
+def add_noise(schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """``noise_a[j] * x0 + noise_b[j] * noise`` in float32, returned in x0's dtype; ``j`` a 0-d int64 device tensor.
+
+    Equals diffusers' ``scheduler.add_noise(x0, noise, timesteps[j])`` where the pipelines call it:
+    j = start for the img2img / inpainting initial latents (the inpainting pipeline at strength 1 starts
+    from ``noise * init_noise_sigma`` instead, like txt2img), j = i + 1 after step i for the 4-channel
+    inpainting blend, whose j = N gives x0 (the clean image latents).
+    """
+    tabs = schedule.tables
+    x = _at(tabs, "noise_a", j) * x0.float() + _at(tabs, "noise_b", j) * noise.float()  # [B, 4, H/8, W/8]
+    return x.to(x0.dtype)
 
 
 def step(
