@@ -1,4 +1,7 @@
-"""Content-addressed artifact cache: keys, atomic writes, manifests, integrity checks.
+"""Content-addressed artifact cache: manifests, integrity checks, artifact paths.
+
+Keys, file hashes, atomic JSON writes and staging directories are generic (export/store.py) and
+re-exported here, so `cache.content_key`, `cache.staging_dir`, ... keep working for engine code.
 
 Every artifact directory holds its files and a `manifest.json` that records the key's inputs and the
 sha256 of every file. A directory is published by renaming a finished temp directory, so readers
@@ -11,103 +14,40 @@ Layout under the engine dir:
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from export.store import (  # re-exported: engine code and tests use them as cache.<name>
+    HASH_MEMO,
+    KEY_LEN,
+    canonical,
+    content_key,
+    hash_file,
+    hash_file_memo,
+    hash_files,
+    read_json,
+    staging_dir,
+    write_json_atomic,
+)
+
+__all__ = [
+    "BUILD_RECORD", "HASH_MEMO", "KEY_LEN", "MANIFEST", "CorruptArtifact", "artifact_dir", "canonical",
+    "content_key", "hash_file", "hash_file_memo", "hash_files", "lookup", "read_json", "staging_dir", "verify",
+    "write_json_atomic", "write_manifest",
+]
 
 MANIFEST = "manifest.json"
 BUILD_RECORD = "build.json"
-HASH_MEMO = "file-hashes.json"  # under the cache root: stat-keyed sha256 of weight files
-KEY_LEN = 16
 
 
 class CorruptArtifact(RuntimeError):
     """An artifact on disk does not match its manifest."""
 
 
-def canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def content_key(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical(parts).encode()).hexdigest()[:KEY_LEN]
-
-
-def hash_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def hash_file_memo(path: Path, memo: Path) -> str:
-    """sha256 of a file, remembered in `memo` (JSON) by resolved path, size and mtime: an unchanged
-    multi-GB weight file is read once, not on every build or start-up."""
-    key, st = str(path.resolve()), path.stat()
-    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    try:
-        known = read_json(memo) if memo.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        known = {}  # a damaged memo only costs a re-hash
-    rec = known.get(key)
-    if isinstance(rec, dict) and {k: rec.get(k) for k in stamp} == stamp and "sha256" in rec:
-        return rec["sha256"]
-    digest = hash_file(path)
-    known[key] = {**stamp, "sha256": digest}
-    write_json_atomic(memo, known)
-    return digest
-
-
-def hash_files(paths: list[Path], memo: Path | None = None) -> str:
-    """One hash over several files, in the given order (names included)."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        h.update((hash_file_memo(p, memo) if memo else hash_file(p)).encode())
-    return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
-@contextmanager
-def staging_dir(final: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `final`; on success publish it as `final` in one rename."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.with_name(f".{final.name}.old.{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def write_manifest(art_dir: Path, key: str, key_parts: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Record the key's inputs and every file's sha256, size and mtime in `art_dir`/manifest.json."""
     files = {
         p.relative_to(art_dir).as_posix(): {"sha256": hash_file(p), **_stamp(p)}
         for p in sorted(art_dir.rglob("*"))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from export.attention import MODES
 from export.onnx_export import ExportOptions
+from export.presets import PRESETS
 from export.specs import COMPONENTS
 
 DEFAULTS = ExportOptions()
@@ -16,7 +17,8 @@ DEFAULTS = ExportOptions()
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
-    p.add_argument("--model", default="tiny", help="preset (tiny, sd15, sd21) or a local diffusers folder / .safetensors")
+    p.add_argument("--model", default="tiny",
+                   help=f"preset ({', '.join(PRESETS)}) or a local diffusers folder / .safetensors")
     p.add_argument("--out", type=Path, required=True, help="output folder: <component>.onnx (+ .data) and export.json")
     p.add_argument("--precision", choices=("fp32", "fp16"), default=DEFAULTS.precision)
     p.add_argument("--attention", choices=MODES, default=DEFAULTS.attention)
@@ -31,10 +33,10 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from tqdm import tqdm
 
-    from engine.cache import write_json_atomic
     from export.models import default_size, load_model
     from export.onnx_export import export_component, validate
     from export.specs import Shape, check_size, parse_components
+    from export.store import write_json_atomic
 
     components = parse_components(args.components)
     dtype = torch.float16 if args.precision == "fp16" else torch.float32

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,25 +16,14 @@ import torch
 
 from export import attention
 from export.presets import PRESETS, Preset
+from export.single_file import convert_single_file
 from export.specs import Dims
+from export.store import cache_root, content_key, staging_dir  # cache_root: re-exported for engine/build.py
+from export.tokenizer import DATA_DIR, default_tokenizer  # noqa: F401  (DATA_DIR: re-exported)
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
-DATA_DIR = Path(__file__).parent / "data"
 FORMAT_VERSION = 1  # bump when materialisation changes, so cached preset folders are remade
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SD_ENGINE_CACHE", Path.home() / ".cache" / "sd_engine"))
-
-
-def default_tokenizer(max_length: int = 77):
-    """The real CLIP BPE tokenizer (49408 tokens) from the vocabulary shipped in export/data."""
-    from transformers import CLIPTokenizer
-
-    vocab = json.loads((DATA_DIR / "clip_vocab.json").read_text(encoding="utf-8"))
-    lines = (DATA_DIR / "clip_merges.txt").read_text(encoding="utf-8").splitlines()[1:]
-    merges = [tuple(line.split()) for line in lines if line]
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>", model_max_length=max_length)
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline")  # what we can write
 
 
 def random_components(preset: Preset) -> dict:
@@ -44,19 +32,24 @@ def random_components(preset: Preset) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(preset.seed)
-    unet = UNet2DConditionModel(**preset.unet.config(preset.latent_channels, preset.latent_size))
+    unet = UNet2DConditionModel(**preset.unet_config())
     torch.manual_seed(preset.seed + 1)
-    vae = AutoencoderKL(**preset.vae.config(preset.latent_channels, preset.scaling_factor, preset.default_size))
+    vae = AutoencoderKL(**preset.vae_config())
     torch.manual_seed(preset.seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**preset.clip.config()))
     return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval()}
 
 
-def save_diffusers_folder(components: dict, scheduler_config: dict, folder: Path) -> None:
-    """Write components as a standard diffusers StableDiffusionPipeline folder (safetensors)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def save_diffusers_folder(components: dict, scheduler_config: dict, folder: Path,
+                          pipeline_class: str = "StableDiffusionPipeline") -> None:
+    """Write components as a standard diffusers folder of `pipeline_class` (StableDiffusionPipeline or
+    StableDiffusionInpaintPipeline), weights as safetensors, through that diffusers pipeline."""
+    import diffusers
+    from diffusers import DDIMScheduler
 
-    pipe = StableDiffusionPipeline(
+    if pipeline_class not in PIPELINE_CLASSES:
+        raise ValueError(f"cannot write a {pipeline_class!r} folder; choose from {', '.join(PIPELINE_CLASSES)}")
+    pipe = getattr(diffusers, pipeline_class)(
         **components,
         tokenizer=default_tokenizer(),
         scheduler=DDIMScheduler.from_config(scheduler_config),
@@ -69,14 +62,13 @@ def save_diffusers_folder(components: dict, scheduler_config: dict, folder: Path
 
 def materialize_preset(preset: Preset, root: Path | None = None) -> Path:
     """The preset's diffusers folder, created once from its seed (atomically) and reused."""
-    from engine.cache import content_key, staging_dir
-
     key = content_key({"preset": repr(preset), "format": FORMAT_VERSION})
     folder = (root or cache_root() / "presets") / f"{preset.name}-{key}"
     if (folder / "model_index.json").is_file():
         return folder
     with staging_dir(folder) as tmp:
-        save_diffusers_folder(random_components(preset), preset.scheduler.config(preset.prediction_type), tmp)
+        save_diffusers_folder(random_components(preset), preset.scheduler.config(preset.prediction_type), tmp,
+                              preset.pipeline_class)
     return folder
 
 
@@ -113,8 +105,6 @@ def resolve_model(model: str | Path) -> tuple[Path, str]:
             raise ValueError(f"{path} is not a diffusers folder (no model_index.json)")
         return path, slug
     if path.suffix.lower() == ".safetensors":
-        from export.single_file import convert_single_file
-
         return convert_single_file(path), slug
     raise ValueError(f"unsupported model file {path}: expected a diffusers folder or a .safetensors checkpoint")
 

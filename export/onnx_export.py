@@ -16,9 +16,9 @@ import torch
 
 from export import attention
 from export.models import LoadedModel, component_module, default_size
+from export.optimize import EXTERNAL_DATA_LIMIT, optimize_onnx  # EXTERNAL_DATA_LIMIT: still importable here
 from export.specs import ComponentSpec, Dims, Shape, get_spec
 
-EXTERNAL_DATA_LIMIT = 2 * 1024**3  # protobuf's 2 GB limit
 MAX_BATCH = 63  # diffusers' Upsample2D switches code path at batch >= 64
 OPSET = {"decomposed": 18, "plugin": 18, "onnx": 23}  # opset 23 brings the Attention op
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int32": torch.int32}
@@ -107,8 +107,6 @@ def export_component(model: LoadedModel, name: str, path: Path, opts: ExportOpti
     program.save(path, external_data=size > EXTERNAL_DATA_LIMIT * 0.9)
     export_s = time.perf_counter() - t0
     if opts.optimize:
-        from export.optimize import optimize_onnx
-
         optimize_onnx(path)
     onnx.checker.check_model(str(path), full_check=True)
     return {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from export.onnx_export import EXTERNAL_DATA_LIMIT
+EXTERNAL_DATA_LIMIT = 2 * 1024**3  # protobuf's 2 GB limit: bigger graphs keep weights as external data
 
 
 def optimize_onnx(path: Path) -> None:

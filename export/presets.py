@@ -3,10 +3,12 @@
 A preset never holds weights. `tiny` is materialised from a fixed seed as random weights (seconds on a
 CPU); `sd15` / `sd21` describe the real architectures, so a random full-size model can be built for
 export and benchmark work, and so a single-file checkpoint can be converted with local configs.
+`tiny-inpaint` / `sd15-inpaint` are the same architectures with a 9-channel inpainting UNet (latents +
+mask + masked-image latents); they materialise as diffusers StableDiffusionInpaintPipeline folders.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -21,9 +23,10 @@ class UNetArch:
     use_linear_projection: bool = False
     upcast_attention: bool = False
 
-    def config(self, latent_channels: int, sample_size: int) -> dict:
+    def config(self, latent_channels: int, sample_size: int, in_channels: int | None = None) -> dict:
+        """diffusers UNet2DConditionModel kwargs; `in_channels` defaults to `latent_channels`."""
         c = asdict(self)
-        c.update(in_channels=latent_channels, out_channels=latent_channels, sample_size=sample_size)
+        c.update(in_channels=in_channels or latent_channels, out_channels=latent_channels, sample_size=sample_size)
         return c
 
 
@@ -88,12 +91,31 @@ class Preset:
     clip: ClipArch = field(default_factory=ClipArch)
     scheduler: SchedulerDefaults = field(default_factory=SchedulerDefaults)
     latent_channels: int = 4
+    unet_in_channels: int = 4  # latent_channels; 2 * latent_channels + 1 for an inpainting UNet
     scaling_factor: float = 0.18215
     prediction_type: str = "epsilon"  # or "v_prediction"
     default_size: int = 512  # pixels, square
     min_size: int = 256  # dynamic-shape profile range, pixels
     max_size: int = 1024
     seed: int = 0  # random weights of a materialised preset
+
+    @property
+    def inpainting(self) -> bool:
+        """A 9-channel inpainting UNet: latents + 1 mask channel + masked-image latents."""
+        return self.unet_in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def pipeline_class(self) -> str:
+        """The diffusers pipeline class a materialised or converted folder names in model_index.json."""
+        return "StableDiffusionInpaintPipeline" if self.inpainting else "StableDiffusionPipeline"
+
+    def unet_config(self) -> dict:
+        """diffusers UNet2DConditionModel kwargs for this preset."""
+        return self.unet.config(self.latent_channels, self.latent_size, self.unet_in_channels)
+
+    def vae_config(self) -> dict:
+        """diffusers AutoencoderKL kwargs for this preset."""
+        return self.vae.config(self.latent_channels, self.scaling_factor, self.default_size)
 
     @property
     def vae_scale(self) -> int:
@@ -157,7 +179,13 @@ TINY = Preset(
     max_size=512,
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, SD15, SD21)}
+TINY_INPAINT = replace(TINY, name="tiny-inpaint", unet_in_channels=9, seed=3)
+
+SD15_INPAINT = replace(SD15, name="sd15-inpaint", unet_in_channels=9, seed=3)
+
+# Order matters only for single-file detection, which takes the first preset a checkpoint fills exactly
+# (the in_channels of conv_in tells an inpainting UNet apart, so at most one preset matches).
+PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, SD15, SD21, TINY_INPAINT, SD15_INPAINT)}
 
 
 def get_preset(name: str) -> Preset:

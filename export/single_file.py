@@ -12,6 +12,8 @@ checkpoint is never half-loaded: a missing, extra or misshaped weight is an erro
 
 The result is written once, atomically, to `<cache>/converted/<stem>-<sha256[:16]>/` as an ordinary
 diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), and reused.
+Inpainting checkpoints (a 9-channel `input_blocks.0.0` conv) match an inpainting preset and are written
+as StableDiffusionInpaintPipeline folders.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from pathlib import Path
 import torch
 
 from export.presets import PRESETS, Preset
+from export.store import HASH_MEMO, cache_root, hash_file_memo, staging_dir
+from export.tokenizer import default_tokenizer
 
 CONVERT_VERSION = 1  # bump when the written folder changes, so cached conversions are remade
 INFO = "conversion.json"
@@ -32,7 +36,7 @@ WEIGHT_FILES = {
     "text_encoder": "model.safetensors",
 }
 FAMILIES = (
-    "SD 1.x / SD 2.x checkpoints in the original LDM layout "
+    "SD 1.x / SD 2.x checkpoints (text-to-image or 9-channel inpainting) in the original LDM layout "
     "(model.diffusion_model.*, first_stage_model.*, cond_stage_model.*)"
 )
 IGNORED_SUFFIXES = ("position_ids",)  # buffers some checkpoints carry and models rebuild themselves
@@ -43,11 +47,10 @@ def empty_models(preset: Preset) -> dict[str, torch.nn.Module]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    p = preset
     with torch.device("meta"):
         return {
-            "unet": UNet2DConditionModel(**p.unet.config(p.latent_channels, p.latent_size)),
-            "vae": AutoencoderKL(**p.vae.config(p.latent_channels, p.scaling_factor, p.default_size)),
+            "unet": UNet2DConditionModel(**preset.unet_config()),
+            "vae": AutoencoderKL(**preset.vae_config()),
             "text_encoder": CLIPTextModel(CLIPTextConfig(**preset.clip.config())),
         }
 
@@ -109,6 +112,7 @@ def describe(ckpt: dict[str, torch.Tensor]) -> str:
         "cross-attention width": [v.shape[1] for k, v in ckpt.items() if k.endswith("attn2.to_k.weight")][:1],
         "text width": [v.shape[1] for k, v in ckpt.items() if k.endswith("token_embedding.weight")][:1],
         "UNet base channels": [v.shape[0] for k, v in ckpt.items() if k.endswith("input_blocks.0.0.weight")],
+        "UNet input channels": [v.shape[1] for k, v in ckpt.items() if k.endswith("input_blocks.0.0.weight")],
     }
     parts += [f"{label} {v[0]}" for label, v in widths.items() if v]
     return f"{len(ckpt)} tensors: " + ", ".join(parts)
@@ -134,12 +138,11 @@ def choose_preset(path: Path, ckpt: dict[str, torch.Tensor], preset: str | None)
 
 
 def write_folder(folder: Path, preset: Preset, models: dict, weights: dict[str, dict[str, torch.Tensor]]) -> None:
-    """A standard diffusers StableDiffusionPipeline folder: the preset's configs + converted weights."""
+    """A standard diffusers folder of the preset's pipeline class (StableDiffusionPipeline, or
+    StableDiffusionInpaintPipeline for a 9-channel UNet): the preset's configs + converted weights."""
     import diffusers
     from diffusers import DDIMScheduler
     from safetensors.torch import save_file
-
-    from export.models import default_tokenizer
 
     for name in ("unet", "vae"):
         models[name].save_config(folder / name)
@@ -149,7 +152,7 @@ def write_folder(folder: Path, preset: Preset, models: dict, weights: dict[str, 
     default_tokenizer(preset.text_len).save_pretrained(folder / "tokenizer")
     DDIMScheduler.from_config(preset.scheduler.config(preset.prediction_type)).save_config(folder / "scheduler")
     index = {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": preset.pipeline_class,
         "_diffusers_version": diffusers.__version__,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
@@ -174,9 +177,6 @@ def convert_single_file(path: Path, preset: str | None = None) -> Path:
     checkpoint's tensor shapes. Raises ValueError for a non-safetensors file or an unsupported checkpoint.
     """
     from safetensors.torch import load_file
-
-    from engine.cache import HASH_MEMO, hash_file_memo, staging_dir
-    from export.models import cache_root
 
     path = Path(path).expanduser()
     if path.suffix.lower() != ".safetensors":

@@ -3,7 +3,7 @@
 The inverse of diffusers' LDM -> diffusers conversion (`convert_ldm_unet_checkpoint`,
 `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint` in diffusers/loaders/single_file_utils.py),
 for SD 1.x-style models (UNet2DConditionModel, AutoencoderKL, CLIPTextModel), any number of blocks and
-layers per block. Our own mapping, so a round trip through diffusers' conversion tests both directions.
+layers per block, any UNet input channels (4, or 9 for inpainting). Our own mapping, so a round trip through diffusers' conversion tests both directions.
 
 LDM layout:
     model.diffusion_model.*               UNet: input_blocks / middle_block / output_blocks / time_embed / out
@@ -120,6 +120,12 @@ def clip_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {CLIP_PREFIX + (k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in sd.items()}
 
 
+def to_ldm(unet: dict[str, torch.Tensor], vae: dict[str, torch.Tensor], text: dict[str, torch.Tensor],
+           layers_per_block: int, vae_blocks: int) -> dict[str, torch.Tensor]:
+    """diffusers UNet, VAE and CLIP state dicts -> one LDM-layout state dict (works on meta tensors too)."""
+    return {**unet_to_ldm(unet, layers_per_block), **vae_to_ldm(vae, vae_blocks), **clip_to_ldm(text)}
+
+
 def write_ldm_checkpoint(folder: Path, out: Path) -> Path:
     """Write the diffusers folder's UNet, VAE and text encoder as one LDM-layout .safetensors file."""
     from safetensors.torch import load_file, save_file
@@ -127,12 +133,13 @@ def write_ldm_checkpoint(folder: Path, out: Path) -> Path:
     folder = Path(folder)
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
     vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
-    state = {}
-    state.update(unet_to_ldm(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"),
-                             unet_cfg["layers_per_block"]))
-    state.update(vae_to_ldm(load_file(folder / "vae" / "diffusion_pytorch_model.safetensors"),
-                            len(vae_cfg["block_out_channels"])))
-    state.update(clip_to_ldm(load_file(folder / "text_encoder" / "model.safetensors")))
+    state = to_ldm(
+        load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"),
+        load_file(folder / "vae" / "diffusion_pytorch_model.safetensors"),
+        load_file(folder / "text_encoder" / "model.safetensors"),
+        unet_cfg["layers_per_block"],
+        len(vae_cfg["block_out_channels"]),
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata={"format": "pt"})

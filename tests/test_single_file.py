@@ -1,30 +1,61 @@
-"""Single-file LDM checkpoints: round trip tiny -> LDM .safetensors -> diffusers folder, bit-exact (CPU)."""
+"""Single-file LDM checkpoints: round trip tiny (and tiny-inpaint) -> LDM .safetensors -> diffusers folder,
+bit-exact (CPU)."""
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from export.models import component_module, load_model, materialize_preset
+from export.models import component_module, folder_dims, load_model, materialize_preset
 from export.presets import PRESETS
 from export.specs import COMPONENTS, Shape, get_spec
-from tests.ldm_layout import unet_to_ldm, vae_to_ldm, write_ldm_checkpoint
+from tests.ldm_layout import to_ldm, unet_to_ldm, vae_to_ldm, write_ldm_checkpoint
+
+
+def _round_trip(tmp_path_factory, preset: str):
+    """Materialise `preset`, write it as one LDM file, convert and load it (in a private cache, at
+    <folder>/../.. of the converted folder); (reference, converted, file)."""
+    root = tmp_path_factory.mktemp(f"single_file_{preset}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SD_ENGINE_CACHE", str(root / "cache"))
+        folder = materialize_preset(PRESETS[preset], root=root / "presets")
+        reference = load_model(folder)
+        ckpt = write_ldm_checkpoint(folder, root / f"{preset}-ldm.safetensors")
+        return reference, load_model(ckpt), ckpt
 
 
 @pytest.fixture(scope="module")
 def round_trip(tmp_path_factory):
-    """(reference model, model loaded from the LDM single file, the file, the converted folder)."""
-    root = tmp_path_factory.mktemp("single_file")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SD_ENGINE_CACHE", str(root / "cache"))
-    folder = materialize_preset(PRESETS["tiny"], root=root / "presets")
-    reference = load_model(folder)
-    ckpt = write_ldm_checkpoint(folder, root / "tiny-ldm.safetensors")
-    converted = load_model(ckpt)
-    yield reference, converted, ckpt
-    mp.undo()
+    """(reference tiny model, model loaded from the LDM single file, the file)."""
+    return _round_trip(tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="module")
+def inpaint_round_trip(tmp_path_factory):
+    """(reference tiny-inpaint model, model loaded from its LDM single file, the file)."""
+    return _round_trip(tmp_path_factory, "tiny-inpaint")
+
+
+def _outputs(model, name: str, inputs: dict) -> tuple[torch.Tensor, ...]:
+    """A component's outputs as a tuple (vae_encoder returns two tensors)."""
+    with torch.no_grad():
+        out = component_module(model, name)(**inputs)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _assert_outputs_identical(reference, converted, name: str) -> None:
+    from export.onnx_export import example_inputs
+
+    spec = get_spec(name)
+    inputs = example_inputs(spec, reference.dims, Shape(1, 128, 128), "fp32")
+    want, got = _outputs(reference, name, inputs), _outputs(converted, name, inputs)
+    assert len(want) == len(got) == len(spec.output_names)
+    for w, g in zip(want, got):
+        assert w.shape == g.shape
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 
 @pytest.fixture
@@ -72,23 +103,72 @@ def test_state_dicts_identical(round_trip, part):
 
 @pytest.mark.parametrize("name", COMPONENTS)
 def test_outputs_identical(round_trip, name):
-    from export.onnx_export import example_inputs
-
     reference, converted, _ = round_trip
-    spec = get_spec(name)
-    inputs = example_inputs(spec, reference.dims, Shape(1, 128, 128), "fp32")
-    with torch.no_grad():
-        want = component_module(reference, name)(**inputs)
-        got = component_module(converted, name)(**inputs)
-    assert want.shape == got.shape
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    _assert_outputs_identical(reference, converted, name)
 
 
-def test_second_conversion_reuses_cache(round_trip):
+def test_inpainting_checkpoint_converts(inpaint_round_trip):
+    """A 9-channel LDM checkpoint is detected as tiny-inpaint and written as an inpainting folder."""
+    from safetensors import safe_open
+
+    reference, converted, ckpt = inpaint_round_trip
+    with safe_open(str(ckpt), framework="pt") as f:
+        assert f.get_slice("model.diffusion_model.input_blocks.0.0.weight").get_shape() == [64, 9, 3, 3]
+    folder = converted.path
+    assert json.loads((folder / "conversion.json").read_text())["preset"] == "tiny-inpaint"
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionInpaintPipeline"
+    assert converted.unet.config.in_channels == 9 and converted.unet.config.out_channels == 4
+    assert folder_dims(folder).unet_in_channels == 9 and converted.dims == reference.dims
+    assert converted.dims.inpainting_unet
+    assert converted.scheduler_config == reference.scheduler_config
+
+
+@pytest.mark.parametrize("part", ["unet", "vae", "text_encoder"])
+def test_inpainting_state_dicts_identical(inpaint_round_trip, part):
+    reference, converted, _ = inpaint_round_trip
+    ref, got = getattr(reference, part).state_dict(), getattr(converted, part).state_dict()
+    assert ref.keys() == got.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=0, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_inpainting_outputs_identical(inpaint_round_trip, name):
+    reference, converted, _ = inpaint_round_trip
+    _assert_outputs_identical(reference, converted, name)
+
+
+def test_converted_inpainting_folder_loads_in_diffusers(inpaint_round_trip):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    _, converted, _ = inpaint_round_trip
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(converted.path, local_files_only=True, safety_checker=None)
+    assert type(pipe).__name__ == "StableDiffusionInpaintPipeline"
+    assert pipe.unet.config.in_channels == 9
+
+
+def test_sd15_inpainting_header_detected():
+    """A full-size SD 1.5 inpainting checkpoint's layout (meta tensors: shapes only) picks sd15-inpaint,
+    and an ordinary SD 1.5 layout still picks sd15."""
+    from export.single_file import choose_preset, empty_models
+
+    for name in ("sd15", "sd15-inpaint"):
+        preset = PRESETS[name]
+        models = empty_models(preset)
+        ckpt = to_ldm(models["unet"].state_dict(), models["vae"].state_dict(), models["text_encoder"].state_dict(),
+                      preset.unet.layers_per_block, len(preset.vae.block_out_channels))
+        chosen, _ = choose_preset(Path(f"{name}.safetensors"), ckpt, None)
+        assert chosen.name == name
+        assert chosen.pipeline_class == ("StableDiffusionInpaintPipeline" if name.endswith("inpaint")
+                                         else "StableDiffusionPipeline")
+
+
+def test_second_conversion_reuses_cache(round_trip, monkeypatch):
     from export.single_file import convert_single_file
 
     _, converted, ckpt = round_trip
     folder = converted.path
+    monkeypatch.setenv("SD_ENGINE_CACHE", str(folder.parent.parent))  # the cache it was converted in
     mtime = folder.stat().st_mtime_ns
     t0 = time.perf_counter()
     assert convert_single_file(ckpt) == folder
