@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> dict:
     from engine.build import build_all
     from engine.config import BuildConfig
     from engine.pipeline import Pipeline
+    from engine.request import Request
 
     rows = []
     engine_dir = Path(args.engine_dir or tempfile.mkdtemp(prefix="bench-engines-"))
@@ -30,11 +31,11 @@ def run(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         record = build_all(cfg, progress=False).record
         build_s = time.perf_counter() - t0
-        pipe = Pipeline.from_engines(engine_dir, args.model, device=args.device)
-        call = dict(prompt=["a lighthouse at dusk"], steps=args.steps, scheduler=args.scheduler, seed=0,
-                    height=args.size, width=args.size, progress=False)
-        pipe(**call)  # warm-up
-        runs = [pipe(**call).timings_ms for _ in range(args.repeats)]
+        pipe = Pipeline.load(engine_dir, record["model_id"], device=args.device)
+        req = Request(prompt="a lighthouse at dusk", steps=args.steps, sampler=args.scheduler, seed=0,
+                      height=args.size, width=args.size)
+        pipe.run(req, progress=False)  # warm-up
+        runs = [pipe.run(req, progress=False)[0].timings_ms for _ in range(args.repeats)]
         med = {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
         rows.append({"backend": backend, "precision": record["precision"], "build_seconds": round(build_s, 1),
                      "timings_ms": med})

@@ -1,10 +1,15 @@
-"""Defaults for building and generating, in one place. The CLIs read these dataclasses."""
+"""Defaults for building and generating, in one place. The CLIs read these dataclasses.
+
+`BuildConfig` is what the user asked for (CLI flags, `auto` values included); `BuildPlan` is what a
+backend receives: every choice resolved (backend, device, precision, attention, profile).
+Generation defaults live on `engine.request.Request`.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from export.specs import TXT2IMG_COMPONENTS, Shape
+from export.specs import Shape
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 ATTENTION_MODES = ("auto", "decomposed", "onnx", "plugin")
@@ -16,11 +21,11 @@ class BuildConfig:
     backend: str = "auto"  # auto = tensorrt if importable with a GPU, else onnxruntime
     precision: str | None = None  # None = the backend's default (fp16 on GPU backends, fp32 on CPU)
     attention: str = "auto"  # auto = the backend's preferred ONNX attention emission
-    components: tuple[str, ...] = TXT2IMG_COMPONENTS
-    batch_size: int = 1
+    components: tuple[str, ...] | None = None  # None = the family's default (txt2img; + vae_encoder to inpaint)
+    batch_size: int = 1  # images denoised together (before CFG doubling): the profile's opt batch
     height: int | None = None  # None = the model's default size
     width: int | None = None
-    build_dynamic_shape: bool = False
+    build_dynamic_shape: bool = False  # TensorRT: a range profile instead of a static shape
     min_batch: int = 1
     max_batch: int = 4
     min_size: int | None = None  # None = the model's dynamic range
@@ -32,10 +37,13 @@ class BuildConfig:
     builder_optimization_level: int = 3  # TensorRT 0..5
     device: str = "auto"  # torch / onnxruntime device: auto = cuda if available, else cpu
 
+    def __post_init__(self) -> None:
+        self.engine_dir = Path(self.engine_dir)
+
 
 @dataclass(frozen=True)
 class Profile:
-    """The image-level shape range an engine set was built for (inclusive)."""
+    """The image-level shape range an engine set accepts (inclusive); opt is the default shape."""
 
     lo: Shape
     opt: Shape
@@ -49,18 +57,16 @@ class Profile:
         return Profile(Shape(**d["lo"]), Shape(**d["opt"]), Shape(**d["hi"]))
 
 
-@dataclass
-class GenerateConfig:
-    prompt: list[str] = field(default_factory=lambda: ["a photograph of an astronaut riding a horse"])
-    negative_prompt: str = ""
-    steps: int = 25
-    guidance_scale: float = 7.5
-    scheduler: str = "dpmpp_2m"
-    seed: int = 0
-    height: int | None = None  # None = the built profile's opt size
-    width: int | None = None
-    batch_size: int = 1
-    output: Path = Path("out")
-    model: str = "tiny"
-    engine_dir: Path = Path("engines")
-    backend: str = "auto"
+@dataclass(frozen=True)
+class BuildPlan:
+    """A build with every choice resolved: what backends see (never the CLI config)."""
+
+    backend: str
+    device: str  # "cpu", "cuda", "cuda:1"
+    precision: str  # "fp16" | "fp32"
+    attention: str  # "decomposed" | "onnx" | "plugin"
+    profile: Profile
+    engine_dir: Path
+    timing_cache: Path | None = None
+    workspace_gib: float = 8.0
+    builder_optimization_level: int = 3

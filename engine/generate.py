@@ -1,81 +1,108 @@
-"""python -m engine.generate: txt2img with the engines `python -m engine.build` wrote; PNGs out."""
+"""python -m engine.generate: txt2img, img2img and inpainting with the engines `python -m engine.build` wrote."""
 from __future__ import annotations
 
 import argparse
-import json
+import re
 import sys
 import warnings
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
+from engine.config import BACKENDS
+from engine.request import Request
 
-from engine.config import BACKENDS, GenerateConfig
+_R = Request()  # generation defaults live on Request
+
+
+@dataclass
+class GenerateConfig:
+    """What the CLI adds to a Request: prompts, where the engines are, where images go."""
+
+    prompt: list[str] = field(default_factory=lambda: [_R.prompt])
+    negative_prompt: str = _R.negative_prompt
+    steps: int = _R.steps
+    guidance_scale: float = _R.guidance_scale
+    scheduler: str = _R.sampler
+    seed: int = _R.seed
+    height: int | None = _R.height
+    width: int | None = _R.width
+    images_per_prompt: int = _R.images
+    batch_size: int | None = None  # images denoised together; None = the engine's built batch size
+    init_image: Path | None = None
+    strength: float | None = _R.strength
+    mask: Path | None = None
+    resize: bool = _R.resize
+    output: Path = Path("out")
+    model: str | None = None  # None = the only model in the engine dir
+    engine_dir: Path = Path("engines")
+    backend: str = "auto"
+
+    def requests(self) -> list[Request]:
+        return [Request(prompt=p, negative_prompt=self.negative_prompt, steps=self.steps,
+                        guidance_scale=self.guidance_scale, sampler=self.scheduler, seed=self.seed,
+                        height=self.height, width=self.width, images=self.images_per_prompt,
+                        init_image=self.init_image, strength=self.strength, mask=self.mask, resize=self.resize)
+                for p in self.prompt]
 
 
 def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     from engine.samplers import SAMPLERS
 
     d = GenerateConfig()
-    p = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__)
-    p.add_argument("--prompt", nargs="+", default=d.prompt, help="one or more prompts (one image each, x batch size)")
-    p.add_argument("--negative-prompt", default=d.negative_prompt)
-    p.add_argument("--steps", "--denoising-steps", dest="steps", type=int, default=d.steps)
-    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
-    p.add_argument("--scheduler", default=d.scheduler, help=f"one of {', '.join(SAMPLERS)}")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--height", type=int, default=d.height)
-    p.add_argument("--width", type=int, default=d.width)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per prompt")
-    p.add_argument("--output", type=Path, default=d.output, help="a .png file (single image) or a folder")
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--engine-dir", type=Path, default=d.engine_dir)
+    p = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prompt", nargs="+", default=d.prompt, help="one or more prompts")
+    p.add_argument("--negative-prompt", default=d.negative_prompt, help="what to steer away from")
+    p.add_argument("--steps", "--denoising-steps", dest="steps", type=int, default=d.steps, help="sampler steps")
+    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale, help="CFG scale; <= 1 turns CFG off")
+    p.add_argument("--scheduler", "--sampler", dest="scheduler", default=d.scheduler, help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--seed", type=int, default=d.seed, help="image k uses seed + k; -1 = random")
+    p.add_argument("--height", type=int, default=d.height, help="pixels; default: the size the engines were built for")
+    p.add_argument("--width", type=int, default=d.width, help="pixels; default: the size the engines were built for")
+    p.add_argument("--images-per-prompt", "--num-images", dest="images_per_prompt", type=int,
+                   default=d.images_per_prompt, help="images for each prompt")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="images denoised together (as in engine.build); default: the built batch size")
+    p.add_argument("--init-image", type=Path, default=d.init_image, help="img2img / inpainting source image")
+    p.add_argument("--strength", type=float, default=d.strength,
+                   help="img2img strength in (0, 1]; default 0.8 (1.0 when inpainting)")
+    p.add_argument("--mask", type=Path, default=d.mask, help="inpainting mask (white = repaint); needs --init-image")
+    p.add_argument("--resize", action="store_true", default=d.resize,
+                   help="resize the init image and mask to --height/--width instead of refusing another size")
+    p.add_argument("--output", type=Path, default=d.output, help="a .png file, or a folder for numbered PNGs")
+    p.add_argument("--model", default=d.model, help="model id, preset or path given to engine.build; "
+                   "default: the only model in --engine-dir")
+    p.add_argument("--engine-dir", type=Path, default=d.engine_dir, help="what engine.build wrote")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="must match the build; auto = as built")
-    return GenerateConfig(**vars(p.parse_args(argv)))
+    args = p.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"argument --batch-size: {args.batch_size} must be >= 1")
+    return GenerateConfig(**{f.name: getattr(args, f.name) for f in fields(GenerateConfig)})
 
 
-def parameters_text(params: dict) -> str:
-    """A1111-style 'parameters' text: prompt, then 'Key: value' pairs."""
-    prompt = params["prompt"] if isinstance(params["prompt"], str) else params["prompt"][0]
-    rest = ", ".join(f"{k}: {v}" for k, v in params.items() if k not in ("prompt", "negative_prompt"))
-    return f"{prompt}\nNegative prompt: {params['negative_prompt']}\n{rest}"
-
-
-def save_png(image: np.ndarray, path: Path, params: dict) -> None:
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", parameters_text(params))
-    info.add_itxt("sd_engine", json.dumps(params, ensure_ascii=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
-
-
-def output_paths(output: Path, n: int, seed: int) -> list[Path]:
+def output_paths(output: Path, n: int, seeds: list[int]) -> list[Path]:
+    """`x.png` (x-0.png, x-1.png, ... for several), or a folder of numbered files that never overwrite."""
     if output.suffix.lower() == ".png":
-        if n == 1:
-            return [output]
-        return [output.with_name(f"{output.stem}-{i}.png") for i in range(n)]
-    return [output / f"image-{seed}-{i}.png" for i in range(n)]
+        return [output] if n == 1 else [output.with_name(f"{output.stem}-{i}.png") for i in range(n)]
+    taken = [int(m.group(1)) for f in (output.glob("*.png") if output.is_dir() else [])
+             if (m := re.match(r"(\d+)-", f.name))]
+    first = max(taken, default=0) + 1
+    return [output / f"{first + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
 
 
 def run(cfg: GenerateConfig) -> list[Path]:
     from engine.pipeline import Pipeline
 
-    pipe = Pipeline.from_engines(cfg.engine_dir, cfg.model)
+    pipe = Pipeline.load(cfg.engine_dir, cfg.model, batch_size=cfg.batch_size)
     built = pipe.info.get("backend")
     if cfg.backend not in ("auto", built):
         raise ValueError(f"engines in {cfg.engine_dir} were built for backend {built!r}, not {cfg.backend!r}: "
                          f"run python -m engine.build --backend {cfg.backend}")
-    prompts = [p for p in cfg.prompt for _ in range(cfg.batch_size)]
-    result = pipe(prompts, cfg.negative_prompt, cfg.steps, cfg.guidance_scale, cfg.scheduler, cfg.seed,
-                  cfg.height, cfg.width)
-    paths = output_paths(cfg.output, len(prompts), cfg.seed)
-    for k, (img, path) in enumerate(zip(result.images, paths)):
-        save_png(img, path, {**result.params, "prompt": prompts[k], "index": k})
-    t = result.timings_ms
+    results = pipe.run(cfg.requests())
+    paths = output_paths(cfg.output, len(results), [r.params["seed"] for r in results])
+    for result, path in zip(results, paths):
+        result.save(path)
+    t = results[0].timings_ms
     print(f"timings (ms): clip {t['clip']:.1f} | unet {t['unet']:.1f} ({t['unet_per_step']:.2f}/step) | "
           f"vae {t['vae']:.1f} | total {t['total']:.1f}")
     for p in paths:

@@ -1,166 +1,280 @@
-"""txt2img over any backend: tokenizer -> clip -> [unet -> CFG -> sampler] x steps -> vae_decoder.
+"""Requests in, images out, over any backend and family: text encoders -> [unet -> CFG -> sampler] x steps -> VAE.
 
-The pipeline only sees runners (engine/backends/base.py): torch tensors in, torch tensors out. The
-denoise step reads per-step values from device tables indexed by a device step counter, so it has no
-host sync and can be captured in one CUDA graph (engine/graphs.py) when every runner is graph-safe.
-Seeds follow diffusers: latents = randn(shape, generator=torch.Generator("cpu").manual_seed(seed)),
-then per-step noise (euler_a, lcm) from the same generator, so a seed gives diffusers' image.
+The pipeline loads everything from a self-contained engine directory (`python -m engine.build` output):
+runners, tokenizers, scheduler config, family, dims and profile. It never reads the source model.
+`run` takes a list of `Request`s, checks them all before any work, splits them into image rows, groups
+rows that can share a UNet batch (same size, steps, sampler, strength, kind, guidance on/off), runs each
+group in batches and returns one `Generated` per image, in request order. Per-row seeds, guidance and
+noise make an image's pixels independent of its batch-mates.
+
+The denoise step (engine/denoise.py) reads per-step values from device tables indexed by a device
+step counter, so it has no host sync; with graph-safe runners on CUDA it is captured once per key
+(shape, sampler, steps, strength, guidance on/off, kind) and replayed on every later call.
 """
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from engine import graphs, samplers
+from engine import cache, graphs, images, samplers
 from engine.backends.base import Runner, get_backend
-from engine.config import GenerateConfig, Profile
-from export.specs import Dims, check_size, get_spec
+from engine.config import Profile
+from engine.denoise import COND, Buffers, denoise_step, randn_rows, sample_latents, step_noise
+from engine.request import Generated, Request, image_params
+from export.families import Family, get_family
+from export.specs import Dims, check_size
 
-MAX_STEPS = 1000
-_D = GenerateConfig()  # the one place generation defaults live
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
 
-@dataclass
-class Result:
-    images: np.ndarray  # [B, H, W, 3] uint8
-    timings_ms: dict[str, float]
-    params: dict[str, Any] = field(default_factory=dict)
+@dataclass(frozen=True)
+class Row:
+    """One image to make: request `req` (resolved), image `k` of it."""
+
+    req: int
+    k: int
+    request: Request
+    image: torch.Tensor | None  # [1, 3, H, W] in [-1, 1]
+    mask: torch.Tensor | None  # [1, 1, H, W] in {0, 1}
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed + self.k
+
+    def group(self, cfg_on: bool) -> tuple:
+        r = self.request
+        return (r.kind, r.height, r.width, r.steps, r.sampler, r.strength, cfg_on)
 
 
 class Pipeline:
-    def __init__(self, runners: dict[str, Runner], tokenizer, scheduler_config: dict, dims: Dims,
-                 profile: Profile | None = None, info: dict[str, Any] | None = None):
+    def __init__(self, runners: dict[str, Runner], tokenizers: list, scheduler_config: dict, family: Family,
+                 dims: Dims, profile: Profile, info: dict[str, Any] | None = None, batch_size: int | None = None):
         self.runners = runners
-        self.tokenizer = tokenizer
+        self.tokenizers = tokenizers  # one per family.text_encoders entry
         self.scheduler_config = scheduler_config
+        self.family = family
         self.dims = dims
         self.profile = profile
         self.info = info or {}
+        self.batch_size = batch_size or profile.opt.batch  # images denoised together
         self.device = runners["unet"].device
+        self._schedules: dict[tuple, samplers.Schedule] = {}
+        self._graphs: dict[tuple, graphs.StepGraph | None] = {}
+
+    # ---- loading ----
 
     @classmethod
-    def from_engines(cls, engine_dir: Path, model: str = "tiny", device: str = "auto") -> "Pipeline":
-        """Load what `python -m engine.build` wrote for `model` (artifacts verified against their hashes)."""
+    def load(cls, engine_dir: str | Path, model: str | None = None, device: str = "auto",
+             batch_size: int | None = None) -> "Pipeline":
+        """The pipeline of one model in an engine dir (`model` may be omitted when it holds one)."""
         from transformers import CLIPTokenizer
 
-        from engine import cache
-        from export.models import resolve_model
-
-        _, model_id = resolve_model(model)
-        record_path = Path(engine_dir) / model_id / cache.BUILD_RECORD
-        if not record_path.is_file():
-            raise ValueError(f"no engines for model {model!r} in {engine_dir}: run python -m engine.build "
-                             f"--model {model} --engine-dir {engine_dir}")
+        model_dir = find_model_dir(Path(engine_dir), model)
+        record_path = model_dir / cache.BUILD_RECORD
         record = cache.read_json(record_path)
+        family, dims = get_family(record["family"]), Dims(**record["dims"])
         backend = get_backend(record["backend"])
         runners = {}
-        for name in ("clip", "unet", "vae_decoder"):
-            if name not in record["components"]:
-                raise ValueError(f"{record_path} has no {name!r}: rebuild with python -m engine.build")
-            art = Path(engine_dir) / record["components"][name]["dir"]
-            runners[name] = backend.load(get_spec(name), art, cache.verify(art), device)
-        folder = Path(record["model_path"])
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-        scheduler_config = cache.read_json(folder / "scheduler" / "scheduler_config.json")
-        return cls(runners, tokenizer, scheduler_config, Dims(**record["dims"]),
-                   Profile.from_json(record["profile"]), record)
+        for name, entry in record["components"].items():
+            art = model_dir / entry["dir"]
+            runners[name] = backend.load(family.spec(name), art, cache.verify(art), device)
+        missing = [n for n in family.default_components(dims) if n not in runners]
+        if missing:
+            raise ValueError(f"{record_path} has no {', '.join(missing)}: rebuild with python -m engine.build "
+                             f"--model {record['model']} --components {','.join(family.default_components(dims))}")
+        files = model_dir / record["model_files"]
+        cache.verify(files)
+        tokenizers = [CLIPTokenizer.from_pretrained(files / sub, local_files_only=True) for sub in family.tokenizers]
+        scheduler_config = cache.read_json(files / SCHEDULER_CONFIG)
+        info = {**record, "engine_dir": str(model_dir)}
+        return cls(runners, tokenizers, scheduler_config, family, dims, Profile.from_json(record["profile"]), info,
+                   batch_size)
+
+    def close(self) -> None:
+        self._graphs.clear()
+        for runner in self.runners.values():
+            runner.close()
+
+    # ---- checks (before any work) ----
+
+    def schedule(self, sampler: str, steps: int, strength: float | None) -> samplers.Schedule:
+        """The sampler's device tables, built once per (sampler, steps, strength) and kept."""
+        key = (sampler, steps, strength)
+        if key not in self._schedules:
+            s = samplers.make_schedule(sampler, self.scheduler_config, steps, 1.0 if strength is None else strength)
+            self._schedules[key] = s.to(self.device)
+        return self._schedules[key]
+
+    def prepare(self, request: Request) -> list[Row]:
+        """Check one request against this engine and load its images; ValueError names what is wrong."""
+        request.check()
+        r = request.resolved()
+        h, w = r.height or self.profile.opt.height, r.width or self.profile.opt.width
+        check_size(self.dims, h, w, self.profile.lo, self.profile.hi)
+        r.height, r.width = h, w
+        self.schedule(r.sampler, r.steps, r.strength)  # unknown sampler, steps or strength out of range
+        if r.kind != "txt2img" and "vae_encoder" not in self.runners:
+            raise ValueError(
+                f"{r.kind} needs the vae_encoder engine, which {self.info.get('engine_dir')} lacks: rebuild with "
+                f"python -m engine.build --model {self.info.get('model')} --components clip,unet,vae_decoder,vae_encoder")
+        if r.kind == "inpaint" and not self.family.can_inpaint(self.dims):
+            raise ValueError(f"model {self.info.get('model')!r} cannot inpaint: its UNet takes "
+                             f"{self.dims.unet_in_channels} channels (4 blends latents, 9 is an inpainting UNet)")
+        if self.dims.inpainting_unet and r.kind != "inpaint":
+            raise ValueError(f"model {self.info.get('model')!r} is an inpainting model (9-channel UNet): "
+                             "give an init image and a mask")
+        image = images.load_image(r.init_image, h, w, r.resize) if r.init_image is not None else None
+        mask = images.load_mask(r.mask, h, w, r.resize) if r.mask is not None else None
+        return [Row(-1, k, r, image, mask) for k in range(r.images)]
+
+    # ---- running ----
+
+    def run(self, requests: Request | list[Request], progress: bool = True, cuda_graph: bool = True,
+            batch_size: int | None = None) -> list[Generated]:
+        """One `Generated` per image, in request order (image k of request j after image k-1)."""
+        reqs = [requests] if isinstance(requests, Request) else list(requests)
+        rows = [Row(j, row.k, row.request, row.image, row.mask) for j, r in enumerate(reqs) for row in self.prepare(r)]
+        size = batch_size or self.batch_size
+        if not self.profile.lo.batch <= min(size, self.profile.hi.batch):
+            raise ValueError(f"batch size {size} is outside the built profile "
+                             f"[{self.profile.lo.batch}, {self.profile.hi.batch}]")
+        size = min(size, self.profile.hi.batch)
+        groups: dict[tuple, list[Row]] = {}
+        for row in rows:
+            groups.setdefault(row.group(row.request.guidance_scale > 1.0), []).append(row)
+        results: dict[tuple[int, int], Generated] = {}
+        for key, members in groups.items():
+            for start in range(0, len(members), size):
+                chunk = members[start:start + size]
+                pixels, timings, graphed = self._run_batch(chunk, key[-1], progress, cuda_graph)
+                for row, px in zip(chunk, pixels):
+                    params = {**image_params(row.request, row.k), **self._engine_params(), "cuda_graph": graphed}
+                    results[(row.req, row.k)] = Generated(px, params, timings)
+        return [results[(row.req, row.k)] for row in rows]
+
+    def _engine_params(self) -> dict[str, Any]:
+        return {k: self.info.get(k) for k in ("model", "backend", "precision")}
+
+    def _run_batch(self, rows: list[Row], cfg: bool, progress: bool,
+                   cuda_graph: bool) -> tuple[np.ndarray, dict[str, float], bool]:
+        from tqdm import tqdm
+
+        n_real = len(rows)
+        rows = rows + [rows[-1]] * max(0, self.profile.lo.batch - n_real)  # pad a static profile's batch
+        r = rows[0].request
+        schedule = self.schedule(r.sampler, r.steps, r.strength)
+        timings: dict[str, float] = {}
+        t_start = t = self._now()
+        buffers = {"idx": torch.tensor(schedule.start, dtype=torch.long)}
+        buffers.update(self.encode([x.request.prompt for x in rows],
+                                   [x.request.negative_prompt for x in rows] if cfg else None))
+        t = self._lap(timings, "clip", t)
+        buffers.update(self._start_latents(rows, schedule, cfg))
+        if cfg:
+            buffers["guidance"] = torch.tensor([x.request.guidance_scale for x in rows]).view(-1, 1, 1, 1)
+        buffers = {k: v.to(self.device) for k, v in buffers.items()}
+        t = self._lap(timings, "encode", t)
+        step_key = (len(rows), r.height, r.width, r.sampler, r.steps, r.strength, cfg, r.kind)
+        latents, graphed = self._denoise(step_key, schedule, cfg, buffers, cuda_graph, progress and tqdm)
+        t = self._lap(timings, "unet", t)
+        timings["unet_per_step"] = timings["unet"] / schedule.run_steps
+        pixels = self.decode(latents)[:n_real]
+        self._lap(timings, "vae", t)
+        timings["total"] = (self._now() - t_start) * 1e3
+        return pixels, timings, graphed
+
+    def _denoise(self, key: tuple, schedule: samplers.Schedule, cfg: bool, buffers: Buffers, cuda_graph: bool,
+                 bar) -> tuple[torch.Tensor, bool]:
+        """The final latents, and whether a (new or cached) CUDA graph ran the steps."""
+        unet = self.runners["unet"]
+
+        def step(b: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
+            return denoise_step(unet, schedule, cfg, b)
+
+        graph = None
+        if cuda_graph and unet.graph_safe and buffers["latents"].is_cuda:
+            if key not in self._graphs:
+                self._graphs[key] = graphs.try_capture(step, buffers)
+            graph = self._graphs[key]
+        steps = range(schedule.start, schedule.num_steps)
+        if bar:
+            steps = bar(steps, desc=f"denoise ({schedule.name})", unit="step")
+        if graph is not None:
+            graph.load(buffers)
+            for _ in steps:
+                graph.replay()  # updates latents, state and idx in place
+            return graph.buffers["latents"].clone(), True
+        b = dict(buffers)
+        for _ in steps:
+            b["latents"], b["state"] = step(b)
+            b["idx"] = b["idx"] + 1
+        return b["latents"], False
 
     # ---- stages ----
 
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+    def tokenize(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
+        tokenizer = tokenizer or self.tokenizers[0]
         n = self.dims.text_len
-        for p in prompts:
-            if len(self.tokenizer(p).input_ids) > n:
+        for p in set(prompts):
+            if len(tokenizer(p).input_ids) > n:
                 warnings.warn(f"prompt longer than {n} tokens was truncated: {p[:60]!r}...", stacklevel=3)
-        ids = self.tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
+        ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
         return ids.input_ids.to(torch.int32)  # [B, 77]
 
-    def encode(self, prompts: list[str], negative: list[str] | None) -> torch.Tensor:
-        """Text embeddings; with CFG [uncond; cond] in one batch of 2B."""
-        ids = self.tokenize(prompts if negative is None else negative + prompts)
-        return self.runners["clip"](input_ids=ids.to(self.device))["text_embeddings"]  # [2B, 77, C]
+    def encode(self, prompts: list[str], negative: list[str] | None) -> Buffers:
+        """The family's UNet conditioning; with CFG [uncond; cond] in one batch of 2B, as `cond.*` buffers."""
+        texts = prompts if negative is None else negative + prompts
+        outs = {}
+        for name, tokenizer in zip(self.family.text_encoders, self.tokenizers):
+            out = self.runners[name](input_ids=self.tokenize(texts, tokenizer).to(self.device))
+            outs[name] = {k: v.clone() for k, v in out.items()}  # outputs are valid until the runner's next call
+        return {COND + k: v for k, v in self.family.conditioning(outs).items()}
+
+    def _start_latents(self, rows: list[Row], schedule: samplers.Schedule, cfg: bool) -> Buffers:
+        """Initial latents, sampler state, per-step noise and inpainting inputs, from per-row generators."""
+        r = rows[0].request
+        gens = [torch.Generator("cpu").manual_seed(row.seed) for row in rows]
+        shape = (1, self.dims.latent_channels, r.height // self.dims.vae_scale, r.width // self.dims.vae_scale)
+        inpaint_9 = r.kind == "inpaint" and self.dims.inpainting_unet
+        pure_noise = r.kind == "txt2img" or (r.kind == "inpaint" and r.strength == 1.0)
+        out: Buffers = {}
+        image = torch.cat([row.image for row in rows]) if r.kind != "txt2img" else None  # [B, 3, H, W]
+        image_latents = None
+        if image is not None and not (inpaint_9 and pure_noise):
+            image_latents = sample_latents(self.runners["vae_encoder"], image, gens)  # [B, 4, h, w]
+        noise = randn_rows(gens, shape)  # [B, 4, h, w]
+        if pure_noise:
+            latents = noise * schedule.init_noise_sigma
+        else:  # the schedule's tables live on the device
+            start = torch.tensor(schedule.start, device=self.device)
+            latents = samplers.add_noise(schedule, image_latents.to(self.device), noise.to(self.device), start)
+        if r.kind == "inpaint":
+            mask = torch.cat([row.mask for row in rows])  # [B, 1, H, W]
+            mask_lat = images.mask_latents(mask, self.dims.vae_scale)  # [B, 1, h, w]
+            if inpaint_9:
+                masked = sample_latents(self.runners["vae_encoder"], images.masked_image(image, mask), gens)
+                concat = torch.cat([mask_lat, masked], dim=1)  # [B, 5, h, w]
+                out["concat"] = torch.cat([concat, concat]) if cfg else concat
+            else:
+                randn_rows(gens, shape)  # diffusers samples the masked image's latents here too: keep the streams
+                out.update(image_latents=image_latents, init_noise=noise, mask=mask_lat)
+        if schedule.needs_noise:
+            out["noise"] = step_noise(schedule, gens, shape)
+        out.update(latents=latents, state=samplers.init_state(schedule, latents))
+        return out
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         _check_finite(latents, "the denoise loop (unet)", self.info.get("precision"))
-        images = self.runners["vae_decoder"](latent=latents)["images"].float()  # [B, 3, H, W] in [-1, 1]
-        _check_finite(images, "vae_decoder", self.info.get("precision"))
-        images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-        return (images * 255).round().astype(np.uint8)  # [B, H, W, 3]
-
-    def check(self, batch: int, height: int, width: int, steps: int, guidance_scale: float) -> None:
-        if not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"steps {steps} must be in [1, {MAX_STEPS}]")
-        if guidance_scale < 0 or not np.isfinite(guidance_scale):
-            raise ValueError(f"guidance scale {guidance_scale} must be a finite number >= 0")
-        p = self.profile
-        check_size(self.dims, height, width, p.lo if p else None, p.hi if p else None)
-        if p and not p.lo.batch <= batch <= p.hi.batch:
-            raise ValueError(f"batch size {batch} is outside the built profile [{p.lo.batch}, {p.hi.batch}]; "
-                             f"rebuild with --batch-size {batch}")
-
-    def default_size(self) -> tuple[int, int]:
-        if self.profile:
-            return self.profile.opt.height, self.profile.opt.width
-        return 8 * self.dims.size_multiple, 8 * self.dims.size_multiple
-
-    def __call__(self, prompt: str | list[str], negative_prompt: str = _D.negative_prompt, steps: int = _D.steps,
-                 guidance_scale: float = _D.guidance_scale, scheduler: str = _D.scheduler, seed: int = _D.seed,
-                 height: int | None = None, width: int | None = None, batch_size: int = _D.batch_size,
-                 progress: bool = True, cuda_graph: bool = True) -> Result:
-        from tqdm import tqdm
-
-        prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
-        b = len(prompts)
-        dh, dw = self.default_size()
-        height, width = height or dh, width or dw
-        self.check(b, height, width, steps, guidance_scale)
-        schedule = samplers.make_schedule(scheduler, self.scheduler_config, steps).to(self.device)
-        cfg = guidance_scale > 1.0  # as diffusers: guidance <= 1 runs the UNet once per step
-        timings: dict[str, float] = {}
-        t_start = t = self._now()
-
-        text = self.encode(prompts, [negative_prompt] * b if cfg else None)
-        t = self._lap(timings, "clip", t)
-
-        g = torch.Generator("cpu").manual_seed(seed)
-        shape = (b, self.dims.latent_channels, height // self.dims.vae_scale, width // self.dims.vae_scale)
-        latents = torch.randn(shape, generator=g, dtype=torch.float32) * schedule.init_noise_sigma
-        noise = None
-        if schedule.needs_noise:  # [N, B, 4, h, w], drawn in diffusers' order
-            noise = torch.stack([torch.randn(shape, generator=g) for _ in range(steps)]).to(self.device)
-        latents = latents.to(self.device)  # [B, 4, H/8, W/8], fp32 across the loop
-        state = samplers.init_state(schedule, latents)
-        idx = torch.zeros((), dtype=torch.long, device=self.device)  # device step counter
-        gs = torch.tensor(guidance_scale, dtype=torch.float32, device=self.device)
-        def one_step(i: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return denoise_step(self.runners["unet"], schedule, i, x, s, text, gs, cfg, noise)
-
-        graph = None
-        if cuda_graph and getattr(self.runners["unet"], "graph_safe", False):
-            graph = graphs.try_capture(one_step, idx, latents, state)
-        for _ in tqdm(range(steps), desc=f"denoise ({scheduler})", unit="step", disable=not progress):
-            if graph is not None:
-                graph.replay()  # updates latents, state and idx in place
-            else:
-                latents, state = one_step(idx, latents, state)
-                idx += 1
-        t = self._lap(timings, "unet", t)
-        timings["unet_per_step"] = timings["unet"] / steps
-
-        images = self.decode(latents)
-        self._lap(timings, "vae", t)
-        timings["total"] = (self._now() - t_start) * 1e3
-        params = dict(prompt=prompts, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
-                      scheduler=scheduler, seed=seed, height=height, width=width,
-                      model=self.info.get("model"), backend=self.info.get("backend"),
-                      precision=self.info.get("precision"), cuda_graph=graph is not None)
-        return Result(images, timings, params)
+        pixels = self.runners["vae_decoder"](latent=latents)["images"].float()  # [B, 3, H, W] in [-1, 1]
+        _check_finite(pixels, "vae_decoder", self.info.get("precision"))
+        pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        return (pixels * 255).round().astype(np.uint8)  # [B, H, W, 3]
 
     def _now(self) -> float:
         if self.device.type == "cuda":  # stage boundaries only, never inside the denoise step
@@ -173,23 +287,28 @@ class Pipeline:
         return now
 
 
-def denoise_step(unet: Runner, schedule: samplers.Schedule, i: torch.Tensor, latents: torch.Tensor,
-                 state: torch.Tensor, text: torch.Tensor, guidance: torch.Tensor, cfg: bool,
-                 noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """UNet + classifier-free guidance + sampler update, with no host sync (i is a device tensor)."""
-    x = torch.cat([latents, latents]) if cfg else latents  # [2B, 4, H/8, W/8]
-    x = samplers.scale_model_input(schedule, x, i)
-    t = schedule.timesteps.index_select(0, i.view(1)).expand(x.shape[0])  # [2B]
-    out = unet(sample=x, timestep=t, encoder_hidden_states=text)["latent"].float()
-    if cfg:
-        uncond, cond = out.chunk(2)
-        out = uncond + guidance * (cond - uncond)
-    n = None if noise is None else noise.index_select(0, i.view(1))[0]
-    return samplers.step(schedule, i, latents, out, state, n)
+def find_model_dir(engine_dir: Path, model: str | None) -> Path:
+    """<engine_dir>/<model_id> for a model id, the name or path given to build, or the only model there."""
+    found = {p.parent.name: p.parent for p in sorted(engine_dir.glob(f"*/{cache.BUILD_RECORD}"))}
+    hint = f"run python -m engine.build --engine-dir {engine_dir}" + (f" --model {model}" if model else "")
+    if not found:
+        raise ValueError(f"no engines in {engine_dir}: {hint}")
+    if model is None:
+        if len(found) > 1:
+            raise ValueError(f"{engine_dir} holds several models ({', '.join(found)}): pass --model with one of them")
+        return next(iter(found.values()))
+    if model in found:
+        return found[model]
+    wanted = str(Path(model).expanduser().resolve())
+    for model_dir in found.values():
+        record = cache.read_json(model_dir / cache.BUILD_RECORD)
+        if model in (record.get("model"), record.get("model_id")) or wanted == record.get("source"):
+            return model_dir
+    raise ValueError(f"no engines for model {model!r} in {engine_dir} (it holds {', '.join(found)}): {hint}")
 
 
 def _check_finite(t: torch.Tensor, stage: str, precision: str | None) -> None:
-    """Once per image, after the loop (never inside the denoise step): NaN/Inf is an error, not black pixels."""
+    """Once per batch, after the loop (never inside the denoise step): NaN/Inf is an error, not black pixels."""
     if not bool(torch.isfinite(t).all()):
         hint = " (fp16 overflow? rebuild with --precision fp32)" if precision == "fp16" else ""
         raise RuntimeError(f"{stage} produced NaN/Inf values{hint}")

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.config import BuildConfig, Profile
+from engine.config import BuildPlan, Profile
 from export.specs import ComponentSpec, Dims
 from kernels import contract
 
@@ -67,12 +67,12 @@ def input_profiles(spec: ComponentSpec, dims: Dims, profile: Profile) -> dict[st
     return ranges
 
 
-def timing_cache_path(cfg: BuildConfig, env: dict[str, Any]) -> Path:
-    """BuildConfig.timing_cache, else one file per TensorRT version and GPU arch under engine_dir."""
-    if cfg.timing_cache is not None:
-        return Path(cfg.timing_cache)
+def timing_cache_path(plan: BuildPlan, env: dict[str, Any]) -> Path:
+    """BuildPlan.timing_cache, else one file per TensorRT version and GPU arch under engine_dir."""
+    if plan.timing_cache is not None:
+        return Path(plan.timing_cache)
     arch = str(env.get("compute_capability", "unknown")).replace(".", "")
-    return Path(cfg.engine_dir) / f"timing-trt{env.get('version', 'unknown')}-sm{arch}.cache"
+    return Path(plan.engine_dir) / f"timing-trt{env.get('version', 'unknown')}-sm{arch}.cache"
 
 
 # ---- build --------------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def _parse_network(onnx_path: Path, mode: str, onnx_names: set[str]) -> tuple[An
     return builder, network, parser
 
 
-def _builder_config(ranges: dict[str, Range], cfg: BuildConfig, fp16_flag: bool, cache: Path,
+def _builder_config(ranges: dict[str, Range], plan: BuildPlan, fp16_flag: bool, cache: Path,
                     monitor: trt_t.IProgressMonitor) -> Any:
     from polygraphy.backend.trt import CreateConfig
     from polygraphy.backend.trt import Profile as PolyProfile
@@ -146,8 +146,8 @@ def _builder_config(ranges: dict[str, Range], cfg: BuildConfig, fp16_flag: bool,
         profile.add(name, min=lo, opt=opt, max=hi)
     kwargs: dict[str, Any] = dict(
         profiles=[profile],
-        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(cfg.workspace_gib * GIB)},
-        builder_optimization_level=cfg.builder_optimization_level,
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(plan.workspace_gib * GIB)},
+        builder_optimization_level=plan.builder_optimization_level,
         profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
         progress_monitor=monitor,
         load_timing_cache=str(cache),
@@ -158,7 +158,7 @@ def _builder_config(ranges: dict[str, Range], cfg: BuildConfig, fp16_flag: bool,
 
 
 def _build_engine(name: str, onnx_path: Path, mode: str, plugin_nodes: set[str], ranges: dict[str, Range],
-                  cfg: BuildConfig, fp16_flag: bool, cache: Path) -> Any:
+                  plan: BuildPlan, fp16_flag: bool, cache: Path) -> Any:
     """Parse, configure and build through polygraphy; the serialized engine (IHostMemory)."""
     from polygraphy.backend.trt import EngineBytesFromNetwork
     from polygraphy.exception import PolygraphyException
@@ -167,7 +167,7 @@ def _build_engine(name: str, onnx_path: Path, mode: str, plugin_nodes: set[str],
     monitor = _progress_monitor(f"TensorRT {name}")  # must outlive the build
     try:
         network = _parse_network(onnx_path, mode, plugin_nodes)
-        config = _builder_config(ranges, cfg, fp16_flag, cache, monitor)
+        config = _builder_config(ranges, plan, fp16_flag, cache, monitor)
         return EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache))()
     except PolygraphyException as e:  # one line for the CLI; details are in the TensorRT log above
         last = (str(e).strip().splitlines() or [type(e).__name__])[-1]

@@ -17,9 +17,8 @@ import torch
 from export import attention
 from export.models import LoadedModel, component_module, default_size
 from export.optimize import EXTERNAL_DATA_LIMIT, optimize_onnx  # EXTERNAL_DATA_LIMIT: still importable here
-from export.specs import ComponentSpec, Dims, Shape, get_spec
+from export.specs import EXPORT_MAX_BATCH, EXPORT_MAX_UNITS, ComponentSpec, Dims, Shape, get_spec
 
-MAX_BATCH = 63  # diffusers' Upsample2D switches code path at batch >= 64
 OPSET = {"decomposed": 18, "plugin": 18, "onnx": 23}  # opset 23 brings the Attention op
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int32": torch.int32}
 
@@ -62,8 +61,8 @@ def dynamic_shapes(spec: ComponentSpec, dims: Dims) -> dict[str, dict[int, objec
     """torch.export Dims for each input: batch, and height/width in units of the size granularity."""
     from torch.export import Dim
 
-    batch = Dim("batch", min=1, max=MAX_BATCH)
-    hu, wu = Dim("height_units", min=1, max=1024), Dim("width_units", min=1, max=1024)
+    batch = Dim("batch", min=1, max=EXPORT_MAX_BATCH)
+    hu, wu = Dim("height_units", min=1, max=EXPORT_MAX_UNITS), Dim("width_units", min=1, max=EXPORT_MAX_UNITS)
     out: dict[str, dict[int, object]] = {}
     for t in spec.inputs:
         axes: dict[int, object] = {}

@@ -26,6 +26,8 @@ import numpy as np
 
 COMPONENTS = ("clip", "unet", "vae_decoder", "vae_encoder")
 TXT2IMG_COMPONENTS = ("clip", "unet", "vae_decoder")
+EXPORT_MAX_BATCH = 63  # component batch the ONNX graphs take (diffusers' Upsample2D changes path at 64)
+EXPORT_MAX_UNITS = 1024  # height and width the ONNX graphs take, in units of Dims.size_multiple
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,13 @@ def parse_components(text: str) -> tuple[str, ...]:
     for n in names:
         get_spec(n)
     return names
+
+
+def export_range(dims: Dims) -> tuple[Shape, Shape]:
+    """The image shapes every exported graph accepts: batch up to EXPORT_MAX_BATCH // 2 images (their
+    UNet batch doubles under classifier-free guidance), any multiple of the size granularity."""
+    m = dims.size_multiple
+    return Shape(1, m, m), Shape(EXPORT_MAX_BATCH // 2, m * EXPORT_MAX_UNITS, m * EXPORT_MAX_UNITS)
 
 
 def check_size(dims: Dims, height: int, width: int, lo: Shape | None = None, hi: Shape | None = None) -> None:

@@ -37,12 +37,13 @@ def tiny_fp32(tiny_folder):
 
 @pytest.fixture(scope="session")
 def ort_engines(tmp_path_factory, tiny_folder) -> Path:
-    """tiny built for ONNX Runtime fp32, batch up to 2, 64..256 px (the e2e and CLI tests share it)."""
+    """tiny built for ONNX Runtime fp32 with the VAE encoder (img2img), default 64x64 (the e2e and CLI tests
+    share it; ONNX Runtime takes any exported batch and size, the default only fills in what a request omits)."""
     from engine.build import build_all
     from engine.config import BuildConfig
 
     engine_dir = tmp_path_factory.mktemp("engines")
-    cfg = BuildConfig(model="tiny", backend="onnxruntime", precision="fp32", engine_dir=engine_dir, batch_size=2,
-                      build_dynamic_shape=True, min_batch=1, max_batch=2, min_size=64, max_size=256)
+    cfg = BuildConfig(model="tiny", backend="onnxruntime", precision="fp32", engine_dir=engine_dir, height=64, width=64,
+                      components=("clip", "unet", "vae_decoder", "vae_encoder"))
     build_all(cfg, progress=False)
     return engine_dir

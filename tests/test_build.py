@@ -26,22 +26,27 @@ def test_second_identical_build_is_cached(tmp_path, tiny_folder):
     t0 = time.perf_counter()
     first = build_all(cfg, progress=False)
     t_first = time.perf_counter() - t0
-    assert sorted(first.built) == sorted(f"{c}:{s}" for c in cfg.components for s in ("onnx", "onnxruntime"))
+    components = ("clip", "unet", "vae_decoder")  # the default for an ordinary (4-channel) model
+    assert sorted(first.built) == sorted([f"{c}:{s}" for c in components for s in ("onnx", "onnxruntime")]
+                                         + ["model:files"])
     before = _snapshot(tmp_path)
     t0 = time.perf_counter()
     second = build_all(cfg, progress=False)
     t_second = time.perf_counter() - t0
-    assert second.built == [] and sorted(second.reused) == sorted(cfg.components)
+    assert second.built == [] and sorted(second.reused) == sorted(components)
     assert _snapshot(tmp_path) == before  # no artifact (nor build.json) was touched
     assert t_first >= 3 * t_second, (t_first, t_second)
     assert second.record == first.record
 
 
-def test_option_change_rebuilds_backend_stage_only(tmp_path, tiny_folder):
+def test_shape_options_rebuild_nothing_on_dynamic_backends(tmp_path, tiny_folder):
+    """ONNX Runtime / torch artifacts take any exported shape: a new batch or size is only a new default."""
     cfg = BuildConfig(model="tiny", backend="onnxruntime", engine_dir=tmp_path, components=("clip",))
-    build_all(cfg, progress=False)
-    cfg.batch_size = 2  # another profile: same ONNX, new backend artifact
-    assert build_all(cfg, progress=False).built == ["clip:onnxruntime"]
+    first = build_all(cfg, progress=False)
+    cfg.batch_size, cfg.height = 2, 64
+    second = build_all(cfg, progress=False)
+    assert second.built == [] and second.record["components"] == first.record["components"]
+    assert second.record["profile"]["opt"] == {"batch": 2, "height": 64, "width": 128}
 
 
 def test_weight_change_rebuilds_only_that_component(tmp_path, tiny_folder):
@@ -63,16 +68,14 @@ def test_weight_change_rebuilds_only_that_component(tmp_path, tiny_folder):
 def test_damaged_artifact_is_detected_and_rebuilt(tmp_path, tiny_folder):
     cfg = BuildConfig(model="tiny", backend="onnxruntime", engine_dir=tmp_path, components=("clip",))
     record = build_all(cfg, progress=False).record
-    onnx_file = tmp_path / record["components"]["clip"]["dir"] / "model.onnx"
+    onnx_file = tmp_path / "tiny" / record["components"]["clip"]["dir"] / "model.onnx"
     data = onnx_file.read_bytes()
-    onnx_file.unlink()  # a hard link to the export cache: replace it, don't write through it
-    onnx_file.write_bytes(data[: len(data) // 2])
+    onnx_file.write_bytes(data[: len(data) // 2])  # a copy, not a link: the export cache stays intact
     with pytest.raises(cache.CorruptArtifact, match="truncated"):
         cache.verify(onnx_file.parent)
     assert build_all(cfg, progress=False).built == ["clip:onnxruntime"]
     cache.verify(onnx_file.parent, full=True)
-    onnx_file.unlink()  # same size, one byte flipped: found by the hash
-    onnx_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    onnx_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one byte flipped: found by the hash
     with pytest.raises(cache.CorruptArtifact, match="does not match its manifest hash"):
         cache.verify(onnx_file.parent)
     assert build_all(cfg, progress=False).built == ["clip:onnxruntime"]
@@ -82,10 +85,10 @@ def test_loading_a_damaged_artifact_fails_clearly(ort_engines, tmp_path):
     engines = tmp_path / "engines"
     shutil.copytree(ort_engines, engines)
     record = cache.read_json(engines / "tiny" / cache.BUILD_RECORD)
-    manifest = engines / record["components"]["unet"]["dir"] / cache.MANIFEST
+    manifest = engines / "tiny" / record["components"]["unet"]["dir"] / cache.MANIFEST
     manifest.write_text(manifest.read_text().replace('"files"', '"filez"', 1)[:-10])
     with pytest.raises(cache.CorruptArtifact, match="unreadable manifest"):
-        Pipeline.from_engines(engines, "tiny")
+        Pipeline.load(engines, "tiny")
 
 
 def test_staging_dir_publishes_atomically(tmp_path):
@@ -102,10 +105,12 @@ def test_staging_dir_publishes_atomically(tmp_path):
 
 def test_profiles():
     dims = Dims(latent_channels=4, text_dim=32, text_len=77, vae_scale=8, unet_scale=2)
-    static = make_profile(BuildConfig(batch_size=2, height=128, width=192), dims, 128, 64, 512)
+    static = make_profile(BuildConfig(batch_size=2, height=128, width=192), dims, 128, 64, 512, static=True)
     assert static.lo == static.opt == static.hi == Shape(2, 128, 192)
-    dyn = make_profile(BuildConfig(build_dynamic_shape=True, max_batch=4), dims, 128, 64, 512)
+    dyn = make_profile(BuildConfig(build_dynamic_shape=True, max_batch=4), dims, 128, 64, 512, static=True)
     assert (dyn.lo, dyn.opt, dyn.hi) == (Shape(1, 64, 64), Shape(1, 128, 128), Shape(4, 512, 512))
+    anything = make_profile(BuildConfig(batch_size=3), dims, 128, 64, 512, static=False)  # ONNX Runtime, torch
+    assert (anything.lo, anything.opt, anything.hi) == (Shape(1, 16, 16), Shape(3, 128, 128), Shape(31, 16384, 16384))
     with pytest.raises(ValueError, match="height 120 must be a positive multiple of 16"):
         make_profile(BuildConfig(height=120), dims, 128, 64, 512)
 
@@ -113,19 +118,22 @@ def test_profiles():
 def test_torch_backend_artifact_is_keyed_by_weights(tmp_path, tiny_folder):
     cfg = BuildConfig(model="tiny", backend="torch", engine_dir=tmp_path)
     first = build_all(cfg, progress=False)
-    assert all(s.endswith(":torch") for s in first.built)  # no ONNX export for the torch backend
+    assert not [s for s in first.built if s.endswith(":onnx")]  # no ONNX export for the torch backend
+    assert sorted(first.built) == ["clip:torch", "model:files", "unet:torch", "vae_decoder:torch"]
     assert build_all(cfg, progress=False).built == []
-    m = cache.verify(tmp_path / first.record["components"]["unet"]["dir"])
+    m = cache.verify(tmp_path / "tiny" / first.record["components"]["unet"]["dir"])
     assert m["key_parts"]["backend"]["torch"] == torch.__version__
 
 
 def test_weight_hashes_are_memoised_by_stat(tmp_path, monkeypatch):
+    from export import store  # hash_file_memo lives there; engine.cache re-exports it
+
     f, memo = tmp_path / "w.safetensors", tmp_path / "memo.json"
     f.write_bytes(b"a" * 1000)
     assert cache.hash_file_memo(f, memo) == cache.hash_file(f)
     reads = []
     real = cache.hash_file
-    monkeypatch.setattr(cache, "hash_file", lambda p, *a: reads.append(p) or real(p, *a))
+    monkeypatch.setattr(store, "hash_file", lambda p, *a: reads.append(p) or real(p, *a))
     cache.hash_file_memo(f, memo)
     assert reads == []  # unchanged file: not read again
     st = f.stat()

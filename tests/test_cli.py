@@ -28,27 +28,53 @@ def test_generate_writes_png_with_parameters(ort_engines, tmp_path):
     img = Image.open(out)
     assert img.size == (96, 64)
     params = json.loads(img.text["sd_engine"])
-    assert params | {"prompt": "a cat", "steps": 3, "scheduler": "euler", "seed": 42, "height": 64} == params
+    assert params | {"prompt": "a cat", "steps": 3, "sampler": "euler", "seed": 42, "height": 64} == params
     assert img.text["parameters"].startswith("a cat\nNegative prompt:")
 
 
-def test_generate_batch_into_folder(ort_engines, tmp_path):
-    r = run("engine.generate", "--engine-dir", str(ort_engines), "--prompt", "a", "b", "--steps", "2",
-            "--height", "64", "--width", "64", "--output", str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    assert len(list(tmp_path.glob("*.png"))) == 2
+def test_generate_batch_into_folder_never_overwrites(ort_engines, tmp_path):
+    args = ("engine.generate", "--engine-dir", str(ort_engines), "--prompt", "a", "b", "--steps", "2",
+            "--images-per-prompt", "2", "--batch-size", "2", "--height", "64", "--width", "64", "--output", str(tmp_path))
+    assert run(*args).returncode == 0
+    first = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert first == ["00001-0.png", "00002-1.png", "00003-0.png", "00004-1.png"]  # image k of a prompt: seed + k
+    assert run(*args).returncode == 0  # same seeds again: new numbers, nothing overwritten
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == first + ["00005-0.png", "00006-1.png", "00007-0.png",
+                                                                         "00008-1.png"]
+
+
+def test_generate_img2img_and_inpainting(ort_engines, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "init.png")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    for extra, name in ((["--strength", "0.5"], "i2i.png"), (["--mask", str(tmp_path / "mask.png")], "inpaint.png")):
+        r = run("engine.generate", "--engine-dir", str(ort_engines), "--prompt", "a boat", "--steps", "4",
+                "--init-image", str(tmp_path / "init.png"), *extra, "--output", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr
+        params = json.loads(Image.open(tmp_path / name).text["sd_engine"])
+        assert params["kind"] == ("img2img" if name == "i2i.png" else "inpaint")
+        assert params["init_image"] == str(tmp_path / "init.png") and params["strength"] == (0.5 if extra[0] == "--strength" else 1.0)
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--height", "72"], "height 72 must be a positive multiple of 16"),
-        (["--width", "512"], "width 512 is outside the built profile [64, 256]"),
         (["--steps", "0"], "steps 0 must be in [1, 1000]"),
         (["--denoising-steps", "5000"], "steps 5000 must be in [1, 1000]"),
         (["--guidance-scale", "-2"], "guidance scale -2.0 must be"),
         (["--scheduler", "unipc"], "ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm"),
         (["--backend", "torch"], "built for backend 'onnxruntime'"),
+        (["--seed", str(2**70)], "seed 1180591620717411303424 must be in [0, 2**64-1]"),
+        (["--init-image", "README.md"], "init image README.md is not a readable image"),
+        (["--init-image", "tests/data/missing.png"], "init image tests/data/missing.png does not exist"),
+        (["--init-image", "docs/none.png", "--strength", "0"], "strength 0.0 is outside (0, 1]"),
+        (["--mask", "README.md"], "a mask needs an init image"),
+        (["--model", "sd15"], "no engines for model 'sd15'"),
     ],
 )
 def test_generate_bad_input_is_one_line(ort_engines, args, message):
@@ -81,3 +107,11 @@ def test_build_rejects_bad_size(tmp_path):
     r = run("engine.build", "--engine-dir", str(tmp_path), "--height", "100")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "height 100 must be a positive multiple of 16" in r.stderr
+
+
+def test_batch_size_means_images_denoised_together_in_both_commands(tmp_path):
+    for cmd in ("engine.build", "engine.generate"):
+        r = run(cmd, "--engine-dir", str(tmp_path), "--batch-size", "0")
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert "--batch-size" in r.stderr and "0 must be >= 1" in r.stderr, (cmd, r.stderr)
+        assert "images denoised together" in run(cmd, "--help").stdout

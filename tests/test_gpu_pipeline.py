@@ -1,9 +1,13 @@
-"""GPU-only checks of the torch fast path (skipped with a reason on machines without CUDA)."""
+"""GPU-only checks of the torch fast path and step-graph reuse (skipped with a reason without CUDA)."""
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
+
+from engine.request import Request
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
 
@@ -17,23 +21,56 @@ def cuda_pipe(tmp_path_factory, tiny_folder):
     d = tmp_path_factory.mktemp("cuda_engines")
     build_all(BuildConfig(model="tiny", backend="torch", device="cuda", precision="fp16", engine_dir=d,
                           batch_size=2), progress=False)
-    return Pipeline.from_engines(d, "tiny")
+    return Pipeline.load(d)
+
+
+def two(prompts=("a cat", "a dog"), **kw) -> list[Request]:
+    return [Request(prompt=p, seed=3, **kw) for p in prompts]
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpmpp_2m"])
 def test_cuda_graph_replay_equals_eager(cuda_pipe, scheduler):
-    args = (["a cat", "a dog"], "", 10, 7.5, scheduler, 3)
-    eager = cuda_pipe(*args, progress=False, cuda_graph=False)
-    graphed = cuda_pipe(*args, progress=False, cuda_graph=True)
-    assert graphed.params["cuda_graph"] and not eager.params["cuda_graph"]
-    assert np.abs(eager.images.astype(int) - graphed.images.astype(int)).max() <= 1
+    reqs = two(steps=10, sampler=scheduler)
+    eager = cuda_pipe.run(reqs, progress=False, cuda_graph=False)
+    graphed = cuda_pipe.run(reqs, progress=False, cuda_graph=True)
+    assert graphed[0].params["cuda_graph"] and not eager[0].params["cuda_graph"]
+    for e, g in zip(eager, graphed):
+        assert np.abs(e.pixels.astype(int) - g.pixels.astype(int)).max() <= 1
+
+
+def test_step_graph_is_captured_once_and_replayed(cuda_pipe):
+    calls = []
+    unet = cuda_pipe.runners["unet"]
+
+    class Spy:
+        graph_safe = True
+
+        def __getattr__(self, name):
+            return getattr(unet, name)
+
+        def __call__(self, **inputs):
+            calls.append(1)
+            return unet(**inputs)
+
+    cuda_pipe.runners["unet"] = Spy()
+    try:
+        reqs = two(steps=6, sampler="euler_a", height=64, width=64)
+        first = cuda_pipe.run(reqs, progress=False)
+        n_first, n_graphs = len(calls), len(cuda_pipe._graphs)
+        second = cuda_pipe.run([dataclasses.replace(r, seed=9, guidance_scale=5.0) for r in reqs], progress=False)
+    finally:
+        cuda_pipe.runners["unet"] = unet
+    assert n_first == 2  # one warm-up step + the capture, then replays only
+    assert len(calls) == n_first and len(cuda_pipe._graphs) == n_graphs  # second call: replay, no warm-up
+    assert second[0].params["cuda_graph"]
+    assert np.abs(first[0].pixels.astype(int) - second[0].pixels.astype(int)).max() > 10  # new inputs were used
 
 
 def test_fp16_cuda_matches_cpu_fp32(cuda_pipe, ort_engines):
     from engine.pipeline import Pipeline
 
-    cpu = Pipeline.from_engines(ort_engines, "tiny")
-    args = (["a lighthouse", "a boat"], "", 8, 7.5, "ddim", 11, 128, 128)
-    a = cuda_pipe(*args, progress=False).images.astype(int)
-    b = cpu(*args, progress=False).images.astype(int)
-    assert np.abs(a - b).mean() < 2 and np.abs(a - b).max() <= 16  # fp16 vs fp32 over 8 steps
+    cpu = Pipeline.load(ort_engines)
+    reqs = two(("a lighthouse", "a boat"), steps=8, sampler="ddim", height=128, width=128)
+    for a, b in zip(cuda_pipe.run(reqs, progress=False), cpu.run(reqs, progress=False)):
+        d = np.abs(a.pixels.astype(int) - b.pixels.astype(int))
+        assert d.mean() < 2 and d.max() <= 16  # fp16 vs fp32 over 8 steps

@@ -1,11 +1,11 @@
 """ONNX Runtime backend: CPU execution provider, or CUDA EP with IO binding where installed.
 
-The artifact is the optimized ONNX graph itself (hard-linked from the export cache when possible);
-the session is created at load time with full graph optimizations.
+The artifact is a copy of the optimized ONNX graph (a regular file, so `onnx.load` and other tools
+accept its external data, and the engine directory can be moved or copied anywhere); the session is
+created at load time with full graph optimizations. Any batch and size the graph was exported for runs.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.config import BuildConfig, Profile
+from engine.config import BuildPlan
 from export.specs import ComponentSpec, Dims
 
 MODEL_FILE = "model.onnx"
@@ -40,13 +40,6 @@ def _providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 class OrtRunner:
     """Runs one component's session; torch tensors in and out, on the session's device."""
 
@@ -62,6 +55,9 @@ class OrtRunner:
         self.device = torch.device(device)
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=_providers(device))
         self.dtypes = {i.name: _onnx_type_to_torch(i.type) for i in self.session.get_inputs()}
+
+    def close(self) -> None:
+        self.session = None  # the session frees its arena when dropped
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         feeds = {n: inputs[n].to(self.dtypes[n]).contiguous() for n in self.spec.input_names}
@@ -98,27 +94,30 @@ def _ortvalue_to_torch(v) -> torch.Tensor:
 class OrtBackend:
     name = "onnxruntime"
     needs_onnx = True
+    static_shapes = False
 
     def version(self) -> str:
         return _ort().__version__
 
-    def fingerprint(self, cfg: BuildConfig) -> dict[str, Any]:
-        return {"onnxruntime": self.version(), "device": _resolve_device(cfg.device)}
+    def resolve_device(self, device: str) -> str:
+        return _resolve_device(device)
 
-    def default_precision(self, cfg: BuildConfig) -> str:
-        return "fp16" if _resolve_device(cfg.device) == "cuda" else "fp32"
+    def fingerprint(self, plan: BuildPlan) -> dict[str, Any]:
+        return {"onnxruntime": self.version(), "device": plan.device}
+
+    def default_precision(self, device: str) -> str:
+        return "fp16" if device.startswith("cuda") else "fp32"
 
     def default_attention(self) -> str:
         return "decomposed"
 
-    def build(self, spec: ComponentSpec, onnx_path: Path | None, out_dir: Path, dims: Dims, profile: Profile,
-              cfg: BuildConfig) -> dict[str, Any]:
+    def build(self, spec: ComponentSpec, onnx_path: Path | None, out_dir: Path, dims: Dims, plan: BuildPlan,
+              source: Path) -> dict[str, Any]:
         assert onnx_path is not None
         for src in sorted(onnx_path.parent.glob(onnx_path.name + "*")):
-            _link_or_copy(src, out_dir / src.name)  # the export cache names it model.onnx too
-        device = _resolve_device(cfg.device)
-        OrtRunner(spec, out_dir / MODEL_FILE, device)  # fails here, not at generate time, if ORT rejects it
-        return {"device": device}
+            shutil.copyfile(src, out_dir / src.name)  # the export cache names it model.onnx too
+        OrtRunner(spec, out_dir / MODEL_FILE, plan.device)  # fails here, not at generate time, if ORT rejects it
+        return {"device": plan.device}
 
     def load(self, spec: ComponentSpec, art_dir: Path, manifest: dict[str, Any], device: str) -> OrtRunner:
         return OrtRunner(spec, art_dir / MODEL_FILE, manifest.get("device", "cpu") if device == "auto" else device)

@@ -2,31 +2,27 @@
 
 On CUDA in fp16 the attention runs our fused kernel when it is built (kernels/), and the pipeline
 can capture the whole denoise step in a CUDA graph (runners are graph-safe: no host syncs).
-The artifact is only a manifest: weights are read from the model folder, keyed by their hash.
+The artifact is a copy of the component's model sub-folder (config + safetensors weights), so the
+engine directory runs without the source model; any batch and size runs.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine.config import BuildConfig, Profile
+from engine.config import BuildPlan
 from export.specs import ComponentSpec, Dims
+
+WEIGHT_SUFFIXES = (".json", ".safetensors")
 
 
 def _resolve_device(device: str) -> str:
     if device != "auto":
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@lru_cache(maxsize=2)
-def _model(path: str, precision: str, device: str):
-    from export.models import load_model
-
-    return load_model(path, dtype=torch.float16 if precision == "fp16" else torch.float32, device=device)
 
 
 class TorchRunner:
@@ -50,35 +46,47 @@ class TorchRunner:
         outs = out if isinstance(out, tuple) else (out,)
         return dict(zip(self.spec.output_names, outs, strict=True))
 
+    def close(self) -> None:
+        self.module = None
+
 
 class TorchBackend:
     name = "torch"
     needs_onnx = False
+    static_shapes = False
 
     def version(self) -> str:
         return torch.__version__
 
-    def fingerprint(self, cfg: BuildConfig) -> dict[str, Any]:
-        return {"torch": self.version(), "device": _resolve_device(cfg.device)}
+    def resolve_device(self, device: str) -> str:
+        return _resolve_device(device)
 
-    def default_precision(self, cfg: BuildConfig) -> str:
-        return "fp16" if _resolve_device(cfg.device) == "cuda" else "fp32"
+    def fingerprint(self, plan: BuildPlan) -> dict[str, Any]:
+        return {"torch": self.version(), "device": plan.device}
+
+    def default_precision(self, device: str) -> str:
+        return "fp16" if device.startswith("cuda") else "fp32"
 
     def default_attention(self) -> str:
         return "decomposed"  # unused: no ONNX; recorded for the manifest
 
-    def build(self, spec: ComponentSpec, onnx_path: Path | None, out_dir: Path, dims: Dims, profile: Profile,
-              cfg: BuildConfig) -> dict[str, Any]:
-        return {"device": _resolve_device(cfg.device)}
+    def build(self, spec: ComponentSpec, onnx_path: Path | None, out_dir: Path, dims: Dims, plan: BuildPlan,
+              source: Path) -> dict[str, Any]:
+        sub = source / spec.model_folder
+        (out_dir / spec.model_folder).mkdir()
+        for f in sorted(p for p in sub.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+            shutil.copyfile(f, out_dir / spec.model_folder / f.name)
+        return {"device": plan.device, "precision": plan.precision}
 
     def load(self, spec: ComponentSpec, art_dir: Path, manifest: dict[str, Any], device: str) -> TorchRunner:
-        from export.models import component_module
+        from export.models import load_component
 
         device = manifest.get("device", "cpu") if device == "auto" else device
-        precision = manifest["key_parts"]["precision"]
-        model = _model(manifest["model_path"], precision, device)
-        impl = "kernel" if device == "cuda" and precision == "fp16" and _kernel_available() else "sdpa"
-        return TorchRunner(spec, component_module(model, spec.name), device, impl)
+        precision = manifest["precision"]
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        module = load_component(art_dir, spec.name, dtype, device)
+        impl = "kernel" if device.startswith("cuda") and precision == "fp16" and _kernel_available() else "sdpa"
+        return TorchRunner(spec, module, device, impl)
 
 
 def _kernel_available() -> bool:

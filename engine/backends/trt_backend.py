@@ -23,7 +23,7 @@ import torch
 
 from engine import cuda, trt_inspect
 from engine.trt_inspect import MANIFEST_KEY, REBUILD_HINT, attention_mode_error, check_compat, network_typing
-from engine.config import BuildConfig, Profile
+from engine.config import BuildPlan
 from engine.trt_build import (  # INSTALL_HINT, TensorRTUnavailable, ...: importable from here as before
     INSTALL_HINT,  # noqa: F401  (re-exported)
     TensorRTUnavailable,
@@ -292,48 +292,48 @@ def _dims(dims: Any) -> tuple[int, ...]:
 class TrtBackend:
     name = "tensorrt"
     needs_onnx = True
+    static_shapes = True
 
     def version(self) -> str:
         return _trt().__version__
 
-    def default_precision(self, cfg: BuildConfig) -> str:
+    def resolve_device(self, device: str) -> str:
+        return "cuda" if device == "auto" else device
+
+    def default_precision(self, device: str) -> str:
         return "fp16"
 
     def default_attention(self) -> str:
         return "decomposed"  # TensorRT's own MHA fusion: every 10.x; "onnx" needs >= 10.14
 
-    def _attention(self, cfg: BuildConfig) -> str:
-        return self.default_attention() if cfg.attention == "auto" else cfg.attention
-
-    def fingerprint(self, cfg: BuildConfig) -> dict[str, Any]:
+    def fingerprint(self, plan: BuildPlan) -> dict[str, Any]:
         _trt()
-        mode = self._attention(cfg)
-        if mode == "plugin":  # fails early and clearly without the plugin; builds the PTX that is hashed
+        if plan.attention == "plugin":  # fails early and clearly without the plugin; builds the PTX that is hashed
             register_attention_plugin()
-        env = current_environment(_device_index(cfg.device), with_plugin=mode == "plugin")
+        env = current_environment(_device_index(plan.device), with_plugin=plan.attention == "plugin")
         return {"tensorrt": env["version"], "gpu": env["gpu"], "compute_capability": env["compute_capability"],
-                "plugin_ptx_sha256": env["plugin_ptx_sha256"], "workspace_gib": cfg.workspace_gib,
-                "builder_optimization_level": cfg.builder_optimization_level}
+                "plugin_ptx_sha256": env["plugin_ptx_sha256"], "workspace_gib": plan.workspace_gib,
+                "builder_optimization_level": plan.builder_optimization_level}
 
-    def build(self, spec: ComponentSpec, onnx_path: Path | None, out_dir: Path, dims: Dims, profile: Profile,
-              cfg: BuildConfig) -> dict[str, Any]:
+    def build(self, spec: ComponentSpec, onnx_path: Path | None, out_dir: Path, dims: Dims, plan: BuildPlan,
+              source: Path) -> dict[str, Any]:
         _trt()
         if onnx_path is None:
             raise ValueError("the tensorrt backend builds from ONNX; no ONNX path was given")
-        precision, mode = cfg.precision or self.default_precision(cfg), self._attention(cfg)
+        precision, mode = plan.precision, plan.attention
         if mode == "plugin":  # before parsing (the parser looks the creator up) and hashing (builds the PTX)
             register_attention_plugin()
-        env = current_environment(_device_index(cfg.device), with_plugin=mode == "plugin")
+        env = current_environment(_device_index(plan.device), with_plugin=mode == "plugin")
         if error := attention_mode_error(mode, env["version"]):
             raise ValueError(error)
         strongly_typed, fp16_flag = network_typing(env["version"], precision)
         counts, plugin_nodes, io_dtypes = trt_inspect.onnx_summary(onnx_path, contract.PLUGIN_ID)
         if strongly_typed:
             _check_onnx_dtype(spec, onnx_path, precision, io_dtypes)
-        ranges = input_profiles(spec, dims, profile)
-        cache = timing_cache_path(cfg, env)
+        ranges = input_profiles(spec, dims, plan.profile)
+        cache = timing_cache_path(plan, env)
         start = time.perf_counter()
-        engine_bytes = _build_engine(spec.name, onnx_path, mode, plugin_nodes, ranges, cfg, fp16_flag, cache)
+        engine_bytes = _build_engine(spec.name, onnx_path, mode, plugin_nodes, ranges, plan, fp16_flag, cache)
         seconds = time.perf_counter() - start
         with open(out_dir / ENGINE_FILE, "wb") as f:
             f.write(engine_bytes)
@@ -351,7 +351,7 @@ class TrtBackend:
             "attention": {"mode": mode, "onnx_attention_nodes": counts.get("Attention", 0),
                           "onnx_plugin_nodes": expected, **summary.to_json()},
             "profile": {n: [list(s) for s in r] for n, r in ranges.items()},
-            "workspace_gib": cfg.workspace_gib, "builder_optimization_level": cfg.builder_optimization_level,
+            "workspace_gib": plan.workspace_gib, "builder_optimization_level": plan.builder_optimization_level,
             "timing_cache": str(cache), "build_seconds": round(seconds, 2), "device_memory_bytes": activation_bytes,
         }}
 

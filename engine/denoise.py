@@ -1,0 +1,71 @@
+"""The denoise step and the latents it starts from: txt2img, img2img and both kinds of inpainting.
+
+`denoise_step` is one UNet call + classifier-free guidance + sampler update (+ the inpainting blend),
+reading everything from a dict of device buffers, so it has no host sync and can be captured in one
+CUDA graph (engine/graphs.py). Buffers:
+
+    idx            0-d int64, the step index (advanced on the device)
+    latents        [B, 4, h, w] float32
+    state          [B, 4, h, w] float32, the sampler's multistep state
+    guidance       [B, 1, 1, 1] float32, per-row guidance scale (only with CFG)
+    cond.<name>    UNet conditioning inputs from the family ([2B, 77, C] encoder_hidden_states, ...)
+    noise          [N, B, 4, h, w] per-step noise (ancestral samplers)
+    concat         [2B, 5, h, w] mask + masked-image latents (9-channel inpainting UNets)
+    image_latents, init_noise, mask   the latent blend of 4-channel inpainting, as diffusers does
+
+Randomness follows diffusers with one generator per image (`generator=[...]`): each row draws, from its
+own generator and in this order, the init image's latent sample, the initial noise, the masked image's
+latent sample (inpainting), then one noise tensor per executed step. So an image's pixels do not
+depend on its batch-mates, and a seed gives diffusers' image.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine import samplers
+from engine.backends.base import Runner
+
+Buffers = dict[str, torch.Tensor]
+COND = "cond."
+
+
+def denoise_step(unet: Runner, schedule: samplers.Schedule, cfg: bool, b: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step at index b["idx"]: returns (next latents, next sampler state); no host sync."""
+    i, latents = b["idx"], b["latents"]
+    x = torch.cat([latents, latents]) if cfg else latents  # [2B, 4, h, w]
+    x = samplers.scale_model_input(schedule, x, i)
+    if "concat" in b:
+        x = torch.cat([x, b["concat"]], dim=1)  # [2B, 9, h, w]
+    t = schedule.timesteps.index_select(0, i.view(1)).expand(x.shape[0])  # [2B]
+    cond = {k[len(COND):]: v for k, v in b.items() if k.startswith(COND)}
+    out = unet(sample=x, timestep=t, **cond)["latent"].float()
+    if cfg:
+        uncond, text = out.chunk(2)
+        out = uncond + b["guidance"] * (text - uncond)
+    noise = b["noise"].index_select(0, i.view(1))[0] if "noise" in b else None
+    latents, state = samplers.step(schedule, i, latents, out, b["state"], noise)
+    if "mask" in b:  # 4-channel inpainting: keep the unmasked area on the re-noised init image
+        proper = samplers.add_noise(schedule, b["image_latents"], b["init_noise"], i + 1)
+        latents = (1 - b["mask"]) * proper + b["mask"] * latents
+    return latents, state
+
+
+def randn_rows(gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    """One draw of `shape` ([1, ...]) from each row's generator, stacked: [B, ...]."""
+    return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
+
+
+def sample_latents(vae_encoder: Runner, images: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    """Scaled latents sampled from the VAE posterior, one draw per row: [B, 4, h, w] on the CPU."""
+    out = vae_encoder(images=images.to(vae_encoder.device))
+    mean, std = out["latent"].float().cpu(), out["latent_std"].float().cpu()  # copies: outputs are borrowed
+    return mean + std * randn_rows(gens, (1, *mean.shape[1:]))
+
+
+def step_noise(schedule: samplers.Schedule, gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    """[N, B, 4, h, w]: the noise of each executed step (zeros before schedule.start)."""
+    n = schedule.num_steps
+    noise = torch.zeros((n, len(gens), *shape[1:]), dtype=torch.float32)
+    for s in range(schedule.start, n):
+        noise[s] = randn_rows(gens, shape)
+    return noise
