@@ -20,8 +20,6 @@ from engine.config import ATTENTION_MODES, BACKENDS, BuildConfig, BuildPlan, Pro
 from export.families import Family, detect_family
 from export.specs import Dims, Shape, check_size, export_range, parse_components
 
-RECORD_FORMAT = 2  # build.json layout: paths relative to <engine_dir>/<model_id>, model files copied in
-SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
 
 @dataclass
@@ -103,7 +101,7 @@ def _model_files_stage(cfg: BuildConfig, model_id: str, folder: Path, family: Fa
     from export.store import cache_root
 
     files = [p for sub in family.tokenizers for p in sorted((folder / sub).iterdir()) if p.is_file()]
-    files.append(folder / SCHEDULER_CONFIG)
+    files.append(folder / family.scheduler_config)
     parts = {"files": cache.hash_files(files, memo=cache_root() / cache.HASH_MEMO), "family": family.name}
     key = cache.content_key(parts)
     art = cache.artifact_dir(cfg.engine_dir, model_id, "model", "files", key)
@@ -178,7 +176,7 @@ def build_all(cfg: BuildConfig, progress: bool = True) -> BuildResult:
             reused.append(name)
         entries[name] = {"dir": art.relative_to(model_dir).as_posix(), "key": key}
     record = {
-        "format": RECORD_FORMAT,
+        "format": cache.RECORD_FORMAT,
         "model": str(cfg.model),
         "model_id": model_id,
         "source": str(folder.resolve()),  # for people; the runtime never reads it

@@ -33,13 +33,14 @@ from export.store import (  # re-exported: engine code and tests use them as cac
 )
 
 __all__ = [
-    "BUILD_RECORD", "HASH_MEMO", "KEY_LEN", "MANIFEST", "CorruptArtifact", "artifact_dir", "canonical",
+    "BUILD_RECORD", "RECORD_FORMAT", "HASH_MEMO", "KEY_LEN", "MANIFEST", "CorruptArtifact", "artifact_dir", "canonical",
     "content_key", "hash_file", "hash_file_memo", "hash_files", "lookup", "read_json", "staging_dir", "verify",
     "write_json_atomic", "write_manifest",
 ]
 
 MANIFEST = "manifest.json"
 BUILD_RECORD = "build.json"
+RECORD_FORMAT = 2  # build.json layout: paths relative to <engine_dir>/<model_id>, model files copied in
 
 
 class CorruptArtifact(RuntimeError):
@@ -103,3 +104,16 @@ def lookup(art_dir: Path) -> dict[str, Any] | None:
         return verify(art_dir)
     except CorruptArtifact:
         return None
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A build.json of this format; ValueError naming the file (and the command that remakes it) otherwise."""
+    try:
+        record = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({e}); run python -m engine.build again to rewrite it") from e
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise ValueError(f"{path} was written by another version of engine.build (format "
+                         f"{record.get('format') if isinstance(record, dict) else '?'}, this one reads "
+                         f"{RECORD_FORMAT}); run python -m engine.build again")
+    return record

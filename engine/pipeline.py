@@ -30,7 +30,7 @@ from engine.request import Generated, Request, image_params
 from export.families import Family, get_family
 from export.specs import Dims, check_size
 
-SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+MAX_GRAPHS = 8  # captured step graphs kept (each holds its static buffers); the oldest goes first
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Pipeline:
         self.batch_size = batch_size or profile.opt.batch  # images denoised together
         self.device = runners["unet"].device
         self._schedules: dict[tuple, samplers.Schedule] = {}
-        self._graphs: dict[tuple, graphs.StepGraph | None] = {}
+        self._graphs: dict[tuple, graphs.StepGraph | None] = {}  # insertion order = age, at most MAX_GRAPHS
 
     # ---- loading ----
 
@@ -77,7 +77,7 @@ class Pipeline:
 
         model_dir = find_model_dir(Path(engine_dir), model)
         record_path = model_dir / cache.BUILD_RECORD
-        record = cache.read_json(record_path)
+        record = cache.read_record(record_path)
         family, dims = get_family(record["family"]), Dims(**record["dims"])
         backend = get_backend(record["backend"])
         runners = {}
@@ -91,7 +91,7 @@ class Pipeline:
         files = model_dir / record["model_files"]
         cache.verify(files)
         tokenizers = [CLIPTokenizer.from_pretrained(files / sub, local_files_only=True) for sub in family.tokenizers]
-        scheduler_config = cache.read_json(files / SCHEDULER_CONFIG)
+        scheduler_config = cache.read_json(files / family.scheduler_config)
         info = {**record, "engine_dir": str(model_dir)}
         return cls(runners, tokenizers, scheduler_config, family, dims, Profile.from_json(record["profile"]), info,
                    batch_size)
@@ -200,6 +200,8 @@ class Pipeline:
         graph = None
         if cuda_graph and unet.graph_safe and buffers["latents"].is_cuda:
             if key not in self._graphs:
+                if len(self._graphs) >= MAX_GRAPHS:
+                    self._graphs.pop(next(iter(self._graphs)))
                 self._graphs[key] = graphs.try_capture(step, buffers)
             graph = self._graphs[key]
         steps = range(schedule.start, schedule.num_steps)
@@ -301,7 +303,7 @@ def find_model_dir(engine_dir: Path, model: str | None) -> Path:
         return found[model]
     wanted = str(Path(model).expanduser().resolve())
     for model_dir in found.values():
-        record = cache.read_json(model_dir / cache.BUILD_RECORD)
+        record = cache.read_record(model_dir / cache.BUILD_RECORD)
         if model in (record.get("model"), record.get("model_id")) or wanted == record.get("source"):
             return model_dir
     raise ValueError(f"no engines for model {model!r} in {engine_dir} (it holds {', '.join(found)}): {hint}")

@@ -33,6 +33,7 @@ class Family:
     conditioning: Conditioning  # text encoder outputs -> UNet conditioning inputs
     pipeline_classes: tuple[str, ...]  # diffusers model_index.json `_class_name`s of this family
     blend_inpainting: bool = True  # an ordinary UNet can inpaint by latent blending
+    scheduler_config: str = "scheduler/scheduler_config.json"  # in the model folder and the engine dir
 
     @property
     def components(self) -> tuple[str, ...]:

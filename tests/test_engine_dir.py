@@ -90,3 +90,18 @@ def test_torch_backend_matches_onnxruntime(tmp_path, ort_engines):
     b = Pipeline.load(ort_engines).run(reqs, progress=False)
     for x, y in zip(a, b):
         assert np.abs(x.pixels.astype(int) - y.pixels.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda text: text[: len(text) // 2], "is damaged"),
+    (lambda text: text.replace('"format": 2', '"format": 1'), "written by another version of engine.build"),
+])
+def test_damaged_or_old_build_record_is_named(tmp_path, ort_engines, damage, message):
+    engines = tmp_path / "engines"
+    shutil.copytree(ort_engines, engines)
+    record = engines / "tiny" / cache.BUILD_RECORD
+    record.write_text(damage(record.read_text()))
+    r = run_cli("engine.generate", "--engine-dir", str(engines), "--output", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert str(record) in last and message in last and "python -m engine.build" in last

@@ -39,20 +39,11 @@ def test_cuda_graph_replay_equals_eager(cuda_pipe, scheduler):
 
 
 def test_step_graph_is_captured_once_and_replayed(cuda_pipe):
-    calls = []
+    from tests.runners import Wrapped
+
     unet = cuda_pipe.runners["unet"]
-
-    class Spy:
-        graph_safe = True
-
-        def __getattr__(self, name):
-            return getattr(unet, name)
-
-        def __call__(self, **inputs):
-            calls.append(1)
-            return unet(**inputs)
-
-    cuda_pipe.runners["unet"] = Spy()
+    cuda_pipe.runners["unet"] = spy = Wrapped(unet)
+    calls = spy.calls
     try:
         reqs = two(steps=6, sampler="euler_a", height=64, width=64)
         first = cuda_pipe.run(reqs, progress=False)

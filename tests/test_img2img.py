@@ -43,6 +43,15 @@ def max_diff(a, b) -> int:
     return int(np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max())
 
 
+def diffusers_inpaint(ref_pipe, sampler, config, image, mask, strength) -> np.ndarray:
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref_pipe.scheduler = diffusers_scheduler(sampler, config)
+    # one image per prompt: with a single image diffusers would encode it with the first generator only
+    return to_uint8(ref_pipe(PROMPTS, image=[image] * 2, mask_image=[mask] * 2, strength=strength,
+                             num_inference_steps=8, guidance_scale=7.5, generator=gens(SEEDS), height=SIZE,
+                             width=SIZE, output_type="np").images)
+
+
 @pytest.fixture(scope="module")
 def ours(ort_engines) -> Pipeline:
     return Pipeline.load(ort_engines)
@@ -90,14 +99,9 @@ def test_lower_strength_stays_closer_to_the_init_image(ours):
 def test_inpainting_by_latent_blending_matches_diffusers(ours, components, sampler, strength):
     from diffusers import StableDiffusionInpaintPipeline
 
-    ref_pipe = StableDiffusionInpaintPipeline(**components)
-    ref_pipe.set_progress_bar_config(disable=True)
-    ref_pipe.scheduler = diffusers_scheduler(sampler, ours.scheduler_config)
     image, mask = init_image(seed=1), mask_image()
-    # one image per prompt: with a single image diffusers would encode it with the first generator only
-    ref = to_uint8(ref_pipe(PROMPTS, image=[image] * 2, mask_image=[mask] * 2, strength=strength,
-                            num_inference_steps=8, guidance_scale=7.5, generator=gens(SEEDS), height=SIZE, width=SIZE,
-                            output_type="np").images)
+    ref = diffusers_inpaint(StableDiffusionInpaintPipeline(**components), sampler, ours.scheduler_config, image,
+                            mask, strength)
     got = ours_images(ours, sampler, 8, 7.5, strength, image, mask)
     assert max_diff(got, ref) <= 2, f"{sampler} strength {strength}"
 
@@ -123,13 +127,8 @@ def test_inpainting_unet_matches_diffusers(inpaint_engines, sampler, strength):
     pipe = Pipeline.load(engine_dir)
     assert pipe.dims.unet_in_channels == 9 and "vae_encoder" in pipe.runners  # built by default for inpainting
     ref_pipe = StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
-    ref_pipe.set_progress_bar_config(disable=True)
-    ref_pipe.scheduler = diffusers_scheduler(sampler, pipe.scheduler_config)
     image, mask = init_image(seed=2), mask_image()
-    # one image per prompt: with a single image diffusers would encode it with the first generator only
-    ref = to_uint8(ref_pipe(PROMPTS, image=[image] * 2, mask_image=[mask] * 2, strength=strength,
-                            num_inference_steps=8, guidance_scale=7.5, generator=gens(SEEDS), height=SIZE, width=SIZE,
-                            output_type="np").images)
+    ref = diffusers_inpaint(ref_pipe, sampler, pipe.scheduler_config, image, mask, strength)
     got = ours_images(pipe, sampler, 8, 7.5, strength, image, mask)
     assert max_diff(got, ref) <= 2, f"{sampler} strength {strength}"
 

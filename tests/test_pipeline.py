@@ -14,6 +14,7 @@ from engine.pipeline import Pipeline
 from engine.request import Request
 from engine.samplers import diffusers_scheduler
 from export.specs import Shape
+from tests.runners import Wrapped
 
 PROMPTS = ["a watercolor painting of a lighthouse", "a red bicycle"]
 
@@ -71,24 +72,14 @@ def test_ancestral_sampler_matches_with_same_noise(ours, reference):
 
 
 def test_no_guidance_runs_unet_once_per_step(ours, reference):
-    calls = []
     unet = ours.runners["unet"]
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(unet, name)
-
-        def __call__(self, **inputs):
-            calls.append(inputs["sample"].shape[0])
-            return unet(**inputs)
-
-    ours.runners["unet"] = Spy()
+    ours.runners["unet"] = spy = Wrapped(unet)
     try:
         got = ours.run([Request(prompt=p, steps=5, guidance_scale=1.0, sampler="ddim", seed=3, height=64, width=64)
                         for p in PROMPTS], progress=False, batch_size=2)
     finally:
         ours.runners["unet"] = unet
-    assert calls == [2] * 5  # B rows, not 2B
+    assert [c["sample"][0] for c in spy.calls] == [2] * 5  # B rows, not 2B
     ref = diffusers_images(reference, "ddim", ours.scheduler_config, 5, 1.0, [3, 3], 64)
     assert max_diff(pixels(got), ref) <= 2
 
@@ -128,20 +119,8 @@ def test_schedules_and_step_buffers_are_reused_without_warmup(ours, monkeypatch)
     built = []
     real = samplers.make_schedule
     monkeypatch.setattr(samplers, "make_schedule", lambda *a, **k: built.append(a) or real(*a, **k))
-    calls = []
     unet = ours.runners["unet"]
-
-    class Spy:
-        graph_safe = False
-
-        def __getattr__(self, name):
-            return getattr(unet, name)
-
-        def __call__(self, **inputs):
-            calls.append(1)
-            return unet(**inputs)
-
-    ours.runners["unet"] = Spy()
+    ours.runners["unet"] = spy = Wrapped(unet)
     try:
         req = Request(prompt="x", steps=4, sampler="lcm", seed=1, height=64, width=64)
         a = ours.run(req, progress=False)
@@ -149,7 +128,7 @@ def test_schedules_and_step_buffers_are_reused_without_warmup(ours, monkeypatch)
     finally:
         ours.runners["unet"] = unet
     assert len(built) == 1  # the lcm tables of 4 steps were made once, then reused
-    assert len(calls) == 8  # 4 UNet calls per run, no warm-up step
+    assert len(spy.calls) == 8  # 4 UNet calls per run, no warm-up step
     assert max_diff(a[0].pixels, b[0].pixels) > 0
 
 
@@ -207,15 +186,8 @@ def test_static_profile_limits_are_named(ours):
 
 def test_nan_output_is_an_error_not_an_image(ours):
     vae = ours.runners["vae_decoder"]
-
-    class Overflowing:
-        def __getattr__(self, name):
-            return getattr(vae, name)
-
-        def __call__(self, **inputs):
-            return {"images": vae(**inputs)["images"] * float("inf")}  # what an fp16 overflow looks like
-
-    ours.runners["vae_decoder"] = Overflowing()
+    # what an fp16 overflow looks like downstream
+    ours.runners["vae_decoder"] = Wrapped(vae, lambda r, **inputs: {"images": r(**inputs)["images"] * float("inf")})
     try:
         with pytest.raises(RuntimeError, match="vae_decoder produced NaN/Inf"):
             ours.run(Request(prompt="x", steps=2, height=64, width=64), progress=False)
