@@ -10,9 +10,9 @@ import argparse
 import shutil
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from engine import cache
 from engine.backends.base import Backend, get_backend
@@ -21,13 +21,13 @@ from export.families import Family, detect_family
 from export.specs import Dims, Shape, check_size, export_range, parse_components
 
 
-
 @dataclass
 class BuildResult:
     record: dict[str, Any]  # what build.json holds
     built: list[str]  # "<component>:<stage>" that did work
     reused: list[str]
     seconds: float
+    notes: list[str] = field(default_factory=list)  # repairs and clean-ups, one line each
 
 
 def resolve_backend(name: str) -> str:
@@ -79,8 +79,18 @@ def make_plan(cfg: BuildConfig, backend: Backend, profile: Profile) -> BuildPlan
     )
 
 
+def _stale(cfg: BuildConfig, art: Path, label: str, notes: list[str]) -> bool:
+    """Whether `art` must be (re)built: forced, absent, or damaged (each defect noted in one line).
+    With cfg.verify every file is re-hashed, so bytes altered with their mtime put back are found too."""
+    if cfg.force_rebuild or not art.exists():
+        return True
+    found = cache.problems(art, full=cfg.verify)
+    notes.extend(f"{label}: {e.path}: {e.problem}; rebuilt" for e in found)
+    return bool(found)
+
+
 def _onnx_stage(cfg: BuildConfig, model_id: str, name: str, weights: str, plan: BuildPlan,
-                model_ref, done: list[str]) -> tuple[Path, str]:
+                model_ref, done: list[str], notes: list[str]) -> tuple[Path, str]:
     """The component's exported ONNX (reused when cached) and its key."""
     from export.onnx_export import ExportOptions, export_component
 
@@ -88,7 +98,7 @@ def _onnx_stage(cfg: BuildConfig, model_id: str, name: str, weights: str, plan: 
     parts = {"component": name, "weights": weights, "export": opts.to_json()}
     key = cache.content_key(parts)
     art = cache.artifact_dir(cfg.engine_dir, model_id, "onnx", name, key)
-    if cfg.force_rebuild or cache.lookup(art) is None:
+    if _stale(cfg, art, f"{name}:onnx", notes):
         with cache.staging_dir(art) as tmp:
             info = export_component(model_ref(), name, tmp / "model.onnx", opts)
             cache.write_manifest(tmp, key, parts, {"export": info})
@@ -96,7 +106,8 @@ def _onnx_stage(cfg: BuildConfig, model_id: str, name: str, weights: str, plan: 
     return art / "model.onnx", key
 
 
-def _model_files_stage(cfg: BuildConfig, model_id: str, folder: Path, family: Family, done: list[str]) -> Path:
+def _model_files_stage(cfg: BuildConfig, model_id: str, folder: Path, family: Family, done: list[str],
+                       notes: list[str]) -> Path:
     """Copy what the runtime reads besides the engines (tokenizers, scheduler config) into the engine dir."""
     from export.store import cache_root
 
@@ -105,7 +116,7 @@ def _model_files_stage(cfg: BuildConfig, model_id: str, folder: Path, family: Fa
     parts = {"files": cache.hash_files(files, memo=cache_root() / cache.HASH_MEMO), "family": family.name}
     key = cache.content_key(parts)
     art = cache.artifact_dir(cfg.engine_dir, model_id, "model", "files", key)
-    if cfg.force_rebuild or cache.lookup(art) is None:
+    if _stale(cfg, art, "model:files", notes):
         with cache.staging_dir(art) as tmp:
             for f in files:
                 dst = tmp / f.relative_to(folder)
@@ -116,30 +127,63 @@ def _model_files_stage(cfg: BuildConfig, model_id: str, folder: Path, family: Fa
     return art
 
 
-def build_all(cfg: BuildConfig, progress: bool = True) -> BuildResult:
-    """Build (or reuse) every requested component; write <engine_dir>/<model_id>/build.json."""
-    from tqdm import tqdm
+@dataclass
+class _Job:
+    """What every component's build shares: the resolved model, backend and plan."""
 
-    from export.models import component_files, default_size, folder_dims, resolve_model
-    from export.presets import PRESETS
+    cfg: BuildConfig
+    model_id: str
+    folder: Path
+    family: Family
+    dims: Dims
+    backend: Backend
+    plan: BuildPlan
+    fingerprint: dict[str, Any]
+    model_ref: Callable[[], Any]
+
+
+def _component(job: _Job, name: str, built: list[str], notes: list[str]) -> dict[str, str]:
+    """Build (or reuse) one component's ONNX and backend artifact; its build.json entry."""
+    from export.models import component_files
     from export.store import cache_root
 
-    t0 = time.perf_counter()
-    backend: Backend = get_backend(resolve_backend(cfg.backend))
-    folder, model_id = resolve_model(cfg.model)
-    family, dims = detect_family(folder), folder_dims(folder)
-    components = cfg.components or family.default_components(dims)
-    for name in components:
-        family.spec(name)
-    preset = PRESETS.get(str(cfg.model))
-    size = default_size(folder)
-    profile = make_profile(cfg, dims, size, preset.min_size if preset else 256, preset.max_size if preset else 1024,
-                           static=backend.static_shapes)
-    plan = make_plan(cfg, backend, profile)
-    fingerprint = backend.fingerprint(plan)  # raises a clear error when the backend is unusable
+    cfg, backend, plan = job.cfg, job.backend, job.plan
+    spec = job.family.spec(name)
+    weights = cache.hash_files(component_files(job.folder, spec.model_folder), memo=cache_root() / cache.HASH_MEMO)
+    onnx_path, onnx_key = None, None
+    if backend.needs_onnx:
+        onnx_path, onnx_key = _onnx_stage(cfg, job.model_id, name, weights, plan, job.model_ref, built, notes)
+    parts = {"component": name, "weights": weights, "onnx": onnx_key, "backend": job.fingerprint,
+             "precision": plan.precision, "attention": plan.attention,
+             "profile": plan.profile.to_json() if backend.static_shapes else None}
+    key = cache.content_key(parts)
+    art = cache.artifact_dir(cfg.engine_dir, job.model_id, backend.name, name, key)
+    if _stale(cfg, art, f"{name}:{backend.name}", notes):
+        with cache.staging_dir(art) as tmp:
+            extra = backend.build(spec, onnx_path, tmp, job.dims, plan, job.folder)
+            cache.write_manifest(tmp, key, parts, extra)
+        built.append(f"{name}:{backend.name}")
+    return {"dir": art.relative_to(cfg.engine_dir / job.model_id).as_posix(), "key": key}
+
+
+def _write_record(record_path: Path, record: dict[str, Any], notes: list[str]) -> None:
+    """Write build.json unless it already holds `record`; a damaged one is rewritten (and noted)."""
+    try:
+        current = cache.read_json(record_path)
+    except FileNotFoundError:
+        current = None
+    except (cache.DamagedFile, OSError) as e:
+        notes.append(f"{e}; rewritten")
+        current = None
+    if current != record:
+        cache.write_json_atomic(record_path, record, checksum=True)
+
+
+def _model_ref(folder: Path, plan: BuildPlan) -> Callable[[], Any]:
+    """A loader of the model's torch modules, called only if something must be exported (then kept)."""
     loaded: list = []
 
-    def model_ref():  # weights are loaded only if something must be exported
+    def model_ref():
         if not loaded:
             import torch
 
@@ -148,53 +192,75 @@ def build_all(cfg: BuildConfig, progress: bool = True) -> BuildResult:
             loaded.append(load_model(folder, dtype=torch.float16 if plan.precision == "fp16" else torch.float32))
         return loaded[0]
 
-    model_dir = cfg.engine_dir / model_id
-    built: list[str] = []
-    reused: list[str] = []
-    entries: dict[str, Any] = {}
-    model_files = _model_files_stage(cfg, model_id, folder, family, built)
-    bar = tqdm(components, desc=f"build {backend.name}", unit="component", disable=not progress)
-    for name in bar:
-        bar.set_postfix_str(name)
-        spec = family.spec(name)
-        weights = cache.hash_files(component_files(folder, spec.model_folder), memo=cache_root() / cache.HASH_MEMO)
-        n_before = len(built)
-        onnx_path, onnx_key = None, None
-        if backend.needs_onnx:
-            onnx_path, onnx_key = _onnx_stage(cfg, model_id, name, weights, plan, model_ref, built)
-        parts = {"component": name, "weights": weights, "onnx": onnx_key, "backend": fingerprint,
-                 "precision": plan.precision, "attention": plan.attention,
-                 "profile": profile.to_json() if backend.static_shapes else None}
-        key = cache.content_key(parts)
-        art = cache.artifact_dir(cfg.engine_dir, model_id, backend.name, name, key)
-        if cfg.force_rebuild or cache.lookup(art) is None:
-            with cache.staging_dir(art) as tmp:
-                extra = backend.build(spec, onnx_path, tmp, dims, plan, folder)
-                cache.write_manifest(tmp, key, parts, extra)
-            built.append(f"{name}:{backend.name}")
-        if len(built) == n_before:
-            reused.append(name)
-        entries[name] = {"dir": art.relative_to(model_dir).as_posix(), "key": key}
-    record = {
+    return model_ref
+
+
+def _prepare(cfg: BuildConfig) -> _Job:
+    """Resolve the model, backend, profile and plan (before any lock or work)."""
+    from export.models import default_size, folder_dims, resolve_model
+    from export.presets import PRESETS
+
+    backend: Backend = get_backend(resolve_backend(cfg.backend))
+    folder, model_id = resolve_model(cfg.model)
+    family, dims = detect_family(folder), folder_dims(folder)
+    for name in cfg.components or ():
+        family.spec(name)
+    preset = PRESETS.get(str(cfg.model))
+    profile = make_profile(cfg, dims, default_size(folder), preset.min_size if preset else 256,
+                           preset.max_size if preset else 1024, static=backend.static_shapes)
+    plan = make_plan(cfg, backend, profile)
+    fingerprint = backend.fingerprint(plan)  # raises a clear error when the backend is unusable
+    return _Job(cfg, model_id, folder, family, dims, backend, plan, fingerprint, _model_ref(folder, plan))
+
+
+def _record(job: _Job, model_files: Path, entries: dict[str, Any]) -> dict[str, Any]:
+    """What build.json holds: everything the runtime needs, paths relative to <engine_dir>/<model_id>."""
+    model_dir, plan = job.cfg.engine_dir / job.model_id, job.plan
+    return {
         "format": cache.RECORD_FORMAT,
-        "model": str(cfg.model),
-        "model_id": model_id,
-        "source": str(folder.resolve()),  # for people; the runtime never reads it
-        "family": family.name,
-        "backend": backend.name,
+        "model": str(job.cfg.model),
+        "model_id": job.model_id,
+        "source": str(job.folder.resolve()),  # for people; the runtime never reads it
+        "family": job.family.name,
+        "backend": job.backend.name,
         "device": plan.device,
         "precision": plan.precision,
         "attention": plan.attention,
-        "static_shapes": backend.static_shapes,
-        "profile": profile.to_json(),
-        "dims": vars(dims),
+        "static_shapes": job.backend.static_shapes,
+        "profile": plan.profile.to_json(),
+        "dims": vars(job.dims),
         "model_files": model_files.relative_to(model_dir).as_posix(),
         "components": entries,
     }
-    record_path = model_dir / cache.BUILD_RECORD
-    if not record_path.is_file() or cache.read_json(record_path) != record:
-        cache.write_json_atomic(record_path, record)
-    return BuildResult(record, built, reused, time.perf_counter() - t0)
+
+
+def build_all(cfg: BuildConfig, progress: bool = True) -> BuildResult:
+    """Build (or reuse) every requested component; write <engine_dir>/<model_id>/build.json.
+
+    The whole build of a model holds its lock (<engine_dir>/<model_id>/.lock): a concurrent build of the
+    same model waits, then reuses this one's work; the lock holder removes what killed builds left."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    job = _prepare(cfg)
+    components = cfg.components or job.family.default_components(job.dims)
+    model_dir = cfg.engine_dir / job.model_id
+    built: list[str] = []
+    reused: list[str] = []
+    entries: dict[str, Any] = {}
+    with cache.model_lock(model_dir, job.model_id):
+        notes = [f"removed the leftover of an interrupted build: {p}" for p in cache.remove_orphans(model_dir)]
+        model_files = _model_files_stage(cfg, job.model_id, job.folder, job.family, built, notes)
+        bar = tqdm(components, desc=f"build {job.backend.name}", unit="component", disable=not progress)
+        for name in bar:
+            bar.set_postfix_str(name)
+            n_before = len(built)
+            entries[name] = _component(job, name, built, notes)
+            if len(built) == n_before:
+                reused.append(name)
+        record = _record(job, model_files, entries)
+        _write_record(model_dir / cache.BUILD_RECORD, record, notes)
+    return BuildResult(record, built, reused, time.perf_counter() - t0, notes)
 
 
 def parse_args(argv: list[str] | None = None) -> BuildConfig:
@@ -214,6 +280,9 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
         p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(d, f))
     p.add_argument("--engine-dir", type=Path, default=d.engine_dir)
     p.add_argument("--force-rebuild", action="store_true", default=d.force_rebuild)
+    p.add_argument("--verify", action="store_true", default=d.verify,
+                   help="re-hash every artifact file (not only those whose mtime changed), report each mismatch "
+                        "and rebuild that artifact (default: %(default)s)")
     p.add_argument("--timing-cache", type=Path, default=d.timing_cache)
     p.add_argument("--workspace-gib", type=float, default=d.workspace_gib)
     p.add_argument("--builder-optimization-level", type=int, default=d.builder_optimization_level)
@@ -233,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     r = result.record
+    for note in result.notes:
+        print(note)
     for name, c in r["components"].items():
         state = "cached, nothing to do" if name in result.reused else "built"
         print(f"{name}: {state} ({r['backend']}, {r['precision']}) -> {cfg.engine_dir / r['model_id'] / c['dir']}")

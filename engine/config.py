@@ -32,6 +32,7 @@ class BuildConfig:
     max_size: int | None = None
     engine_dir: Path = Path("engines")
     force_rebuild: bool = False
+    verify: bool = False  # re-hash every cached file (also bytes altered with the mtime put back); rebuild mismatches
     timing_cache: Path | None = None  # TensorRT timing cache file, reused across builds
     workspace_gib: float = 8.0  # TensorRT builder workspace limit
     builder_optimization_level: int = 3  # TensorRT 0..5

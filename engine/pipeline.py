@@ -71,8 +71,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, engine_dir: str | Path, model: str | None = None, device: str = "auto",
-             batch_size: int | None = None) -> "Pipeline":
-        """The pipeline of one model in an engine dir (`model` may be omitted when it holds one)."""
+             batch_size: int | None = None, verify: bool = False) -> "Pipeline":
+        """The pipeline of one model in an engine dir (`model` may be omitted when it holds one).
+
+        Every artifact is checked against its manifest (sizes; hashes of files whose mtime changed) and
+        CorruptArtifact names the first bad file. `verify` re-hashes every file: slower (reads all the
+        engines), but it also finds bytes altered with their mtime put back."""
         from transformers import CLIPTokenizer
 
         model_dir = find_model_dir(Path(engine_dir), model)
@@ -83,13 +87,13 @@ class Pipeline:
         runners = {}
         for name, entry in record["components"].items():
             art = model_dir / entry["dir"]
-            runners[name] = backend.load(family.spec(name), art, cache.verify(art), device)
+            runners[name] = backend.load(family.spec(name), art, cache.verify(art, full=verify), device)
         missing = [n for n in family.default_components(dims) if n not in runners]
         if missing:
             raise ValueError(f"{record_path} has no {', '.join(missing)}: rebuild with python -m engine.build "
                              f"--model {record['model']} --components {','.join(family.default_components(dims))}")
         files = model_dir / record["model_files"]
-        cache.verify(files)
+        cache.verify(files, full=verify)
         tokenizers = [CLIPTokenizer.from_pretrained(files / sub, local_files_only=True) for sub in family.tokenizers]
         scheduler_config = cache.read_json(files / family.scheduler_config)
         info = {**record, "engine_dir": str(model_dir)}

@@ -18,7 +18,7 @@ from export import attention
 from export.presets import PRESETS, Preset
 from export.single_file import convert_single_file
 from export.specs import Dims
-from export.store import cache_root, content_key, staging_dir  # cache_root: re-exported for engine/build.py
+from export.store import cache_root, content_key, exclusive, staging_dir  # cache_root: re-exported for engine/build.py
 from export.tokenizer import DATA_DIR, default_tokenizer  # noqa: F401  (DATA_DIR: re-exported)
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -61,14 +61,17 @@ def save_diffusers_folder(components: dict, scheduler_config: dict, folder: Path
 
 
 def materialize_preset(preset: Preset, root: Path | None = None) -> Path:
-    """The preset's diffusers folder, created once from its seed (atomically) and reused."""
+    """The preset's diffusers folder, created once from its seed (atomically) and reused. Concurrent callers
+    wait for one another (lock beside the folder); leftovers of a killed attempt are removed."""
     key = content_key({"preset": repr(preset), "format": FORMAT_VERSION})
     folder = (root or cache_root() / "presets") / f"{preset.name}-{key}"
     if (folder / "model_index.json").is_file():
         return folder
-    with staging_dir(folder) as tmp:
-        save_diffusers_folder(random_components(preset), preset.scheduler.config(preset.prediction_type), tmp,
-                              preset.pipeline_class)
+    with exclusive(folder):
+        if not (folder / "model_index.json").is_file():  # unless another process made it meanwhile
+            with staging_dir(folder) as tmp:
+                save_diffusers_folder(random_components(preset), preset.scheduler.config(preset.prediction_type),
+                                      tmp, preset.pipeline_class)
     return folder
 
 

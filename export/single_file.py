@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from export.presets import PRESETS, Preset
-from export.store import HASH_MEMO, cache_root, hash_file_memo, staging_dir
+from export.store import HASH_MEMO, DamagedFile, cache_root, exclusive, hash_file_memo, read_json, staging_dir
 from export.tokenizer import default_tokenizer
 
 CONVERT_VERSION = 1  # bump when the written folder changes, so cached conversions are remade
@@ -186,16 +186,28 @@ def convert_single_file(path: Path, preset: str | None = None) -> Path:
     digest = hash_file_memo(path, cache_root() / HASH_MEMO)  # re-read only when the file changed
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem)
     final = cache_root() / "converted" / f"{slug}-{digest[:16]}"
-    if (final / "model_index.json").is_file() and (final / INFO).is_file():
-        info = json.loads((final / INFO).read_text())
-        if info.get("version") == CONVERT_VERSION and preset in (None, info.get("preset")):
+    if _converted(final, preset):
+        return final
+    with exclusive(final):  # concurrent conversions of one file wait; a killed one's leftovers are removed
+        if _converted(final, preset):
             return final
-
-    chosen, models = choose_preset(path, read_header(path), preset)
-    converted = convert_state_dict(load_file(str(path)), models)
-    assert not mismatches(converted, models)  # the header matched, so the data does too
-    with staging_dir(final) as tmp:
-        write_folder(tmp, chosen, models, converted)
-        info = {"version": CONVERT_VERSION, "preset": chosen.name, "source": path.name, "sha256": digest}
-        (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
+        chosen, models = choose_preset(path, read_header(path), preset)
+        converted = convert_state_dict(load_file(str(path)), models)
+        assert not mismatches(converted, models)  # the header matched, so the data does too
+        with staging_dir(final) as tmp:
+            write_folder(tmp, chosen, models, converted)
+            info = {"version": CONVERT_VERSION, "preset": chosen.name, "source": path.name, "sha256": digest}
+            (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
     return final
+
+
+def _converted(final: Path, preset: str | None) -> bool:
+    """Whether `final` holds a finished conversion of this version (and of `preset`, when one is asked)."""
+    if not ((final / "model_index.json").is_file() and (final / INFO).is_file()):
+        return False
+    try:
+        info = read_json(final / INFO)
+    except DamagedFile:
+        return False  # converted again, over it
+    return (isinstance(info, dict) and info.get("version") == CONVERT_VERSION
+            and preset in (None, info.get("preset")))
