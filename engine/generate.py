@@ -1,15 +1,25 @@
-"""python -m engine.generate: txt2img, img2img and inpainting with the engines `python -m engine.build` wrote."""
+"""python -m engine.generate: txt2img, img2img and inpainting with the engines `python -m engine.build` wrote.
+
+Checks run in this order, each before any work: the arguments, the output location (`--output`: its
+suffix, and that files can be created there), the engines (`--engine-dir`, `--model`, `--backend`),
+then the requests against the engines (size, steps, sampler, images). So a bad `--output` is reported
+even when the engine directory does not exist, and nothing is computed for an image that could not be
+written.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from engine.config import BACKENDS
-from engine.request import Request
+from engine.png import IMAGE_FORMATS
+from engine.request import MAX_STEPS, Request
 
 _R = Request()  # generation defaults live on Request
 
@@ -36,6 +46,7 @@ class GenerateConfig:
     model: str | None = None  # None = the only model in the engine dir
     engine_dir: Path = Path("engines")
     backend: str = "auto"
+    verify: bool = False  # re-hash every engine file before loading
 
     def requests(self) -> list[Request]:
         return [Request(prompt=p, negative_prompt=self.negative_prompt, steps=self.steps,
@@ -52,38 +63,85 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     p = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompt", nargs="+", default=d.prompt, help="one or more prompts")
-    p.add_argument("--negative-prompt", default=d.negative_prompt, help="what to steer away from")
-    p.add_argument("--steps", "--denoising-steps", dest="steps", type=int, default=d.steps, help="sampler steps")
+    p.add_argument("--negative-prompt", default=d.negative_prompt,
+                   help="what to steer away from (default: %(default)r)")
+    p.add_argument("--steps", "--denoising-steps", dest="steps", type=int, default=d.steps,
+                   help=f"sampler steps, 1..{MAX_STEPS} (lcm: 1..original_inference_steps of the model, usually 50)")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale, help="CFG scale; <= 1 turns CFG off")
     p.add_argument("--scheduler", "--sampler", dest="scheduler", default=d.scheduler, help=f"one of {', '.join(SAMPLERS)}")
-    p.add_argument("--seed", type=int, default=d.seed, help="image k uses seed + k; -1 = random")
-    p.add_argument("--height", type=int, default=d.height, help="pixels; default: the size the engines were built for")
-    p.add_argument("--width", type=int, default=d.width, help="pixels; default: the size the engines were built for")
+    p.add_argument("--seed", type=int, default=d.seed, help="image k uses seed + k, 0..2**64-1; -1 = random")
+    p.add_argument("--height", type=int, default=d.height, help="pixels; None = the size the engines were built for")
+    p.add_argument("--width", type=int, default=d.width, help="pixels; None = the size the engines were built for")
     p.add_argument("--images-per-prompt", "--num-images", dest="images_per_prompt", type=int,
                    default=d.images_per_prompt, help="images for each prompt")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="images denoised together (as in engine.build); default: the built batch size")
+                   help="images denoised together (as in engine.build); None = the built batch size")
     p.add_argument("--init-image", type=Path, default=d.init_image, help="img2img / inpainting source image")
     p.add_argument("--strength", type=float, default=d.strength,
-                   help="img2img strength in (0, 1]; default 0.8 (1.0 when inpainting)")
+                   help="img2img strength in (0, 1]; None = 0.8 (1.0 when inpainting)")
     p.add_argument("--mask", type=Path, default=d.mask, help="inpainting mask (white = repaint); needs --init-image")
     p.add_argument("--resize", action="store_true", default=d.resize,
                    help="resize the init image and mask to --height/--width instead of refusing another size")
-    p.add_argument("--output", type=Path, default=d.output, help="a .png file, or a folder for numbered PNGs")
+    p.add_argument("--output", type=Path, default=d.output,
+                   help=f"an image file ({', '.join(IMAGE_FORMATS)}), or a folder (no suffix) for numbered PNGs")
     p.add_argument("--model", default=d.model, help="model id, preset or path given to engine.build; "
-                   "default: the only model in --engine-dir")
+                   "None = the only model in --engine-dir")
     p.add_argument("--engine-dir", type=Path, default=d.engine_dir, help="what engine.build wrote")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="must match the build; auto = as built")
+    p.add_argument("--verify", action="store_true", default=d.verify, help="re-hash every engine file before loading")
     args = p.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"argument --batch-size: {args.batch_size} must be >= 1")
     return GenerateConfig(**{f.name: getattr(args, f.name) for f in fields(GenerateConfig)})
 
 
+def output_is_file(output: Path) -> bool:
+    """True for an image file (a suffix of IMAGE_FORMATS), False for a folder (no suffix, or an existing
+    folder); ValueError naming --output for any other suffix or an image name that is an existing folder."""
+    allowed = f"{', '.join(IMAGE_FORMATS)}, or no suffix for a folder"
+    if output.suffix.lower() in IMAGE_FORMATS:
+        if output.is_dir():
+            raise ValueError(f"--output {output} is an existing folder, not an image file; allowed: a file "
+                             f"name ending in {allowed}")
+        return True
+    if not output.suffix or output.is_dir():
+        return False
+    raise ValueError(f"--output {output}: suffix {output.suffix!r} is not an image format; allowed: {allowed}")
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` made absolute, or its closest ancestor that exists (the root always does)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output(output: Path) -> None:
+    """ValueError naming --output and the path given unless images can be written there (before any work).
+
+    Nothing is created here (the folder is made when the first image is saved): the nearest existing
+    ancestor of the output folder must be a folder in which a probe file can be created and removed.
+    os.access is not enough: root "may write" /proc, yet creating a file there fails.
+    """
+    folder = output.parent if output_is_file(output) else output
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise ValueError(f"--output {output}: {existing} is a file, not a folder; allowed: a path in a writable folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".sd-engine-probe-")
+    except OSError as err:
+        raise ValueError(f"--output {output}: cannot create files in {existing} ({err.strerror or err}); "
+                         "allowed: a path in a writable folder") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def output_paths(output: Path, n: int, seeds: list[int]) -> list[Path]:
-    """`x.png` (x-0.png, x-1.png, ... for several), or a folder of numbered files that never overwrite."""
-    if output.suffix.lower() == ".png":
-        return [output] if n == 1 else [output.with_name(f"{output.stem}-{i}.png") for i in range(n)]
+    """`x.png` (x-0.png, x-1.png, ... for several; same for .jpg/.jpeg/.webp), or a folder of numbered PNGs
+    that never overwrite."""
+    if output_is_file(output):
+        return [output] if n == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(n)]
     taken = [int(m.group(1)) for f in (output.glob("*.png") if output.is_dir() else [])
              if (m := re.match(r"(\d+)-", f.name))]
     first = max(taken, default=0) + 1
@@ -91,9 +149,11 @@ def output_paths(output: Path, n: int, seeds: list[int]) -> list[Path]:
 
 
 def run(cfg: GenerateConfig) -> list[Path]:
+    """Check the output location, load the engines, generate and save; the paths written."""
     from engine.pipeline import Pipeline
 
-    pipe = Pipeline.load(cfg.engine_dir, cfg.model, batch_size=cfg.batch_size)
+    check_output(cfg.output)  # before the engines load: see the module docstring for the order of checks
+    pipe = Pipeline.load(cfg.engine_dir, cfg.model, batch_size=cfg.batch_size, verify=cfg.verify)
     built = pipe.info.get("backend")
     if cfg.backend not in ("auto", built):
         raise ValueError(f"engines in {cfg.engine_dir} were built for backend {built!r}, not {cfg.backend!r}: "

@@ -87,9 +87,10 @@ class Generated:
     timings_ms: dict[str, float] = field(default_factory=dict)  # of the batch it ran in
 
     def save(self, path: str | Path) -> Path:
-        from engine.png import save_png
+        """Write the image in the format `path`'s suffix names (.png, .jpg/.jpeg, .webp) with its parameters."""
+        from engine.png import save_image
 
-        return save_png(self.pixels, Path(path), self.params)
+        return save_image(self.pixels, Path(path), self.params)
 
 
 def image_params(request: Request, index: int) -> dict[str, Any]:

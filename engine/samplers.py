@@ -296,6 +296,25 @@ def diffusers_scheduler(name: str, scheduler_config: dict):
     return cls.from_config(config, **overrides)
 
 
+def _max_steps(name: str, sched) -> tuple[int, str]:
+    """The most steps sampler ``name`` runs with this diffusers scheduler, and the config key that sets it."""
+    n_train = sched.config.num_train_timesteps
+    if name == "lcm":  # LCM picks its steps among original_inference_steps distilled ones (diffusers' default 50)
+        original = sched.config.get("original_inference_steps", 50)
+        if original <= n_train:
+            return original, "original_inference_steps"
+    return n_train, "num_train_timesteps"
+
+
+def _steps_error(name: str, sched, steps: int, err: ValueError) -> str:
+    """Our message for a scheduler that refused ``steps``: the value, the flag and this sampler's range."""
+    hi, key = _max_steps(name, sched)
+    if steps > hi:
+        return (f"steps {steps} (--steps) is out of range for sampler {name}; "
+                f"allowed: 1..{hi} ({key} in the model's scheduler config)")
+    return f"sampler {name} cannot be set up for steps {steps} (--steps; allowed: 1..{hi}): {err}"
+
+
 def make_schedule(name: str, scheduler_config: dict, steps: int, strength: float = 1.0) -> Schedule:
     """Build the coefficient tables of sampler ``name`` for ``steps`` steps (CPU, float32).
 
@@ -318,8 +337,8 @@ def make_schedule(name: str, scheduler_config: dict, steps: int, strength: float
         raise ValueError(f"{name}: thresholding=True is not supported; allowed: false")
     try:
         sched.set_timesteps(steps)
-    except ValueError as err:  # e.g. LCM: steps > original_inference_steps
-        raise ValueError(f"{name} with steps={steps}: {err}") from None
+    except ValueError as err:  # diffusers' text names its own arguments (LCM: `strength`), not our flags
+        raise ValueError(_steps_error(name, sched, steps, err)) from None
     if sched.order != 1:  # get_timesteps slices timesteps[t_start * order:]; our tables are one entry per step
         raise ValueError(f"{name}: scheduler order {sched.order} is not supported; allowed: 1")
     start = _first_step(strength, steps)

@@ -15,16 +15,27 @@ from export.specs import COMPONENTS
 DEFAULTS = ExportOptions()
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option shows its default; a required one says "(required)" instead of "(default: None)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required:
+            return f"{action.help} (required)"
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="tiny",
                    help=f"preset ({', '.join(PRESETS)}) or a local diffusers folder / .safetensors")
     p.add_argument("--out", type=Path, required=True, help="output folder: <component>.onnx (+ .data) and export.json")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default=DEFAULTS.precision)
-    p.add_argument("--attention", choices=MODES, default=DEFAULTS.attention)
-    p.add_argument("--components", default=",".join(COMPONENTS))
-    p.add_argument("--height", type=int, default=None, help="example height (pixels); default: model default")
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--precision", choices=("fp32", "fp16"), default=DEFAULTS.precision,
+                   help="weights and activations of the exported graphs")
+    p.add_argument("--attention", choices=MODES, default=DEFAULTS.attention,
+                   help="how attention is emitted in ONNX: decomposed ops, opset-23 Attention, or our plugin")
+    p.add_argument("--components", default=",".join(COMPONENTS), help="comma-separated components to export")
+    p.add_argument("--height", type=int, default=None, help="example height (pixels); None = the model's default")
+    p.add_argument("--width", type=int, default=None, help="example width (pixels); None = the model's default")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check")
     return p.parse_args(argv)
 

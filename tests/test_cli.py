@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="100")
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=300)
 
@@ -29,7 +31,93 @@ def test_generate_writes_png_with_parameters(ort_engines, tmp_path):
     assert img.size == (96, 64)
     params = json.loads(img.text["sd_engine"])
     assert params | {"prompt": "a cat", "steps": 3, "sampler": "euler", "seed": 42, "height": 64} == params
-    assert img.text["parameters"].startswith("a cat\nNegative prompt:")
+    assert img.text["parameters"] == ("a cat\n"
+                                      "Steps: 3, Sampler: Euler, CFG scale: 7.5, Seed: 42, Size: 96x64, Model: tiny")
+
+
+def test_generate_writes_jpeg_and_webp_with_parameters_in_exif(ort_engines, tmp_path):
+    for out, fmt, names in ((tmp_path / "pic.jpg", "JPEG", ["pic.jpg"]),
+                            (tmp_path / "pic.webp", "WEBP", ["pic-0.webp", "pic-1.webp"])):
+        r = run("engine.generate", "--engine-dir", str(ort_engines), "--prompt", "a cat", "--negative-prompt", "fog",
+                "--steps", "2", "--seed", "7", "--images-per-prompt", str(len(names)), "--output", str(out))
+        assert r.returncode == 0, r.stderr
+        for k, name in enumerate(names):
+            path = tmp_path / name
+            assert path.is_file() and stat.S_IMODE(path.stat().st_mode) == 0o644  # a file, not a folder pic.jpg/
+            img = Image.open(path)
+            raw = img.getexif().get_ifd(0x8769)[0x9286]  # Exif IFD, UserComment
+            assert img.format == fmt and raw[:8] == b"UNICODE\0"
+            assert raw[8:].decode("utf-16-be") == (f"a cat\nNegative prompt: fog\nSteps: 2, Sampler: DPM++ 2M, "
+                                                   f"CFG scale: 7.5, Seed: {7 + k}, Size: 64x64, Model: tiny")
+    assert sorted(os.listdir(tmp_path)) == ["pic-0.webp", "pic-1.webp", "pic.jpg"]
+
+
+def test_generate_refuses_other_output_suffixes(tmp_path):
+    r = run("engine.generate", "--engine-dir", str(tmp_path / "none"), "--output", str(tmp_path / "pic.gif"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == (f"error: --output {tmp_path / 'pic.gif'}: suffix '.gif' is not an image format; "
+                    "allowed: .png, .jpg, .jpeg, .webp, or no suffix for a folder")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["proc", "under_file", "folder_is_file"])
+def test_unwritable_output_fails_before_the_engines_load(tmp_path, where):
+    """The output is checked first: with no engine dir at all the error is still about --output."""
+    (tmp_path / "file.txt").write_text("x")
+    out = {"proc": "/proc/x.png", "under_file": str(tmp_path / "file.txt" / "x.png"),
+           "folder_is_file": str(tmp_path / "file.txt" / "sub")}[where]
+    r = run("engine.generate", "--engine-dir", str(tmp_path / "no-engines"), "--output", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --output {out}: "), r.stderr
+    blamed = "/proc" if where == "proc" else str(tmp_path / "file.txt")
+    assert blamed in lines[0] and ".tmp" not in lines[0] and "no engines" not in lines[0]
+    assert os.listdir(tmp_path) == ["file.txt"]
+
+
+def test_lcm_steps_error_names_the_flag_and_range(ort_engines, tmp_path):
+    r = run("engine.generate", "--engine-dir", str(ort_engines), "--scheduler", "lcm", "--steps", "100",
+            "--output", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == ("error: steps 100 (--steps) is out of range for sampler lcm; allowed: 1..50 "
+                    "(original_inference_steps in the model's scheduler config)")
+    assert not (tmp_path / "x.png").exists()
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """argparse --help: each option line (two-space indent, then '-') -> its description, wrapped lines joined."""
+    entries: dict[str, str] = {}
+    flags: list[str] = []
+    for line in text.split("options:", 1)[1].splitlines():
+        if re.match(r"^  -", line):
+            invocation, _, desc = line.strip().partition("  ")
+            flags = re.findall(r"--[\w-]+", invocation)
+            for f in flags:
+                entries[f] = desc.strip()
+        elif line.startswith("    ") and flags:
+            for f in flags:
+                entries[f] = f"{entries[f]} {line.strip()}".strip()
+    return entries
+
+
+@pytest.mark.parametrize("cmd", ["engine.generate", "export"])
+def test_every_flag_has_help_and_default(cmd):
+    r = run(cmd, "--help")
+    assert r.returncode == 0, r.stderr
+    entries = help_entries(r.stdout)
+    assert "--prompt" in entries if cmd == "engine.generate" else "--out" in entries
+    for flag, desc in entries.items():
+        if flag == "--help":
+            continue
+        assert desc and not desc.startswith("("), (cmd, flag, desc)  # a description before the default
+        if cmd == "export" and flag == "--out":
+            assert desc.endswith("(required)"), desc
+        else:
+            assert re.search(r"\(default: [^)]*\)$", desc), (cmd, flag, desc)
+    if cmd == "engine.generate":
+        assert entries["--verify"] == "re-hash every engine file before loading (default: False)"
 
 
 def test_generate_batch_into_folder_never_overwrites(ort_engines, tmp_path):
@@ -77,13 +165,14 @@ def test_generate_img2img_and_inpainting(ort_engines, tmp_path):
         (["--model", "sd15"], "no engines for model 'sd15'"),
     ],
 )
-def test_generate_bad_input_is_one_line(ort_engines, args, message):
+def test_generate_bad_input_is_one_line(ort_engines, tmp_path, args, message):
     r = run("engine.generate", "--engine-dir", str(ort_engines), "--steps", "2", "--height", "64", "--width", "64",
-            "--output", "/nonexistent/x.png", *args)
+            "--output", str(tmp_path / "x.png"), *args)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, r.stderr
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_generate_without_engines_says_to_build(tmp_path):
