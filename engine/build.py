@@ -17,6 +17,7 @@ from typing import Any, Callable
 from engine import cache
 from engine.backends.base import Backend, get_backend
 from engine.config import ATTENTION_MODES, BACKENDS, BuildConfig, BuildPlan, Profile
+from export.quiet import add_verbose_flag, quiet_cli
 from export.families import Family, detect_family
 from export.specs import Dims, Shape, check_size, export_range, parse_components
 
@@ -265,28 +266,41 @@ def build_all(cfg: BuildConfig, progress: bool = True) -> BuildResult:
 
 def parse_args(argv: list[str] | None = None) -> BuildConfig:
     d = BuildConfig()
-    p = argparse.ArgumentParser(prog="python -m engine.build", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=d.model, help="preset (tiny, sd15, sd21) or a local diffusers folder / .safetensors")
-    p.add_argument("--backend", choices=BACKENDS, default=d.backend)
-    p.add_argument("--precision", choices=("fp16", "fp32"), default=d.precision)
-    p.add_argument("--attention", choices=ATTENTION_MODES, default=d.attention)
+    p = argparse.ArgumentParser(prog="python -m engine.build", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d.model, help="preset (tiny, tiny-inpaint, sd15, sd15-inpaint, sd21) or a "
+                   "local diffusers folder / single-file .safetensors")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend,
+                   help="auto = tensorrt where it is installed with a GPU, else onnxruntime")
+    p.add_argument("--precision", choices=("fp16", "fp32"), default=d.precision,
+                   help="None = the backend's default: fp16 on a GPU, fp32 on the CPU")
+    p.add_argument("--attention", choices=ATTENTION_MODES, default=d.attention,
+                   help="ONNX attention emission; auto = the backend's preferred one")
     p.add_argument("--components", default=None,
-                   help="comma-separated; default clip,unet,vae_decoder (+ vae_encoder for inpainting models)")
+                   help="comma-separated; None = clip,unet,vae_decoder (+ vae_encoder for inpainting models)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images denoised together")
-    p.add_argument("--height", type=int, default=d.height)
-    p.add_argument("--width", type=int, default=d.width)
-    p.add_argument("--build-dynamic-shape", action="store_true", default=d.build_dynamic_shape)
-    for f in ("min_batch", "max_batch", "min_size", "max_size"):
-        p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(d, f))
-    p.add_argument("--engine-dir", type=Path, default=d.engine_dir)
-    p.add_argument("--force-rebuild", action="store_true", default=d.force_rebuild)
+    p.add_argument("--height", type=int, default=d.height, help="pixels; None = the model's default size")
+    p.add_argument("--width", type=int, default=d.width, help="pixels; None = the model's default size")
+    p.add_argument("--build-dynamic-shape", action="store_true", default=d.build_dynamic_shape,
+                   help="TensorRT: build a shape range (the --min/--max flags) instead of one static shape")
+    for f, what in (("min_batch", "smallest batch"), ("max_batch", "largest batch"),
+                    ("min_size", "smallest side in pixels; None = the model's range"),
+                    ("max_size", "largest side in pixels; None = the model's range")):
+        p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(d, f),
+                       help=f"with --build-dynamic-shape: the {what}")
+    p.add_argument("--engine-dir", type=Path, default=d.engine_dir, help="where artifacts and build.json go")
+    p.add_argument("--force-rebuild", action="store_true", default=d.force_rebuild, help="ignore the cache")
     p.add_argument("--verify", action="store_true", default=d.verify,
                    help="re-hash every artifact file (not only those whose mtime changed), report each mismatch "
-                        "and rebuild that artifact (default: %(default)s)")
-    p.add_argument("--timing-cache", type=Path, default=d.timing_cache)
-    p.add_argument("--workspace-gib", type=float, default=d.workspace_gib)
-    p.add_argument("--builder-optimization-level", type=int, default=d.builder_optimization_level)
-    p.add_argument("--device", default=d.device)
+                        "and rebuild that artifact")
+    p.add_argument("--timing-cache", type=Path, default=d.timing_cache,
+                   help="TensorRT timing cache file; None = one per TensorRT version and GPU in --engine-dir")
+    p.add_argument("--workspace-gib", type=float, default=d.workspace_gib, help="TensorRT builder workspace limit")
+    p.add_argument("--builder-optimization-level", type=int, default=d.builder_optimization_level,
+                   help="TensorRT builder optimization level, 0..5")
+    p.add_argument("--device", default=d.device,
+                   help="where ONNX Runtime / torch engines run (cpu, cuda, cuda:N); auto = cuda if available")
+    add_verbose_flag(p)
     a = vars(p.parse_args(argv))
     if a["batch_size"] < 1:
         p.error(f"argument --batch-size: {a['batch_size']} must be >= 1")
@@ -295,6 +309,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_cli(argv)
     try:
         cfg = parse_args(argv)
         result = build_all(cfg)

@@ -13,13 +13,13 @@ import os
 import re
 import sys
 import tempfile
-import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from engine.config import BACKENDS
 from engine.png import IMAGE_FORMATS
 from engine.request import MAX_STEPS, Request
+from export.quiet import add_verbose_flag, quiet_cli
 
 _R = Request()  # generation defaults live on Request
 
@@ -89,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--engine-dir", type=Path, default=d.engine_dir, help="what engine.build wrote")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="must match the build; auto = as built")
     p.add_argument("--verify", action="store_true", default=d.verify, help="re-hash every engine file before loading")
+    add_verbose_flag(p)
     args = p.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"argument --batch-size: {args.batch_size} must be >= 1")
@@ -171,9 +172,9 @@ def run(cfg: GenerateConfig) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_cli(argv)
     from engine.cache import CorruptArtifact
 
-    warnings.simplefilter("default", UserWarning)
     try:
         run(parse_args(argv))
     except (ValueError, RuntimeError, OSError, CorruptArtifact) as e:  # one line, no traceback

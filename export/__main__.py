@@ -10,6 +10,7 @@ from pathlib import Path
 from export.attention import MODES
 from export.onnx_export import ExportOptions
 from export.presets import PRESETS
+from export.quiet import add_verbose_flag, quiet_cli
 from export.specs import COMPONENTS
 
 DEFAULTS = ExportOptions()
@@ -37,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=None, help="example height (pixels); None = the model's default")
     p.add_argument("--width", type=int, default=None, help="example width (pixels); None = the model's default")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check")
+    add_verbose_flag(p)
     return p.parse_args(argv)
 
 
@@ -70,6 +72,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_cli(argv)
     args = parse_args(argv)
     try:
         report = run(args)

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: 2.13.0 is the CPU wheel here; an unpinned torch would pull GBs of CUDA wheels.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev]"
+# setuptools warns on every editable install of a flat layout; nothing to act on
+PYTHONWARNINGS="ignore::Warning" .venv/bin/python -m pip install -q -e ".[dev]"
 # TensorRT itself cannot be installed here; its API stubs type-check our TensorRT code (they would pull tensorrt).
 .venv/bin/python -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
 if [ -f pyrightconfig.json ]; then
