@@ -124,9 +124,11 @@ class Pipeline:
         r.height, r.width = h, w
         self.schedule(r.sampler, r.steps, r.strength)  # unknown sampler, steps or strength out of range
         if r.kind != "txt2img" and "vae_encoder" not in self.runners:
-            raise ValueError(
-                f"{r.kind} needs the vae_encoder engine, which {self.info.get('engine_dir')} lacks: rebuild with "
-                f"python -m engine.build --model {self.info.get('model')} --components clip,unet,vae_decoder,vae_encoder")
+            model_dir = Path(self.info.get("engine_dir", "."))
+            wanted = ",".join(dict.fromkeys(self.family.default_components(self.dims) + ("vae_encoder",)))
+            raise ValueError(f"{r.kind} needs the vae_encoder engine, which {model_dir} lacks: rebuild with "
+                             f"python -m engine.build --model {self.info.get('model')} --engine-dir {model_dir.parent} "
+                             f"--components {wanted}")
         if r.kind == "inpaint" and not self.family.can_inpaint(self.dims):
             raise ValueError(f"model {self.info.get('model')!r} cannot inpaint: its UNet takes "
                              f"{self.dims.unet_in_channels} channels (4 blends latents, 9 is an inpainting UNet)")

@@ -188,10 +188,10 @@ def convert_single_file(path: Path, preset: str | None = None) -> Path:
     final = cache_root() / "converted" / f"{slug}-{digest[:16]}"
     if _converted(final, preset):
         return final
+    chosen, models = choose_preset(path, read_header(path), preset)  # an unsupported file leaves nothing behind
     with exclusive(final):  # concurrent conversions of one file wait; a killed one's leftovers are removed
         if _converted(final, preset):
             return final
-        chosen, models = choose_preset(path, read_header(path), preset)
         converted = convert_state_dict(load_file(str(path)), models)
         assert not mismatches(converted, models)  # the header matched, so the data does too
         with staging_dir(final) as tmp:
