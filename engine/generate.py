@@ -18,7 +18,7 @@ from pathlib import Path
 
 from engine.config import BACKENDS
 from engine.png import IMAGE_FORMATS
-from engine.request import MAX_STEPS, Request
+from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
 from export.quiet import add_verbose_flag, quiet_cli
 
 _R = Request()  # generation defaults live on Request
@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--verify", action="store_true", default=d.verify, help="re-hash every engine file before loading")
     add_verbose_flag(p)
     args = p.parse_args(argv)
+    if not (args.seed == RANDOM_SEED or 0 <= args.seed <= MAX_SEED):
+        p.error(f"argument --seed: {args.seed} is outside 0..2**64-1 (-1 draws a random seed)")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"argument --batch-size: {args.batch_size} must be >= 1")
     return GenerateConfig(**{f.name: getattr(args, f.name) for f in fields(GenerateConfig)})

@@ -7,8 +7,16 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: 2.13.0 is the CPU wheel here; an unpinned torch would pull GBs of CUDA wheels.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-# setuptools warns on every editable install of a flat layout; nothing to act on
-PYTHONWARNINGS="ignore::Warning" .venv/bin/python -m pip install -q -e ".[dev]"
+# setuptools warns on every editable install of a flat layout (nothing to act on): silenced. Any other
+# build warning (e.g. a package folder missing from pyproject.toml) fails the run, so install noise stays out.
+install_log=$(PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q -e ".[dev]" 2>&1) \
+  || { echo "$install_log"; exit 1; }
+noise=$(echo "$install_log" | grep -v "^WARNING: Location .* is ignored" || true)  # this machine's pip config
+if [ -n "$noise" ]; then
+  echo "$noise"
+  echo "tests/run.sh: installing the project printed the lines above; fix their cause" >&2
+  exit 1
+fi
 # TensorRT itself cannot be installed here; its API stubs type-check our TensorRT code (they would pull tensorrt).
 .venv/bin/python -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
 if [ -f pyrightconfig.json ]; then
