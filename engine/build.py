@@ -199,14 +199,14 @@ def _model_ref(folder: Path, plan: BuildPlan) -> Callable[[], Any]:
 def _prepare(cfg: BuildConfig) -> _Job:
     """Resolve the model, backend, profile and plan (before any lock or work)."""
     from export.models import default_size, folder_dims, resolve_model
-    from export.presets import PRESETS
+    from export.presets import ALL_PRESETS
 
     backend: Backend = get_backend(resolve_backend(cfg.backend))
     folder, model_id = resolve_model(cfg.model)
     family, dims = detect_family(folder), folder_dims(folder)
     for name in cfg.components or ():
         family.spec(name)
-    preset = PRESETS.get(str(cfg.model))
+    preset = ALL_PRESETS.get(str(cfg.model))
     profile = make_profile(cfg, dims, default_size(folder), preset.min_size if preset else 256,
                            preset.max_size if preset else 1024, static=backend.static_shapes)
     plan = make_plan(cfg, backend, profile)
@@ -268,7 +268,9 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     d = BuildConfig()
     p = argparse.ArgumentParser(prog="python -m engine.build", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=d.model, help="preset (tiny, tiny-inpaint, sd15, sd15-inpaint, sd21) or a "
+    from export.presets import ALL_PRESETS
+
+    p.add_argument("--model", default=d.model, help=f"preset ({', '.join(ALL_PRESETS)}) or a "
                    "local diffusers folder / single-file .safetensors")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend,
                    help="auto = tensorrt where it is installed with a GPU, else onnxruntime")

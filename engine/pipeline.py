@@ -179,7 +179,7 @@ class Pipeline:
         t_start = t = self._now()
         buffers = {"idx": torch.tensor(schedule.start, dtype=torch.long)}
         buffers.update(self.encode([x.request.prompt for x in rows],
-                                   [x.request.negative_prompt for x in rows] if cfg else None))
+                                   [x.request.negative_prompt for x in rows] if cfg else None, r.height, r.width))
         t = self._lap(timings, "clip", t)
         buffers.update(self._start_latents(rows, schedule, cfg))
         if cfg:
@@ -235,14 +235,22 @@ class Pipeline:
         ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
         return ids.input_ids.to(torch.int32)  # [B, 77]
 
-    def encode(self, prompts: list[str], negative: list[str] | None) -> Buffers:
+    def encode(self, prompts: list[str], negative: list[str] | None, height: int, width: int) -> Buffers:
         """The family's UNet conditioning; with CFG [uncond; cond] in one batch of 2B, as `cond.*` buffers."""
         texts = prompts if negative is None else negative + prompts
         outs = {}
         for name, tokenizer in zip(self.family.text_encoders, self.tokenizers):
             out = self.runners[name](input_ids=self.tokenize(texts, tokenizer).to(self.device))
             outs[name] = {k: v.clone() for k, v in out.items()}  # outputs are valid until the runner's next call
-        return {COND + k: v for k, v in self.family.conditioning(outs).items()}
+        cond = self.family.conditioning(outs)
+        if negative is not None and self.family.zero_empty_negative:  # SDXL: no negative prompt = zero rows
+            empty = torch.tensor([not n for n in negative] + [False] * len(prompts), device=self.device)
+            cond = {k: torch.where(empty.view(-1, *[1] * (v.dim() - 1)), torch.zeros_like(v), v)
+                    for k, v in cond.items()}
+        if self.family.size_conditioning is not None:  # SDXL: time ids from the size, the same for every row
+            extra = self.family.size_conditioning(len(texts), height, width)
+            cond.update({k: v.to(self.device) for k, v in extra.items()})
+        return {COND + k: v for k, v in cond.items()}
 
     def _start_latents(self, rows: list[Row], schedule: samplers.Schedule, cfg: bool) -> Buffers:
         """Initial latents, sampler state, per-step noise and inpainting inputs, from per-row generators."""

@@ -2,7 +2,9 @@
 
 Every model goes through one loader (`load_model`): a random preset is first materialised from its
 fixed seed as an ordinary diffusers folder (safetensors), a single-file LDM checkpoint is first
-converted to one (export/single_file.py). Nothing is downloaded, nothing is unpickled.
+converted to one (export/single_file.py). Nothing is downloaded, nothing is unpickled. The folder's
+family (export/families.py, from model_index.json) says which sub-models and wrappers it has: SDXL adds
+text_encoder_2 / tokenizer_2 and its own clip, clip2 and unet conventions (export/specs.py).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from pathlib import Path
 import torch
 
 from export import attention
-from export.presets import PRESETS, Preset
+from export.families import SD, Family, detect_family, get_family
+from export.presets import ALL_PRESETS, Preset
 from export.single_file import convert_single_file
 from export.specs import Dims
 from export.store import cache_root, content_key, exclusive, staging_dir  # cache_root: re-exported for engine/build.py
@@ -23,13 +26,23 @@ from export.tokenizer import DATA_DIR, default_tokenizer  # noqa: F401  (DATA_DI
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 FORMAT_VERSION = 1  # bump when materialisation changes, so cached preset folders are remade
-PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline")  # what we can write
+SD_PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline")
+SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline")
+PIPELINE_CLASSES = SD_PIPELINE_CLASSES + SDXL_PIPELINE_CLASSES  # what we can write
+SDXL_PAD_TOKEN = "!"  # SDXL's tokenizer_2 pads with "!" (id 0), its tokenizer with <|endoftext|>
+
+
+def sdxl_tokenizer_2(max_length: int = 77):
+    """SDXL's second tokenizer: the same CLIP BPE vocabulary, padding with "!" as SDXL's tokenizer_2 does."""
+    tokenizer = default_tokenizer(max_length)
+    tokenizer.pad_token = SDXL_PAD_TOKEN
+    return tokenizer
 
 
 def random_components(preset: Preset) -> dict:
-    """Seeded random UNet, VAE and CLIP text encoder for a preset (fp32)."""
+    """Seeded random UNet, VAE and CLIP text encoder(s) for a preset (fp32); SDXL presets add text_encoder_2."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(preset.seed)
     unet = UNet2DConditionModel(**preset.unet_config())
@@ -37,25 +50,34 @@ def random_components(preset: Preset) -> dict:
     vae = AutoencoderKL(**preset.vae_config())
     torch.manual_seed(preset.seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**preset.clip.config()))
-    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval()}
+    out = {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval()}
+    clip2 = getattr(preset, "clip2", None)
+    if clip2 is not None:
+        torch.manual_seed(preset.seed + 3)
+        out["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**clip2.config())).eval()
+    return out
 
 
 def save_diffusers_folder(components: dict, scheduler_config: dict, folder: Path,
                           pipeline_class: str = "StableDiffusionPipeline") -> None:
-    """Write components as a standard diffusers folder of `pipeline_class` (StableDiffusionPipeline or
-    StableDiffusionInpaintPipeline), weights as safetensors, through that diffusers pipeline."""
+    """Write components as a standard diffusers folder of `pipeline_class` (StableDiffusionPipeline,
+    StableDiffusionInpaintPipeline or their SDXL counterparts), weights as safetensors, through that diffusers
+    pipeline."""
     import diffusers
     from diffusers import DDIMScheduler
 
     if pipeline_class not in PIPELINE_CLASSES:
         raise ValueError(f"cannot write a {pipeline_class!r} folder; choose from {', '.join(PIPELINE_CLASSES)}")
+    if pipeline_class in SDXL_PIPELINE_CLASSES:
+        extra = dict(tokenizer_2=sdxl_tokenizer_2(), image_encoder=None, feature_extractor=None,
+                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    else:
+        extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = getattr(diffusers, pipeline_class)(
         **components,
         tokenizer=default_tokenizer(),
         scheduler=DDIMScheduler.from_config(scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **extra,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
 
@@ -85,12 +107,15 @@ class LoadedModel:
     tokenizer: object
     scheduler_config: dict
     dims: Dims
+    family: Family = SD
+    text_encoder_2: torch.nn.Module | None = None  # SDXL
+    tokenizer_2: object | None = None  # SDXL
 
 
 def resolve_model(model: str | Path) -> tuple[Path, str]:
     """(diffusers folder, model id) for a preset name, a diffusers folder or a .safetensors file."""
-    if str(model) in PRESETS:
-        return materialize_preset(PRESETS[str(model)]), str(model)
+    if str(model) in ALL_PRESETS:
+        return materialize_preset(ALL_PRESETS[str(model)]), str(model)
     path = Path(model).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(
@@ -99,7 +124,7 @@ def resolve_model(model: str | Path) -> tuple[Path, str]:
             "safetensors.torch.save_file(state_dict, 'model.safetensors'))."
         )
     if not path.exists():
-        raise ValueError(f"model {str(model)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+        raise ValueError(f"model {str(model)!r} is neither a preset ({', '.join(ALL_PRESETS)}) nor an existing path")
     name = path.resolve().stem if path.is_file() else path.resolve().name
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]  # same-named folders stay apart
     slug = f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{digest}"
@@ -121,14 +146,30 @@ def folder_dims(folder: Path) -> Dims:
     unet, vae, text = config("unet"), config("vae"), config("text_encoder")
     tok = config("tokenizer", "tokenizer_config.json")
     max_len = int(tok.get("model_max_length") or text["max_position_embeddings"])
-    return Dims(
-        latent_channels=vae.get("latent_channels", 4),
-        unet_in_channels=unet["in_channels"],
-        text_dim=text["hidden_size"],
-        text_len=min(max_len, text["max_position_embeddings"]),
-        vae_scale=2 ** (len(vae["block_out_channels"]) - 1),
-        unet_scale=2 ** (len(unet["down_block_types"]) - 1),
-    )
+    text_len = min(max_len, text["max_position_embeddings"])
+    xl = {}
+    if detect_family(folder).name == "sdxl":
+        text2, tok2 = config("text_encoder_2"), config("tokenizer_2", "tokenizer_config.json")
+        max_len2 = int(tok2.get("model_max_length") or text2["max_position_embeddings"])
+        pooled = int(text2["projection_dim"])
+        time_ids, rest = divmod(int(unet["projection_class_embeddings_input_dim"]) - pooled,
+                                int(unet["addition_time_embed_dim"]))
+        if rest or unet.get("addition_embed_type") != "text_time":
+            raise ValueError(f"{folder}: the UNet's added conditioning is not SDXL's text_time "
+                             f"({unet.get('addition_embed_type')!r}, projection_class_embeddings_input_dim "
+                             f"{unet['projection_class_embeddings_input_dim']})")
+        text_len = min(text_len, max_len2, text2["max_position_embeddings"])
+        xl = dict(text_dim=text["hidden_size"] + text2["hidden_size"], text2_dim=text2["hidden_size"],
+                  pooled_dim=pooled, time_ids=time_ids)
+    return Dims(**{
+        "latent_channels": vae.get("latent_channels", 4),
+        "unet_in_channels": unet["in_channels"],
+        "text_dim": text["hidden_size"],
+        "text_len": text_len,
+        "vae_scale": 2 ** (len(vae["block_out_channels"]) - 1),
+        "unet_scale": 2 ** (len(unet["down_block_types"]) - 1),
+        **xl,
+    })
 
 
 def default_size(folder: Path) -> int:
@@ -138,13 +179,14 @@ def default_size(folder: Path) -> int:
 
 
 def load_submodel(folder: Path, sub: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """One sub-folder's model (unet, vae, text_encoder) through diffusers / transformers, offline,
+    """One sub-folder's model (unet, vae, text_encoder, text_encoder_2) through diffusers / transformers, offline,
     safetensors only, with our attention processor installed on diffusers modules."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    if sub == "text_encoder":
-        return CLIPTextModel.from_pretrained(folder / sub, local_files_only=True, dtype=dtype).eval()
+    if sub in ("text_encoder", "text_encoder_2"):
+        cls = CLIPTextModel if sub == "text_encoder" else CLIPTextModelWithProjection
+        return cls.from_pretrained(folder / sub, local_files_only=True, dtype=dtype).eval()
     cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[sub]
     module = cls.from_pretrained(folder, subfolder=sub, use_safetensors=True, local_files_only=True, torch_dtype=dtype)
     attention.install(module)
@@ -156,11 +198,13 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: st
     from transformers import CLIPTokenizer
 
     folder, model_id = resolve_model(model)
-    subs = {sub: load_submodel(folder, sub, dtype).to(device) for sub in ("text_encoder", "unet", "vae")}
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    family = detect_family(folder)
+    subs = {sub: load_submodel(folder, sub, dtype).to(device) for sub in _SUBMODELS[family.name]}
+    tokenizers = {name: CLIPTokenizer.from_pretrained(folder / name, local_files_only=True)
+                  for name in family.tokenizers}
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    return LoadedModel(path=folder, model_id=model_id, tokenizer=tokenizer, scheduler_config=scheduler_config,
-                       dims=folder_dims(folder), **subs)
+    return LoadedModel(path=folder, model_id=model_id, scheduler_config=scheduler_config, dims=folder_dims(folder),
+                       family=family, **tokenizers, **subs)
 
 
 # ---- thin export wrappers: tensor names and conventions from export/specs.py ----
@@ -205,29 +249,73 @@ class VaeEncoderWrapper(torch.nn.Module):
         return dist.mean * self.scale, dist.std * self.scale
 
 
-_WRAPPERS = {  # component -> (model sub-folder, wrapper with the spec's conventions)
-    "clip": ("text_encoder", ClipWrapper),
-    "unet": ("unet", UNetWrapper),
-    "vae_decoder": ("vae", VaeDecoderWrapper),
-    "vae_encoder": ("vae", VaeEncoderWrapper),
+class XLClipWrapper(torch.nn.Module):
+    """SDXL's first text encoder: the penultimate hidden state, as StableDiffusionXLPipeline.encode_prompt."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):  # [B, 77] int32 -> [B, 77, C1]
+        return self.text_encoder(input_ids.long(), output_hidden_states=True).hidden_states[-2]
+
+
+class XLClip2Wrapper(torch.nn.Module):
+    """SDXL's second text encoder (with projection): penultimate hidden state and pooled projection."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):  # [B, 77] int32 -> [B, 77, C2], [B, P]
+        out = self.text_encoder(input_ids.long(), output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds
+
+
+class XLUNetWrapper(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        # [2B, 4, h, w], [2B], [2B, 77, C1+C2], [2B, P], [2B, 6] float32
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+
+_WRAPPERS = {  # family -> component -> wrapper with the spec's conventions (weights: the spec's model_folder)
+    "sd": {"clip": ClipWrapper, "unet": UNetWrapper, "vae_decoder": VaeDecoderWrapper,
+           "vae_encoder": VaeEncoderWrapper},
+    "sdxl": {"clip": XLClipWrapper, "clip2": XLClip2Wrapper, "unet": XLUNetWrapper,
+             "vae_decoder": VaeDecoderWrapper, "vae_encoder": VaeEncoderWrapper},
+}
+_SUBMODELS = {  # family -> the sub-folders load_model loads (LoadedModel attributes)
+    family: tuple(dict.fromkeys(get_family(family).spec(c).model_folder for c in wrappers))
+    for family, wrappers in _WRAPPERS.items()
 }
 
 
-def _wrapper(name: str):
-    if name not in _WRAPPERS:
-        raise ValueError(f"unknown component {name!r}; choose from {', '.join(_WRAPPERS)}")
-    return _WRAPPERS[name]
+def _wrapper(name: str, family: Family = SD):
+    """(model sub-folder, wrapper) of one component of a family."""
+    spec = family.spec(name)  # ValueError naming the family's components
+    return spec.model_folder, _WRAPPERS[family.name][name]
 
 
 def component_module(model: LoadedModel, name: str) -> torch.nn.Module:
     """The torch module of one component, with the spec's input/output conventions."""
-    sub, wrap = _wrapper(name)
+    sub, wrap = _wrapper(name, model.family)
     return wrap(getattr(model, sub)).eval()
 
 
-def load_component(folder: Path, name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
-    """One component's wrapped torch module, loading only its own sub-folder of `folder`."""
-    sub, wrap = _wrapper(name)
+def load_component(folder: Path, name: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                   family: Family | str | None = None) -> torch.nn.Module:
+    """One component's wrapped torch module, loading only its own sub-folder of `folder`. The family is
+    given, or read from the folder's model_index.json, or SD for a folder without one (an engine dir)."""
+    if family is None:
+        family = detect_family(folder) if (folder / "model_index.json").is_file() else SD
+    elif isinstance(family, str):
+        family = get_family(family)
+    sub, wrap = _wrapper(name, family)
     return wrap(load_submodel(folder, sub, dtype).to(device)).eval()
 
 

@@ -17,7 +17,7 @@ import torch
 from export import attention
 from export.models import LoadedModel, component_module, default_size
 from export.optimize import EXTERNAL_DATA_LIMIT, optimize_onnx  # EXTERNAL_DATA_LIMIT: still importable here
-from export.specs import EXPORT_MAX_BATCH, EXPORT_MAX_UNITS, ComponentSpec, Dims, Shape, get_spec
+from export.specs import EXPORT_MAX_BATCH, EXPORT_MAX_UNITS, ComponentSpec, Dims, Shape
 
 OPSET = {"decomposed": 18, "plugin": 18, "onnx": 23}  # opset 23 brings the Attention op
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int32": torch.int32}
@@ -40,7 +40,8 @@ class ExportOptions:
 
 
 def example_inputs(spec: ComponentSpec, dims: Dims, shape: Shape, precision: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic inputs of the spec's shapes: ids in the vocabulary, timesteps in [0, 1000)."""
+    """Deterministic inputs of the spec's shapes: ids in the vocabulary, timesteps in [0, 1000), SDXL time_ids
+    (sizes and crop offsets in pixels) in [0, 1024)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     batch = shape.batch * spec.batch_factor
@@ -51,6 +52,8 @@ def example_inputs(spec: ComponentSpec, dims: Dims, shape: Shape, precision: str
             x[:, 0] = 49406  # bos
         elif t == "timestep":
             x = torch.randint(0, 1000, s, generator=g).float()
+        elif t == "time_ids":
+            x = torch.randint(0, 1024, s, generator=g).float()
         else:
             x = torch.randn(s, generator=g)
         out[t] = x.to(dtype)
@@ -78,7 +81,7 @@ def dynamic_shapes(spec: ComponentSpec, dims: Dims) -> dict[str, dict[int, objec
 
 def export_component(model: LoadedModel, name: str, path: Path, opts: ExportOptions) -> dict:
     """Export one component to `path` (+ `path`.data when > 2 GB), optimized and checked; summarise."""
-    spec = get_spec(name)
+    spec = model.family.spec(name)
     if opts.attention == "plugin" and opts.precision != "fp16":
         raise ValueError("attention 'plugin' needs --precision fp16 (the fused kernel is fp16/bf16)")
     dtype = torch.float16 if opts.precision == "fp16" else torch.float32
@@ -139,7 +142,7 @@ def run_onnx(path: Path, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarra
 
 def validate(model: LoadedModel, name: str, path: Path, shape: Shape, precision: str = "fp32") -> float:
     """Max abs difference between ONNX Runtime and the torch module at one shape, over every output."""
-    spec = get_spec(name)
+    spec = model.family.spec(name)
     inputs = example_inputs(spec, model.dims, shape, precision, seed=1)
     dtype = torch.float16 if precision == "fp16" else torch.float32
     with torch.no_grad():

@@ -5,6 +5,11 @@ CPU); `sd15` / `sd21` describe the real architectures, so a random full-size mod
 export and benchmark work, and so a single-file checkpoint can be converted with local configs.
 `tiny-inpaint` / `sd15-inpaint` are the same architectures with a 9-channel inpainting UNet (latents +
 mask + masked-image latents); they materialise as diffusers StableDiffusionInpaintPipeline folders.
+
+`tiny-xl` / `sdxl` (`XLPreset`, family `sdxl`) add SDXL's second text encoder (CLIPTextModelWithProjection)
+and the UNet's added "text_time" conditioning; they materialise as StableDiffusionXLPipeline folders.
+`PRESETS` holds the SD presets (also the candidates of single-file detection, which does not convert SDXL
+checkpoints); `SDXL_PRESETS` the SDXL ones; `ALL_PRESETS` / `get_preset` every preset a model name can be.
 """
 from __future__ import annotations
 
@@ -100,6 +105,11 @@ class Preset:
     seed: int = 0  # random weights of a materialised preset
 
     @property
+    def family(self) -> str:
+        """The model family (export/families.py) of a materialised folder."""
+        return "sd"
+
+    @property
     def inpainting(self) -> bool:
         """A 9-channel inpainting UNet: latents + 1 mask channel + masked-image latents."""
         return self.unet_in_channels == 2 * self.latent_channels + 1
@@ -183,12 +193,92 @@ TINY_INPAINT = replace(TINY, name="tiny-inpaint", unet_in_channels=9, seed=3)
 
 SD15_INPAINT = replace(SD15, name="sd15-inpaint", unet_in_channels=9, seed=3)
 
+@dataclass(frozen=True)
+class XLUNetArch(UNetArch):
+    """SDXL's UNet: SD's arguments plus per-block transformer depth and the added "text_time" embedding."""
+
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    block_out_channels: tuple[int, ...] = (320, 640, 1280)
+    attention_head_dim: int | tuple[int, ...] = (5, 10, 20)  # head counts: head dim 64 everywhere
+    cross_attention_dim: int = 2048
+    use_linear_projection: bool = True
+    transformer_layers_per_block: int | tuple[int, ...] = (1, 2, 10)
+    addition_embed_type: str = "text_time"
+    addition_time_embed_dim: int = 256  # sinusoidal width per time id
+
+
+@dataclass(frozen=True)
+class XLPreset(Preset):
+    """An SDXL architecture: two text encoders (hidden states concatenated), pooled text and size conditioning."""
+
+    unet: UNetArch = field(default_factory=XLUNetArch)
+    clip2: ClipArch = field(default_factory=lambda: ClipArch(
+        hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120, hidden_act="gelu",
+        projection_dim=1280))
+    time_ids: int = 6  # original size, crop top-left, target size
+    scaling_factor: float = 0.13025
+    default_size: int = 1024
+    min_size: int = 512
+    max_size: int = 1536
+
+    @property
+    def family(self) -> str:
+        return "sdxl"
+
+    @property
+    def pipeline_class(self) -> str:
+        return "StableDiffusionXLInpaintPipeline" if self.inpainting else "StableDiffusionXLPipeline"
+
+    @property
+    def text_dim(self) -> int:
+        """The UNet's cross-attention width: both encoders' hidden states, concatenated."""
+        return self.clip.hidden_size + self.clip2.hidden_size
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.clip2.projection_dim
+
+    def unet_config(self) -> dict:
+        assert isinstance(self.unet, XLUNetArch), "an XLPreset needs an XLUNetArch"
+        c = super().unet_config()
+        c["projection_class_embeddings_input_dim"] = self.time_ids * self.unet.addition_time_embed_dim + self.pooled_dim
+        return c
+
+
+SDXL = XLPreset(name="sdxl")  # SDXL 1.0 base: random weights, the real architecture
+
+TINY_XL = XLPreset(
+    name="tiny-xl",
+    unet=XLUNetArch(  # the shape of diffusers' own tiny SDXL test UNet, head dim 64 like `tiny`
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=(1, 1),
+        cross_attention_dim=64,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        addition_time_embed_dim=8,
+        norm_num_groups=32,
+    ),
+    vae=TINY.vae,
+    clip=TINY.clip,
+    clip2=ClipArch(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                   hidden_act="gelu", projection_dim=32),
+    default_size=128,
+    min_size=64,
+    max_size=512,
+    seed=5,
+)
+
 # Order matters only for single-file detection, which takes the first preset a checkpoint fills exactly
 # (the in_channels of conv_in tells an inpainting UNet apart, so at most one preset matches).
 PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, SD15, SD21, TINY_INPAINT, SD15_INPAINT)}
+SDXL_PRESETS: dict[str, XLPreset] = {p.name: p for p in (TINY_XL, SDXL)}
+ALL_PRESETS: dict[str, Preset] = {**PRESETS, **SDXL_PRESETS}
 
 
 def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or a model path")
-    return PRESETS[name]
+    if name not in ALL_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(ALL_PRESETS)} or a model path")
+    return ALL_PRESETS[name]

@@ -16,6 +16,16 @@ Conventions fixed here:
 - `unet` takes `unet_in_channels` input channels: `latent_channels` (4) for ordinary models, 9 for
   inpainting UNets (latents + 1 mask channel + 4 masked-image latent channels, concatenated).
 - dtype "model" means the export precision (float16 or float32); other names are fixed.
+
+SDXL (`SDXL_SPECS`, family `sdxl` in export/families.py) has two text encoders and added conditioning:
+- `clip` (text_encoder, CLIPTextModel) returns the *penultimate* hidden state [B, 77, C1], and
+  `clip2` (text_encoder_2, CLIPTextModelWithProjection) returns its penultimate hidden state
+  [B, 77, C2] plus the pooled, projected `text_embeds` [B, P]: what diffusers'
+  StableDiffusionXLPipeline.encode_prompt takes (`hidden_states[-2]`, no final layer norm).
+- `unet` takes `encoder_hidden_states` [2B, 77, C1 + C2] (the two concatenated on the last axis),
+  `text_embeds` [2B, P] and `time_ids` [2B, 6] (float32: original size, crop top-left, target size,
+  in pixels, as diffusers' `_get_add_time_ids` makes them).
+- `vae_decoder` / `vae_encoder` are SD's.
 """
 from __future__ import annotations
 
@@ -40,6 +50,10 @@ class Dims:
     text_len: int = 77
     vae_scale: int = 8  # pixels per latent
     unet_scale: int = 8  # latent size must be a multiple of this (2 ** UNet down-samplers)
+    # SDXL only (0 for SD 1/2): text_dim is then the concatenated width of both text encoders
+    text2_dim: int = 0  # hidden width of the second text encoder (clip2); the first's is text_dim - text2_dim
+    pooled_dim: int = 0  # clip2's pooled, projected `text_embeds` width (the UNet's added text conditioning)
+    time_ids: int = 0  # the UNet's added size conditioning: 6 (original size, crop top-left, target size)
 
     @property
     def inpainting_unet(self) -> bool:
@@ -140,6 +154,22 @@ def _text(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
     return (b, d.text_len, d.text_dim)  # [B, 77, C]
 
 
+def _text1(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
+    return (b, d.text_len, d.text_dim - d.text2_dim)  # SDXL clip: [B, 77, C1]
+
+
+def _text2(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
+    return (b, d.text_len, d.text2_dim)  # SDXL clip2: [B, 77, C2]
+
+
+def _pooled(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
+    return (b, d.pooled_dim)  # SDXL clip2 pooled projection: [B, P]
+
+
+def _time_ids(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
+    return (b, d.time_ids)  # SDXL size conditioning: [2B, 6]
+
+
 def _per_row(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
     return (b,)  # [B]
 
@@ -187,6 +217,50 @@ SPECS: dict[str, ComponentSpec] = {
         model_folder="vae",
         description="VAE encoder: images [B, 3, H, W] in [-1, 1] -> scaled latent mean and std [B, 4, H/8, W/8]",
     ),
+}
+
+
+SDXL_COMPONENTS = ("clip", "clip2", "unet", "vae_decoder", "vae_encoder")
+SDXL_TXT2IMG_COMPONENTS = ("clip", "clip2", "unet", "vae_decoder")
+
+SDXL_SPECS: dict[str, ComponentSpec] = {
+    "clip": ComponentSpec(
+        name="clip",
+        inputs=(TensorSpec("input_ids", "int32", _tokens, _BATCH),),
+        outputs=(TensorSpec("text_embeddings", "model", _text1, _BATCH),),
+        batch_factor=2,
+        model_folder="text_encoder",
+        description="SDXL CLIP text encoder: token ids [B, 77] -> penultimate hidden state [B, 77, C1]",
+    ),
+    "clip2": ComponentSpec(
+        name="clip2",
+        inputs=(TensorSpec("input_ids", "int32", _tokens, _BATCH),),
+        outputs=(
+            TensorSpec("text_embeddings", "model", _text2, _BATCH),
+            TensorSpec("text_embeds", "model", _pooled, _BATCH),
+        ),
+        batch_factor=2,
+        model_folder="text_encoder_2",
+        description="SDXL second text encoder (with projection): token ids [B, 77] -> penultimate hidden state "
+                    "[B, 77, C2] and pooled projected text_embeds [B, P]",
+    ),
+    "unet": ComponentSpec(
+        name="unet",
+        inputs=(
+            TensorSpec("sample", "model", _unet_sample, _SPATIAL),
+            TensorSpec("timestep", "float32", _per_row, _BATCH),
+            TensorSpec("encoder_hidden_states", "model", _text, _BATCH),
+            TensorSpec("text_embeds", "model", _pooled, _BATCH),
+            TensorSpec("time_ids", "float32", _time_ids, _BATCH),
+        ),
+        outputs=(TensorSpec("latent", "model", _latent, _SPATIAL),),
+        batch_factor=2,
+        model_folder="unet",
+        description="SDXL UNet: latents [2B, 4|9, H/8, W/8], timesteps [2B], text [2B, 77, C1+C2], "
+                    "pooled text_embeds [2B, P], time_ids [2B, 6] -> eps or v",
+    ),
+    "vae_decoder": SPECS["vae_decoder"],
+    "vae_encoder": SPECS["vae_encoder"],
 }
 
 

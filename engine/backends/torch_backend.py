@@ -76,6 +76,7 @@ class TorchBackend:
         (out_dir / spec.model_folder).mkdir()
         for f in sorted(p for p in sub.iterdir() if p.suffix in WEIGHT_SUFFIXES):
             shutil.copyfile(f, out_dir / spec.model_folder / f.name)
+        shutil.copyfile(source / "model_index.json", out_dir / "model_index.json")  # the family, for load_component
         return {"device": plan.device, "precision": plan.precision}
 
     def load(self, spec: ComponentSpec, art_dir: Path, manifest: dict[str, Any], device: str) -> TorchRunner:

@@ -1,0 +1,54 @@
+"""SDXL txt2img on `tiny-xl` through the Request API vs diffusers' own StableDiffusionXLPipeline."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.build import build_all
+from engine.config import BuildConfig
+from engine.pipeline import Pipeline
+from engine.request import Request
+from engine.samplers import diffusers_scheduler
+
+PROMPTS = ["a watercolor painting of a lighthouse", "a red bicycle"]
+SEEDS = [3, 41]
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory, engine_cache):
+    from export.models import materialize_preset
+    from export.presets import ALL_PRESETS
+
+    folder = materialize_preset(ALL_PRESETS["tiny-xl"])
+    engine_dir = tmp_path_factory.mktemp("xl_engines")
+    build_all(BuildConfig(model="tiny-xl", backend="onnxruntime", engine_dir=engine_dir, batch_size=2, height=SIZE,
+                          width=SIZE), progress=False)
+    return Pipeline.load(engine_dir), folder
+
+
+@pytest.fixture(scope="module")
+def reference(xl):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(xl[1], local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("negative", ["", "blurry, low quality"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpmpp_2m"])
+def test_sdxl_matches_diffusers(xl, reference, sampler, negative):
+    pipe, _ = xl
+    assert pipe.family.name == "sdxl" and set(pipe.runners) >= {"clip", "clip2", "unet", "vae_decoder"}
+    reference.scheduler = diffusers_scheduler(sampler, pipe.scheduler_config)
+    ref = reference(PROMPTS, negative_prompt=[negative] * 2 if negative else None, num_inference_steps=8,
+                    guidance_scale=6.0, height=SIZE, width=SIZE, output_type="np",
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS]).images
+    ref = (ref * 255).round().astype(np.uint8)
+    got = pipe.run([Request(prompt=p, negative_prompt=negative, steps=8, guidance_scale=6.0, sampler=sampler, seed=s,
+                            height=SIZE, width=SIZE) for p, s in zip(PROMPTS, SEEDS)], progress=False, batch_size=2)
+    got = np.stack([g.pixels for g in got])
+    assert ref.std() > 5 and got.shape == ref.shape == (2, SIZE, SIZE, 3)
+    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2, sampler
