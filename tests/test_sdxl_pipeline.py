@@ -24,7 +24,8 @@ def xl(tmp_path_factory, engine_cache):
     folder = materialize_preset(ALL_PRESETS["tiny-xl"])
     engine_dir = tmp_path_factory.mktemp("xl_engines")
     build_all(BuildConfig(model="tiny-xl", backend="onnxruntime", engine_dir=engine_dir, batch_size=2, height=SIZE,
-                          width=SIZE), progress=False)
+                          width=SIZE, components=("clip", "clip2", "unet", "vae_decoder", "vae_encoder")),
+              progress=False)
     return Pipeline.load(engine_dir), folder
 
 
@@ -52,3 +53,25 @@ def test_sdxl_matches_diffusers(xl, reference, sampler, negative):
     got = np.stack([g.pixels for g in got])
     assert ref.std() > 5 and got.shape == ref.shape == (2, SIZE, SIZE, 3)
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2, sampler
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.7])
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a", "dpmpp_2m"])
+def test_sdxl_img2img_matches_diffusers(xl, reference, sampler, strength):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from PIL import Image
+
+    pipe, _ = xl
+    ref_pipe = StableDiffusionXLImg2ImgPipeline(**reference.components)
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref_pipe.scheduler = diffusers_scheduler(sampler, pipe.scheduler_config)
+    rng = np.random.default_rng(5)
+    image = Image.fromarray(rng.integers(0, 256, (SIZE // 8, SIZE // 8, 3), dtype=np.uint8)).resize((SIZE, SIZE))
+    ref = ref_pipe(PROMPTS, image=[image] * 2, strength=strength, num_inference_steps=10, guidance_scale=6.0,
+                   output_type="np", generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS]).images
+    ref = (ref * 255).round().astype(np.uint8)
+    got = pipe.run([Request(prompt=p, steps=10, guidance_scale=6.0, sampler=sampler, seed=s, init_image=image,
+                            strength=strength, height=SIZE, width=SIZE) for p, s in zip(PROMPTS, SEEDS)],
+                   progress=False, batch_size=2)
+    got = np.stack([g.pixels for g in got])
+    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2, (sampler, strength)
