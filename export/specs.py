@@ -29,7 +29,7 @@ SDXL (`SDXL_SPECS`, family `sdxl` in export/families.py) has two text encoders a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -223,45 +223,37 @@ SPECS: dict[str, ComponentSpec] = {
 SDXL_COMPONENTS = ("clip", "clip2", "unet", "vae_decoder", "vae_encoder")
 SDXL_TXT2IMG_COMPONENTS = ("clip", "clip2", "unet", "vae_decoder")
 
-SDXL_SPECS: dict[str, ComponentSpec] = {
-    "clip": ComponentSpec(
-        name="clip",
-        inputs=(TensorSpec("input_ids", "int32", _tokens, _BATCH),),
+_SD_CLIP, _SD_UNET = SPECS["clip"], SPECS["unet"]
+SDXL_SPECS: dict[str, ComponentSpec] = {  # SD's specs, with SDXL's outputs and added UNet inputs
+    "clip": replace(
+        _SD_CLIP,
         outputs=(TensorSpec("text_embeddings", "model", _text1, _BATCH),),
-        batch_factor=2,
-        model_folder="text_encoder",
         description="SDXL CLIP text encoder: token ids [B, 77] -> penultimate hidden state [B, 77, C1]",
     ),
-    "clip2": ComponentSpec(
+    "clip2": replace(
+        _SD_CLIP,
         name="clip2",
-        inputs=(TensorSpec("input_ids", "int32", _tokens, _BATCH),),
         outputs=(
             TensorSpec("text_embeddings", "model", _text2, _BATCH),
             TensorSpec("text_embeds", "model", _pooled, _BATCH),
         ),
-        batch_factor=2,
         model_folder="text_encoder_2",
         description="SDXL second text encoder (with projection): token ids [B, 77] -> penultimate hidden state "
                     "[B, 77, C2] and pooled projected text_embeds [B, P]",
     ),
-    "unet": ComponentSpec(
-        name="unet",
-        inputs=(
-            TensorSpec("sample", "model", _unet_sample, _SPATIAL),
-            TensorSpec("timestep", "float32", _per_row, _BATCH),
-            TensorSpec("encoder_hidden_states", "model", _text, _BATCH),
+    "unet": replace(
+        _SD_UNET,
+        inputs=_SD_UNET.inputs + (
             TensorSpec("text_embeds", "model", _pooled, _BATCH),
             TensorSpec("time_ids", "float32", _time_ids, _BATCH),
         ),
-        outputs=(TensorSpec("latent", "model", _latent, _SPATIAL),),
-        batch_factor=2,
-        model_folder="unet",
         description="SDXL UNet: latents [2B, 4|9, H/8, W/8], timesteps [2B], text [2B, 77, C1+C2], "
                     "pooled text_embeds [2B, P], time_ids [2B, 6] -> eps or v",
     ),
     "vae_decoder": SPECS["vae_decoder"],
     "vae_encoder": SPECS["vae_encoder"],
 }
+ALL_COMPONENTS = tuple(dict.fromkeys((*SPECS, *SDXL_SPECS)))  # every component name of every family
 
 
 def get_spec(name: str) -> ComponentSpec:
@@ -271,9 +263,11 @@ def get_spec(name: str) -> ComponentSpec:
 
 
 def parse_components(text: str) -> tuple[str, ...]:
+    """Component names from "a,b,c"; ValueError for a name no family has (the family checks the rest)."""
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     for n in names:
-        get_spec(n)
+        if n not in ALL_COMPONENTS:
+            raise ValueError(f"unknown component {n!r}; choose from {', '.join(ALL_COMPONENTS)}")
     return names
 
 

@@ -75,3 +75,17 @@ def test_sdxl_img2img_matches_diffusers(xl, reference, sampler, strength):
                    progress=False, batch_size=2)
     got = np.stack([g.pixels for g in got])
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2, (sampler, strength)
+
+
+def test_build_cli_takes_sdxl_components_and_refuses_them_for_sd(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "engine.build", "--engine-dir", str(tmp_path), "--model", "tiny",
+                        "--components", "clip,clip2"], capture_output=True, text=True, cwd=root, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(root)))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "unknown component 'clip2' for family 'sd'" in r.stderr.strip().splitlines()[-1]
