@@ -11,7 +11,6 @@ from export.attention import MODES
 from export.onnx_export import ExportOptions
 from export.presets import PRESETS
 from export.quiet import add_verbose_flag, quiet_cli
-from export.specs import COMPONENTS
 
 DEFAULTS = ExportOptions()
 
@@ -34,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weights and activations of the exported graphs")
     p.add_argument("--attention", choices=MODES, default=DEFAULTS.attention,
                    help="how attention is emitted in ONNX: decomposed ops, opset-23 Attention, or our plugin")
-    p.add_argument("--components", default=",".join(COMPONENTS), help="comma-separated components to export")
+    p.add_argument("--components", default=None,
+                   help="comma-separated components to export; None = every component of the model's family")
     p.add_argument("--height", type=int, default=None, help="example height (pixels); None = the model's default")
     p.add_argument("--width", type=int, default=None, help="example width (pixels); None = the model's default")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check")
@@ -51,9 +51,12 @@ def run(args: argparse.Namespace) -> dict:
     from export.specs import Shape, check_size, parse_components
     from export.store import write_json_atomic
 
-    components = parse_components(args.components)
+    components = parse_components(args.components) if args.components else None
     dtype = torch.float16 if args.precision == "fp16" else torch.float32
     model = load_model(args.model, dtype=dtype)
+    components = components or model.family.components
+    for name in components:
+        model.family.spec(name)  # a name the family lacks: ValueError before any export
     size = default_size(model.path)
     shape = Shape(1, args.height or size, args.width or size)
     check_size(model.dims, shape.height, shape.width)
