@@ -23,9 +23,10 @@ def _attention_modules(module: torch.nn.Module) -> list:
 
 
 def _check_parity(model, name: str, path, precision: str = "fp32", atol: float = 1e-4) -> None:
+    """Every output of the ONNX graph in ONNX Runtime vs the torch module, at SHAPES (spec from the model's family)."""
     from export.models import component_module
 
-    spec = get_spec(name)
+    spec = model.family.spec(name)
     for shape in SHAPES:
         inputs = example_inputs(spec, model.dims, shape, precision, seed=3)
         with torch.no_grad():
@@ -36,8 +37,19 @@ def _check_parity(model, name: str, path, precision: str = "fp32", atol: float =
         assert len(refs) == len(spec.output_names)
         for out_name, want in zip(spec.output_names, refs):
             got = torch.from_numpy(onnx_out[out_name])
-            assert tuple(got.shape) == expected[out_name]
+            assert tuple(got.shape) == expected[out_name] == tuple(want.shape)
             torch.testing.assert_close(got, want, atol=atol, rtol=0)
+
+
+def _check_graph(path, spec) -> None:
+    """The graph's input/output names are the spec's, and every dynamic axis of the spec is symbolic."""
+    graph = onnx.load(str(path))
+    assert [i.name for i in graph.graph.input] == spec.input_names
+    assert [o.name for o in graph.graph.output] == spec.output_names
+    for t, vi in zip(spec.inputs, graph.graph.input):
+        dims = vi.type.tensor_type.shape.dim
+        for axis in t.dynamic_axes:
+            assert dims[axis].dim_param, f"{spec.name}.{t.name} axis {axis} should be dynamic"
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +64,7 @@ def test_component_matches_torch(tiny_fp32, decomposed, name):
     out, infos = decomposed
     path = out / f"{name}.onnx"
     onnx.checker.check_model(str(path), full_check=True)
-    model = onnx.load(str(path))
-    spec = get_spec(name)
-    assert [i.name for i in model.graph.input] == spec.input_names
-    assert [o.name for o in model.graph.output] == spec.output_names
-    for t, vi in zip(spec.inputs, model.graph.input):  # dynamic axes are symbolic in the graph
-        dims = vi.type.tensor_type.shape.dim
-        for axis in t.dynamic_axes:
-            assert dims[axis].dim_param, f"{name}.{t.name} axis {axis} should be dynamic"
+    _check_graph(path, get_spec(name))
     assert infos[name]["opset"] == 18
     _check_parity(tiny_fp32, name, path)
 

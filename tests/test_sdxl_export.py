@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 
-import onnx
 import pytest
 import torch
 
 from export.families import FAMILIES, SD, SDXL, detect_family, get_family, sdxl_time_ids
-from export.onnx_export import ExportOptions, example_inputs, export_component, run_onnx
+from export.onnx_export import ExportOptions, export_component
 from export.presets import ALL_PRESETS, PRESETS, SDXL_PRESETS
-from export.specs import COMPONENTS, SDXL_COMPONENTS, SDXL_SPECS, SPECS, Dims, Shape, get_spec
-
-SHAPES = (Shape(1, 128, 128), Shape(3, 64, 96))  # the export shape, and another batch and size
+from export.specs import COMPONENTS, SDXL_COMPONENTS, SDXL_SPECS, SPECS, Dims, get_spec
+from tests.test_export import _check_graph, _check_parity
 
 
 @pytest.fixture(scope="module")
@@ -157,28 +155,10 @@ def exported(tiny_xl, tmp_path_factory):
 
 @pytest.mark.parametrize("name", SDXL_COMPONENTS)
 def test_sdxl_component_matches_torch(tiny_xl, exported, name):
-    from export.models import component_module
-
     out, infos = exported
     path = out / f"{name}.onnx"
     spec = SDXL.spec(name)
-    graph = onnx.load(str(path))
-    assert [i.name for i in graph.graph.input] == spec.input_names
-    assert [o.name for o in graph.graph.output] == spec.output_names
+    assert tiny_xl.family is SDXL
+    _check_graph(path, spec)
     assert [i["name"] for i in infos[name]["inputs"]] == spec.input_names
-    for t, vi in zip(spec.inputs, graph.graph.input):  # dynamic axes are symbolic in the graph
-        dims = vi.type.tensor_type.shape.dim
-        for axis in t.dynamic_axes:
-            assert dims[axis].dim_param, f"{name}.{t.name} axis {axis} should be dynamic"
-    for shape in SHAPES:
-        inputs = example_inputs(spec, tiny_xl.dims, shape, "fp32", seed=3)
-        with torch.no_grad():
-            ref = component_module(tiny_xl, name)(**inputs)
-        refs = ref if isinstance(ref, tuple) else (ref,)
-        got = run_onnx(path, inputs)
-        expected = spec.output_shapes(tiny_xl.dims, shape.batch * spec.batch_factor, shape.height, shape.width)
-        assert len(refs) == len(spec.output_names)
-        for out_name, want in zip(spec.output_names, refs):
-            g = torch.from_numpy(got[out_name])
-            assert tuple(g.shape) == expected[out_name] == tuple(want.shape)
-            torch.testing.assert_close(g, want, atol=1e-4, rtol=0)
+    _check_parity(tiny_xl, name, path)  # every output, at the export shape and another batch and size
