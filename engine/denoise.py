@@ -24,8 +24,8 @@ import torch
 
 from engine import samplers
 from engine.backends.base import Runner
+from engine.graphs import Buffers
 
-Buffers = dict[str, torch.Tensor]
 COND = "cond."
 
 
