@@ -7,6 +7,7 @@ Every write is atomic (a temp file in the same folder, then os.replace) and leav
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -126,16 +127,27 @@ def save_image(pixels: np.ndarray, path: str | Path, params: dict[str, Any]) -> 
     return _write_atomic(path, lambda f: image.save(f, format=fmt, exif=exif, quality=QUALITY))
 
 
-def save_png(image: np.ndarray, path: Path, params: dict[str, Any]) -> Path:
-    """Write `image` ([H, W, 3] uint8) to `path` as PNG, with its parameters in text chunks."""
+def write_png(image: np.ndarray, f: IO[bytes], params: dict[str, Any]) -> None:
+    """Encode `image` ([H, W, 3] uint8) as PNG into `f`, with its parameters in text chunks."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("parameters", parameters_text(params))
     info.add_itxt("sd_engine", json.dumps(params, ensure_ascii=False, default=str))
-    pil = Image.fromarray(image)
-    return _write_atomic(Path(path), lambda f: pil.save(f, format="PNG", pnginfo=info))
+    Image.fromarray(image).save(f, format="PNG", pnginfo=info)
+
+
+def png_bytes(image: np.ndarray, params: dict[str, Any]) -> bytes:
+    """The PNG file `save_png` writes, as bytes (what the server sends)."""
+    buf = io.BytesIO()
+    write_png(image, buf, params)
+    return buf.getvalue()
+
+
+def save_png(image: np.ndarray, path: Path, params: dict[str, Any]) -> Path:
+    """Write `image` ([H, W, 3] uint8) to `path` as PNG, with its parameters in text chunks."""
+    return _write_atomic(Path(path), lambda f: write_png(image, f, params))
 
 
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> Path:

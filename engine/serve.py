@@ -1,0 +1,132 @@
+"""python -m engine.serve: a long-lived server that keeps the engines loaded and batches concurrent requests.
+
+Loads the engine directory once, warms up, then serves until SIGTERM/SIGINT. The first signal drains:
+/readyz answers 503, new generations 503, every accepted request is finished, then the process exits 0.
+A second signal stops at once (uvicorn's graceful shutdown, then forced). --ray deploys the same app on
+Ray Serve instead (engine/server/ray_app.py).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+from types import FrameType
+
+from engine.server.config import ServeConfig
+
+log = logging.getLogger("engine.serve")
+
+
+def parse_args(argv: list[str] | None = None) -> ServeConfig:
+    d = ServeConfig()
+    p = argparse.ArgumentParser(prog="python -m engine.serve", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--engine-dir", type=Path, default=d.engine_dir, help="what python -m engine.build wrote")
+    p.add_argument("--model", default=d.model, help="model id, preset or path given to engine.build; "
+                   "None = the only model in --engine-dir")
+    p.add_argument("--device", default=d.device, help="torch / onnxruntime device: auto, cpu, cuda, cuda:1")
+    p.add_argument("--host", default=d.host, help="address to listen on (loopback by default)")
+    p.add_argument("--port", type=int, default=d.port, help="port to listen on")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help="images per UNet batch (capped at the engines' largest batch)")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help="how long the first queued request waits for compatible batch-mates")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting; one more gets 429")
+    p.add_argument("--max-images", type=int, default=d.max_images, help="images per request (OpenAI's n)")
+    p.add_argument("--timeout-s", type=float, default=d.timeout_s, help="per request, queue + compute; then 504")
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="larger request bodies get 413")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=d.warmup,
+                   help="one small generation before /readyz says ready")
+    p.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"))
+    ray = p.add_argument_group("Ray Serve")
+    ray.add_argument("--ray", action="store_true", default=d.ray, help="deploy on Ray Serve (local instance)")
+    ray.add_argument("--replicas", type=int, default=d.replicas, help="replicas (the minimum when autoscaling)")
+    ray.add_argument("--max-replicas", type=int, default=d.max_replicas,
+                     help="autoscale up to this many replicas; None = a fixed --replicas")
+    ray.add_argument("--gpus-per-replica", type=float, default=d.gpus_per_replica,
+                     help="1 on a GPU cluster: one replica per GPU")
+    ray.add_argument("--cpus-per-replica", type=float, default=d.cpus_per_replica, help="CPUs each replica reserves")
+    ray.add_argument("--max-ongoing-requests", type=int, default=d.max_ongoing_requests,
+                     help="requests Ray's router sends one replica at a time")
+    args = p.parse_args(argv)
+    for name in ("max_batch", "max_queue", "max_images", "replicas", "max_ongoing_requests"):
+        if getattr(args, name) < 1:
+            p.error(f"argument --{name.replace('_', '-')}: {getattr(args, name)} must be >= 1")
+    for name in ("max_wait_ms", "timeout_s", "max_body_mb"):
+        if not getattr(args, name) > 0 and not (name == "max_wait_ms" and args.max_wait_ms == 0):
+            p.error(f"argument --{name.replace('_', '-')}: {getattr(args, name)} must be > 0")
+    if not 0 < args.port < 65536:
+        p.error(f"argument --port: {args.port} must be in [1, 65535]")
+    return ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})
+
+
+def _make_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, but the first SIGTERM/SIGINT drains the app before the usual graceful shutdown."""
+
+        def __init__(self, config: uvicorn.Config, state):
+            super().__init__(config)
+            self.state = state
+            self.draining = False
+            self.loop: asyncio.AbstractEventLoop | None = None
+
+        async def serve(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Not uvicorn's handler: that one re-raises the signal after shutdown, so a drained exit would
+            # still die by SIGTERM instead of returning 0.
+            if self.draining or self.loop is None:
+                self.force_exit = self.should_exit
+                self.should_exit = True
+                return
+            self.draining = True
+            log.info("signal %s: draining (no new work; finishing %s queued request(s))", sig,
+                     self.state.batcher.depth if self.state.batcher else 0)
+            self.loop.call_soon_threadsafe(self._drain)
+
+        def _drain(self) -> None:
+            async def drain_then_exit() -> None:
+                self.state.drain()
+                if self.state.batcher is not None:
+                    await self.state.batcher.drained.wait()
+                log.info("drained: every accepted request answered or running out; shutting down")
+                self.should_exit = True
+
+            assert self.loop is not None
+            self.loop.create_task(drain_then_exit())
+
+    return DrainingServer
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if cfg.ray:
+        from engine.server.ray_app import run
+
+        run(cfg)
+        return 0
+    import uvicorn
+
+    from engine.server.app import create_app
+
+    app = create_app(cfg)
+    server = _make_server_class()(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                                                 timeout_graceful_shutdown=None, access_log=False),
+                                  app.state.server)
+    server.run()
+    if app.state.server.status == "failed" or not server.started:
+        print(f"error: {app.state.server.error or 'the server did not start'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""The ASGI app: routes, error answers, body limit, warm-up and drain, around one Pipeline and one Batcher.
+
+`create_app(config)` returns a FastAPI app whose lifespan loads the engine directory once (in a thread),
+starts the batcher and runs one small warm-up generation in the background; /readyz answers 200 only
+after it. Each generation request is checked against the loaded engines before it is queued (bad input
+is a 400 naming the field, never a 500), then waits for its batch, its timeout (504) or its client's
+disconnect (dropped from the queue). Every non-200 answer has OpenAI's error shape.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HttpRequest
+
+from engine.png import png_bytes
+from engine.request import Generated, Request
+from engine.server.batcher import Batcher, BatchFailed, Draining, Outcome, QueueFull
+from engine.server.config import ServeConfig
+from engine.server.metrics import Metrics
+from engine.server.schemas import ApiError, GenerateBody, ImagesBody, decode_image, validation_error
+
+log = logging.getLogger("engine.serve")
+PLAYGROUND = Path(__file__).with_name("playground.html")
+WARMUP_STEPS = 2
+DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
+IMAGE_FIELDS = ("init_image", "mask")
+# the first word(s) of a pipeline ValueError -> the field it is about
+_PARAM_WORDS = {"height": "height", "width": "width", "steps": "steps", "strength": "strength", "seed": "seed",
+                "unknown sampler": "sampler", "init image": "init_image", "mask": "mask", "a mask": "mask",
+                "guidance": "guidance_scale", "images per prompt": "images", "img2img": "init_image",
+                "inpaint": "mask"}
+
+
+class ClientGone(Exception):
+    """The client closed the connection while its request waited."""
+
+
+class ServerState:
+    """One process's pipeline, batcher and metrics, and where it is in its life (loading -> ready -> draining)."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.pipeline: Any = None
+        self.batcher: Batcher | None = None
+        self.status = "loading"  # loading | warming | ready | draining | failed
+        self.error: str | None = None
+        self._warmup: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+    async def start(self) -> None:
+        """Load the engines (raises if they cannot be loaded), start the batcher, warm up in the background."""
+        from engine.pipeline import Pipeline
+
+        cfg = self.config
+        try:
+            self.pipeline = await asyncio.to_thread(Pipeline.load, cfg.engine_dir, cfg.model, cfg.device)
+        except (ValueError, OSError, RuntimeError) as exc:
+            self.status, self.error = "failed", str(exc)
+            log.error("cannot load engines from %s: %s", cfg.engine_dir, exc)
+            raise
+        max_batch = max(1, min(cfg.max_batch, self.pipeline.profile.hi.batch))
+        self.batcher = Batcher(self._run, max_batch, cfg.max_wait_ms / 1e3, cfg.max_queue, self.metrics)
+        self.batcher.start()
+        self.status = "warming"
+        self._warmup = asyncio.get_running_loop().create_task(self._warm())
+
+    async def _warm(self) -> None:
+        if self.config.warmup:
+            t0 = time.perf_counter()
+            req = Request(prompt="warm-up", steps=WARMUP_STEPS)
+            rows = self.pipeline.prepare(req)
+            try:
+                await self.batcher.submit(rows[0].request, rows[0].group(req.guidance_scale > 1.0))
+            except (BatchFailed, Draining) as exc:
+                self.status, self.error = "failed", f"warm-up generation failed: {exc}"
+                log.error(self.error)
+                return
+            log.info("warm-up generation took %.0f ms", (time.perf_counter() - t0) * 1e3)
+        if self.status == "warming":
+            self.status = "ready"
+            log.info("ready: model %s on %s", self.pipeline.info.get("model"), self.pipeline.info.get("backend"))
+
+    def _run(self, requests: list[Request], batch_size: int) -> list[Generated]:
+        return self.pipeline.run(requests, progress=False, batch_size=batch_size)
+
+    def drain(self) -> None:
+        """Stop taking work (readyz 503, new generations 503); what was accepted still runs."""
+        if self.status not in ("failed",):
+            self.status = "draining"
+        if self.batcher is not None:
+            self.batcher.close()
+
+    async def stop(self) -> None:
+        self.drain()
+        if self.batcher is not None:
+            await self.batcher.drained.wait()
+        if self.pipeline is not None:
+            self.pipeline.close()
+
+    # ---- one generation request ----
+
+    def check(self, request: Request, images_field: str, size_field: str | None) -> tuple[Request, tuple]:
+        """The request resolved against the loaded engines, and its batch key; ApiError 400 naming the field."""
+        if self.status in ("draining", "failed") or self.batcher is None:
+            raise ApiError(503, f"server is {self.status}" + (f": {self.error}" if self.error else ""),
+                           kind="unavailable", headers={"Retry-After": "5"})
+        if request.images > self.config.max_images:
+            raise ApiError(400, f"{images_field} {request.images} is over this server's limit "
+                                f"(--max-images {self.config.max_images})", images_field)
+        try:
+            rows = self.pipeline.prepare(request)
+        except ValueError as exc:
+            param = _param_of(str(exc))
+            if size_field and param in ("height", "width"):
+                param = size_field
+            raise ApiError(400, str(exc), param) from None
+        resolved = rows[0].request
+        return resolved, rows[0].group(resolved.guidance_scale > 1.0)
+
+    async def generate(self, http: HttpRequest, request: Request, images_field: str = "images",
+                       size_field: str | None = None) -> Outcome:
+        t0 = time.perf_counter()
+        resolved, key = self.check(request, images_field, size_field)
+        if self.status != "ready":
+            raise ApiError(503, f"server is {self.status}; retry when /readyz answers 200", kind="unavailable",
+                           headers={"Retry-After": "1"})
+        assert self.batcher is not None
+        try:
+            work = asyncio.wait_for(self.batcher.submit(resolved, key), self.config.timeout_s)
+            outcome = await _unless_client_leaves(http, work)
+        except QueueFull as exc:
+            self._failed("queue_full")
+            raise ApiError(429, f"server busy: {self.batcher.depth} requests queued (--max-queue "
+                                f"{self.config.max_queue}); retry after {exc.retry_after_s} s",
+                           kind="rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after_s)}) from None
+        except Draining:
+            self._failed("draining")
+            raise ApiError(503, "server is draining", kind="unavailable", headers={"Retry-After": "5"}) from None
+        except TimeoutError:
+            self._failed("timeout")
+            raise ApiError(504, f"no answer within --timeout-s {self.config.timeout_s}", kind="timeout") from None
+        except BatchFailed as exc:
+            self._failed("generation")
+            raise ApiError(500, f"generation failed: {exc}", kind="server_error") from None
+        except ClientGone:
+            self._failed("client_disconnected")
+            raise
+        m = self.metrics
+        m.success.inc()
+        m.queue_time.observe(outcome.queue_s)
+        m.compute_time.observe(outcome.compute_s)
+        m.request_time.observe(time.perf_counter() - t0)
+        return outcome
+
+    def _failed(self, reason: str) -> None:
+        self.metrics.failure.labels(reason).inc()
+
+
+async def _unless_client_leaves(http: HttpRequest, work) -> Outcome:
+    """`work`'s result; ClientGone (and `work` cancelled, so its job leaves the queue) if the client disconnects."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await http.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def _param_of(message: str) -> str | None:
+    text = message.lower()
+    for words in sorted(_PARAM_WORDS, key=len, reverse=True):
+        if text.startswith(words):
+            return _PARAM_WORDS[words]
+    return None
+
+
+def _timings(outcome: Outcome) -> dict[str, float]:
+    stages = outcome.images[0].timings_ms if outcome.images else {}
+    out = {"queue": outcome.queue_s * 1e3, "compute": outcome.compute_s * 1e3}
+    out.update({k: v for k, v in stages.items() if k != "total"})
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def _encode(images: list[Generated]) -> list[bytes]:
+    return [png_bytes(g.pixels, g.params) for g in images]
+
+
+async def _read_generate_body(http: HttpRequest) -> tuple[GenerateBody, dict[str, Any]]:
+    """The /v1/generate body from JSON or multipart form data, and its decoded init image / mask."""
+    ctype = http.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    files: dict[str, Any] = {}
+    try:
+        if ctype == "multipart/form-data":
+            form = await http.form(max_files=len(IMAGE_FIELDS), max_fields=32)
+            fields: dict[str, Any] = {}
+            for name, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    if name not in IMAGE_FIELDS:
+                        raise ApiError(400, f"{name}: only {' and '.join(IMAGE_FIELDS)} may be files", name)
+                    files[name] = await value.read()
+                elif value != "":
+                    fields[name] = value
+            body = GenerateBody.model_validate(fields)
+        elif ctype == "application/json":
+            body = GenerateBody.model_validate_json(await http.body())
+        else:
+            raise ApiError(415, f"content type {ctype!r} is not accepted; send application/json or "
+                                "multipart/form-data", kind="unsupported_media_type")
+    except ValidationError as err:
+        raise validation_error(err) from None
+    except HTTPException as err:  # multipart parser limits (too many fields / files)
+        raise ApiError(400, f"multipart body: {err.detail}") from None
+    for name in IMAGE_FIELDS:
+        source = files.get(name, getattr(body, name))
+        files[name] = await asyncio.to_thread(decode_image, source, name) if source is not None else None
+    return body, files
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    state = ServerState(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await state.start()
+        yield
+        await state.stop()
+
+    app = FastAPI(title="sd-engine", version="0.1.0", lifespan=lifespan,
+                  description="Stable Diffusion generation: OpenAI Images API and the full Request API")
+    app.state.server = state
+    app.add_middleware(Guard, max_bytes=int(config.max_body_mb * 2**20), metrics=state.metrics)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: HttpRequest, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: HttpRequest, err: RequestValidationError) -> JSONResponse:
+        api = validation_error(list(err.errors()))
+        return JSONResponse(api.body(), api.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: HttpRequest, err: HTTPException) -> JSONResponse:
+        return JSONResponse(ApiError(err.status_code, str(err.detail), kind="http_error").body(), err.status_code)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_: HttpRequest, err: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        if not state.ready:
+            body = {"status": state.status} | ({"error": state.error} if state.error else {})
+            return JSONResponse(body, 503)
+        return JSONResponse({"status": "ready", "model": state.pipeline.info.get("model"),
+                             "backend": state.pipeline.info.get("backend")})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+
+    @app.get("/v1/info")
+    async def info() -> dict:
+        from engine.samplers import SAMPLERS
+
+        p = state.pipeline
+        if p is None:
+            raise ApiError(503, "engines not loaded yet", kind="unavailable", headers={"Retry-After": "1"})
+        d = Request()
+        return {"model": p.info.get("model"), "backend": p.info.get("backend"), "family": p.family.name,
+                "height": p.profile.opt.height, "width": p.profile.opt.width, "profile": p.profile.to_json(),
+                "size_multiple": p.dims.size_multiple, "samplers": list(SAMPLERS),
+                "max_images": config.max_images, "max_batch": state.batcher.max_batch if state.batcher else None,
+                "defaults": {"steps": d.steps, "guidance_scale": d.guidance_scale, "sampler": d.sampler,
+                             "seed": d.seed, "negative_prompt": d.negative_prompt}}
+
+    @app.post("/v1/generate", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": GenerateBody.model_json_schema()}}}})
+    async def generate(http: HttpRequest) -> Response:
+        """Every Request field; init_image / mask as base64 (JSON) or file parts (multipart)."""
+        body, images = await _read_generate_body(http)
+        if body.response_format == "png" and body.images != 1:
+            raise ApiError(400, f"response_format 'png' returns one image; images is {body.images} "
+                                "(use 'json' for several)", "response_format")
+        outcome = await state.generate(http, body.to_request(images["init_image"], images["mask"]))
+        pngs = await asyncio.to_thread(_encode, outcome.images)
+        timings = _timings(outcome)
+        if body.response_format == "png":
+            return Response(pngs[0], media_type="image/png", headers={
+                "X-Seed": str(outcome.images[0].params["seed"]), "X-Timings-Ms": json.dumps(timings)})
+        return JSONResponse({
+            "created": int(time.time()),
+            "images": [{"b64_png": base64.b64encode(b).decode(), "seed": g.params["seed"],
+                        "params": json.loads(json.dumps(g.params, default=str))}
+                       for b, g in zip(pngs, outcome.images)],
+            "timings_ms": timings, "batch_images": outcome.batch_images})
+
+    @app.post("/v1/images/generations")
+    async def images_generations(body: ImagesBody, http: HttpRequest) -> JSONResponse:
+        """OpenAI's Images API (b64_json only); negative_prompt, steps, guidance_scale, scheduler, seed extra."""
+        outcome = await state.generate(http, body.to_request(), images_field="n", size_field="size")
+        pngs = await asyncio.to_thread(_encode, outcome.images)
+        return JSONResponse({"created": int(time.time()),
+                             "data": [{"b64_json": base64.b64encode(b).decode()} for b in pngs]})
+
+    return app
+
+
+class Guard:
+    """ASGI middleware: bodies over `max_bytes` get 413 before the app sees them; every answer is counted."""
+
+    def __init__(self, app, max_bytes: int, metrics: Metrics):
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        label = path if path in ("/", "/healthz", "/readyz", "/metrics", "/v1/info", "/v1/generate",
+                                 "/v1/images/generations", "/docs", "/openapi.json") else "other"
+
+        async def counted_send(message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.http_requests.labels(label, str(message["status"])).inc()
+            await send(message)
+
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(counted_send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self._too_large(counted_send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the real channel (disconnects)
+
+        await self.app(scope, replay, counted_send)
+
+    async def _too_large(self, send) -> None:
+        err = ApiError(413, f"request body over --max-body-mb {self.max_bytes / 2**20:g}", kind="request_too_large")
+        data = json.dumps(err.body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": data})

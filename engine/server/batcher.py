@@ -1,0 +1,183 @@
+"""Dynamic batching: a bounded FIFO of requests and one worker that runs compatible requests together.
+
+A request is compatible with another when the pipeline can put their images in one UNet batch: the same
+graph key (kind, size, steps, sampler, strength, guidance on/off). Prompts, seeds and guidance scales may
+differ, since the pipeline gives each image its own generator and guidance row, so an image is the same
+alone or batched. The worker takes the oldest request, waits up to `max_wait_s` from its arrival for
+compatible ones until `max_batch` images are queued, and runs the batch in a thread (the event loop stays
+free to answer, queue and reject). One batch runs at a time: the engines are one device's.
+
+Backpressure is a bound, never a wait: `submit` raises QueueFull when `max_queue` requests wait. A
+request whose caller goes away (cancelled: client disconnect, timeout) leaves the queue at once; if it is
+already running, its rows are computed and discarded. A failing batch fails only its own requests.
+`close` stops intake; the worker finishes everything accepted, then sets `drained`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.request import Generated, Request
+from engine.server.metrics import Metrics
+
+log = logging.getLogger("engine.serve")
+RunFn = Callable[[list[Request], int], list[Generated]]  # (requests, batch size) -> images in request order
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"queue full; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class Draining(Exception):
+    """The server is shutting down and takes no new work."""
+
+
+class BatchFailed(Exception):
+    """The batch a request ran in raised; the message names the cause."""
+
+
+@dataclass
+class Outcome:
+    images: list[Generated]
+    queue_s: float  # arrival -> batch start
+    compute_s: float  # the batch's run
+    batch_images: int  # images in that batch (this request's and its batch-mates')
+
+
+@dataclass(eq=False)
+class Job:
+    request: Request  # checked and resolved (seed drawn, size filled in)
+    key: tuple
+    future: asyncio.Future = field(repr=False)
+    arrived: float
+    started: float | None = None
+
+
+class Batcher:
+    def __init__(self, run: RunFn, max_batch: int, max_wait_s: float, max_queue: int, metrics: Metrics | None = None):
+        self.run, self.max_batch, self.max_wait_s, self.max_queue = run, max_batch, max_wait_s, max_queue
+        self.metrics = metrics
+        self.accepting = True
+        self.drained = asyncio.Event()
+        self._queue: deque[Job] = deque()
+        self._wake = asyncio.Event()
+        self._batch_s = 1.0  # moving average of a batch's run time, for Retry-After
+        self._task: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._worker(), name="batcher")
+        self._task.add_done_callback(_log_crash)
+
+    def close(self) -> None:
+        """Stop intake; what is queued still runs, then `drained` is set."""
+        self.accepting = False
+        self._wake.set()
+
+    def retry_after_s(self) -> int:
+        return max(1, math.ceil(self._batch_s * (1 + len(self._queue) / self.max_batch)))
+
+    async def submit(self, request: Request, key: tuple) -> Outcome:
+        """The request's images once its batch ran. QueueFull / Draining at once; BatchFailed if its batch raised."""
+        if not self.accepting:
+            raise Draining("the server is draining")
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(self.retry_after_s())
+        job = Job(request, key, asyncio.get_running_loop().create_future(), time.perf_counter())
+        self._queue.append(job)
+        self._set_depth()
+        self._wake.set()
+        try:
+            return await job.future
+        finally:
+            if job.started is None and job in self._queue:  # cancelled while waiting: leave the queue
+                self._queue.remove(job)
+                self._set_depth()
+
+    # ---- the worker ----
+
+    async def _worker(self) -> None:
+        while True:
+            if not self._queue:
+                if not self.accepting:
+                    self.drained.set()
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            jobs = await self._collect()
+            if jobs:
+                await self._execute(jobs)
+
+    def _compatible(self, head: Job) -> list[Job]:
+        """The head and, in arrival order, every queued job with its key that still fits in max_batch images."""
+        jobs, n = [head], head.request.images
+        for job in self._queue:
+            if job is not head and job.key == head.key and n + job.request.images <= self.max_batch:
+                jobs.append(job)
+                n += job.request.images
+        return jobs
+
+    async def _collect(self) -> list[Job]:
+        head = self._queue[0]
+        deadline = head.arrived + self.max_wait_s
+        while True:
+            jobs = self._compatible(head)
+            wait = deadline - time.perf_counter()
+            if sum(j.request.images for j in jobs) >= self.max_batch or wait <= 0 or not self.accepting:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                pass
+            if head not in self._queue:  # its caller went away: start over from the new head
+                return []
+        now = time.perf_counter()
+        for job in jobs:
+            self._queue.remove(job)
+            job.started = now
+        self._set_depth()
+        return jobs
+
+    async def _execute(self, jobs: list[Job]) -> None:
+        requests = [j.request for j in jobs]
+        n = sum(r.images for r in requests)
+        t0 = time.perf_counter()
+        try:
+            images = await asyncio.to_thread(self.run, requests, min(n, self.max_batch))
+        except Exception as exc:  # the batch's requests fail; the server keeps serving
+            log.error("batch of %d request(s) failed: %s: %s", len(jobs), type(exc).__name__, exc)
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(BatchFailed(f"{type(exc).__name__}: {exc}"))
+            return
+        compute = time.perf_counter() - t0
+        self._batch_s = 0.8 * self._batch_s + 0.2 * compute
+        if self.metrics is not None and images:
+            self.metrics.observe_batch(n, images[0].timings_ms)
+        start = 0
+        for job in jobs:
+            mine = images[start:start + job.request.images]
+            start += job.request.images
+            if not job.future.done():  # a cancelled job's rows are discarded
+                job.future.set_result(Outcome(mine, (job.started or t0) - job.arrived, compute, n))
+
+    def _set_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.pending.set(len(self._queue))
+
+
+def _log_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("batch worker stopped: %r", task.exception())

@@ -1,0 +1,32 @@
+"""Server defaults, in one place: `python -m engine.serve` and the Ray Serve builder read `ServeConfig`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class ServeConfig:
+    engine_dir: Path = Path("engines")  # what python -m engine.build wrote
+    model: str | None = None  # None = the only model in engine_dir
+    device: str = "auto"
+    host: str = "127.0.0.1"  # loopback unless asked otherwise
+    port: int = 8000
+    max_batch: int = 8  # images per UNet batch (capped at the engines' largest batch)
+    max_wait_ms: float = 10.0  # how long the first queued request waits for batch-mates
+    max_queue: int = 64  # requests waiting (not yet running); one more is answered 429
+    max_images: int = 8  # images per request (OpenAI's n)
+    timeout_s: float = 300.0  # per request, queue + compute; past it the answer is 504
+    max_body_mb: float = 20.0  # larger bodies are answered 413
+    warmup: bool = True  # one small generation before /readyz says ready
+    log_level: str = "info"
+    # Ray Serve (python -m engine.serve --ray)
+    ray: bool = False
+    replicas: int = 1  # fixed replica count; ignored when autoscaling (max_replicas > replicas)
+    max_replicas: int | None = None  # autoscaling upper bound; None = no autoscaling
+    gpus_per_replica: float = 0.0  # 1 on a GPU cluster: one replica per GPU
+    cpus_per_replica: float = 1.0
+    max_ongoing_requests: int = 32  # per replica, what Ray's router lets in before it queues
+
+    def __post_init__(self) -> None:
+        self.engine_dir = Path(self.engine_dir)

@@ -1,0 +1,167 @@
+"""The HTTP API's bodies (pydantic), their errors, and their conversion to `engine.request.Request`.
+
+Two ways in: `GenerateBody` (POST /v1/generate: every Request field, JSON or multipart) and `ImagesBody`
+(POST /v1/images/generations: OpenAI's Images API, with our fields as extra body fields). Field defaults
+come from `Request`. Unknown fields are refused (400 naming the field), as are prompts with control
+characters and base64 that is not an image. What only the loaded engines can judge (size against the
+built profile, steps for the sampler, img2img without a VAE encoder) is checked by the app.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import unicodedata
+from typing import Any, Literal
+
+import PIL.Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
+from engine.samplers import SAMPLERS
+
+_R = Request()
+MAX_PROMPT_CHARS = 4000  # CLIP reads 77 tokens; longer text is truncated with a warning, far longer is refused
+MAX_GUIDANCE = 100.0
+MAX_SIDE = 8192  # pixels; the built profile is usually far smaller and is checked by the app
+MAX_INPUT_PIXELS = 4096 * 4096  # decoded init image / mask
+ALLOWED_CONTROL = "\t\n\r"
+
+
+class ApiError(Exception):
+    """An answer other than 200: status, message, the field at fault (OpenAI's error shape)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+def _text(value: str) -> str:
+    bad = [c for c in value if (unicodedata.category(c) in ("Cc", "Cs") and c not in ALLOWED_CONTROL)]
+    if bad:
+        raise ValueError(f"contains control character {bad[0]!r} (U+{ord(bad[0]):04X}); only tab and newlines "
+                         "are allowed")
+    return value
+
+
+def _sampler(value: str) -> str:
+    if value not in SAMPLERS:
+        raise ValueError(f"unknown sampler {value!r}; choose one of: {', '.join(SAMPLERS)}")
+    return value
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field(_R.negative_prompt, max_length=MAX_PROMPT_CHARS)
+    steps: int = Field(_R.steps, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(_R.guidance_scale, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    seed: int = Field(_R.seed, ge=RANDOM_SEED, le=MAX_SEED, description="image k uses seed + k; -1 = random")
+
+    _check_text = field_validator("prompt", "negative_prompt")(_text)
+
+
+class GenerateBody(_Common):
+    """POST /v1/generate: one Request."""
+
+    sampler: str = _R.sampler
+    height: int | None = Field(_R.height, ge=1, le=MAX_SIDE, description="null = the engines' default size")
+    width: int | None = Field(_R.width, ge=1, le=MAX_SIDE)
+    images: int = Field(_R.images, ge=1, description="images for this prompt (at most the server's --max-images)")
+    init_image: str | None = Field(None, description="img2img / inpainting source: base64 PNG/JPEG/WebP (or data URL)")
+    strength: float | None = Field(_R.strength, gt=0, le=1)
+    mask: str | None = Field(None, description="inpainting mask, base64 image; white = repaint")
+    resize: bool = _R.resize
+    response_format: Literal["json", "png"] = "json"
+
+    _check_sampler = field_validator("sampler")(_sampler)
+
+    def to_request(self, init_image: PIL.Image.Image | None = None, mask: PIL.Image.Image | None = None) -> Request:
+        return Request(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+                       guidance_scale=self.guidance_scale, sampler=self.sampler, seed=self.seed, height=self.height,
+                       width=self.width, images=self.images, init_image=init_image, strength=self.strength,
+                       mask=mask, resize=self.resize)
+
+
+class ImagesBody(_Common):
+    """POST /v1/images/generations: OpenAI's Images API; model, quality, style and user are accepted and ignored."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str | None = Field(None, description='"WIDTHxHEIGHT"; null or "auto" = the engines\' default size')
+    response_format: Literal["b64_json"] | None = Field(None, description="only b64_json: images are not hosted")
+    output_format: Literal["png"] | None = None
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    scheduler: str = _R.sampler  # extra body field (OpenAI has none)
+
+    _check_sampler = field_validator("scheduler")(_sampler)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if value is not None and value != "auto":
+            parse_size(value)
+        return value
+
+    def to_request(self) -> Request:
+        width, height = parse_size(self.size) if self.size not in (None, "auto") else (None, None)
+        return Request(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+                       guidance_scale=self.guidance_scale, sampler=self.scheduler, seed=self.seed, height=height,
+                       width=width, images=self.n)
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """(width, height) of "WIDTHxHEIGHT"."""
+    parts = size.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 5 for p in parts):
+        raise ValueError(f"size {size!r} must be WIDTHxHEIGHT in pixels, e.g. 512x512")
+    width, height = int(parts[0]), int(parts[1])
+    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+        raise ValueError(f"size {size!r}: each side must be in [1, {MAX_SIDE}]")
+    return width, height
+
+
+def decode_image(data: str | bytes, field: str) -> PIL.Image.Image:
+    """A decoded image from base64 text (a data URL is fine) or raw file bytes; ApiError 400 naming `field`."""
+    if isinstance(data, str):
+        text = data.split(",", 1)[1] if data.startswith("data:") else data
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{field} is not valid base64", field) from None
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_INPUT_PIXELS:
+                raise ApiError(400, f"{field} is {img.width}x{img.height}; at most {MAX_INPUT_PIXELS} pixels", field)
+            img.load()
+            return img.copy()
+    except PIL.UnidentifiedImageError:
+        raise ApiError(400, f"{field} is not an image (PNG, JPEG or WebP)", field) from None
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ApiError(400, f"{field} is not a readable image ({reason})", field) from exc
+
+
+def validation_error(err: ValidationError | list[dict[str, Any]]) -> ApiError:
+    """400 naming the first bad field of a pydantic / FastAPI validation error."""
+    errors = err.errors() if isinstance(err, ValidationError) else err
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        reason = first.get("ctx", {}).get("error", first.get("msg"))
+        return ApiError(400, f"malformed JSON body: {reason}")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    elif first.get("type") == "missing":
+        msg = "field required"
+    return ApiError(400, f"{param}: {msg}" if param else msg, param)
