@@ -344,6 +344,10 @@ def make_schedule(name: str, scheduler_config: dict, steps: int, strength: float
     start = _first_step(strength, steps)
     tables = {**_TABLE_BUILDERS[name](sched, pred, start), **_add_noise_tables(sched)}
     tables = {k: v.to(torch.float32).contiguous() for k, v in tables.items()}
+    bad = [k for k, v in tables.items() if not bool(torch.isfinite(v).all())]
+    if bad:  # e.g. dpmpp_2m at 999-1000 steps: repeated timesteps give a zero step size (diffusers fails there too)
+        raise ValueError(f"steps {steps} (--steps) is out of range for sampler {name}: its {bad[0]} coefficients "
+                         "are not finite (repeated timesteps); use fewer steps")
     return Schedule(
         name=name,
         prediction_type=pred,

@@ -20,7 +20,7 @@ from diffusers import (
 )
 
 from engine import samplers
-from engine.samplers import SAMPLERS, add_noise, init_state, make_schedule, scale_model_input, step
+from engine.samplers import SAMPLERS, add_noise, diffusers_scheduler, init_state, make_schedule, scale_model_input, step
 
 ATOL = RTOL = 1e-5
 SHAPE = (2, 4, 8, 8)  # [B, 4, H/8, W/8]
@@ -185,6 +185,22 @@ def test_steps_at_the_limits() -> None:
     # diffusers' DDIM would index alphas_cumprod[1000] here (IndexError in step); we refuse up front
     with pytest.raises(ValueError, match="steps_offset"):
         make_schedule("ddim", SD15, 1000)
+
+
+@pytest.mark.parametrize("steps", [999, 1000])
+def test_dpmpp_2m_at_repeated_timesteps_is_refused_not_nan(steps: int) -> None:
+    """With leading spacing (tiny's DDIM config), diffusers' DPM++ raises IndexError at 1000 steps; ours gave NaN."""
+    leading = {**SD15, "timestep_spacing": "leading", "steps_offset": 1}
+    if steps == 1000:
+        sched = diffusers_scheduler("dpmpp_2m", leading)
+        sched.set_timesteps(steps)
+        latents = torch.zeros(1, 4, 8, 8)
+        with pytest.raises(IndexError):
+            for t in sched.timesteps:
+                latents = sched.step(torch.zeros_like(latents), t, latents).prev_sample
+    with pytest.raises(ValueError, match=f"steps {steps} .* sampler dpmpp_2m.*not finite"):
+        make_schedule("dpmpp_2m", leading, steps)
+    assert torch.isfinite(make_schedule("dpmpp_2m", leading, 998).tables["c_x"]).all()
 
 
 def test_unknown_prediction_type() -> None:
