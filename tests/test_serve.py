@@ -98,7 +98,7 @@ def test_openai_client_sees_errors_as_bad_request(server):
 def test_generate_returns_pngs_with_metadata_and_seeds(server, library):
     out = generate(server, prompt="a lighthouse", steps=4, seed=100, images=2, sampler="ddim")
     assert [im["seed"] for im in out["images"]] == [100, 101]
-    assert set(out["timings_ms"]) >= {"queue", "compute", "clip", "unet", "vae"}
+    assert set(out["timings_ms"]) >= {"queue", "compute", "total", "clip", "unet", "vae"}
     png = PIL.Image.open(io.BytesIO(base64.b64decode(out["images"][1]["b64_png"])))
     assert "Seed: 101" in png.text["parameters"] and "Steps: 4" in png.text["parameters"]
     assert json.loads(png.text["sd_engine"])["prompt"] == "a lighthouse"

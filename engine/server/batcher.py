@@ -158,6 +158,8 @@ class Batcher:
             images = await asyncio.to_thread(self.run, requests, min(n, self.max_batch))
         except Exception as exc:  # the batch's requests fail; the server keeps serving
             log.error("batch of %d request(s) failed: %s: %s", len(jobs), type(exc).__name__, exc)
+            if self.metrics is not None:
+                self.metrics.executions.inc()
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(BatchFailed(f"{type(exc).__name__}: {exc}"))

@@ -1,0 +1,171 @@
+"""Backpressure and faults of python -m engine.serve: 429 with Retry-After, 504, disconnects, failing batches, drain.
+
+Each fault is produced for real (a full queue, a request longer than --timeout-s, a socket closed while
+queued, SIGTERM with requests in flight), except NaN: no tiny model makes one on demand, so that test
+swaps the loaded pipeline's VAE decoder for one that returns NaN (a fault injection, in process).
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.runners import Wrapped
+from tests.serve_util import free_port, http, running_server
+
+TIMEOUT_S = 1.0
+FAST = {"steps": 10}  # ~0.1 s on tiny at 64x64 on this CPU
+SLOW = {"steps": 400, "sampler": "ddim"}  # seconds
+
+
+@pytest.fixture(scope="module")
+def server(ort_engines, tmp_path_factory):
+    flags = ("--max-batch", "1", "--max-queue", "2", "--max-wait-ms", "0", "--timeout-s", str(TIMEOUT_S))
+    with running_server(ort_engines, tmp_path_factory.mktemp("faults"), *flags) as s:
+        yield s
+
+
+def metric(server, name: str) -> float:
+    for line in server.get("/metrics")[1].decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def wait_for_metric(server, name: str, at_least: float, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(server, name) < at_least:
+        assert time.monotonic() < deadline, f"{name} stayed below {at_least}"
+        time.sleep(0.05)
+
+
+def concurrently(n: int, send) -> list:
+    results: list = [None] * n
+
+    def run(i: int) -> None:
+        t0 = time.perf_counter()
+        results[i] = (*send(i), time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def test_full_queue_answers_429_with_retry_after_at_once(server):
+    results = concurrently(10, lambda i: server.post("/v1/generate", {"prompt": f"p{i}", "seed": i, **FAST}))
+    statuses = sorted(r[0] for r in results)
+    assert set(statuses) <= {200, 429} and statuses.count(429) >= 1 and statuses.count(200) >= 3, statuses
+    for status, body, headers, seconds in results:
+        if status == 429:
+            assert int(headers["retry-after"]) >= 1
+            assert json.loads(body)["error"]["type"] == "rate_limit_exceeded"
+            assert seconds < 0.5, f"429 took {seconds:.3f} s"
+    assert metric(server, 'sd_inference_request_failure_total{reason="queue_full"}') == statuses.count(429)
+
+
+def test_client_that_disconnects_while_queued_is_dropped(server):
+    images_before = metric(server, "sd_inference_count_total")
+    batches_before = metric(server, "sd_inference_exec_count_total")
+    blocker = threading.Thread(target=server.post, args=("/v1/generate", {"prompt": "blocker", "steps": 150}))
+    blocker.start()  # its answer may be a 504 (--timeout-s 1): its batch still runs to the end
+    wait_for_metric(server, "sd_inference_pending_request_count", 0)
+    time.sleep(0.1)  # the blocker is running now
+    body = json.dumps({"prompt": "gone", "steps": 7}).encode()
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for_metric(server, "sd_inference_pending_request_count", 1, timeout=5)
+    wait_for_metric(server, 'sd_inference_request_failure_total{reason="client_disconnected"}', 1, timeout=10)
+    assert metric(server, "sd_inference_pending_request_count") == 0  # left the queue at once
+    wait_for_metric(server, "sd_inference_exec_count_total", batches_before + 1)
+    blocker.join(timeout=60)
+    time.sleep(0.3)
+    assert metric(server, "sd_inference_exec_count_total") == batches_before + 1  # the dropped one never ran
+    assert metric(server, "sd_inference_count_total") == images_before + 1
+
+
+def test_request_past_its_timeout_is_504_and_the_server_goes_on(server):
+    batches = metric(server, "sd_inference_exec_count_total")
+    status, body, _ = server.post("/v1/generate", {"prompt": "long", **SLOW})
+    assert status == 504 and "--timeout-s" in json.loads(body)["error"]["message"]
+    wait_for_metric(server, "sd_inference_exec_count_total", batches + 1)  # its batch ran out, discarded
+    status, _, _ = server.post("/v1/generate", {"prompt": "after", **FAST})
+    assert status == 200
+
+
+def test_nan_fails_only_its_batch_with_a_500_naming_the_cause(ort_engines):
+    import uvicorn
+
+    from engine.server.app import create_app
+    from engine.server.config import ServeConfig
+
+    app = create_app(ServeConfig(engine_dir=ort_engines, max_wait_ms=0))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not (_listening(port) and http("GET", url + "/readyz", None, 5)[0] == 200):
+            assert time.monotonic() < deadline and thread.is_alive(), "in-process server never became ready"
+            time.sleep(0.1)
+        state = app.state.server
+        poisoned = {"on": True}
+
+        def nan_when_poisoned(runner, **inputs):
+            out = runner(**inputs)
+            return {k: v * math.nan for k, v in out.items()} if poisoned["on"] else out
+
+        state.pipeline.runners["vae_decoder"] = Wrapped(state.pipeline.runners["vae_decoder"], nan_when_poisoned)
+        body = json.dumps({"prompt": "x", "steps": 3}).encode()
+        status, answer, _ = http("POST", url + "/v1/generate", body, 60)
+        error = json.loads(answer)["error"]
+        assert status == 500 and "vae_decoder produced NaN/Inf" in error["message"], error
+        poisoned["on"] = False
+        status, _, _ = http("POST", url + "/v1/generate", body, 60)
+        assert status == 200
+        assert http("GET", url + "/readyz", None, 5)[0] == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_sigterm_drains_every_accepted_request_then_exits_zero(ort_engines, tmp_path):
+    flags = ("--max-batch", "1", "--max-wait-ms", "0", "--max-queue", "16")
+    with running_server(ort_engines, tmp_path, *flags) as s:
+        results: list = []
+
+        def send(i: int) -> None:
+            results.append(s.post("/v1/generate", {"prompt": f"drain {i}", "seed": i, "steps": 60})[0])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        wait_for_metric(s, "sd_inference_pending_request_count", 3, timeout=10)
+        s.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while s.get("/readyz")[0] != 503:
+            assert time.monotonic() < deadline, "readyz never turned 503 while draining"
+            time.sleep(0.02)
+        status, body, _ = s.post("/v1/generate", {"prompt": "too late", "steps": 2})
+        assert status == 503 and "draining" in json.loads(body)["error"]["message"]
+        for t in threads:
+            t.join(timeout=60)
+        assert s.proc.wait(timeout=60) == 0, s.output()
+    assert sorted(results) == [200] * 6, results
+    assert "drained" in s.output()
