@@ -19,6 +19,11 @@ if [ -n "$noise" ]; then
 fi
 # TensorRT itself cannot be installed here; its API stubs type-check our TensorRT code (they would pull tensorrt).
 .venv/bin/python -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
+# The playground page is tested in Debian's chromium (never Playwright's download); without apt the test skips.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+    || echo "tests/run.sh: could not install chromium with apt-get; the playground test will skip" >&2
+fi
 if [ -f pyrightconfig.json ]; then
   .venv/bin/pyright
 fi
