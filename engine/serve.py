@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.ray:
         from engine.server.ray_app import run
 
-        run(cfg)
+        try:
+            run(cfg)
+        except (ValueError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
     import uvicorn
 

@@ -26,7 +26,9 @@ class ServeConfig:
     max_replicas: int | None = None  # autoscaling upper bound; None = no autoscaling
     gpus_per_replica: float = 0.0  # 1 on a GPU cluster: one replica per GPU
     cpus_per_replica: float = 1.0
-    max_ongoing_requests: int = 32  # per replica, what Ray's router lets in before it queues
+    # per replica, what Ray's router sends before it queues: above max_queue + max_batch, so the replica's own
+    # bounded queue answers 429 (our JSON error) before Ray's router queue overflows (429 with Ray's text)
+    max_ongoing_requests: int = 80
 
     def __post_init__(self) -> None:
         self.engine_dir = Path(self.engine_dir)
