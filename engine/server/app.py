@@ -37,6 +37,7 @@ PLAYGROUND = Path(__file__).with_name("playground.html")
 WARMUP_STEPS = 2
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
 IMAGE_FIELDS = ("init_image", "mask")
+DRAIN_FACTOR = 4  # a body over the limit is still read (and dropped) up to this many times the limit
 # the first word(s) of a pipeline ValueError -> the field it is about
 _PARAM_WORDS = {"height": "height", "width": "width", "steps": "steps", "strength": "strength", "seed": "seed",
                 "unknown sampler": "sampler", "init image": "init_image", "mask": "mask", "a mask": "mask",
@@ -357,20 +358,23 @@ class Guard:
             await send(message)
 
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_large(counted_send)
+        if declared is not None and declared.isdigit() and int(declared) > DRAIN_FACTOR * self.max_bytes:
+            return await self._too_large(counted_send)  # far too large: answer now, the connection closes
         chunks, size = [], 0
-        while True:
-            message = await receive()
+        while True:  # read (a too-large body up to DRAIN_FACTOR x the limit is read and dropped: a client that
+            message = await receive()  # sends its whole body before reading then sees the 413, not a reset)
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
+            if size > DRAIN_FACTOR * self.max_bytes:
                 return await self._too_large(counted_send)
-            chunks.append(chunk)
+            if size <= self.max_bytes:
+                chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        if size > self.max_bytes:
+            return await self._too_large(counted_send)
         body, replayed = b"".join(chunks), False
 
         async def replay():

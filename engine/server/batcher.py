@@ -4,8 +4,9 @@ A request is compatible with another when the pipeline can put their images in o
 graph key (kind, size, steps, sampler, strength, guidance on/off). Prompts, seeds and guidance scales may
 differ, since the pipeline gives each image its own generator and guidance row, so an image is the same
 alone or batched. The worker takes the oldest request, waits up to `max_wait_s` from its arrival for
-compatible ones until `max_batch` images are queued, and runs the batch in a thread (the event loop stays
-free to answer, queue and reject). One batch runs at a time: the engines are one device's.
+compatible ones (or from the end of the previous batch, if it arrived during it) until `max_batch`
+images are queued, and runs the batch in a thread (the event loop stays free to answer, queue and
+reject). One batch runs at a time: the engines are one device's.
 
 Backpressure is a bound, never a wait: `submit` raises QueueFull when `max_queue` requests wait. A
 request whose caller goes away (cancelled: client disconnect, timeout) leaves the queue at once; if it is
@@ -70,6 +71,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._batch_s = 1.0  # moving average of a batch's run time, for Retry-After
         self._task: asyncio.Task | None = None
+        self._idle_since = 0.0  # perf_counter when the last batch ended
 
     @property
     def depth(self) -> int:
@@ -130,7 +132,9 @@ class Batcher:
 
     async def _collect(self) -> list[Job]:
         head = self._queue[0]
-        deadline = head.arrived + self.max_wait_s
+        # from the head's arrival, or from when the last batch ended if it arrived while that one ran: clients
+        # whose answers just went out get max_wait_s to come back and join (else batches split and stay split)
+        deadline = max(head.arrived, self._idle_since) + self.max_wait_s
         while True:
             jobs = self._compatible(head)
             wait = deadline - time.perf_counter()
@@ -156,7 +160,8 @@ class Batcher:
         t0 = time.perf_counter()
         try:
             images = await asyncio.to_thread(self.run, requests, min(n, self.max_batch))
-        except Exception as exc:  # the batch's requests fail; the server keeps serving
+        except Exception as exc:
+            self._idle_since = time.perf_counter()  # the batch's requests fail; the server keeps serving
             log.error("batch of %d request(s) failed: %s: %s", len(jobs), type(exc).__name__, exc)
             if self.metrics is not None:
                 self.metrics.executions.inc()
@@ -164,7 +169,8 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_exception(BatchFailed(f"{type(exc).__name__}: {exc}"))
             return
-        compute = time.perf_counter() - t0
+        self._idle_since = time.perf_counter()
+        compute = self._idle_since - t0
         self._batch_s = 0.8 * self._batch_s + 0.2 * compute
         if self.metrics is not None and images:
             self.metrics.observe_batch(n, images[0].timings_ms)
