@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("command", ["engine.build", "engine.generate", "export"])
+@pytest.mark.parametrize("command", ["engine.build", "engine.generate", "engine.serve", "export"])
 def test_readme_lists_every_flag_of_help(command):
     help_text = subprocess.run([sys.executable, "-m", command, "--help"], capture_output=True, text=True, cwd=ROOT,
                                timeout=120).stdout
