@@ -24,23 +24,20 @@ import os
 import platform
 import random
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
 from benchmarks import RESULTS
+from benchmarks.serve_process import Server, running_server
+from benchmarks.serve_process import http as http_call
 
 REPO = Path(__file__).resolve().parents[1]
 REJECTION_GOAL_MS = 50.0
@@ -85,30 +82,6 @@ class Sample:
     send_lag_ms: float = 0.0  # open loop: how late after its scheduled arrival it was sent
 
 
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str
-    log: Path
-    flags: tuple[str, ...]
-    exit_code: int | None = None
-    info: dict = field(default_factory=dict)
-
-
-def http_call(method: str, url: str, body: dict | None,
-              timeout: float) -> tuple[int, bytes, http.client.HTTPMessage]:
-    """(status, body, headers); HTTP error statuses are answers, not exceptions."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read(), resp.headers
-    except urllib.error.HTTPError as err:
-        return err.code, err.read(), err.headers
-
-
 def request_body(i: int, cfg: LoadConfig) -> dict:
     """Request i: its own seed and prompt, the same graph key as every other (so they can share a batch)."""
     return {"prompt": f"load test request {i}: a lighthouse at dusk, {i % 7} boats", "seed": cfg.seed + i,
@@ -118,10 +91,10 @@ def request_body(i: int, cfg: LoadConfig) -> dict:
 def generate(url: str, body: dict, timeout: float) -> Sample:
     t0 = time.monotonic()
     try:
-        status, payload, headers = http_call("POST", url + "/v1/generate", body, timeout)
+        status, payload, headers = http_call("POST", url + "/v1/generate", json.dumps(body).encode(), timeout)
     except (OSError, http.client.HTTPException) as err:  # timeouts and resets: no answer
         return Sample(t0, None, None, error=type(err).__name__)
-    sample = Sample(t0, (time.monotonic() - t0) * 1000, status, retry_after=headers.get("Retry-After"))
+    sample = Sample(t0, (time.monotonic() - t0) * 1000, status, retry_after=headers.get("retry-after"))
     if status == 200:
         try:
             doc = json.loads(payload)
@@ -132,50 +105,8 @@ def generate(url: str, body: dict, timeout: float) -> Sample:
     return sample
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(server: Server, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            log = server.log.read_text(errors="replace")
-            raise RuntimeError(f"server exited with {server.proc.returncode}:\n{log}")
-        with contextlib.suppress(OSError, http.client.HTTPException):
-            status, payload, _ = http_call("GET", server.url + "/readyz", None, 2.0)
-            if status == 200:
-                server.info = json.loads(payload)
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"server not ready after {timeout} s:\n{server.log.read_text(errors='replace')}")
-
-
-@contextlib.contextmanager
-def running_server(cfg: LoadConfig, engine_dir: Path, log_dir: Path, *flags: str) -> Iterator[Server]:
-    port = free_port()
-    model = ("--model", cfg.model) if cfg.model else ()
-    cmd = [sys.executable, "-m", "engine.serve", "--engine-dir", str(engine_dir), *model, "--host", "127.0.0.1",
-           "--port", str(port), *flags]
-    log = log_dir / f"serve-{port}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    server = Server(proc, f"http://127.0.0.1:{port}", log, tuple(flags))
-    try:
-        wait_ready(server, cfg.ready_timeout_s)
-        yield server
-    finally:  # SIGTERM, then the drain; a server that hangs is killed (and its exit code says so)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        server.exit_code = proc.returncode
+def model_flags(cfg: LoadConfig) -> tuple[str, ...]:
+    return ("--model", cfg.model) if cfg.model else ()
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -329,7 +260,7 @@ def build_engines(dest: Path) -> Path:
 def serve_phases(cfg: LoadConfig, engine_dir: Path, log_dir: Path, report: dict, flags: tuple[str, ...],
                  warm_n: int, phases: list[tuple[str, Callable, dict]]) -> None:
     """One server: warm it up (uncounted), run each (name, fn(url) -> samples, extra), record its exit code."""
-    with running_server(cfg, engine_dir, log_dir, *flags) as srv:
+    with running_server(engine_dir, log_dir, *model_flags(cfg), *flags, ready_timeout=cfg.ready_timeout_s) as srv:
         report.setdefault("server_info", srv.info)
         warm_up(srv.url, cfg, warm_n, report["ids"])
         for name, fn, extra in phases:

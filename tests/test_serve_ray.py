@@ -13,6 +13,7 @@ import importlib
 import inspect
 import io
 import json
+import os
 import shutil
 import signal
 import tempfile
@@ -33,6 +34,8 @@ from ray import serve  # noqa: E402
 from engine.server.config import ServeConfig  # noqa: E402
 from engine.server.ray_app import APP_NAME, DEPLOYMENT_NAME, app_builder, build_app, deployment_options  # noqa: E402
 from tests.serve_util import free_port, http, running_server  # noqa: E402
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from test clusters (nor its attempt offline)
 
 CONFIG_YAML = Path(__file__).resolve().parents[1] / "engine" / "server" / "serve_config.yaml"
 BODY = {"prompt": "a lighthouse at dusk", "steps": 4, "seed": 1234, "height": 64, "width": 64}
