@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
                    help="how long the first queued request waits for compatible batch-mates")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting; one more gets 429")
     p.add_argument("--max-images", type=int, default=d.max_images, help="images per request (OpenAI's n)")
+    p.add_argument("--max-size", type=int, default=d.max_size,
+                   help="largest height or width a request may ask for, in pixels (within the engines' profile)")
     p.add_argument("--timeout-s", type=float, default=d.timeout_s, help="per request, queue + compute; then 504")
     p.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="larger request bodies get 413")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=d.warmup,
@@ -52,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     ray.add_argument("--max-ongoing-requests", type=int, default=d.max_ongoing_requests,
                      help="requests Ray's router sends one replica at a time")
     args = p.parse_args(argv)
-    for name in ("max_batch", "max_queue", "max_images", "replicas", "max_ongoing_requests"):
+    for name in ("max_batch", "max_queue", "max_images", "max_size", "replicas", "max_ongoing_requests"):
         if getattr(args, name) < 1:
             p.error(f"argument --{name.replace('_', '-')}: {getattr(args, name)} must be >= 1")
     for name in ("max_wait_ms", "timeout_s", "max_body_mb"):

@@ -163,6 +163,7 @@ BAD = [  # (body, status, param, words in the message)
     ({"steps": 4}, 400, "prompt", "required"),
     ({"prompt": "a cat", "height": 72}, 400, "height", "multiple of 16"),
     ({"prompt": "a cat", "width": 8208}, 400, "width", "less than or equal to 8192"),
+    ({"prompt": "a cat", "height": 2064}, 400, "height", "--max-size 2048"),
     ({"prompt": "a cat", "images": MAX_IMAGES + 1}, 400, "images", "--max-images"),
     ({"prompt": "a cat", "steps": 0}, 400, "steps", "greater than or equal to 1"),
     ({"prompt": "a cat", "sampler": "heun9"}, 400, "sampler", "unknown sampler"),

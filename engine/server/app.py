@@ -125,6 +125,11 @@ class ServerState:
         if request.images > self.config.max_images:
             raise ApiError(400, f"{images_field} {request.images} is over this server's limit "
                                 f"(--max-images {self.config.max_images})", images_field)
+        for side in ("height", "width"):
+            value = getattr(request, side)
+            if value is not None and value > self.config.max_size:
+                raise ApiError(400, f"{side} {value} is over this server's limit (--max-size {self.config.max_size})",
+                               size_field or side)
         try:
             rows = self.pipeline.prepare(request)
         except ValueError as exc:

@@ -16,6 +16,7 @@ class ServeConfig:
     max_wait_ms: float = 10.0  # how long the first queued request waits for batch-mates
     max_queue: int = 64  # requests waiting (not yet running); one more is answered 429
     max_images: int = 8  # images per request (OpenAI's n)
+    max_size: int = 2048  # pixels per side a request may ask for (the engines' profile may allow more)
     timeout_s: float = 300.0  # per request, queue + compute; past it the answer is 504
     max_body_mb: float = 20.0  # larger bodies are answered 413
     warmup: bool = True  # one small generation before /readyz says ready
