@@ -42,6 +42,11 @@ class GenerateConfig:
     strength: float | None = _R.strength
     mask: Path | None = None
     resize: bool = _R.resize
+    original_size: tuple[int, int] | None = _R.original_size  # SDXL time ids (see Request)
+    crop: tuple[int, int] | None = _R.crop
+    target_size: tuple[int, int] | None = _R.target_size
+    aesthetic_score: float | None = _R.aesthetic_score  # SDXL refiner
+    negative_aesthetic_score: float | None = _R.negative_aesthetic_score
     output: Path = Path("out")
     model: str | None = None  # None = the only model in the engine dir
     engine_dir: Path = Path("engines")
@@ -52,7 +57,9 @@ class GenerateConfig:
         return [Request(prompt=p, negative_prompt=self.negative_prompt, steps=self.steps,
                         guidance_scale=self.guidance_scale, sampler=self.scheduler, seed=self.seed,
                         height=self.height, width=self.width, images=self.images_per_prompt,
-                        init_image=self.init_image, strength=self.strength, mask=self.mask, resize=self.resize)
+                        init_image=self.init_image, strength=self.strength, mask=self.mask, resize=self.resize,
+                        original_size=self.original_size, crop=self.crop, target_size=self.target_size,
+                        aesthetic_score=self.aesthetic_score, negative_aesthetic_score=self.negative_aesthetic_score)
                 for p in self.prompt]
 
 
@@ -78,10 +85,12 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
                    help="images denoised together (as in engine.build); None = the built batch size")
     p.add_argument("--init-image", type=Path, default=d.init_image, help="img2img / inpainting source image")
     p.add_argument("--strength", type=float, default=d.strength,
-                   help="img2img strength in (0, 1]; None = 0.8 (1.0 when inpainting)")
+                   help="img2img strength in (0, 1]; None = diffusers' default for the model: SD 0.8 (1.0 "
+                   "when inpainting), SDXL 0.3 (0.9999)")
     p.add_argument("--mask", type=Path, default=d.mask, help="inpainting mask (white = repaint); needs --init-image")
     p.add_argument("--resize", action="store_true", default=d.resize,
                    help="resize the init image and mask to --height/--width instead of refusing another size")
+    _add_time_id_flags(p, d)
     p.add_argument("--output", type=Path, default=d.output,
                    help=f"an image file ({', '.join(IMAGE_FORMATS)}), or a folder (no suffix) for numbered PNGs")
     p.add_argument("--model", default=d.model, help="model id, preset or path given to engine.build; "
@@ -95,7 +104,27 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
         p.error(f"argument --seed: {args.seed} is outside 0..2**64-1 (-1 draws a random seed)")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"argument --batch-size: {args.batch_size} must be >= 1")
-    return GenerateConfig(**{f.name: getattr(args, f.name) for f in fields(GenerateConfig)})
+    values = {f.name: getattr(args, f.name) for f in fields(GenerateConfig)}
+    for name in ("original_size", "crop", "target_size"):
+        values[name] = tuple(values[name]) if values[name] is not None else None
+    return GenerateConfig(**values)
+
+
+def _add_time_id_flags(p: argparse.ArgumentParser, d: GenerateConfig) -> None:
+    """SDXL's size conditioning (time ids); None = diffusers' defaults. Other models refuse them."""
+    from export.families import SDXL_REFINER
+
+    positive, negative = SDXL_REFINER.aesthetic_scores
+    p.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"), default=d.original_size,
+                   help="SDXL: the original image size the model is told of, in pixels; None = --height --width")
+    p.add_argument("--crop", type=int, nargs=2, metavar=("TOP", "LEFT"), default=d.crop,
+                   help="SDXL: crop top-left coordinates, in pixels, inside --original-size; None = 0 0")
+    p.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), default=d.target_size,
+                   help="SDXL (not the refiner): target size in pixels; None = --height --width")
+    p.add_argument("--aesthetic-score", type=float, default=d.aesthetic_score,
+                   help=f"SDXL refiner: aesthetic score of the conditional rows; None = {positive}")
+    p.add_argument("--negative-aesthetic-score", type=float, default=d.negative_aesthetic_score,
+                   help=f"SDXL refiner: aesthetic score of the unconditional rows; None = {negative}")
 
 
 def output_is_file(output: Path) -> bool:

@@ -26,8 +26,8 @@ from engine import cache, graphs, images, samplers
 from engine.backends.base import Runner, get_backend
 from engine.config import Profile
 from engine.denoise import COND, Buffers, denoise_step, randn_rows, sample_latents, step_noise
-from engine.request import Generated, Request, image_params
-from export.families import Family, get_family
+from engine.request import Generated, Request, image_params, time_ids_of, with_time_ids
+from export.families import Family, TimeIds, get_family
 from export.specs import Dims, check_size
 
 MAX_GRAPHS = 8  # captured step graphs kept (each holds its static buffers); the oldest goes first
@@ -118,10 +118,14 @@ class Pipeline:
     def prepare(self, request: Request) -> list[Row]:
         """Check one request against this engine and load its images; ValueError names what is wrong."""
         request.check()
-        r = request.resolved()
+        r = request.resolved(self.family.default_strength)
         h, w = r.height or self.profile.opt.height, r.width or self.profile.opt.width
         check_size(self.dims, h, w, self.profile.lo, self.profile.hi)
         r.height, r.width = h, w
+        r = with_time_ids(r, self.family)  # SDXL: diffusers' defaults filled in; other models refuse them
+        if r.kind == "txt2img" and not self.family.txt2img:
+            raise ValueError(f"model {self.info.get('model')!r} is an SDXL refiner ({self.family.name}): "
+                             "img2img only: give an init image")
         self.schedule(r.sampler, r.steps, r.strength)  # unknown sampler, steps or strength out of range
         if r.kind != "txt2img" and "vae_encoder" not in self.runners:
             model_dir = Path(self.info.get("engine_dir", "."))
@@ -179,7 +183,8 @@ class Pipeline:
         t_start = t = self._now()
         buffers = {"idx": torch.tensor(schedule.start, dtype=torch.long)}
         buffers.update(self.encode([x.request.prompt for x in rows],
-                                   [x.request.negative_prompt for x in rows] if cfg else None, r.height, r.width))
+                                   [x.request.negative_prompt for x in rows] if cfg else None,
+                                   [time_ids_of(x.request) for x in rows] if self.family.time_ids else None))
         t = self._lap(timings, "clip", t)
         buffers.update(self._start_latents(rows, schedule, cfg))
         if cfg:
@@ -235,8 +240,9 @@ class Pipeline:
         ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
         return ids.input_ids.to(torch.int32)  # [B, 77]
 
-    def encode(self, prompts: list[str], negative: list[str] | None, height: int, width: int) -> Buffers:
-        """The family's UNet conditioning; with CFG [uncond; cond] in one batch of 2B, as `cond.*` buffers."""
+    def encode(self, prompts: list[str], negative: list[str] | None, time_ids: list[TimeIds] | None = None) -> Buffers:
+        """The family's UNet conditioning; with CFG [uncond; cond] in one batch of 2B, as `cond.*` buffers.
+        `time_ids`: one per prompt, for a family with size conditioning (SDXL)."""
         texts = prompts if negative is None else negative + prompts
         outs = {}
         for name, tokenizer in zip(self.family.text_encoders, self.tokenizers):
@@ -247,8 +253,8 @@ class Pipeline:
             empty = torch.tensor([not n for n in negative] + [False] * len(prompts), device=self.device)
             cond = {k: torch.where(empty.view(-1, *[1] * (v.dim() - 1)), torch.zeros_like(v), v)
                     for k, v in cond.items()}
-        if self.family.size_conditioning is not None:  # SDXL: time ids from the size, the same for every row
-            extra = self.family.size_conditioning(len(texts), height, width)
+        if self.family.size_conditioning is not None:  # SDXL: time ids from each row's sizes (and scores)
+            extra = self.family.size_conditioning(time_ids, negative is not None)
             cond.update({k: v.to(self.device) for k, v in extra.items()})
         return {COND + k: v for k, v in cond.items()}
 

@@ -17,65 +17,64 @@ from pathlib import Path
 import torch
 
 from export import attention
-from export.families import SD, Family, detect_family, get_family
+from export.families import SD, SDXL, Family, detect_family, get_family
 from export.presets import ALL_PRESETS, Preset
 from export.single_file import convert_single_file
 from export.specs import Dims
 from export.store import cache_root, content_key, exclusive, staging_dir  # cache_root: re-exported for engine/build.py
-from export.tokenizer import DATA_DIR, default_tokenizer  # noqa: F401  (DATA_DIR: re-exported)
+from export.tokenizer import DATA_DIR, default_tokenizer, sdxl_tokenizer_2  # noqa: F401  (DATA_DIR: re-exported)
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 FORMAT_VERSION = 1  # bump when materialisation changes, so cached preset folders are remade
 SD_PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline")
-SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline")
+SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                         "StableDiffusionXLInpaintPipeline")
 PIPELINE_CLASSES = SD_PIPELINE_CLASSES + SDXL_PIPELINE_CLASSES  # what we can write
-SDXL_PAD_TOKEN = "!"  # SDXL's tokenizer_2 pads with "!" (id 0), its tokenizer with <|endoftext|>
-
-
-def sdxl_tokenizer_2(max_length: int = 77):
-    """SDXL's second tokenizer: the same CLIP BPE vocabulary, padding with "!" as SDXL's tokenizer_2 does."""
-    tokenizer = default_tokenizer(max_length)
-    tokenizer.pad_token = SDXL_PAD_TOKEN
-    return tokenizer
 
 
 def random_components(preset: Preset) -> dict:
-    """Seeded random UNet, VAE and CLIP text encoder(s) for a preset (fp32); SDXL presets add text_encoder_2."""
+    """Seeded random UNet, VAE and the family's CLIP text encoder(s) for a preset (fp32): SDXL adds
+    text_encoder_2; the SDXL refiner has text_encoder_2 only (text_encoder None, as its folders say)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    encoders = get_family(preset.family).text_encoders
     torch.manual_seed(preset.seed)
     unet = UNet2DConditionModel(**preset.unet_config())
     torch.manual_seed(preset.seed + 1)
     vae = AutoencoderKL(**preset.vae_config())
-    torch.manual_seed(preset.seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**preset.clip.config()))
-    out = {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval()}
-    clip2 = getattr(preset, "clip2", None)
-    if clip2 is not None:
+    out = {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": None}
+    if "clip" in encoders:
+        torch.manual_seed(preset.seed + 2)
+        out["text_encoder"] = CLIPTextModel(CLIPTextConfig(**preset.clip.config())).eval()
+    if "clip2" in encoders:
         torch.manual_seed(preset.seed + 3)
-        out["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**clip2.config())).eval()
+        out["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**preset.clip2.config())).eval()
     return out
 
 
 def save_diffusers_folder(components: dict, scheduler_config: dict, folder: Path,
-                          pipeline_class: str = "StableDiffusionPipeline") -> None:
+                          pipeline_class: str = "StableDiffusionPipeline", family: Family | None = None) -> None:
     """Write components as a standard diffusers folder of `pipeline_class` (StableDiffusionPipeline,
     StableDiffusionInpaintPipeline or their SDXL counterparts), weights as safetensors, through that diffusers
-    pipeline."""
+    pipeline. An SDXL `family` (default `sdxl`) sets `requires_aesthetics_score` and
+    `force_zeros_for_empty_prompt`; without a `text_encoder` (the refiner) there is no `tokenizer` either."""
     import diffusers
     from diffusers import DDIMScheduler
 
     if pipeline_class not in PIPELINE_CLASSES:
         raise ValueError(f"cannot write a {pipeline_class!r} folder; choose from {', '.join(PIPELINE_CLASSES)}")
     if pipeline_class in SDXL_PIPELINE_CLASSES:
+        family = family or SDXL
         extra = dict(tokenizer_2=sdxl_tokenizer_2(), image_encoder=None, feature_extractor=None,
-                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+                     force_zeros_for_empty_prompt=family.zero_empty_negative, add_watermarker=False)
+        if pipeline_class != "StableDiffusionXLPipeline":  # the only one without requires_aesthetics_score
+            extra["requires_aesthetics_score"] = family.aesthetic
     else:
         extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = getattr(diffusers, pipeline_class)(
         **components,
-        tokenizer=default_tokenizer(),
+        tokenizer=default_tokenizer() if components.get("text_encoder") is not None else None,
         scheduler=DDIMScheduler.from_config(scheduler_config),
         **extra,
     )
@@ -93,7 +92,7 @@ def materialize_preset(preset: Preset, root: Path | None = None) -> Path:
         if not (folder / "model_index.json").is_file():  # unless another process made it meanwhile
             with staging_dir(folder) as tmp:
                 save_diffusers_folder(random_components(preset), preset.scheduler.config(preset.prediction_type),
-                                      tmp, preset.pipeline_class)
+                                      tmp, preset.pipeline_class, get_family(preset.family))
     return folder
 
 
@@ -101,13 +100,13 @@ def materialize_preset(preset: Preset, root: Path | None = None) -> Path:
 class LoadedModel:
     path: Path  # the diffusers folder
     model_id: str  # short name for engine directories
-    text_encoder: torch.nn.Module
     unet: torch.nn.Module
     vae: torch.nn.Module
-    tokenizer: object
     scheduler_config: dict
     dims: Dims
     family: Family = SD
+    text_encoder: torch.nn.Module | None = None  # SD, SDXL (not the SDXL refiner)
+    tokenizer: object | None = None
     text_encoder_2: torch.nn.Module | None = None  # SDXL
     tokenizer_2: object | None = None  # SDXL
 
@@ -137,34 +136,49 @@ def resolve_model(model: str | Path) -> tuple[Path, str]:
     raise ValueError(f"unsupported model file {path}: expected a diffusers folder or a .safetensors checkpoint")
 
 
+def check_model_folders(folder: Path, family: Family) -> None:
+    """ValueError naming the first sub-folder a model of `family` needs that `folder` lacks."""
+    needed = family.model_folders()
+    for sub in needed:
+        if not (folder / sub).is_dir():
+            raise ValueError(f"{folder}: missing the {sub}/ folder; a {family.name} model needs "
+                             f"{', '.join(needed)}")
+
+
+def _time_ids(folder: Path, family: Family, unet: dict, pooled: int) -> int:
+    """The UNet's time id count, from its text_time embedding; ValueError unless the family's."""
+    time_ids, rest = divmod(int(unet["projection_class_embeddings_input_dim"]) - pooled,
+                            int(unet["addition_time_embed_dim"]))
+    if rest or unet.get("addition_embed_type") != "text_time" or time_ids != family.time_ids:
+        raise ValueError(f"{folder}: the UNet's added conditioning is not {family.name}'s text_time with "
+                         f"{family.time_ids} time ids ({unet.get('addition_embed_type')!r}, "
+                         f"projection_class_embeddings_input_dim {unet['projection_class_embeddings_input_dim']})")
+    return time_ids
+
+
 def folder_dims(folder: Path) -> Dims:
-    """A model folder's shape facts, read from its config files (no weights loaded)."""
+    """A model folder's shape facts, read from its config files (no weights loaded). ValueError naming a
+    missing sub-folder (e.g. an SDXL folder without text_encoder_2)."""
 
     def config(sub: str, name: str = "config.json") -> dict:
         return json.loads((folder / sub / name).read_text())
 
-    unet, vae, text = config("unet"), config("vae"), config("text_encoder")
-    tok = config("tokenizer", "tokenizer_config.json")
-    max_len = int(tok.get("model_max_length") or text["max_position_embeddings"])
-    text_len = min(max_len, text["max_position_embeddings"])
+    family = detect_family(folder)
+    check_model_folders(folder, family)
+    unet, vae = config("unet"), config("vae")
+    texts = [config(family.spec(name).model_folder) for name in family.text_encoders]
+    toks = [config(sub, "tokenizer_config.json") for sub in family.tokenizers]
+    text_len = min(min(int(t.get("model_max_length") or x["max_position_embeddings"]), x["max_position_embeddings"])
+                   for t, x in zip(toks, texts))
     xl = {}
-    if detect_family(folder).name == "sdxl":
-        text2, tok2 = config("text_encoder_2"), config("tokenizer_2", "tokenizer_config.json")
-        max_len2 = int(tok2.get("model_max_length") or text2["max_position_embeddings"])
-        pooled = int(text2["projection_dim"])
-        time_ids, rest = divmod(int(unet["projection_class_embeddings_input_dim"]) - pooled,
-                                int(unet["addition_time_embed_dim"]))
-        if rest or unet.get("addition_embed_type") != "text_time":
-            raise ValueError(f"{folder}: the UNet's added conditioning is not SDXL's text_time "
-                             f"({unet.get('addition_embed_type')!r}, projection_class_embeddings_input_dim "
-                             f"{unet['projection_class_embeddings_input_dim']})")
-        text_len = min(text_len, max_len2, text2["max_position_embeddings"])
-        xl = dict(text_dim=text["hidden_size"] + text2["hidden_size"], text2_dim=text2["hidden_size"],
-                  pooled_dim=pooled, time_ids=time_ids)
+    if family.time_ids:  # SDXL: the last encoder is clip2, with the pooled projection
+        pooled = int(texts[-1]["projection_dim"])
+        xl = dict(text2_dim=texts[-1]["hidden_size"], pooled_dim=pooled,
+                  time_ids=_time_ids(folder, family, unet, pooled))
     return Dims(**{
         "latent_channels": vae.get("latent_channels", 4),
         "unet_in_channels": unet["in_channels"],
-        "text_dim": text["hidden_size"],
+        "text_dim": sum(x["hidden_size"] for x in texts),
         "text_len": text_len,
         "vae_scale": 2 ** (len(vae["block_out_channels"]) - 1),
         "unet_scale": 2 ** (len(unet["down_block_types"]) - 1),
@@ -198,12 +212,12 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: st
     from transformers import CLIPTokenizer
 
     folder, model_id = resolve_model(model)
-    family = detect_family(folder)
+    family, dims = detect_family(folder), folder_dims(folder)  # dims: ValueError naming a missing sub-folder
     subs = {sub: load_submodel(folder, sub, dtype).to(device) for sub in _SUBMODELS[family.name]}
     tokenizers = {name: CLIPTokenizer.from_pretrained(folder / name, local_files_only=True)
                   for name in family.tokenizers}
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    return LoadedModel(path=folder, model_id=model_id, scheduler_config=scheduler_config, dims=folder_dims(folder),
+    return LoadedModel(path=folder, model_id=model_id, scheduler_config=scheduler_config, dims=dims,
                        family=family, **tokenizers, **subs)
 
 
@@ -289,6 +303,7 @@ _WRAPPERS = {  # family -> component -> wrapper with the spec's conventions (wei
     "sdxl": {"clip": XLClipWrapper, "clip2": XLClip2Wrapper, "unet": XLUNetWrapper,
              "vae_decoder": VaeDecoderWrapper, "vae_encoder": VaeEncoderWrapper},
 }
+_WRAPPERS["sdxl-refiner"] = {c: w for c, w in _WRAPPERS["sdxl"].items() if c in get_family("sdxl-refiner").specs}
 _SUBMODELS = {  # family -> the sub-folders load_model loads (LoadedModel attributes)
     family: tuple(dict.fromkeys(get_family(family).spec(c).model_folder for c in wrappers))
     for family, wrappers in _WRAPPERS.items()

@@ -8,12 +8,17 @@ mask + masked-image latents); they materialise as diffusers StableDiffusionInpai
 
 `tiny-xl` / `sdxl` (`XLPreset`, family `sdxl`) add SDXL's second text encoder (CLIPTextModelWithProjection)
 and the UNet's added "text_time" conditioning; they materialise as StableDiffusionXLPipeline folders.
-`PRESETS` holds the SD presets (also the candidates of single-file detection, which does not convert SDXL
-checkpoints); `SDXL_PRESETS` the SDXL ones; `ALL_PRESETS` / `get_preset` every preset a model name can be.
+`tiny-xl-refiner` (`refiner=True`, family `sdxl-refiner`) is SDXL's refiner on tiny-xl's scale: clip2 only,
+5 time ids (aesthetic score instead of target size); it materialises as a StableDiffusionXLImg2ImgPipeline
+folder with `requires_aesthetics_score`.
+`PRESETS` holds the SD presets, `SDXL_PRESETS` the SDXL ones (base and refiner); single-file detection
+tries both (`export.single_file.CANDIDATES`); `ALL_PRESETS` / `get_preset` every preset a model name can be.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+
+from export.families import get_family
 
 
 @dataclass(frozen=True)
@@ -216,7 +221,7 @@ class XLPreset(Preset):
     clip2: ClipArch = field(default_factory=lambda: ClipArch(
         hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120, hidden_act="gelu",
         projection_dim=1280))
-    time_ids: int = 6  # original size, crop top-left, target size
+    refiner: bool = False  # the img2img-only refiner (family sdxl-refiner): clip2 only, aesthetic-score time ids
     scaling_factor: float = 0.13025
     default_size: int = 1024
     min_size: int = 512
@@ -224,16 +229,28 @@ class XLPreset(Preset):
 
     @property
     def family(self) -> str:
-        return "sdxl"
+        return "sdxl-refiner" if self.refiner else "sdxl"
 
     @property
     def pipeline_class(self) -> str:
-        return "StableDiffusionXLInpaintPipeline" if self.inpainting else "StableDiffusionXLPipeline"
+        """StableDiffusionXLPipeline, or the family's first class (the refiner's img2img pipeline)."""
+        return "StableDiffusionXLInpaintPipeline" if self.inpainting else get_family(self.family).pipeline_classes[0]
+
+    @property
+    def text_encoders(self) -> dict[str, ClipArch]:
+        """The family's text encoders (component name -> architecture), in order."""
+        archs = {"clip": self.clip, "clip2": self.clip2}
+        return {name: archs[name] for name in get_family(self.family).text_encoders}
+
+    @property
+    def time_ids(self) -> int:
+        """Time ids of the UNet's added conditioning: 6 (original size, crop, target size), refiner 5."""
+        return get_family(self.family).time_ids
 
     @property
     def text_dim(self) -> int:
-        """The UNet's cross-attention width: both encoders' hidden states, concatenated."""
-        return self.clip.hidden_size + self.clip2.hidden_size
+        """The UNet's cross-attention width: the text encoders' hidden states, concatenated."""
+        return sum(arch.hidden_size for arch in self.text_encoders.values())
 
     @property
     def pooled_dim(self) -> int:
@@ -243,6 +260,7 @@ class XLPreset(Preset):
         assert isinstance(self.unet, XLUNetArch), "an XLPreset needs an XLUNetArch"
         c = super().unet_config()
         c["projection_class_embeddings_input_dim"] = self.time_ids * self.unet.addition_time_embed_dim + self.pooled_dim
+        c["cross_attention_dim"] = self.text_dim
         return c
 
 
@@ -271,10 +289,13 @@ TINY_XL = XLPreset(
     seed=5,
 )
 
+# SDXL's refiner architecture on tiny-xl's scale: no first text encoder, so cross-attention is clip2's width
+TINY_XL_REFINER = replace(TINY_XL, name="tiny-xl-refiner", refiner=True, seed=7)
+
 # Order matters only for single-file detection, which takes the first preset a checkpoint fills exactly
 # (the in_channels of conv_in tells an inpainting UNet apart, so at most one preset matches).
 PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, SD15, SD21, TINY_INPAINT, SD15_INPAINT)}
-SDXL_PRESETS: dict[str, XLPreset] = {p.name: p for p in (TINY_XL, SDXL)}
+SDXL_PRESETS: dict[str, XLPreset] = {p.name: p for p in (TINY_XL, SDXL, TINY_XL_REFINER)}
 ALL_PRESETS: dict[str, Preset] = {**PRESETS, **SDXL_PRESETS}
 
 

@@ -33,8 +33,9 @@ def tiny_xl_pipe(tiny_xl):
 
 def test_sdxl_presets():
     tiny, full = SDXL_PRESETS["tiny-xl"], SDXL_PRESETS["sdxl"]
-    assert set(ALL_PRESETS) == set(PRESETS) | {"tiny-xl", "sdxl"} and not set(PRESETS) & set(SDXL_PRESETS)
-    assert {p.family for p in PRESETS.values()} == {"sd"} and {p.family for p in SDXL_PRESETS.values()} == {"sdxl"}
+    assert set(ALL_PRESETS) == set(PRESETS) | {"tiny-xl", "tiny-xl-refiner", "sdxl"} and not set(PRESETS) & set(SDXL_PRESETS)
+    assert {p.family for p in PRESETS.values()} == {"sd"}
+    assert {p.family for p in SDXL_PRESETS.values()} == {"sdxl", "sdxl-refiner"}
     assert tiny.pipeline_class == full.pipeline_class == "StableDiffusionXLPipeline"
     t = tiny.unet_config()
     assert t["cross_attention_dim"] == tiny.text_dim == tiny.clip.hidden_size + tiny.clip2.hidden_size == 64
