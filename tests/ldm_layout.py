@@ -144,3 +144,100 @@ def write_ldm_checkpoint(folder: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata={"format": "pt"})
     return out
+
+
+# ---- SDXL (Stability's sgm layout, as ComfyUI / A1111 save it) ----
+#     model.diffusion_model.*               UNet as above, + label_emb.0.{0,2} (the "text_time" embedding MLP)
+#     first_stage_model.*                   VAE as above
+#     conditioner.embedders.0.transformer.* CLIP ViT-L (transformers' text_model.* names)
+#     conditioner.embedders.1.model.*       OpenCLIP ViT-bigG in open_clip names (refiner: embedders.0.model.*):
+#         token_embedding.weight, positional_embedding, ln_final.*, text_projection [width, proj] (transposed
+#         Linear), logit_scale, transformer.resblocks.{i}.{ln_1, ln_2, attn.in_proj_{weight,bias} (q;k;v stacked),
+#         attn.out_proj, mlp.c_fc, mlp.c_proj}
+XL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+XL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+REFINER_OPEN_CLIP_PREFIX = "conditioner.embedders.0.model."
+UNET_ADDED = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+OPEN_CLIP_FIXED = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                   "self_attn.out_proj": "attn.out_proj"}
+
+
+def unet_xl_to_ldm(sd: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
+    """An SDXL UNet2DConditionModel's keys -> `model.diffusion_model.*` (label_emb for add_embedding)."""
+    added = {}
+    for key in [k for k in sd if k.startswith("add_embedding.")]:
+        module, _, param = key.rpartition(".")
+        added[f"{UNET_PREFIX}{UNET_ADDED[module]}.{param}"] = sd[key]
+    rest = {k: v for k, v in sd.items() if not k.startswith("add_embedding.")}
+    return {**unet_to_ldm(rest, layers_per_block), **added}
+
+
+def _open_clip_layer(sd: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Encoder layer i (transformers names) -> open_clip `transformer.resblocks.{i}.*` (q, k, v stacked)."""
+    src, dst = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+    out = {}
+    for param in ("weight", "bias"):
+        qkv = [sd[f"{src}self_attn.{p}_proj.{param}"] for p in "qkv"]
+        out[f"{dst}attn.in_proj_{param}"] = torch.cat(qkv, dim=0)
+        for ours, theirs in OPEN_CLIP_LAYER.items():
+            out[f"{dst}{theirs}.{param}"] = sd[f"{src}{ours}.{param}"]
+    return out
+
+
+def open_clip_to_ldm(sd: dict[str, torch.Tensor], prefix: str = XL_OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """CLIPTextModelWithProjection keys -> open_clip's text tower under `prefix` (the inverse of diffusers'
+    `convert_open_clip_checkpoint`), with open_clip's logit_scale, which the conversion drops."""
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    layers = {int(m[1]) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))}
+    out = {theirs: sd[ours] for ours, theirs in OPEN_CLIP_FIXED.items()}
+    out["text_projection"] = sd["text_projection.weight"].T.contiguous()  # Linear [proj, width] -> [width, proj]
+    out["logit_scale"] = torch.tensor(4.6052)  # ln(100), as open_clip saves it
+    for i in sorted(layers):
+        out.update(_open_clip_layer(sd, i))
+    mapped = set(OPEN_CLIP_FIXED) | {"text_projection.weight"} | {
+        k for k in sd if re.match(r"text_model\.encoder\.layers\.\d+\.", k)}
+    if unknown := sorted(set(sd) - mapped):
+        raise KeyError(f"no open_clip name for text encoder key {unknown[0]!r}")
+    return {prefix + k: v for k, v in out.items()}
+
+
+def xl_clip_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIPTextModel keys -> `conditioner.embedders.0.transformer.text_model.*`."""
+    return {XL_CLIP_PREFIX + k.removeprefix(CLIP_PREFIX): v for k, v in clip_to_ldm(sd).items()}
+
+
+def to_sgm(unet: dict, vae: dict, text: dict | None, text_2: dict, layers_per_block: int,
+           vae_blocks: int) -> dict[str, torch.Tensor]:
+    """SDXL state dicts -> one sgm-layout state dict; `text` None is a refiner (OpenCLIP as embedders.0)."""
+    state = {**unet_xl_to_ldm(unet, layers_per_block), **vae_to_ldm(vae, vae_blocks)}
+    if text is None:
+        return state | open_clip_to_ldm(text_2, REFINER_OPEN_CLIP_PREFIX)
+    return state | xl_clip_to_ldm(text) | open_clip_to_ldm(text_2)
+
+
+def write_sgm_checkpoint(folder: Path, out: Path) -> Path:
+    """Write an SDXL (or refiner) diffusers folder's UNet, VAE and text encoders as one sgm-layout .safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
+    text = folder / "text_encoder" / "model.safetensors"
+    state = to_sgm(
+        load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"),
+        load_file(folder / "vae" / "diffusion_pytorch_model.safetensors"),
+        load_file(text) if text.is_file() else None,
+        load_file(folder / "text_encoder_2" / "model.safetensors"),
+        unet_cfg["layers_per_block"],
+        len(vae_cfg["block_out_channels"]),
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out), metadata={"format": "pt"})
+    return out
