@@ -177,6 +177,8 @@ BAD = [  # (body, status, param, words in the message)
     ({"prompt": "a cat", "images": 2, "response_format": "png"}, 400, "response_format", "one image"),
     ({"prompt": "a cat", "seed": 2**64}, 400, "seed", "less than or equal"),
     ([1, 2, 3], 400, None, "should be an object"),
+    ({"prompt": "a cat", "original_size": [512, 512]}, 400, "original_size", "only SDXL models"),
+    ({"prompt": "a cat", "crop": [1, 2, 3]}, 400, "crop", "at most 2"),
 ]
 
 

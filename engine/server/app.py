@@ -195,6 +195,9 @@ async def _unless_client_leaves(http: HttpRequest, work) -> Outcome:
 
 
 def _param_of(message: str) -> str | None:
+    for name in GenerateBody.model_fields:  # messages about CLI flags name them: "--original-size ..."
+        if f"--{name.replace('_', '-')}" in message:
+            return name
     text = message.lower()
     for words in sorted(_PARAM_WORDS, key=len, reverse=True):
         if text.startswith(words):

@@ -78,6 +78,11 @@ class GenerateBody(_Common):
     strength: float | None = Field(_R.strength, gt=0, le=1)
     mask: str | None = Field(None, description="inpainting mask, base64 image; white = repaint")
     resize: bool = _R.resize
+    original_size: tuple[int, int] | None = Field(None, description="SDXL time ids: [height, width]; null = the size")
+    crop: tuple[int, int] | None = Field(None, description="SDXL time ids: crop top-left [top, left]; null = [0, 0]")
+    target_size: tuple[int, int] | None = Field(None, description="SDXL time ids: [height, width]; null = the size")
+    aesthetic_score: float | None = Field(None, allow_inf_nan=False, description="SDXL refiner; null = 6.0")
+    negative_aesthetic_score: float | None = Field(None, allow_inf_nan=False, description="SDXL refiner; null = 2.5")
     response_format: Literal["json", "png"] = "json"
 
     _check_sampler = field_validator("sampler")(_sampler)
@@ -86,7 +91,9 @@ class GenerateBody(_Common):
         return Request(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
                        guidance_scale=self.guidance_scale, sampler=self.sampler, seed=self.seed, height=self.height,
                        width=self.width, images=self.images, init_image=init_image, strength=self.strength,
-                       mask=mask, resize=self.resize)
+                       mask=mask, resize=self.resize, original_size=self.original_size, crop=self.crop,
+                       target_size=self.target_size, aesthetic_score=self.aesthetic_score,
+                       negative_aesthetic_score=self.negative_aesthetic_score)
 
 
 class ImagesBody(_Common):
