@@ -10,7 +10,7 @@ import argparse
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -143,12 +143,26 @@ class _Job:
     model_ref: Callable[[], Any]
 
 
+VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
+
+
+def component_precision(family: Family, folder: Path, name: str, precision: str) -> str:
+    """The precision one component is built in: the build's, except a VAE that overflows in fp16. As diffusers'
+    SDXL pipelines upcast a VAE whose config says `force_upcast` (SDXL's own VAE), an fp16 build of such a family
+    keeps that VAE in fp32; a VAE with `force_upcast: false` (e.g. the fp16-fix VAE) stays fp16."""
+    if precision != "fp16" or name not in VAE_COMPONENTS or not family.upcast_vae:
+        return precision
+    config = cache.read_json(folder / family.spec(name).model_folder / "config.json")
+    return "fp32" if config.get("force_upcast", True) else precision  # AutoencoderKL's default is True
+
+
 def _component(job: _Job, name: str, built: list[str], notes: list[str]) -> dict[str, str]:
     """Build (or reuse) one component's ONNX and backend artifact; its build.json entry."""
     from export.models import component_files
     from export.store import cache_root
 
-    cfg, backend, plan = job.cfg, job.backend, job.plan
+    cfg, backend = job.cfg, job.backend
+    plan = replace(job.plan, precision=component_precision(job.family, job.folder, name, job.plan.precision))
     spec = job.family.spec(name)
     weights = cache.hash_files(component_files(job.folder, spec.model_folder), memo=cache_root() / cache.HASH_MEMO)
     onnx_path, onnx_key = None, None
@@ -164,7 +178,7 @@ def _component(job: _Job, name: str, built: list[str], notes: list[str]) -> dict
             extra = backend.build(spec, onnx_path, tmp, job.dims, plan, job.folder)
             cache.write_manifest(tmp, key, parts, extra)
         built.append(f"{name}:{backend.name}")
-    return {"dir": art.relative_to(cfg.engine_dir / job.model_id).as_posix(), "key": key}
+    return {"dir": art.relative_to(cfg.engine_dir / job.model_id).as_posix(), "key": key, "precision": plan.precision}
 
 
 def _write_record(record_path: Path, record: dict[str, Any], notes: list[str]) -> None:

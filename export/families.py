@@ -66,6 +66,7 @@ class Family:
     aesthetic_scores: tuple[float, float] | None = None  # (positive, negative) defaults: an aesthetic-score model
     txt2img: bool = True  # False: img2img only (the SDXL refiner)
     default_strength: tuple[float, float] = (0.8, 1.0)  # (img2img, inpaint) when a request gives none: diffusers'
+    upcast_vae: bool = False  # fp16 builds keep the VAE in fp32 when its config says force_upcast (SDXL's overflows)
 
     @property
     def aesthetic(self) -> bool:
@@ -171,6 +172,7 @@ SDXL = Family(
     time_ids=6,
     zero_empty_negative=True,
     default_strength=(0.3, 0.9999),  # StableDiffusionXLImg2ImgPipeline / StableDiffusionXLInpaintPipeline
+    upcast_vae=True,  # diffusers' SDXL pipelines run a force_upcast VAE in fp32; the fp16-fix VAE says false
 )
 
 SDXL_REFINER = replace(  # SDXL without the first text encoder, aesthetic score instead of target size

@@ -286,13 +286,30 @@ class XLClip2Wrapper(torch.nn.Module):
         return out.hidden_states[-2], out.text_embeds
 
 
+class _CastOutput(torch.nn.Module):
+    """`module` with its output cast to `dtype` (set per call by the wrapper that owns it)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module, self.dtype = module, torch.float32
+
+    def forward(self, x):
+        return self.module(x).to(self.dtype)
+
+
 class XLUNetWrapper(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
+        # diffusers concatenates the float32 time-id embedding with text_embeds; in an fp16 model torch promotes
+        # and casts the result to fp16, but the exported ONNX Concat gets mixed types (invalid). Casting the
+        # embedding to text_embeds' dtype first gives the same values and a valid graph.
+        if not isinstance(unet.add_time_proj, _CastOutput):
+            unet.add_time_proj = _CastOutput(unet.add_time_proj)
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
         # [2B, 4, h, w], [2B], [2B, 77, C1+C2], [2B, P], [2B, 6] float32
+        self.unet.add_time_proj.dtype = text_embeds.dtype
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
