@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from engine import cache
 from engine.backends.base import Backend, get_backend
@@ -91,8 +91,10 @@ def _stale(cfg: BuildConfig, art: Path, label: str, notes: list[str]) -> bool:
 
 
 def _onnx_stage(cfg: BuildConfig, model_id: str, name: str, weights: str, plan: BuildPlan,
-                model_ref, done: list[str], notes: list[str]) -> tuple[Path, str]:
-    """The component's exported ONNX (reused when cached) and its key."""
+                folder: Path, done: list[str], notes: list[str], progress: bool = False) -> tuple[Path, str]:
+    """The component's exported ONNX (reused when cached) and its key. The export reads the weights from the
+    model folder's files one tensor at a time (export/lean.py): no model is loaded for it."""
+    from export.lean import bar_progress
     from export.onnx_export import ExportOptions, export_component
 
     opts = ExportOptions(precision=plan.precision, attention=plan.attention)
@@ -101,7 +103,8 @@ def _onnx_stage(cfg: BuildConfig, model_id: str, name: str, weights: str, plan: 
     art = cache.artifact_dir(cfg.engine_dir, model_id, "onnx", name, key)
     if _stale(cfg, art, f"{name}:onnx", notes):
         with cache.staging_dir(art) as tmp:
-            info = export_component(model_ref(), name, tmp / "model.onnx", opts)
+            info = export_component(folder, name, tmp / "model.onnx", opts,
+                                    progress=bar_progress(f"{name} weights", disable=not progress))
             cache.write_manifest(tmp, key, parts, {"export": info})
         done.append(f"{name}:onnx")
     return art / "model.onnx", key
@@ -140,7 +143,7 @@ class _Job:
     backend: Backend
     plan: BuildPlan
     fingerprint: dict[str, Any]
-    model_ref: Callable[[], Any]
+    progress: bool = False  # progress bars (the export's weights bar too)
 
 
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
@@ -167,7 +170,8 @@ def _component(job: _Job, name: str, built: list[str], notes: list[str]) -> dict
     weights = cache.hash_files(component_files(job.folder, spec.model_folder), memo=cache_root() / cache.HASH_MEMO)
     onnx_path, onnx_key = None, None
     if backend.needs_onnx:
-        onnx_path, onnx_key = _onnx_stage(cfg, job.model_id, name, weights, plan, job.model_ref, built, notes)
+        onnx_path, onnx_key = _onnx_stage(cfg, job.model_id, name, weights, plan, job.folder, built, notes,
+                                          job.progress)
     parts = {"component": name, "weights": weights, "onnx": onnx_key, "backend": job.fingerprint,
              "precision": plan.precision, "attention": plan.attention,
              "profile": plan.profile.to_json() if backend.static_shapes else None}
@@ -194,22 +198,6 @@ def _write_record(record_path: Path, record: dict[str, Any], notes: list[str]) -
         cache.write_json_atomic(record_path, record, checksum=True)
 
 
-def _model_ref(folder: Path, plan: BuildPlan) -> Callable[[], Any]:
-    """A loader of the model's torch modules, called only if something must be exported (then kept)."""
-    loaded: list = []
-
-    def model_ref():
-        if not loaded:
-            import torch
-
-            from export.models import load_model
-
-            loaded.append(load_model(folder, dtype=torch.float16 if plan.precision == "fp16" else torch.float32))
-        return loaded[0]
-
-    return model_ref
-
-
 def _prepare(cfg: BuildConfig) -> _Job:
     """Resolve the model, backend, profile and plan (before any lock or work)."""
     from export.models import default_size, folder_dims, resolve_model
@@ -225,7 +213,7 @@ def _prepare(cfg: BuildConfig) -> _Job:
                            preset.max_size if preset else 1024, static=backend.static_shapes)
     plan = make_plan(cfg, backend, profile)
     fingerprint = backend.fingerprint(plan)  # raises a clear error when the backend is unusable
-    return _Job(cfg, model_id, folder, family, dims, backend, plan, fingerprint, _model_ref(folder, plan))
+    return _Job(cfg, model_id, folder, family, dims, backend, plan, fingerprint)
 
 
 def _record(job: _Job, model_files: Path, entries: dict[str, Any]) -> dict[str, Any]:
@@ -257,7 +245,7 @@ def build_all(cfg: BuildConfig, progress: bool = True) -> BuildResult:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    job = _prepare(cfg)
+    job = replace(_prepare(cfg), progress=progress)
     components = cfg.components or job.family.default_components(job.dims)
     model_dir = cfg.engine_dir / job.model_id
     built: list[str] = []

@@ -46,27 +46,32 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from tqdm import tqdm
 
-    from export.models import default_size, load_model
+    from export.families import detect_family
+    from export.lean import bar_progress
+    from export.models import default_size, folder_dims, load_component, resolve_model
     from export.onnx_export import export_component, validate
     from export.specs import Shape, check_size, parse_components
     from export.store import write_json_atomic
 
     components = parse_components(args.components) if args.components else None
     dtype = torch.float16 if args.precision == "fp16" else torch.float32
-    model = load_model(args.model, dtype=dtype)
-    components = components or model.family.components
+    folder, model_id = resolve_model(args.model)
+    family, dims = detect_family(folder), folder_dims(folder)
+    components = components or family.components
     for name in components:
-        model.family.spec(name)  # a name the family lacks: ValueError before any export
-    size = default_size(model.path)
+        family.spec(name)  # a name the family lacks: ValueError before any export
+    size = default_size(folder)
     shape = Shape(1, args.height or size, args.width or size)
-    check_size(model.dims, shape.height, shape.width)
+    check_size(dims, shape.height, shape.width)
     opts = ExportOptions(precision=args.precision, attention=args.attention, shape=shape)
-    report = {"model": str(args.model), "model_id": model.model_id, "options": opts.to_json(), "components": {}}
+    report = {"model": str(args.model), "model_id": model_id, "options": opts.to_json(), "components": {}}
     for name in (bar := tqdm(components, desc="export", unit="component")):
         bar.set_postfix_str(name)
-        info = export_component(model, name, args.out / f"{name}.onnx", opts)
+        info = export_component(folder, name, args.out / f"{name}.onnx", opts, progress=bar_progress(f"{name} weights"))
         if not args.no_validate and args.precision == "fp32":  # ORT CPU vs torch CPU; fp16 CPU torch is not a reference
-            info["max_abs_err_vs_torch"] = validate(model, name, args.out / f"{name}.onnx", shape)
+            module = load_component(folder, name, dtype, family=family)
+            info["max_abs_err_vs_torch"] = validate(module, family.spec(name), dims, args.out / f"{name}.onnx", shape)
+            del module
         report["components"][name] = info
     report["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
     report["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -98,7 +98,10 @@ def _plugin(q, k, v, num_heads: int) -> torch.Tensor:
         "plugin_version": contract.PLUGIN_VERSION,
     }
     op = f"{contract.PLUGIN_NAMESPACE}::{contract.PLUGIN_NAME}"
-    return torch.onnx.ops.symbolic(op, (q, k, v), attrs, dtype=q.dtype, shape=q.shape, version=1)
+    out = torch.onnx.ops.symbolic(op, (q, k, v), attrs, dtype=q.dtype, shape=q.shape, version=1)
+    # its stand-in output is made on the default device; tracing on the meta device (export/lean.py) needs it
+    # beside q (an Identity in the graph, which the optimizer removes)
+    return out if out.device == q.device else out.to(q.device)
 
 
 def _eager(q, k, v, num_heads: int, scale: float, upcast: bool) -> torch.Tensor:

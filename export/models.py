@@ -207,6 +207,23 @@ def load_submodel(folder: Path, sub: str, dtype: torch.dtype = torch.float32) ->
     return module.eval()
 
 
+def meta_submodel(folder: Path, sub: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """One sub-folder's model built from its config alone, parameters on the meta device (no weight allocated,
+    nothing read but the config), as `load_submodel` would build it: same classes, dtype and attention."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        if sub in ("text_encoder", "text_encoder_2"):
+            cls = CLIPTextModel if sub == "text_encoder" else CLIPTextModelWithProjection
+            return cls._from_config(CLIPTextConfig.from_pretrained(folder / sub), dtype=dtype).eval()
+        cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[sub]
+        module = cls.from_config(cls.load_config(folder / sub))
+        module = module if dtype == torch.float32 else module.to(dtype)
+    attention.install(module)
+    return module.eval()
+
+
 def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
     """Load every component of a model through diffusers / transformers, offline, safetensors only."""
     from transformers import CLIPTokenizer
@@ -339,16 +356,28 @@ def component_module(model: LoadedModel, name: str) -> torch.nn.Module:
     return wrap(getattr(model, sub)).eval()
 
 
+def _family_of(folder: Path, family: Family | str | None) -> Family:
+    if family is None:
+        return detect_family(folder) if (folder / "model_index.json").is_file() else SD
+    return get_family(family) if isinstance(family, str) else family
+
+
 def load_component(folder: Path, name: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                    family: Family | str | None = None) -> torch.nn.Module:
     """One component's wrapped torch module, loading only its own sub-folder of `folder`. The family is
     given, or read from the folder's model_index.json, or SD for a folder without one (an engine dir)."""
-    if family is None:
-        family = detect_family(folder) if (folder / "model_index.json").is_file() else SD
-    elif isinstance(family, str):
-        family = get_family(family)
-    sub, wrap = _wrapper(name, family)
+    sub, wrap = _wrapper(name, _family_of(folder, family))
     return wrap(load_submodel(folder, sub, dtype).to(device)).eval()
+
+
+def meta_component(folder: Path, name: str, dtype: torch.dtype = torch.float32,
+                   family: Family | str | None = None) -> tuple[torch.nn.Module, str]:
+    """(the component's wrapped module on the meta device, the prefix of its parameter names before the
+    sub-folder's own tensor names, e.g. "unet.")."""
+    sub, wrap = _wrapper(name, _family_of(folder, family))
+    module = wrap(meta_submodel(folder, sub, dtype)).eval()
+    attr = next(n for n, m in module.named_children() if not isinstance(m, _CastOutput))
+    return module, attr + "."
 
 
 def component_files(folder: Path, sub_folder: str) -> list[Path]:

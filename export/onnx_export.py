@@ -9,14 +9,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
 import torch
 
 from export import attention
-from export.models import LoadedModel, component_module, default_size
-from export.optimize import EXTERNAL_DATA_LIMIT, optimize_onnx  # EXTERNAL_DATA_LIMIT: still importable here
+from export.families import detect_family
+from export.models import LoadedModel, component_module, default_size, folder_dims, meta_component
+from export.optimize import EXTERNAL_DATA_LIMIT
 from export.specs import EXPORT_MAX_BATCH, EXPORT_MAX_UNITS, ComponentSpec, Dims, Shape
 
 OPSET = {"decomposed": 18, "plugin": 18, "onnx": 23}  # opset 23 brings the Attention op
@@ -79,17 +81,28 @@ def dynamic_shapes(spec: ComponentSpec, dims: Dims) -> dict[str, dict[int, objec
     return out
 
 
-def export_component(model: LoadedModel, name: str, path: Path, opts: ExportOptions) -> dict:
-    """Export one component to `path` (+ `path`.data when > 2 GB), optimized and checked; summarise."""
-    spec = model.family.spec(name)
+def export_component(model: LoadedModel | Path, name: str, path: Path, opts: ExportOptions,
+                     progress: Callable[[int, int], None] | None = None) -> dict:
+    """Export one component to `path` (+ `path`.data past EXTERNAL_DATA_LIMIT), optimized and checked; summarise.
+
+    Memory-lean (export/lean.py): the graph is traced from the component built on the meta device and its
+    weights are streamed one tensor at a time, from the loaded model's modules when `model` is a LoadedModel,
+    else from the safetensors files of the model folder `model`. `progress(done, total)` follows the weights."""
+    from export import lean
+
+    folder = model.path if isinstance(model, LoadedModel) else Path(model)
+    family = model.family if isinstance(model, LoadedModel) else None
     if opts.attention == "plugin" and opts.precision != "fp16":
         raise ValueError("attention 'plugin' needs --precision fp16 (the fused kernel is fp16/bf16)")
     dtype = torch.float16 if opts.precision == "fp16" else torch.float32
-    size = default_size(model.path)
+    module, prefix = meta_component(folder, name, dtype, family)
+    family = family or detect_family(folder)
+    spec, dims = family.spec(name), folder_dims(folder)
+    size = default_size(folder)
     shape = opts.shape or Shape(1, size, size)
     # example batch 2 (not 1) keeps torch.export from specialising the batch axis to 1
-    example = example_inputs(spec, model.dims, Shape(2, shape.height, shape.width), opts.precision)
-    module = component_module(model, name).to(dtype)
+    example = {k: v.to("meta") for k, v in
+               example_inputs(spec, dims, Shape(2, shape.height, shape.width), opts.precision).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with torch.no_grad(), attention.emission(opts.attention):
@@ -99,25 +112,33 @@ def export_component(model: LoadedModel, name: str, path: Path, opts: ExportOpti
             input_names=spec.input_names,
             output_names=spec.output_names,
             opset_version=opts.opset,
-            dynamic_shapes=dynamic_shapes(spec, model.dims),
+            dynamic_shapes=dynamic_shapes(spec, dims),
             dynamo=True,
-            external_data=True,
+            optimize=False,  # lean.optimize below: the weights have no values yet
             verbose=False,
         )
     assert program is not None
-    size = sum(p.numel() * p.element_size() for p in module.parameters())
-    program.save(path, external_data=size > EXTERNAL_DATA_LIMIT * 0.9)
-    export_s = time.perf_counter() - t0
+    if isinstance(model, LoadedModel):
+        sources = lean.attach_weights(program.model, module, prefix, {}, loaded=component_module(model, name))
+    else:
+        sources = lean.attach_weights(program.model, module, prefix, lean.tensor_index(folder / spec.model_folder))
     if opts.optimize:
-        optimize_onnx(path)
+        lean.optimize(program.model)
+    trace_s = time.perf_counter() - t0
+    nbytes = lean.weight_bytes(program.model, sources)
+    lean.save(program.model, path, external=nbytes > EXTERNAL_DATA_LIMIT, progress=progress)
+    export_s = time.perf_counter() - t0
     onnx.checker.check_model(str(path), full_check=True)
     return {
         "component": name,
         "precision": opts.precision,
         "attention": opts.attention,
         "opset": opts.opset,
+        "trace_seconds": round(trace_s, 2),
         "export_seconds": round(export_s, 2),
         "total_seconds": round(time.perf_counter() - t0, 2),
+        "weight_bytes": nbytes,
+        "weights_from": {src: sum(1 for s in sources.values() if s == src) for src in sorted(set(sources.values()))},
         "files": {p.name: p.stat().st_size for p in sorted(path.parent.glob(path.name + "*"))},
         "inputs": describe(spec, "inputs", opts.precision),
         "outputs": describe(spec, "outputs", opts.precision),
@@ -140,19 +161,19 @@ def run_onnx(path: Path, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarra
     return dict(zip(names, sess.run(names, {k: v.numpy() for k, v in inputs.items()})))
 
 
-def validate(model: LoadedModel, name: str, path: Path, shape: Shape, precision: str = "fp32") -> float:
-    """Max abs difference between ONNX Runtime and the torch module at one shape, over every output."""
-    spec = model.family.spec(name)
-    inputs = example_inputs(spec, model.dims, shape, precision, seed=1)
-    dtype = torch.float16 if precision == "fp16" else torch.float32
+def validate(module: torch.nn.Module, spec: ComponentSpec, dims: Dims, path: Path, shape: Shape,
+             precision: str = "fp32") -> float:
+    """Max abs difference between ONNX Runtime and the component's torch `module` at one shape, over every
+    output."""
+    inputs = example_inputs(spec, dims, shape, precision, seed=1)
     with torch.no_grad():
-        ref = component_module(model, name).to(dtype)(**inputs)
+        ref = module(**inputs)
     refs = ref if isinstance(ref, tuple) else (ref,)
     onnx_out = run_onnx(path, inputs)
     err = 0.0
     for out_name, r in zip(spec.output_names, refs, strict=True):
         got, want = onnx_out[out_name].astype(np.float32), r.float().numpy()
         if got.shape != want.shape:
-            raise AssertionError(f"{name}.{out_name}: ONNX output shape {got.shape} != torch {want.shape}")
+            raise AssertionError(f"{spec.name}.{out_name}: ONNX output shape {got.shape} != torch {want.shape}")
         err = max(err, float(np.abs(got - want).max()))
     return err

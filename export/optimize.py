@@ -1,7 +1,6 @@
-"""ONNX clean-up after export: constant folding, dead-node removal, shape inference.
+"""Facts about exported graphs shared by export, build and tests: the external-data threshold and op counts.
 
-Done with onnx-graphsurgeon (folding through ONNX Runtime) and onnx's shape inference; graphs over
-2 GB keep their weights as external data.
+The clean-up after export (shape folding that leaves weights alone) is export/lean.py's `optimize`.
 """
 from __future__ import annotations
 
@@ -9,27 +8,9 @@ from pathlib import Path
 
 import onnx
 
-EXTERNAL_DATA_LIMIT = 2 * 1024**3  # protobuf's 2 GB limit: bigger graphs keep weights as external data
-
-
-def optimize_onnx(path: Path) -> None:
-    """Fold constants, drop dead nodes, infer shapes; rewrite `path` in place."""
-    import onnx_graphsurgeon as gs
-
-    model = onnx.load(str(path), load_external_data=True)
-    graph = gs.import_onnx(model)
-    graph.fold_constants(size_threshold=16 * 1024**2).cleanup(remove_unused_graph_inputs=False).toposort()
-    out = gs.export_onnx(graph, do_type_check=False)
-    del out.opset_import[:]
-    out.opset_import.extend(model.opset_import)  # keep custom domains (sd_engine) declared
-    big = sum(len(t.raw_data) for t in out.graph.initializer) > EXTERNAL_DATA_LIMIT * 0.9
-    for stale in path.parent.glob(path.name + ".data"):
-        stale.unlink()
-    if big:
-        onnx.save_model(out, str(path), save_as_external_data=True, location=path.name + ".data")
-        onnx.shape_inference.infer_shapes_path(str(path), str(path))
-    else:
-        onnx.save_model(onnx.shape_inference.infer_shapes(out), str(path))
+# Graphs whose weights pass this keep them as external data (`model.onnx.data`), written one tensor at a time:
+# embedding them would hold a second in-memory copy in the serialised proto (and protobuf stops at 2 GB).
+EXTERNAL_DATA_LIMIT = 64 * 1024**2
 
 
 def count_ops(path: Path) -> dict[str, int]:

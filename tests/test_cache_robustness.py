@@ -378,10 +378,9 @@ def test_every_published_onnx_opens_in_onnx(built):
 def test_external_data_artifacts_open_in_onnx_and_onnxruntime(tmp_path, tiny_folder, monkeypatch):
     import onnxruntime
 
-    from export import onnx_export, optimize
+    from export import onnx_export
 
-    monkeypatch.setattr(optimize, "EXTERNAL_DATA_LIMIT", 0)  # force model.onnx.data on a tiny graph
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_LIMIT", 0)
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_LIMIT", 0)  # force model.onnx.data on a tiny graph
     engines = tmp_path / "engines"
     build_all(_cfg(engines, components=("clip",)), progress=False)
     data = sorted(engines.rglob("model.onnx.data"))
