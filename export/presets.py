@@ -10,7 +10,8 @@ mask + masked-image latents); they materialise as diffusers StableDiffusionInpai
 and the UNet's added "text_time" conditioning; they materialise as StableDiffusionXLPipeline folders.
 `tiny-xl-refiner` (`refiner=True`, family `sdxl-refiner`) is SDXL's refiner on tiny-xl's scale: clip2 only,
 5 time ids (aesthetic score instead of target size); it materialises as a StableDiffusionXLImg2ImgPipeline
-folder with `requires_aesthetics_score`.
+folder with `requires_aesthetics_score`; `sdxl-refiner` is the real refiner's architecture. `tiny-xl-inpaint` /
+`sdxl-inpaint` have a 9-channel inpainting UNet (StableDiffusionXLInpaintPipeline folders).
 `PRESETS` holds the SD presets, `SDXL_PRESETS` the SDXL ones (base and refiner); single-file detection
 tries both (`export.single_file.CANDIDATES`); `ALL_PRESETS` / `get_preset` every preset a model name can be.
 """
@@ -292,10 +293,30 @@ TINY_XL = XLPreset(
 # SDXL's refiner architecture on tiny-xl's scale: no first text encoder, so cross-attention is clip2's width
 TINY_XL_REFINER = replace(TINY_XL, name="tiny-xl-refiner", refiner=True, seed=7)
 
+# the same architectures with a 9-channel inpainting UNet (diffusers' stable-diffusion-xl-1.0-inpainting-0.1)
+TINY_XL_INPAINT = replace(TINY_XL, name="tiny-xl-inpaint", unet_in_channels=9, seed=9)
+SDXL_INPAINT = replace(SDXL, name="sdxl-inpaint", unet_in_channels=9, seed=3)
+
+# SDXL 1.0's refiner: random weights, the real architecture (a wider 4-level UNet, 4 transformer layers per
+# attention block, clip2's 1280-wide text only, 5 time ids of 256 each)
+SDXL_REFINER = XLPreset(
+    name="sdxl-refiner",
+    refiner=True,
+    unet=XLUNetArch(
+        block_out_channels=(384, 768, 1536, 1536),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(6, 12, 24, 24),  # head counts: head dim 64 everywhere
+        transformer_layers_per_block=4,
+        cross_attention_dim=1280,
+    ),
+)
+
 # Order matters only for single-file detection, which takes the first preset a checkpoint fills exactly
 # (the in_channels of conv_in tells an inpainting UNet apart, so at most one preset matches).
 PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, SD15, SD21, TINY_INPAINT, SD15_INPAINT)}
-SDXL_PRESETS: dict[str, XLPreset] = {p.name: p for p in (TINY_XL, SDXL, TINY_XL_REFINER)}
+SDXL_PRESETS: dict[str, XLPreset] = {p.name: p for p in (TINY_XL, SDXL, TINY_XL_REFINER, TINY_XL_INPAINT, SDXL_INPAINT,
+                                                        SDXL_REFINER)}
 ALL_PRESETS: dict[str, Preset] = {**PRESETS, **SDXL_PRESETS}
 
 

@@ -54,8 +54,13 @@ def test_reference_is_a_latent_blending_sdxl_inpaint(reference):
 def test_sdxl_inpainting_matches_diffusers(xl_inpaint, reference, sampler, strength):
     pipe, _ = xl_inpaint
     assert pipe.family.can_inpaint(pipe.dims) and not pipe.dims.inpainting_unet
+    _check_inpaint_parity(pipe, reference, sampler, strength, image_seed=1)
+
+
+def _check_inpaint_parity(pipe, reference, sampler: str, strength: float, image_seed: int) -> None:
+    """Our pipeline's inpainted images vs diffusers' on the same prompts, seeds, image and mask (≤ 2/255)."""
     reference.scheduler = diffusers_scheduler(sampler, pipe.scheduler_config)
-    image, mask = init_image(seed=1), mask_image()
+    image, mask = init_image(seed=image_seed), mask_image()
     # one image per prompt: with a single image diffusers would encode it with the first generator only;
     # padding_mask_crop stays None (diffusers' default: no crop, no overlay)
     ref = to_uint8(reference(PROMPTS, image=[image] * 2, mask_image=[mask] * 2, strength=strength,
@@ -88,3 +93,28 @@ def test_default_strength_is_diffusers_sdxl_default(xl_inpaint, kind):
     out = pipe.run(reqs, progress=False, batch_size=2)
     assert out[0].params["strength"] == (0.9999 if kind == "inpaint" else 0.3)
     assert max_diff(np.stack([r.pixels for r in out]), ref) <= 2
+
+
+@pytest.fixture(scope="module")
+def xl_inpaint_9ch(tmp_path_factory, engine_cache):
+    """(our tiny-xl-inpaint pipeline: a 9-channel SDXL inpainting UNet, diffusers' pipeline on its folder)."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    from export.models import materialize_preset
+    from export.presets import ALL_PRESETS
+
+    folder = materialize_preset(ALL_PRESETS["tiny-xl-inpaint"])
+    engine_dir = tmp_path_factory.mktemp("xl_inpaint_9ch_engines")
+    result = build_all(BuildConfig(model="tiny-xl-inpaint", backend="onnxruntime", precision="fp32",
+                                   engine_dir=engine_dir, batch_size=2, height=SIZE, width=SIZE), progress=False)
+    ref = StableDiffusionXLInpaintPipeline.from_pretrained(folder, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    return Pipeline.load(engine_dir), ref, result
+
+
+@pytest.mark.parametrize(("sampler", "strength"), [("ddim", 1.0), ("euler_a", 0.7)])
+def test_sdxl_9_channel_inpainting_matches_diffusers(xl_inpaint_9ch, sampler, strength):
+    pipe, reference, result = xl_inpaint_9ch
+    assert reference.unet.config.in_channels == 9 and pipe.dims.inpainting_unet
+    assert "vae_encoder" in result.record["components"]  # an inpainting UNet builds its encoder by default
+    _check_inpaint_parity(pipe, reference, sampler, strength, image_seed=4)

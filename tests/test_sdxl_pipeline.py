@@ -9,7 +9,7 @@ from engine.build import build_all
 from engine.config import BuildConfig
 from engine.pipeline import Pipeline
 from engine.request import Request
-from engine.samplers import diffusers_scheduler
+from engine.samplers import SAMPLERS, diffusers_scheduler
 
 PROMPTS = ["a watercolor painting of a lighthouse", "a red bicycle"]
 SEEDS = [3, 41]
@@ -39,7 +39,7 @@ def reference(xl):
 
 
 @pytest.mark.parametrize("negative", ["", "blurry, low quality"])
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", SAMPLERS)  # every sampler we ship
 def test_sdxl_matches_diffusers(xl, reference, sampler, negative):
     pipe, _ = xl
     assert pipe.family.name == "sdxl" and set(pipe.runners) >= {"clip", "clip2", "unet", "vae_decoder"}
@@ -56,7 +56,7 @@ def test_sdxl_matches_diffusers(xl, reference, sampler, negative):
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.7])
-@pytest.mark.parametrize("sampler", ["ddim", "euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_sdxl_img2img_matches_diffusers(xl, reference, sampler, strength):
     from diffusers import StableDiffusionXLImg2ImgPipeline
     from PIL import Image
