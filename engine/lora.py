@@ -1,0 +1,271 @@
+"""LoRA adapters, the weights side: parse `path[:scale]`, load a `.safetensors` LoRA (diffusers/PEFT or
+kohya-ss/A1111 keys, converted by diffusers' own converters), and merge it into torch modules with an exact undo.
+
+A merge is W' = W + sum_i scale_i * factor_i * (B_i @ A_i), computed in float32 and cast to W's dtype, where
+factor = alpha / r per module (alpha defaults to r when the file carries none, as PEFT does). `apply` keeps the
+original tensors themselves, so `unapply` restores the model bit for bit (nothing is recomputed by subtraction).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TARGETS = ("unet", "text_encoder", "text_encoder_2")
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapter as named on the command line: a `.safetensors` file and the strength to merge it with."""
+
+    path: Path
+    scale: float = 1.0
+
+
+def parse_adapter(text: str) -> Adapter:
+    """`path[:scale]` -> Adapter. The last ':' splits off a scale only when a float follows it."""
+    path_text, scale = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            scale = float(tail)
+            path_text = head
+        except ValueError:
+            pass
+    if not math.isfinite(scale):
+        raise ValueError(f"LoRA {text!r}: scale {tail!r} is not a finite number")
+    if not path_text:
+        raise ValueError(f"LoRA {text!r}: no file named")
+    path = Path(path_text).expanduser()
+    check_lora_file(path)
+    return Adapter(path=path, scale=scale)
+
+
+def check_lora_file(path: Path) -> None:
+    """Refuse pickles and anything that is not an existing `.safetensors` file, naming the value."""
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise ValueError(f"LoRA {str(path)!r}: {suffix} is a pickle (it can run code when loaded); "
+                         "convert it to .safetensors")
+    if suffix != ".safetensors":
+        raise ValueError(f"LoRA {str(path)!r}: expected a .safetensors file")
+    if not path.is_file():
+        raise ValueError(f"LoRA {str(path)!r}: no such file")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One low-rank update of one module's `weight`."""
+
+    down: torch.Tensor  # A [r, in] (Linear) or [r, in, kh, kw] (Conv2d)
+    up: torch.Tensor  # B [out, r] (Linear) or [out, r, 1, 1] (Conv2d)
+    factor: float  # alpha / r
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+@dataclass(frozen=True)
+class LoraPart:
+    """The modules of one adapter that touch one sub-model, keyed by module path relative to that sub-model."""
+
+    adapter: str  # the adapter's name, for error messages
+    target: str  # "unet" | "text_encoder" | "text_encoder_2"
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """A loaded adapter: its parts per sub-model, its name (file stem) and content hash (sha256, 12 hex)."""
+
+    name: str
+    digest: str
+    path: Path
+    parts: dict[str, LoraPart]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of the file's bytes, first 12 hex digits."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def load_lora(path: Path | str) -> LoraWeights:
+    """Read a LoRA `.safetensors` through diffusers' converters (kohya/A1111 keys and alphas included)."""
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+
+    path = Path(path)
+    check_lora_file(path)
+    out = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
+    raw, alphas = out[0], out[1] or {}
+    metadata = (out[2] if len(out) > 2 else None) or {}
+    parts: dict[str, LoraPart] = {}
+    for target in TARGETS:
+        sub = {k.removeprefix(f"{target}."): v for k, v in raw.items() if k.startswith(f"{target}.")}
+        if sub:
+            sub_alphas = {k.removeprefix(f"{target}."): float(v) for k, v in alphas.items()
+                          if k.split(".")[0] == target}
+            sub_meta = {k.removeprefix(f"{target}."): v for k, v in metadata.items() if k.startswith(f"{target}.")}
+            parts[target] = LoraPart(path.stem, target, _modules(target, sub, sub_alphas, sub_meta, path))
+    unknown = sorted({k.split(".")[0] for k in raw} - set(TARGETS))
+    if unknown or not parts:
+        raise ValueError(f"LoRA {str(path)!r}: no Stable Diffusion LoRA keys (found prefixes {unknown})")
+    return LoraWeights(name=path.stem, digest=file_digest(path), path=path, parts=parts)
+
+
+def _to_peft(target: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers-format keys of one sub-model -> PEFT keys (`<module>.lora_A.weight`), as diffusers loads them."""
+    from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_diffusers, \
+        convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    if target == "unet":
+        return sd if any("lora_A" in k for k in sd) else convert_unet_state_dict_to_peft(sd)
+    # kohya text-encoder attention keys come out as old diffusers names (`to_q_lora`); say so rather than let the
+    # converter guess from the whole dict (it only recognises them when an `to_out_lora` key is present)
+    old = StateDictType.DIFFUSERS_OLD if any("_lora.down." in k for k in sd) else None
+    return convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd, original_type=old))
+
+
+def _modules(target: str, sd: dict[str, torch.Tensor], alphas: dict[str, float], meta: dict, path: Path
+             ) -> dict[str, LoraModule]:
+    """Group PEFT keys into LoraModules with their alpha / r factor."""
+    peft = _to_peft(target, sd)
+    bad = sorted(k for k in peft if not re.search(r"\.lora_[AB]\.weight$", k))
+    if bad or meta.get("use_dora") or meta.get("lora_bias"):
+        raise ValueError(f"LoRA {str(path)!r}: unsupported keys or options for {target} (DoRA, LoRA bias, "
+                         f"other adapter types): {bad[:3]}")
+    module_alpha = _alphas_by_module(sd, peft, alphas)
+    modules: dict[str, LoraModule] = {}
+    for key in sorted(k for k in peft if k.endswith(".lora_A.weight")):
+        name = key.removesuffix(".lora_A.weight")
+        up_key = f"{name}.lora_B.weight"
+        if up_key not in peft:
+            raise ValueError(f"LoRA {str(path)!r}: {target} key {key!r} has no matching lora_B")
+        down, up = peft[key], peft[up_key]
+        modules[name] = LoraModule(down=down, up=up, factor=_factor(name, int(down.shape[0]), module_alpha, meta))
+    return modules
+
+
+def _alphas_by_module(raw: dict[str, torch.Tensor], peft: dict[str, torch.Tensor], alphas: dict[str, float]
+                      ) -> dict[str, float]:
+    """Network alphas are keyed by diffusers' intermediate names; follow each to its down tensor, whose PEFT key
+    (the converters only rename, so the tensor object is the same) names the module."""
+    peft_name = {id(v): k.rsplit(".lora_", 1)[0] for k, v in peft.items()}
+    downs = [k for k in raw if k.endswith(("down.weight", "lora_A.weight"))]
+    out: dict[str, float] = {}
+    for key, alpha in alphas.items():
+        base = key.removesuffix(".alpha")
+        match = [k for k in downs if k == base or k.startswith(f"{base}.")]
+        if len(match) != 1 or id(raw[match[0]]) not in peft_name:
+            raise ValueError(f"LoRA alpha {key!r} matches no single down weight")
+        out[peft_name[id(raw[match[0]])]] = alpha
+    return out
+
+
+def _factor(name: str, rank: int, module_alpha: dict[str, float], meta: dict) -> float:
+    """alpha / r: the file's own alpha for the module, else PEFT metadata (alpha_pattern, lora_alpha), else r."""
+    alpha = module_alpha.get(name)
+    if alpha is None and meta.get("lora_alpha") is not None:
+        pattern = next((p for p in meta.get("alpha_pattern") or {} if re.match(rf"(.*\.)?({p})$", name)), None)
+        alpha = float(meta["alpha_pattern"][pattern] if pattern is not None else meta["lora_alpha"])
+    if alpha is None:
+        return 1.0
+    return alpha / math.sqrt(rank) if meta.get("use_rslora") else alpha / rank
+
+
+def delta(weight_shape: torch.Size | Sequence[int], down: torch.Tensor, up: torch.Tensor, factor: float
+          ) -> torch.Tensor:
+    """factor * B @ A in float32, shaped like the weight: [out, in] (Linear) or [out, in, kh, kw] (Conv2d)."""
+    prod = up.float().flatten(1) @ down.float().flatten(1)  # [out, in * kh * kw]
+    shape = torch.Size(weight_shape)
+    if prod.numel() != shape.numel() or prod.shape[0] != shape[0]:
+        raise ValueError(f"LoRA of shape B {tuple(up.shape)} @ A {tuple(down.shape)} does not fit weight "
+                         f"{tuple(shape)}")
+    return (prod * factor).reshape(shape)
+
+
+def _resolve(model: nn.Module, part: LoraPart, key: str) -> str:
+    """Module path of `key` in `model` (CLIP's `text_model.` prefix differs across transformers versions)."""
+    for candidate in (key, key.removeprefix("text_model."), f"text_model.{key}"):
+        try:
+            sub = model.get_submodule(candidate)
+        except AttributeError:
+            continue
+        if isinstance(getattr(sub, "weight", None), torch.Tensor):
+            return candidate
+    raise ValueError(f"LoRA {part.adapter!r} targets {part.target} module {key!r}, which "
+                     f"{type(model).__name__} lacks (an adapter for another architecture?)")
+
+
+def merged_weights(model: nn.Module, loras: Sequence[tuple[LoraPart, float]]) -> dict[str, torch.Tensor]:
+    """{param name: W + sum(scale * factor * B @ A)} for every weight the adapters touch, in W's dtype/device."""
+    params = dict(model.named_parameters())
+    acc: dict[str, torch.Tensor] = {}  # float32 sums
+    for part, scale in loras:
+        for key, mod in part.modules.items():
+            name = f"{_resolve(model, part, key)}.weight"
+            weight = params[name]
+            try:
+                d = delta(weight.shape, mod.down.to(weight.device), mod.up.to(weight.device), mod.factor)
+            except ValueError as e:
+                raise ValueError(f"LoRA {part.adapter!r} {part.target} key {key!r}: {e}") from None
+            acc[name] = acc.get(name, weight.detach().float()) + scale * d
+    return {name: w.to(params[name].dtype) for name, w in acc.items()}
+
+
+class AppliedLora:
+    """Merged weights swapped into modules; `unapply()` puts the original tensors back (bit-identical)."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[nn.Parameter, torch.Tensor]] = []  # (parameter, its original data)
+
+    def swap(self, model: nn.Module, merged: Mapping[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        for name, tensor in merged.items():
+            param = params[name]
+            self._saved.append((param, param.data))
+            param.data = tensor
+
+    def unapply(self) -> None:
+        for param, original in reversed(self._saved):
+            param.data = original
+        self._saved.clear()
+
+    def __enter__(self) -> AppliedLora:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unapply()
+
+
+def apply(model: nn.Module, loras: Sequence[tuple[LoraPart, float]]) -> AppliedLora:
+    """Merge `loras` (part, scale) into `model` in place; the returned handle undoes it exactly."""
+    handle = AppliedLora()
+    handle.swap(model, merged_weights(model, loras))
+    return handle
+
+
+def apply_to_models(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeights, float]]) -> AppliedLora:
+    """Merge whole adapters into sub-models by name ("unet", "text_encoder", ...); one handle undoes all."""
+    merged: dict[str, dict[str, torch.Tensor]] = {}
+    for target in TARGETS:
+        parts = [(w.parts[target], s) for w, s in loras if target in w.parts]
+        if parts and target not in models:
+            raise ValueError(f"LoRA {parts[0][0].adapter!r} has {target} weights but the model has no {target}")
+        if parts:
+            merged[target] = merged_weights(models[target], parts)  # all checks before any swap
+    handle = AppliedLora()
+    for target, tensors in merged.items():
+        handle.swap(models[target], tensors)
+    return handle
