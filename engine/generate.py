@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from engine.config import BACKENDS
+from engine.lora import parse_adapter
 from engine.png import IMAGE_FORMATS
 from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
 from export.quiet import add_verbose_flag, quiet_cli
@@ -47,6 +48,7 @@ class GenerateConfig:
     target_size: tuple[int, int] | None = _R.target_size
     aesthetic_score: float | None = _R.aesthetic_score  # SDXL refiner
     negative_aesthetic_score: float | None = _R.negative_aesthetic_score
+    lora: list[str] = field(default_factory=list)  # "path[:scale]", repeatable (engine/lora.py)
     output: Path = Path("out")
     model: str | None = None  # None = the only model in the engine dir
     engine_dir: Path = Path("engines")
@@ -59,7 +61,8 @@ class GenerateConfig:
                         height=self.height, width=self.width, images=self.images_per_prompt,
                         init_image=self.init_image, strength=self.strength, mask=self.mask, resize=self.resize,
                         original_size=self.original_size, crop=self.crop, target_size=self.target_size,
-                        aesthetic_score=self.aesthetic_score, negative_aesthetic_score=self.negative_aesthetic_score)
+                        aesthetic_score=self.aesthetic_score, negative_aesthetic_score=self.negative_aesthetic_score,
+                        loras=tuple(parse_adapter(a) for a in self.lora))
                 for p in self.prompt]
 
 
@@ -98,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--engine-dir", type=Path, default=d.engine_dir, help="what engine.build wrote")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="must match the build; auto = as built")
     p.add_argument("--verify", action="store_true", default=d.verify, help="re-hash every engine file before loading")
+    p.add_argument("--lora", action="append", default=list(d.lora), metavar="PATH[:SCALE]",
+                   help="a LoRA .safetensors (diffusers/PEFT or kohya) merged at SCALE (default 1); repeatable, "
+                        "no rebuild (onnxruntime and torch engines)")
     add_verbose_flag(p)
     args = p.parse_args(argv)
     if not (args.seed == RANDOM_SEED or 0 <= args.seed <= MAX_SEED):

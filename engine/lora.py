@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,33 +195,40 @@ def delta(weight_shape: torch.Size | Sequence[int], down: torch.Tensor, up: torc
     return (prod * factor).reshape(shape)
 
 
-def _resolve(model: nn.Module, part: LoraPart, key: str) -> str:
-    """Module path of `key` in `model` (CLIP's `text_model.` prefix differs across transformers versions)."""
+def _resolve(names: Container[str], part: LoraPart, key: str, owner: str) -> str:
+    """The weight name of module `key` among `names` (CLIP's `text_model.` prefix differs across transformers
+    versions)."""
     for candidate in (key, key.removeprefix("text_model."), f"text_model.{key}"):
-        try:
-            sub = model.get_submodule(candidate)
-        except AttributeError:
-            continue
-        if isinstance(getattr(sub, "weight", None), torch.Tensor):
-            return candidate
+        if f"{candidate}.weight" in names:
+            return f"{candidate}.weight"
     raise ValueError(f"LoRA {part.adapter!r} targets {part.target} module {key!r}, which "
-                     f"{type(model).__name__} lacks (an adapter for another architecture?)")
+                     f"{owner} lacks (an adapter for another architecture?)")
+
+
+def merged_tensors(weights: Mapping[str, torch.Tensor], loras: Sequence[tuple[LoraPart, float]],
+                   owner: str = "the model") -> dict[str, torch.Tensor]:
+    """{weight name: W + sum(scale * factor * B @ A)} for every weight the adapters touch, in W's dtype and
+    device; `weights` maps a sub-model's parameter names to tensors (only the touched ones are read)."""
+    acc: dict[str, torch.Tensor] = {}  # float32 sums
+    dtypes: dict[str, torch.dtype] = {}
+    for part, scale in loras:
+        for key, mod in part.modules.items():
+            name = _resolve(weights, part, key, owner)
+            if name not in acc:
+                weight = weights[name]
+                acc[name], dtypes[name] = weight.detach().float(), weight.dtype
+            w = acc[name]
+            try:
+                d = delta(w.shape, mod.down.to(w.device), mod.up.to(w.device), mod.factor)
+            except ValueError as e:
+                raise ValueError(f"LoRA {part.adapter!r} {part.target} key {key!r}: {e}") from None
+            acc[name] = w + scale * d
+    return {name: w.to(dtypes[name]) for name, w in acc.items()}
 
 
 def merged_weights(model: nn.Module, loras: Sequence[tuple[LoraPart, float]]) -> dict[str, torch.Tensor]:
-    """{param name: W + sum(scale * factor * B @ A)} for every weight the adapters touch, in W's dtype/device."""
-    params = dict(model.named_parameters())
-    acc: dict[str, torch.Tensor] = {}  # float32 sums
-    for part, scale in loras:
-        for key, mod in part.modules.items():
-            name = f"{_resolve(model, part, key)}.weight"
-            weight = params[name]
-            try:
-                d = delta(weight.shape, mod.down.to(weight.device), mod.up.to(weight.device), mod.factor)
-            except ValueError as e:
-                raise ValueError(f"LoRA {part.adapter!r} {part.target} key {key!r}: {e}") from None
-            acc[name] = acc.get(name, weight.detach().float()) + scale * d
-    return {name: w.to(params[name].dtype) for name, w in acc.items()}
+    """`merged_tensors` over a module's parameters."""
+    return merged_tensors(dict(model.named_parameters()), loras, type(model).__name__)
 
 
 class AppliedLora:
@@ -256,11 +263,21 @@ def apply(model: nn.Module, loras: Sequence[tuple[LoraPart, float]]) -> AppliedL
     return handle
 
 
+def parts_for(loras: Sequence[tuple[LoraWeights, float]], target: str) -> list[tuple[LoraPart, float]]:
+    """(part, scale) of every adapter that touches sub-model `target`."""
+    return [(w.parts[target], s) for w, s in loras if target in w.parts]
+
+
+def adapter_params(loras: Sequence[tuple[LoraWeights, float]]) -> list[dict]:
+    """What an image records of its adapters: name, content hash, scale (PNG metadata)."""
+    return [{"name": w.name, "hash": w.digest, "scale": s} for w, s in loras]
+
+
 def apply_to_models(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeights, float]]) -> AppliedLora:
     """Merge whole adapters into sub-models by name ("unet", "text_encoder", ...); one handle undoes all."""
     merged: dict[str, dict[str, torch.Tensor]] = {}
     for target in TARGETS:
-        parts = [(w.parts[target], s) for w, s in loras if target in w.parts]
+        parts = parts_for(loras, target)
         if parts and target not in models:
             raise ValueError(f"LoRA {parts[0][0].adapter!r} has {target} weights but the model has no {target}")
         if parts:

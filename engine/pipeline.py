@@ -49,7 +49,7 @@ class Row:
 
     def group(self, cfg_on: bool) -> tuple:
         r = self.request
-        return (r.kind, r.height, r.width, r.steps, r.sampler, r.strength, cfg_on)
+        return (r.loras, r.kind, r.height, r.width, r.steps, r.sampler, r.strength, cfg_on)
 
 
 class Pipeline:
@@ -66,6 +66,9 @@ class Pipeline:
         self.device = runners["unet"].device
         self._schedules: dict[tuple, samplers.Schedule] = {}
         self._graphs: dict[tuple, graphs.StepGraph | None] = {}  # insertion order = age, at most MAX_GRAPHS
+        self._loras: dict[tuple[str, float], Any] = {}  # (path, mtime) -> engine.lora.LoraWeights, loaded once
+        self._applied: tuple = ()  # the adapters merged into the runners now
+        self._applied_info: list[dict] = []
 
     # ---- loading ----
 
@@ -160,13 +163,52 @@ class Pipeline:
             groups.setdefault(row.group(row.request.guidance_scale > 1.0), []).append(row)
         results: dict[tuple[int, int], Generated] = {}
         for key, members in groups.items():
+            self.use_adapters(key[0])
             for start in range(0, len(members), size):
                 chunk = members[start:start + size]
                 pixels, timings, graphed = self._run_batch(chunk, key[-1], progress, cuda_graph)
                 for row, px in zip(chunk, pixels):
                     params = {**image_params(row.request, row.k), **self._engine_params(), "cuda_graph": graphed}
+                    if self._applied_info:
+                        params["loras"] = self._applied_info
                     results[(row.req, row.k)] = Generated(px, params, timings)
         return [results[(row.req, row.k)] for row in rows]
+
+    def use_adapters(self, adapters: tuple = ()) -> None:
+        """Merge these LoRA adapters (engine.lora.Adapter) into the runners' weights, replacing any merged before;
+        () puts the built weights back exactly. Every adapter is loaded and checked against every runner before
+        any runner changes, so a bad adapter leaves the pipeline as it was. No re-export, no rebuild."""
+        from engine import lora
+
+        if tuple(adapters) == self._applied:
+            return
+        loaded = [(self._lora(a.path), float(a.scale)) for a in adapters]
+        folders = {self.family.spec(name).model_folder: name for name in self.runners}
+        merged: dict[str, dict[str, torch.Tensor] | None] = {}
+        for target in lora.TARGETS:
+            parts = lora.parts_for(loaded, target)
+            if parts and target not in folders:
+                raise ValueError(f"LoRA {parts[0][0].adapter!r} has {target} weights, which model "
+                                 f"{self.info.get('model')!r} has no engine for")
+            if target in folders:
+                runner = self.runners[folders[target]]
+                if not hasattr(runner, "set_weights"):
+                    raise ValueError(f"backend {self.info.get('backend')!r} cannot merge LoRA adapters yet "
+                                     "(onnxruntime and torch can)")
+                merged[target] = lora.merged_tensors(runner.base_weights(), parts, target) if parts else None
+        for target, tensors in merged.items():
+            if tensors is not None or self._applied:
+                self.runners[folders[target]].set_weights(tensors)
+        self._graphs.clear()  # captured steps read the old weights' buffers
+        self._applied, self._applied_info = tuple(adapters), lora.adapter_params(loaded)
+
+    def _lora(self, path) -> Any:
+        from engine import lora
+
+        key = (str(Path(path).resolve()), Path(path).stat().st_mtime)
+        if key not in self._loras:
+            self._loras[key] = lora.load_lora(path)
+        return self._loras[key]
 
     def _engine_params(self) -> dict[str, Any]:
         return {k: self.info.get(k) for k in ("model", "backend", "precision")}

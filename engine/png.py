@@ -77,6 +77,8 @@ def infotext_fields(params: dict[str, Any]) -> dict[str, Any]:
         "Model hash": params.get("model_hash"),
         "Model": model_name(params.get("model")),
         "Denoising strength": params.get("strength"),  # img2img / inpainting only (txt2img has none)
+        # A1111's record of the adapters: `Lora hashes: "name: hash, name: hash"` (the prompt carries <lora:..>)
+        "Lora hashes": ", ".join(f"{a['name']}: {a['hash']}" for a in params["loras"]) if params.get("loras") else None,
     }
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -86,7 +88,8 @@ def parameters_text(params: dict[str, Any]) -> str:
     line = ", ".join(f"{k}: {quote(v)}" for k, v in infotext_fields(params).items())
     negative = params.get("negative_prompt") or ""
     negative_line = f"\nNegative prompt: {negative}" if negative else ""
-    return f"{params.get('prompt', '')}{negative_line}\n{line}".strip()
+    tags = "".join(f" <lora:{a['name']}:{a['scale']:g}>" for a in params.get("loras") or ())  # A1111's convention
+    return f"{params.get('prompt', '')}{tags}{negative_line}\n{line}".strip()
 
 
 # ---- writers ----

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from engine.images import ImageSource
+from engine.lora import Adapter, check_lora_file
 from export.families import Family, TimeIds
 
 MAX_SEED = 2**64 - 1  # torch.Generator takes 64-bit seeds
@@ -50,6 +51,7 @@ class Request:
     target_size: tuple[int, int] | None = None  # (height, width); None = (height, width); not for the refiner
     aesthetic_score: float | None = None  # SDXL refiner only; None = the family's default (6.0)
     negative_aesthetic_score: float | None = None  # SDXL refiner only; None = the family's default (2.5)
+    loras: tuple[Adapter, ...] = ()  # LoRA adapters merged into the weights for this request (engine/lora.py)
 
     @property
     def kind(self) -> str:
@@ -92,6 +94,12 @@ class Request:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{what} {v} must be a positive number of pixels (None = the engine's default)")
         self._check_time_ids()
+        for a in self.loras:
+            if not isinstance(a, Adapter):
+                raise ValueError(f"loras must be Adapter(path, scale) values (parse_adapter('path:scale')), not {a!r}")
+            check_lora_file(Path(a.path))
+            if not (isinstance(a.scale, (int, float)) and math.isfinite(a.scale)):
+                raise ValueError(f"LoRA {str(a.path)!r}: scale {a.scale!r} is not a finite number")
 
     def _check_time_ids(self) -> None:
         for name, lowest in (("original_size", 1), ("crop", 0), ("target_size", 1)):
@@ -184,7 +192,7 @@ class Generated:
 
 def image_params(request: Request, index: int) -> dict[str, Any]:
     """What a result records of its request: image `index` of it, with its own seed."""
-    skip = ("init_image", "mask", "images", "resize")
+    skip = ("init_image", "mask", "images", "resize", "loras")  # loras: recorded by the pipeline (name, hash)
     params = {f.name: getattr(request, f.name) for f in fields(request) if f.name not in skip}
     params.update(seed=request.seed + index, index=index, kind=request.kind)
     if request.kind == "txt2img":

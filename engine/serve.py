@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     p.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="larger request bodies get 413")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=d.warmup,
                    help="one small generation before /readyz says ready")
+    p.add_argument("--lora-dir", type=Path, default=d.lora_dir,
+                   help="folder of LoRA .safetensors that requests may name (by file stem) in `loras`")
     p.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"))
     ray = p.add_argument_group("Ray Serve")
     ray.add_argument("--ray", action="store_true", default=d.ray, help="deploy on Ray Serve (local instance)")

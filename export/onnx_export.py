@@ -38,7 +38,8 @@ class ExportOptions:
 
     def to_json(self) -> dict:
         return {"precision": self.precision, "attention": self.attention, "opset": self.opset,
-                "optimize": self.optimize, "torch": torch.__version__, "onnx": onnx.__version__}
+                "optimize": self.optimize, "torch": torch.__version__, "onnx": onnx.__version__,
+                "weights": "named-external"}  # export/lean.py's layout (part of the cache key)
 
 
 def example_inputs(spec: ComponentSpec, dims: Dims, shape: Shape, precision: str, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -9,8 +9,9 @@ from pathlib import Path
 import onnx
 
 # Graphs whose weights pass this keep them as external data (`model.onnx.data`), written one tensor at a time:
-# embedding them would hold a second in-memory copy in the serialised proto (and protobuf stops at 2 GB).
-EXTERNAL_DATA_LIMIT = 64 * 1024**2
+# embedding them would hold a second in-memory copy in the serialised proto (and protobuf stops at 2 GB). 0: every
+# graph does, so that ONNX Runtime can replace any weight as the graph loads (a LoRA swap needs external data).
+EXTERNAL_DATA_LIMIT = 0
 
 
 def count_ops(path: Path) -> dict[str, int]:

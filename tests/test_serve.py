@@ -179,6 +179,8 @@ BAD = [  # (body, status, param, words in the message)
     ([1, 2, 3], 400, None, "should be an object"),
     ({"prompt": "a cat", "original_size": [512, 512]}, 400, "original_size", "only SDXL models"),
     ({"prompt": "a cat", "crop": [1, 2, 3]}, 400, "crop", "at most 2"),
+    ({"prompt": "a cat", "loras": [{"name": "style"}]}, 400, "loras", "start it with --lora-dir"),
+    ({"prompt": "a cat", "loras": [{"name": "../etc/passwd"}]}, 400, "loras.0.name", "pattern"),
 ]
 
 

@@ -7,6 +7,7 @@ created at load time with full graph optimizations. Any batch and size the graph
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,18 +47,45 @@ class OrtRunner:
     graph_safe = False  # ORT's own allocations and host work are not capturable in a CUDA graph
 
     def __init__(self, spec: ComponentSpec, path: Path, device: str, threads: int = 0):
+        self.spec = spec
+        self.path = path
+        self.device = torch.device(device)
+        self.threads = threads
+        self._overrides: dict[str, Any] = {}  # initializer name -> OrtValue the session was made with
+        self.session = self._session()
+        self.dtypes = {i.name: _onnx_type_to_torch(i.type) for i in self.session.get_inputs()}
+
+    def _session(self):
         ort = _ort()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.spec = spec
-        self.device = torch.device(device)
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=_providers(device))
-        self.dtypes = {i.name: _onnx_type_to_torch(i.type) for i in self.session.get_inputs()}
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        if self._overrides:  # replace the graph's initializers as it is loaded, before any optimization folds them
+            opts.add_external_initializers(list(self._overrides), list(self._overrides.values()))
+        return ort.InferenceSession(str(self.path), sess_options=opts, providers=_providers(str(self.device)))
+
+    def base_weights(self) -> Mapping[str, torch.Tensor]:
+        """The graph's own weights by the sub-model's parameter names (read on access, external data mapped)."""
+        return OnnxWeights(self.path)
+
+    def set_weights(self, merged: Mapping[str, torch.Tensor] | None) -> None:
+        """Recreate the session with `merged` (sub-model parameter names) replacing the graph's initializers,
+        or with the graph's own (None). No re-export, no rebuild: the ONNX file is untouched."""
+        weights = OnnxWeights(self.path)
+        inline = [n for n in (merged or {}) if not weights.external(n)]
+        if inline:
+            raise ValueError(f"{self.path}: weight {inline[0]!r} is stored inside the graph, not as external data, "
+                             "so ONNX Runtime cannot replace it; rebuild with python -m engine.build --force-rebuild")
+        prefix = weights.prefix
+        self.session = None
+        self._overrides = {prefix + name: _ort().OrtValue.ortvalue_from_numpy(t.detach().cpu().contiguous().numpy())
+                           for name, t in (merged or {}).items()}
+        self.session = self._session()
 
     def close(self) -> None:
         self.session = None  # the session frees its arena when dropped
+        self._overrides = {}
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         feeds = {n: inputs[n].to(self.dtypes[n]).contiguous() for n in self.spec.input_names}
@@ -75,6 +103,36 @@ class OrtRunner:
             binding.bind_output(n, "cuda", idx)
         self.session.run_with_iobinding(binding)
         return {n: _ortvalue_to_torch(v) for n, v in zip(self.spec.output_names, binding.get_outputs())}
+
+
+class OnnxWeights(Mapping[str, torch.Tensor]):
+    """An exported graph's weights by the sub-model's parameter names: export names each initializer after its torch
+    parameter under the wrapper's attribute (`unet.conv_in.weight`), and `prefix` is that attribute."""
+
+    def __init__(self, path: Path):
+        import onnx_ir as ir
+
+        self.model = ir.load(path)  # external data stays on disk until a tensor is read
+        inits = self.model.graph.initializers
+        heads = {n.split(".", 1)[0] for n in inits if "." in n}
+        self.prefix = f"{min(heads)}." if len(heads) == 1 else ""
+        self.names = {n.removeprefix(self.prefix): n for n in inits if n.startswith(self.prefix) and "." in n}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = self.model.graph.initializers[self.names[name]].const_value
+        assert value is not None
+        return torch.from_numpy(value.numpy().copy())
+
+    def external(self, name: str) -> bool:
+        import onnx_ir as ir
+
+        return isinstance(self.model.graph.initializers[self.names[name]].const_value, ir.ExternalTensor)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _onnx_type_to_torch(t: str) -> torch.dtype:

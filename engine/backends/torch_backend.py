@@ -8,6 +8,7 @@ engine directory runs without the source model; any batch and size runs.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ class TorchRunner:
         self.device = torch.device(device)
         self.dtype = next(module.parameters()).dtype
         self.attention_impl = attention_impl
+        self._applied: Any = None  # engine.lora.AppliedLora while adapters are merged in
 
     @torch.inference_mode()
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -46,8 +48,31 @@ class TorchRunner:
         outs = out if isinstance(out, tuple) else (out,)
         return dict(zip(self.spec.output_names, outs, strict=True))
 
+    def _sub_model(self) -> torch.nn.Module:
+        assert self.module is not None, "runner closed"
+        return next(iter(self.module.children()))  # the wrapper's diffusers / transformers model
+
+    def base_weights(self) -> Mapping[str, torch.Tensor]:
+        """The sub-model's parameters as loaded (before any adapter)."""
+        if self._applied is not None:
+            self._applied.unapply()
+            self._applied = None
+        return dict(self._sub_model().named_parameters())
+
+    def set_weights(self, merged: Mapping[str, torch.Tensor] | None) -> None:
+        """Swap `merged` in (sub-model parameter names), or put the loaded weights back (None), bit for bit."""
+        from engine.lora import AppliedLora
+
+        if self._applied is not None:
+            self._applied.unapply()
+            self._applied = None
+        if merged:
+            self._applied = AppliedLora()
+            self._applied.swap(self._sub_model(), {n: t.to(self.device) for n, t in merged.items()})
+
     def close(self) -> None:
         self.module = None
+        self._applied = None
 
 
 class TorchBackend:

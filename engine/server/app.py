@@ -323,7 +323,11 @@ def create_app(config: ServeConfig) -> FastAPI:
         if body.response_format == "png" and body.images != 1:
             raise ApiError(400, f"response_format 'png' returns one image; images is {body.images} "
                                 "(use 'json' for several)", "response_format")
-        outcome = await state.generate(http, body.to_request(images["init_image"], images["mask"]))
+        try:
+            request = body.to_request(images["init_image"], images["mask"], state.config.lora_dir)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), "loras") from None
+        outcome = await state.generate(http, request)
         pngs = await asyncio.to_thread(_encode, outcome.images)
         timings = _timings(outcome, time.perf_counter() - t0)
         if body.response_format == "png":

@@ -20,6 +20,7 @@ class ServeConfig:
     timeout_s: float = 300.0  # per request, queue + compute; past it the answer is 504
     max_body_mb: float = 20.0  # larger bodies are answered 413
     warmup: bool = True  # one small generation before /readyz says ready
+    lora_dir: Path | None = None  # LoRA .safetensors a request may name (`loras: [{name, scale}]`); None = none
     log_level: str = "info"
     # Ray Serve (python -m engine.serve --ray)
     ray: bool = False

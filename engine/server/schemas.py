@@ -12,17 +12,21 @@ import base64
 import binascii
 import io
 import unicodedata
+from pathlib import Path
 from typing import Any, Literal
 
 import PIL.Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from engine.lora import Adapter
 from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
 from engine.samplers import SAMPLERS
 
 _R = Request()
 MAX_PROMPT_CHARS = 4000  # CLIP reads 77 tokens; longer text is truncated with a warning, far longer is refused
 MAX_GUIDANCE = 100.0
+MAX_LORAS = 8  # adapters per request
+MAX_LORA_SCALE = 10.0
 MAX_SIDE = 8192  # pixels; the built profile is usually far smaller and is checked by the app
 MAX_INPUT_PIXELS = 4096 * 4096  # decoded init image / mask
 ALLOWED_CONTROL = "\t\n\r"
@@ -67,6 +71,29 @@ class _Common(BaseModel):
     _check_text = field_validator("prompt", "negative_prompt")(_text)
 
 
+class LoraRef(BaseModel):
+    """One adapter of the server's --lora-dir, by file stem, and its scale."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=200,
+                      description="file stem of a .safetensors in the server's --lora-dir")
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False)
+
+
+def resolve_loras(refs: list[LoraRef], lora_dir: Path | None) -> tuple[Adapter, ...]:
+    """Adapters for a request's `loras`; ValueError naming the field when the server has no such adapter."""
+    if refs and lora_dir is None:
+        raise ValueError("loras: this server serves no LoRA adapters (start it with --lora-dir)")
+    out = []
+    for ref in refs:
+        assert lora_dir is not None
+        path = lora_dir / f"{ref.name}.safetensors"
+        if not path.is_file():
+            have = sorted(p.stem for p in lora_dir.glob("*.safetensors"))[:20]
+            raise ValueError(f"loras: no adapter {ref.name!r} in the server's --lora-dir (it has: {', '.join(have)})")
+        out.append(Adapter(path, ref.scale))
+    return tuple(out)
+
+
 class GenerateBody(_Common):
     """POST /v1/generate: one Request."""
 
@@ -83,12 +110,15 @@ class GenerateBody(_Common):
     target_size: tuple[int, int] | None = Field(None, description="SDXL time ids: [height, width]; null = the size")
     aesthetic_score: float | None = Field(None, allow_inf_nan=False, description="SDXL refiner; null = 6.0")
     negative_aesthetic_score: float | None = Field(None, allow_inf_nan=False, description="SDXL refiner; null = 2.5")
+    loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS,
+                                 description="LoRA adapters of the server's --lora-dir, merged without a rebuild")
     response_format: Literal["json", "png"] = "json"
 
     _check_sampler = field_validator("sampler")(_sampler)
 
-    def to_request(self, init_image: PIL.Image.Image | None = None, mask: PIL.Image.Image | None = None) -> Request:
-        return Request(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+    def to_request(self, init_image: PIL.Image.Image | None = None, mask: PIL.Image.Image | None = None,
+                   lora_dir: Path | None = None) -> Request:
+        return Request(loras=resolve_loras(self.loras, lora_dir), prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
                        guidance_scale=self.guidance_scale, sampler=self.sampler, seed=self.seed, height=self.height,
                        width=self.width, images=self.images, init_image=init_image, strength=self.strength,
                        mask=mask, resize=self.resize, original_size=self.original_size, crop=self.crop,
