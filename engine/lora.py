@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import warnings
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,25 +196,36 @@ def delta(weight_shape: torch.Size | Sequence[int], down: torch.Tensor, up: torc
     return (prod * factor).reshape(shape)
 
 
-def _resolve(names: Container[str], part: LoraPart, key: str, owner: str) -> str:
-    """The weight name of module `key` among `names` (CLIP's `text_model.` prefix differs across transformers
-    versions)."""
+def _resolve(names: Container[str], key: str) -> str | None:
+    """The weight name of module `key` among `names`, or None (CLIP's `text_model.` prefix differs across
+    transformers versions)."""
     for candidate in (key, key.removeprefix("text_model."), f"text_model.{key}"):
         if f"{candidate}.weight" in names:
             return f"{candidate}.weight"
-    raise ValueError(f"LoRA {part.adapter!r} targets {part.target} module {key!r}, which "
-                     f"{owner} lacks (an adapter for another architecture?)")
+    return None
 
 
 def merged_tensors(weights: Mapping[str, torch.Tensor], loras: Sequence[tuple[LoraPart, float]],
                    owner: str = "the model") -> dict[str, torch.Tensor]:
     """{weight name: W + sum(scale * factor * B @ A)} for every weight the adapters touch, in W's dtype and
-    device; `weights` maps a sub-model's parameter names to tensors (only the touched ones are read)."""
+    device; `weights` maps a sub-model's parameter names to tensors (only the touched ones are read).
+
+    Modules of an adapter that the model lacks are ignored with a warning that counts them; an adapter none of
+    whose modules match is refused (ValueError naming one), as is a module whose shape does not fit."""
     acc: dict[str, torch.Tensor] = {}  # float32 sums
     dtypes: dict[str, torch.dtype] = {}
     for part, scale in loras:
+        missing = [key for key in part.modules if _resolve(weights, key) is None]
+        if len(missing) == len(part.modules):
+            raise ValueError(f"LoRA {part.adapter!r}: none of its {len(missing)} {part.target} modules is in "
+                             f"{owner} (e.g. {missing[0]!r}, which {owner} lacks): an adapter for another architecture?")
+        if missing:
+            warnings.warn(f"LoRA {part.adapter!r}: {len(missing)} of {len(part.modules)} {part.target} modules match "
+                          f"nothing in {owner} and are ignored (e.g. {missing[0]!r})", stacklevel=2)
         for key, mod in part.modules.items():
-            name = _resolve(weights, part, key, owner)
+            name = _resolve(weights, key)
+            if name is None:
+                continue
             if name not in acc:
                 weight = weights[name]
                 acc[name], dtypes[name] = weight.detach().float(), weight.dtype

@@ -19,6 +19,7 @@ UNet out of reach of a 24 GiB machine. Here the weights are never all in memory 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -150,10 +151,15 @@ def optimize(model: ir.Model) -> None:
     values = {name: v.const_value for name, v in model.graph.initializers.items()}
     for v in model.graph.initializers.values():
         v.const_value = None
+    # its initializer de-duplication warns about each weight without a value: that is the point here
+    dedup = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+    level = dedup.level
+    dedup.setLevel(logging.ERROR)
     try:
         onnxscript.optimizer.optimize_ir(model)
         onnxscript.rewriter.onnx_fusions.fuse(model)
     finally:
+        dedup.setLevel(level)
         for name, v in model.graph.initializers.items():
             if name in values:  # the optimizer's own new constants (folded shapes) have theirs
                 v.const_value = values[name]

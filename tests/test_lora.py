@@ -238,3 +238,16 @@ def test_adapter_for_another_architecture(tiny_folder, tmp_path):
     with pytest.raises(ValueError, match="no text_encoder"):
         apply_to_models({"unet": pipe.unet}, [(load_lora(_write_kohya(tmp_path, 5, 2, 1.0)), 1.0)])
     assert all(torch.equal(v, base[k]) for k, v in _params(pipe).items())  # a refused adapter touches nothing
+
+
+def test_unknown_modules_are_counted_and_ignored(tiny_folder, tmp_path):
+    """Some modules the model lacks: those are ignored with a warning counting them; the rest still merge."""
+    g = torch.Generator().manual_seed(1)
+    sd: dict[str, torch.Tensor] = {}
+    _kohya_pair(sd, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 64, 64, 2, 2, g)
+    _kohya_pair(sd, "lora_unet_down_blocks_3_attentions_0_transformer_blocks_0_attn1_to_q", 64, 64, 2, 2, g)
+    save_file(sd, str(tmp_path / "partly.safetensors"))
+    pipe = _pipe(tiny_folder)
+    with pytest.warns(UserWarning, match=r"1 of 2 unet modules match nothing .*down_blocks\.3"):
+        merged = merged_weights(pipe.unet, [(load_lora(tmp_path / "partly.safetensors").parts["unet"], 1.0)])
+    assert list(merged) == ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"]
