@@ -77,6 +77,7 @@ def make_plan(cfg: BuildConfig, backend: Backend, profile: Profile) -> BuildPlan
         timing_cache=cfg.timing_cache,
         workspace_gib=cfg.workspace_gib,
         builder_optimization_level=cfg.builder_optimization_level,
+        enable_refit=cfg.build_enable_refit,
     )
 
 
@@ -300,6 +301,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     p.add_argument("--timing-cache", type=Path, default=d.timing_cache,
                    help="TensorRT timing cache file; None = one per TensorRT version and GPU in --engine-dir")
     p.add_argument("--workspace-gib", type=float, default=d.workspace_gib, help="TensorRT builder workspace limit")
+    p.add_argument("--build-enable-refit", action="store_true", default=d.build_enable_refit,
+                   help="TensorRT: build refittable engines, so LoRA adapters (generate --lora) need no rebuild")
     p.add_argument("--builder-optimization-level", type=int, default=d.builder_optimization_level,
                    help="TensorRT builder optimization level, 0..5")
     p.add_argument("--device", default=d.device,

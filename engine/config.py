@@ -36,6 +36,7 @@ class BuildConfig:
     timing_cache: Path | None = None  # TensorRT timing cache file, reused across builds
     workspace_gib: float = 8.0  # TensorRT builder workspace limit
     builder_optimization_level: int = 3  # TensorRT 0..5
+    build_enable_refit: bool = False  # TensorRT: refittable engines, so LoRA adapters swap in without a rebuild
     device: str = "auto"  # torch / onnxruntime device: auto = cuda if available, else cpu
 
     def __post_init__(self) -> None:
@@ -71,3 +72,4 @@ class BuildPlan:
     timing_cache: Path | None = None
     workspace_gib: float = 8.0
     builder_optimization_level: int = 3
+    enable_refit: bool = False  # TensorRT: BuilderFlag.REFIT

@@ -11,7 +11,7 @@ import hashlib
 import math
 import re
 import warnings
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -298,3 +298,33 @@ def apply_to_models(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraW
     for target, tensors in merged.items():
         handle.swap(models[target], tensors)
     return handle
+
+
+class OnnxWeights(Mapping[str, torch.Tensor]):
+    """An exported graph's weights by the sub-model's parameter names: export names each initializer after its torch
+    parameter under the wrapper's attribute (`unet.conv_in.weight`), and `prefix` is that attribute."""
+
+    def __init__(self, path: Path):
+        import onnx_ir as ir
+
+        self.model = ir.load(path)  # external data stays on disk until a tensor is read
+        inits = self.model.graph.initializers
+        heads = {n.split(".", 1)[0] for n in inits if "." in n}
+        self.prefix = f"{min(heads)}." if len(heads) == 1 else ""
+        self.names = {n.removeprefix(self.prefix): n for n in inits if n.startswith(self.prefix) and "." in n}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = self.model.graph.initializers[self.names[name]].const_value
+        assert value is not None
+        return torch.from_numpy(value.numpy().copy())
+
+    def external(self, name: str) -> bool:
+        import onnx_ir as ir
+
+        return isinstance(self.model.graph.initializers[self.names[name]].const_value, ir.ExternalTensor)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)

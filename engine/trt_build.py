@@ -152,6 +152,8 @@ def _builder_config(ranges: dict[str, Range], plan: BuildPlan, fp16_flag: bool, 
         progress_monitor=monitor,
         load_timing_cache=str(cache),
     )
+    if plan.enable_refit:
+        kwargs["refittable"] = True  # BuilderFlag.REFIT: weights can be replaced later (LoRA) by their ONNX names
     if fp16_flag:
         kwargs["fp16"] = True  # TensorRT 10.x only: polygraphy fails on 11 where the flag is gone
     return CreateConfig(**kwargs)

@@ -356,3 +356,40 @@ def test_plugin_attention_matches_decomposed(trt_tiny, tmp_path):
     plugged = plugin_runner(**feeds)["latent"].clone()
     torch.cuda.synchronize()
     assert _rel_err(plugged, native) < REL_TOL
+
+
+# ---- LoRA: refit ----
+
+def test_build_enable_refit_reaches_the_plan_and_the_fingerprint_key():
+    """--build-enable-refit is a build choice of its own: it changes the plan (and so the artifact key)."""
+    from engine.build import make_plan, parse_args
+
+    cfg = parse_args(["--backend", "onnxruntime", "--build-enable-refit"])
+    assert cfg.build_enable_refit and not parse_args([]).build_enable_refit
+    profile = Profile(Shape(1, 64, 64), Shape(1, 64, 64), Shape(1, 64, 64))
+    assert make_plan(cfg, get_backend("onnxruntime"), profile).enable_refit
+
+
+@requires_trt
+def test_refit_applies_a_lora_and_restores_the_built_weights(tmp_path, tiny_folder):
+    """A refittable UNet engine takes merged weights by their ONNX names and goes back exactly; an engine built
+    without refit refuses, naming the flag."""
+    from engine.lora import load_lora, merged_tensors, parts_for
+    from tests.test_lora import _write_kohya
+
+    lora = load_lora(_write_kohya(tmp_path, 31, r=4, alpha=2.0))
+    refit = _build(tmp_path / "refit", backend="tensorrt", components=("unet",), build_enable_refit=True)
+    runner, _ = _runner(tmp_path / "refit", refit, "unet")
+    feeds = {k: v.cuda() for k, v in _inputs(refit, "unet", refit.record["precision"]).items()}
+    base = runner(**feeds)["latent"].clone()
+    merged = merged_tensors(runner.base_weights(), parts_for([(lora, 1.0)], "unet"), "unet")
+    runner.set_weights(merged)
+    adapted = runner(**feeds)["latent"].clone()
+    runner.set_weights(None)
+    again = runner(**feeds)["latent"].clone()
+    torch.cuda.synchronize()
+    assert _rel_err(adapted, base) > 1e-3 and torch.equal(again, base)
+    plain = _build(tmp_path / "plain", backend="tensorrt", components=("unet",))
+    runner, _ = _runner(tmp_path / "plain", plain, "unet")
+    with pytest.raises(ValueError, match="--build-enable-refit"):
+        runner.set_weights(merged)

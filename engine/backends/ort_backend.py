@@ -7,7 +7,7 @@ created at load time with full graph optimizations. Any batch and size the graph
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from engine.config import BuildPlan
+from engine.lora import OnnxWeights
 from export.specs import ComponentSpec, Dims
 
 MODEL_FILE = "model.onnx"
@@ -103,36 +104,6 @@ class OrtRunner:
             binding.bind_output(n, "cuda", idx)
         self.session.run_with_iobinding(binding)
         return {n: _ortvalue_to_torch(v) for n, v in zip(self.spec.output_names, binding.get_outputs())}
-
-
-class OnnxWeights(Mapping[str, torch.Tensor]):
-    """An exported graph's weights by the sub-model's parameter names: export names each initializer after its torch
-    parameter under the wrapper's attribute (`unet.conv_in.weight`), and `prefix` is that attribute."""
-
-    def __init__(self, path: Path):
-        import onnx_ir as ir
-
-        self.model = ir.load(path)  # external data stays on disk until a tensor is read
-        inits = self.model.graph.initializers
-        heads = {n.split(".", 1)[0] for n in inits if "." in n}
-        self.prefix = f"{min(heads)}." if len(heads) == 1 else ""
-        self.names = {n.removeprefix(self.prefix): n for n in inits if n.startswith(self.prefix) and "." in n}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        value = self.model.graph.initializers[self.names[name]].const_value
-        assert value is not None
-        return torch.from_numpy(value.numpy().copy())
-
-    def external(self, name: str) -> bool:
-        import onnx_ir as ir
-
-        return isinstance(self.model.graph.initializers[self.names[name]].const_value, ir.ExternalTensor)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
 
 
 def _onnx_type_to_torch(t: str) -> torch.dtype:

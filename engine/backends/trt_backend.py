@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ import torch
 from engine import cuda, trt_inspect
 from engine.trt_inspect import MANIFEST_KEY, REBUILD_HINT, attention_mode_error, check_compat, network_typing
 from engine.config import BuildPlan
+from engine.lora import OnnxWeights
 from engine.trt_build import (  # INSTALL_HINT, TensorRTUnavailable, ...: importable from here as before
     INSTALL_HINT,  # noqa: F401  (re-exported)
     TensorRTUnavailable,
@@ -186,11 +188,51 @@ class TrtRunner:
         self._buffers = self._allocate()
         self._views: dict[tuple, dict[str, torch.Tensor]] = {}
         self._current: tuple | None = None
+        self._refitted: set[str] = set()  # weights (sub-model names) that hold adapter values now
         cuda.arena(index).attach(self, int(engine.device_memory_size_v2))
 
     @property
     def graph_safe(self) -> bool:
         return not self.debug  # the NaN check synchronizes with the host
+
+    refit_source: Path | None = None  # the exported ONNX whose initializers the engine was built from
+
+    def base_weights(self) -> Mapping[str, torch.Tensor]:
+        """The built weights, by the sub-model's parameter names, from the ONNX the engine was built from."""
+        return OnnxWeights(self._refit_onnx())
+
+    def set_weights(self, merged: Mapping[str, torch.Tensor] | None) -> None:
+        """Refit the engine in place: `merged` (sub-model parameter names) replaces those weights, and weights an
+        earlier call replaced go back to the built ones. ValueError naming the rebuild flag when the engine was
+        not built refittable, or naming a weight TensorRT cannot refit."""
+        trt = _trt()
+        base = OnnxWeights(self._refit_onnx())
+        new = dict(merged or {})
+        restore = {n: base[n] for n in self._refitted - set(new)}
+        refitter = trt.Refitter(self._engine, _logger())
+        refittable = set(refitter.get_all_weights())
+        keep = []  # the arrays must live until refit_cuda_engine returns
+        for name, tensor in {**restore, **new}.items():
+            onnx_name = base.prefix + name
+            if onnx_name not in refittable:
+                raise ValueError(f"{self.spec.name}: TensorRT cannot refit weight {onnx_name!r} (folded into another "
+                                 f"layer at build time); {len(refittable)} weights are refittable")
+            keep.append(tensor.detach().cpu().contiguous().numpy())
+            if not refitter.set_named_weights(onnx_name, trt.Weights(keep[-1])):
+                raise ValueError(f"{self.spec.name}: TensorRT refused weight {onnx_name!r} "
+                                 f"({tuple(tensor.shape)}, {tensor.dtype})")
+        if not refitter.refit_cuda_engine():
+            raise RuntimeError(f"{self.spec.name}: TensorRT refit failed; missing weights: "
+                               f"{refitter.get_missing_weights()[:5]}")
+        self._refitted = set(new)
+        self._graphs.clear()  # captured launches are redone against the refitted engine
+
+    def _refit_onnx(self) -> Path:
+        if not self._engine.refittable or self.refit_source is None:
+            raise ValueError(f"{self.spec.name}: this TensorRT engine was built without refit, so LoRA adapters "
+                             "cannot be applied; rebuild with python -m engine.build --backend tensorrt "
+                             "--build-enable-refit")
+        return self.refit_source
 
     @property
     def graph_shapes(self) -> list[tuple]:
@@ -313,7 +355,7 @@ class TrtBackend:
         env = current_environment(_device_index(plan.device), with_plugin=plan.attention == "plugin")
         return {"tensorrt": env["version"], "gpu": env["gpu"], "compute_capability": env["compute_capability"],
                 "plugin_ptx_sha256": env["plugin_ptx_sha256"], "workspace_gib": plan.workspace_gib,
-                "builder_optimization_level": plan.builder_optimization_level}
+                "builder_optimization_level": plan.builder_optimization_level, "refit": plan.enable_refit}
 
     def build(self, spec: ComponentSpec, onnx_path: Path | None, out_dir: Path, dims: Dims, plan: BuildPlan,
               source: Path) -> dict[str, Any]:
@@ -353,6 +395,9 @@ class TrtBackend:
             "profile": {n: [list(s) for s in r] for n, r in ranges.items()},
             "workspace_gib": plan.workspace_gib, "builder_optimization_level": plan.builder_optimization_level,
             "timing_cache": str(cache), "build_seconds": round(seconds, 2), "device_memory_bytes": activation_bytes,
+            "refittable": plan.enable_refit,
+            # the refit source: the exported graph's weights, <model dir>/onnx/<component>-<key>/model.onnx
+            "refit_onnx": onnx_path.relative_to(onnx_path.parents[2]).as_posix() if plan.enable_refit else None,
         }}
 
     def load(self, spec: ComponentSpec, art_dir: Path, manifest: dict[str, Any], device: str) -> TrtRunner:
@@ -368,7 +413,10 @@ class TrtBackend:
                 register_attention_plugin()
             except PluginUnavailable as e:
                 log.info("%s: %s", spec.name, e)
-        return TrtRunner(spec, art_dir / section.get("engine", ENGINE_FILE), section, index)
+        runner = TrtRunner(spec, art_dir / section.get("engine", ENGINE_FILE), section, index)
+        if section.get("refit_onnx"):
+            runner.refit_source = art_dir.parents[1] / section["refit_onnx"]
+        return runner
 
 
 BACKEND = TrtBackend()
