@@ -22,6 +22,7 @@ from export.optimize import EXTERNAL_DATA_LIMIT
 from export.specs import EXPORT_MAX_BATCH, EXPORT_MAX_UNITS, ComponentSpec, Dims, Shape
 
 OPSET = {"decomposed": 18, "plugin": 18, "onnx": 23}  # opset 23 brings the Attention op
+PROGRESS_BYTES = 256 * 1024**2  # a weights progress bar only for graphs with more weight bytes than this
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int32": torch.int32}
 
 
@@ -127,7 +128,8 @@ def export_component(model: LoadedModel | Path, name: str, path: Path, opts: Exp
         lean.optimize(program.model)
     trace_s = time.perf_counter() - t0
     nbytes = lean.weight_bytes(program.model, sources)
-    lean.save(program.model, path, external=nbytes > EXTERNAL_DATA_LIMIT, progress=progress)
+    lean.save(program.model, path, external=nbytes > EXTERNAL_DATA_LIMIT,
+              progress=progress if nbytes > PROGRESS_BYTES else None)  # small graphs are written in a blink
     export_s = time.perf_counter() - t0
     onnx.checker.check_model(str(path), full_check=True)
     return {

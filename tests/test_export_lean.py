@@ -128,6 +128,7 @@ def test_large_weights_are_written_as_external_data(tiny_folder, tmp_path, monke
     from export import onnx_export
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_LIMIT", 0)
+    monkeypatch.setattr(onnx_export, "PROGRESS_BYTES", 0)  # tiny: no bar unless asked
     path = tmp_path / "unet.onnx"
     done: list[tuple[int, int]] = []
     info = export_component(tiny_folder, "unet", path, ExportOptions(), progress=lambda d, t: done.append((d, t)))

@@ -151,12 +151,14 @@ def test_sigterm_drains_every_accepted_request_then_exits_zero(ort_engines, tmp_
         results: list = []
 
         def send(i: int) -> None:
-            results.append(s.post("/v1/generate", {"prompt": f"drain {i}", "seed": i, "steps": 60})[0])
+            results.append(s.post("/v1/generate", {"prompt": f"drain {i}", "seed": i, "steps": 150})[0])
 
         threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
         for t in threads:
             t.start()
-        wait_for_metric(s, "sd_inference_pending_request_count", 3, timeout=10)
+        # all six accepted before SIGTERM: one running (max-batch 1, long enough that none finishes first), five
+        # queued; waiting for fewer let a slow sixth client arrive after the drain began and get 503
+        wait_for_metric(s, "sd_inference_pending_request_count", 5, timeout=30)
         s.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         while s.get("/readyz")[0] != 503:
