@@ -53,6 +53,7 @@ class OrtRunner:
         self.device = torch.device(device)
         self.threads = threads
         self._overrides: dict[str, Any] = {}  # initializer name -> OrtValue the session was made with
+        self._weights: OnnxWeights | None = None  # the graph's own weights, read on first use
         self.session = self._session()
         self.dtypes = {i.name: _onnx_type_to_torch(i.type) for i in self.session.get_inputs()}
 
@@ -68,12 +69,15 @@ class OrtRunner:
 
     def base_weights(self) -> Mapping[str, torch.Tensor]:
         """The graph's own weights by the sub-model's parameter names (read on access, external data mapped)."""
-        return OnnxWeights(self.path)
+        if self._weights is None:  # read once: every switch needs the names and some base tensors
+            self._weights = OnnxWeights(self.path)
+        return self._weights
 
     def set_weights(self, merged: Mapping[str, torch.Tensor] | None) -> None:
         """Recreate the session with `merged` (sub-model parameter names) replacing the graph's initializers,
         or with the graph's own (None). No re-export, no rebuild: the ONNX file is untouched."""
-        weights = OnnxWeights(self.path)
+        weights = self.base_weights()
+        assert isinstance(weights, OnnxWeights)
         inline = [n for n in (merged or {}) if not weights.external(n)]
         if inline:
             raise ValueError(f"{self.path}: weight {inline[0]!r} is stored inside the graph, not as external data, "
@@ -86,7 +90,7 @@ class OrtRunner:
 
     def close(self) -> None:
         self.session = None  # the session frees its arena when dropped
-        self._overrides = {}
+        self._overrides, self._weights = {}, None
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         feeds = {n: inputs[n].to(self.dtypes[n]).contiguous() for n in self.spec.input_names}

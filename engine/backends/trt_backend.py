@@ -189,6 +189,7 @@ class TrtRunner:
         self._views: dict[tuple, dict[str, torch.Tensor]] = {}
         self._current: tuple | None = None
         self._refitted: set[str] = set()  # weights (sub-model names) that hold adapter values now
+        self._base: OnnxWeights | None = None  # the built weights, from the refit source ONNX, read on first use
         cuda.arena(index).attach(self, int(engine.device_memory_size_v2))
 
     @property
@@ -199,14 +200,17 @@ class TrtRunner:
 
     def base_weights(self) -> Mapping[str, torch.Tensor]:
         """The built weights, by the sub-model's parameter names, from the ONNX the engine was built from."""
-        return OnnxWeights(self._refit_onnx())
+        if self._base is None:  # read once: every switch needs the names and some base tensors
+            self._base = OnnxWeights(self._refit_onnx())
+        return self._base
 
     def set_weights(self, merged: Mapping[str, torch.Tensor] | None) -> None:
         """Refit the engine in place: `merged` (sub-model parameter names) replaces those weights, and weights an
         earlier call replaced go back to the built ones. ValueError naming the rebuild flag when the engine was
         not built refittable, or naming a weight TensorRT cannot refit."""
         trt = _trt()
-        base = OnnxWeights(self._refit_onnx())
+        base = self.base_weights()
+        assert isinstance(base, OnnxWeights)
         new = dict(merged or {})
         restore = {n: base[n] for n in self._refitted - set(new)}
         refitter = trt.Refitter(self._engine, _logger())
