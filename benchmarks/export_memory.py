@@ -6,20 +6,20 @@ Each export runs in a fresh process, whose peak RSS (VmHWM, the figure GNU `time
 resident set size") is the export's alone: python, torch, the traced graph and the weights in flight.
 It is reported against the exported weight bytes (the goal: <= 1.5x). A second process checks the exported
 graph: ONNX Runtime vs the torch module in fp32 at --check-size (batch 1 with CFG: 2 rows), whose memory is
-not the export's. Writes benchmarks/results/export-memory-<model>-<date>.json. Not part of CI (minutes).
+not the export's. Writes rows of the common schema (benchmarks/schema.py) to benchmarks/results/. Not part of
+CI (minutes).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks import device_name, save_result
+from benchmarks import RESULTS
+from benchmarks.schema import Results
 
 GIB = 1024**3
 
@@ -103,20 +103,26 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     resolve_model(a.model)  # a preset is materialised (random weights, safetensors) once, before any timing
-    report: dict = {"model": a.model, "materialize_seconds": round(time.perf_counter() - t0, 1), "runs": []}
+    results = Results(suite="export-memory")
+    results.add("export_memory", {"model": a.model}, "materialize_s", time.perf_counter() - t0, "s")
     for precision in a.precisions.split(","):
         row = {"precision": precision, **_child(["--model", a.model, "--out", str(out), "--one", precision])}
         if a.check_size and "error" not in row:
             row.update(_child(["--model", a.model, "--out", str(out), "--check", precision,
                                "--check-size", str(a.check_size)]))
-        report["runs"].append(row)
         print(json.dumps(row, indent=1), flush=True)
-    import torch
-
-    report.update(device=device_name(), cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-                  memory_gib=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
-                  torch=torch.__version__)
-    print(f"wrote {save_result(f'export-memory-{Path(a.model).name}', report)}")
+        config = {"model": a.model, "component": "unet", "precision": precision}
+        if "error" in row:
+            results.skip("export_memory", config, f"export failed: {row['error'][-300:]}")
+            continue
+        for metric, unit in (("peak_rss_gib", "GiB"), ("peak_rss_over_weights", "ratio"), ("trace_seconds", "s"),
+                             ("export_seconds", "s"), ("weight_bytes", "B"), ("max_abs_err_ort_vs_torch_fp32", "abs"),
+                             ("ref_abs_max", "abs")):
+            if metric in row:
+                results.add("export_memory", {**config, "check_size": row.get("check_size")}
+                            if metric.endswith(("err_ort_vs_torch_fp32", "abs_max")) else config, metric, row[metric],
+                            unit)
+    print(f"wrote {results.write(RESULTS)}")
     return 0
 
 

@@ -4,7 +4,7 @@
 
 Runs clip, unet and vae_decoder of each preset once at its default size (fp32, CPU) with forward
 hooks that record the largest |activation| any module produces; fp16 overflows past 65504. Writes
-benchmarks/results/fp16-range-<date>.json. Not part of CI (minutes on a CPU).
+rows of the common schema (benchmarks/schema.py) to benchmarks/results/. Not part of CI (minutes on a CPU).
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-from benchmarks import device_name, save_result
+from benchmarks import RESULTS
+from benchmarks.schema import Results
 
 FP16_MAX = 65504.0
 
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default="sd15,sd21")
     a = p.parse_args(argv)
     rows = []
+    results = Results(suite="fp16-range")
     for preset in a.presets.split(","):
         model = load_model(preset)
         size = default_size(model.path)
@@ -55,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             peak, where = largest_activation(component_module(model, name), inputs)
             rows.append({"preset": preset, "component": name, "size": size, "max_abs_activation": peak,
                          "module": where, "fits_fp16": peak < FP16_MAX})
+            results.add("fp16_range", {"model": preset, "component": name, "size": size}, "max_abs_activation",
+                        peak, "abs", module=where, fits_fp16=peak < FP16_MAX)
             print(rows[-1], flush=True)
         del model
-    dest = save_result("fp16-range", {"device": device_name(), "torch": torch.__version__, "rows": rows})
+    dest = results.write(RESULTS)
     print(f"wrote {dest}")
     return 0 if all(r["fits_fp16"] for r in rows) else 1
 

@@ -6,7 +6,7 @@ For each backend: build the model's engines (timed: the rebuild an adapter would
 included, `--force-rebuild`), then time `Pipeline.use_adapters` for: none -> one adapter, one -> two stacked,
 two -> none (back to the built weights), each `--repeats` times (median). Adapters are seeded random PEFT-format
 LoRAs (rank 8) on every attention projection of the UNet (to_q, to_k, to_v, to_out.0) and the text encoder
-(q/k/v/out_proj), shaped from the model's config. Writes benchmarks/results/lora-switch-<model>-<date>.json.
+(q/k/v/out_proj), shaped from the model's config. Writes rows of the common schema (benchmarks/schema.py) to benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks import device_name, save_result
+from benchmarks import RESULTS
+from benchmarks.schema import Results
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -80,20 +81,28 @@ def measure(model: str, backend: str, repeats: int, work: Path) -> dict:
             "worst_switch_over_rebuild": round(max(medians.values()) / rebuild_s, 4) if rebuild_s >= 1 else None}
 
 
+def add_rows(results: Results, model: str, run: dict) -> None:
+    """One `measure` result as rows: the rebuild, and each switch's median over the repeats."""
+    config = {"model": model, "backend": run["backend"]}
+    results.add("lora_switch", config, "rebuild_s", run["rebuild_seconds"], "s")
+    for key, v in run["switch_seconds_median"].items():
+        results.add("lora_switch", {**config, "switch": key}, "switch_s_p50", v, "s",
+                    n=len(run["switch_seconds_all"][key]))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny")
     p.add_argument("--backends", default="onnxruntime,torch")
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args(argv)
-    import torch
-
-    report: dict = {"model": a.model, "runs": [], "device": device_name(), "torch": torch.__version__}
+    results = Results(suite="lora-switch")
     with tempfile.TemporaryDirectory() as tmp:
         for backend in a.backends.split(","):
-            report["runs"].append(measure(a.model, backend, a.repeats, Path(tmp)))
-            print(json.dumps(report["runs"][-1], indent=1), flush=True)
-    print(f"wrote {save_result(f'lora-switch-{a.model}', report)}")
+            run = measure(a.model, backend, a.repeats, Path(tmp))
+            add_rows(results, a.model, run)
+            print(json.dumps(run, indent=1), flush=True)
+    print(f"wrote {results.write(RESULTS)}")
     return 0
 
 

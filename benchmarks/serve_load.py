@@ -316,6 +316,26 @@ def run(cfg: LoadConfig) -> dict:
             "summary": headline(report, cfg), **report, "total_s": round(time.monotonic() - t0, 1)}
 
 
+def measure(results, cfg: LoadConfig | None = None) -> None:
+    """The load test (quick counts unless `cfg` says otherwise) as rows of the common schema: per phase
+    img/s and latency percentiles, plus the headline figures (batching ratio, overload behaviour)."""
+    cfg = cfg or replace(LoadConfig(), **QUICK)
+    doc = run(cfg)
+    base = {"model": doc.get("server_info", {}).get("model") or cfg.model or "tiny", "steps": cfg.steps,
+            "max_batch": cfg.max_batch}
+    for p in doc["phases"]:
+        config = {**base, "phase": p["phase"]}
+        if p["throughput_img_s"] is not None:
+            results.add("serve_load", config, "images_per_s", p["throughput_img_s"], "img/s", sent=p["sent"])
+        for q in ("p50", "p90", "p99"):
+            if p["latency_ms"][q] is not None:
+                results.add("serve_load", config, f"latency_ms_{q}", p["latency_ms"][q], "ms", sent=p["sent"])
+        results.add("serve_load", config, "lost", p["lost"], "requests")
+    for k, v in doc["summary"].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            results.add("serve_load", base, k, v, "")
+
+
 def write_json(path: Path, doc: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -1,0 +1,158 @@
+"""Pipeline benchmark: per-stage latency, UNet it/s, images/s per batch size and peak memory, per backend.
+
+Each backend is built (through the cache) and loaded in this process, run once to warm up, then `runs`
+times; every stage's p50/p90/p99 goes into rows of the common schema (benchmarks/schema.py):
+
+    tokenize_ms   the tokenizer(s) alone, on the same prompts
+    clip_ms       text encoding, tokenizing included (as the pipeline times it)
+    unet_step_ms  one denoising step: UNet (twice the batch with guidance) + CFG + sampler update
+    vae_ms        VAE decode
+    png_ms        PNG encode with the parameters chunk (in memory)
+    e2e_ms        request in, pixels out (pipeline total; PNG not included)
+    unet_its      steps per second (1000 / unet_step_ms p50)
+    images_per_s  at each batch size, images / wall time of one run (p50 over runs)
+    peak_rss_gib  CPU: the process's peak RSS over this backend's runs (VmHWM, reset before)
+    peak_gpu_gib  GPU: torch.cuda.max_memory_allocated over the runs (TensorRT's own allocations not included)
+A backend that is not installed, or cannot run on this device, gets a skipped row with the reason.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.schema import Results
+
+PROMPT = "a lighthouse at dusk, oil painting"
+
+
+@dataclass(frozen=True)
+class PipelineBench:
+    model: str = "tiny"
+    size: int = 128
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
+    backends: tuple[str, ...] = ("onnxruntime", "torch")
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    runs: int = 10  # timed runs per backend after one warm-up (batch 1)
+    batch_runs: int = 3  # timed runs per batch size
+    device: str = "cpu"
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_gib() -> float:
+    m = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    if m is None:
+        raise OSError("no VmHWM in /proc/self/status")
+    return int(m.group(1)) / 2**20
+
+
+def unavailable(backend: str, device: str) -> str | None:
+    """Why `backend` cannot run here, or None."""
+    import importlib.util
+
+    from engine.backends.base import BACKEND_MODULES
+
+    if backend not in BACKEND_MODULES:
+        return f"no {backend} backend in this version of the engine (have: {', '.join(BACKEND_MODULES)})"
+    if backend == "tensorrt":
+        if importlib.util.find_spec("tensorrt") is None:
+            return "TensorRT is not installed (it cannot be installed where this engine is developed)"
+        if not device.startswith("cuda"):
+            return "TensorRT needs a CUDA GPU"
+    if backend == "openvino" and importlib.util.find_spec("openvino") is None:
+        return "OpenVINO is not installed (pip install openvino)"
+    if backend == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+        return "ONNX Runtime is not installed"
+    return None
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def bench_backend(results: Results, cfg: PipelineBench, backend: str, engine_dir: Path) -> None:
+    from engine.build import build_all
+    from engine.config import BuildConfig
+    from engine.pipeline import Pipeline
+    from engine.png import png_bytes
+    from engine.request import Request
+
+    base = {"model": cfg.model, "backend": backend, "size": cfg.size, "steps": cfg.steps, "sampler": cfg.sampler}
+    reason = unavailable(backend, cfg.device)
+    if reason:
+        results.skip("pipeline", base, reason)
+        return
+    record = build_all(BuildConfig(model=cfg.model, backend=backend, engine_dir=engine_dir, height=cfg.size,
+                                   width=cfg.size, device=cfg.device), progress=False).record
+    base["precision"] = record["precision"]
+    pipe = Pipeline.load(engine_dir, record["model_id"], device=cfg.device)
+    try:
+        req = Request(prompt=PROMPT, steps=cfg.steps, sampler=cfg.sampler, seed=0, height=cfg.size, width=cfg.size)
+        cuda = cfg.device.startswith("cuda")
+        if cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        rss_ok = not cuda and _reset_peak_rss()
+        first = pipe.run(req, progress=False, batch_size=1)[0]  # warm-up (and graph capture on GPU)
+        stages: dict[str, list[float]] = {k: [] for k in ("clip_ms", "unet_step_ms", "vae_ms", "e2e_ms", "png_ms",
+                                                          "tokenize_ms")}
+        for _ in range(cfg.runs):
+            g = pipe.run(req, progress=False, batch_size=1)[0]
+            t = g.timings_ms
+            for key, name in (("clip_ms", "clip"), ("unet_step_ms", "unet_per_step"), ("vae_ms", "vae"),
+                              ("e2e_ms", "total")):
+                stages[key].append(t[name])
+            stages["png_ms"].append(_timed(lambda: png_bytes(g.pixels, g.params), "cpu"))
+            stages["tokenize_ms"].append(_timed(lambda: [tok([PROMPT, ""], padding="max_length", truncation=True,
+                                                             max_length=tok.model_max_length)
+                                                         for tok in pipe.tokenizers], "cpu"))
+        for metric, samples in stages.items():
+            results.add_samples("pipeline", {**base, "batch": 1}, metric, samples, "ms",
+                                keep_samples=metric == "e2e_ms")
+        its = 1e3 / sorted(stages["unet_step_ms"])[len(stages["unet_step_ms"]) // 2]
+        results.add("pipeline", {**base, "batch": 1}, "unet_its", its, "it/s")
+        for b in cfg.batch_sizes:
+            reqs = Request(**{**asdict(req), "images": b})
+            pipe.run(reqs, progress=False, batch_size=b)  # warm-up at this batch
+            walls = [_timed(lambda: pipe.run(reqs, progress=False, batch_size=b), cfg.device)
+                     for _ in range(cfg.batch_runs)]
+            results.add("pipeline", {**base, "batch": b}, "images_per_s", b * 1e3 / sorted(walls)[len(walls) // 2],
+                        "img/s", n=len(walls))
+        if cuda:
+            import torch
+
+            results.add("pipeline", base, "peak_gpu_gib", torch.cuda.max_memory_allocated() / 2**30, "GiB")
+        elif rss_ok:
+            results.add("pipeline", base, "peak_rss_gib", _peak_rss_gib(), "GiB")
+        del first
+    finally:
+        pipe.close()
+
+
+def measure(results: Results, cfg: PipelineBench, engine_dir: Path) -> None:
+    """Every backend of `cfg` side by side, same model, size, sampler and prompt."""
+    for backend in cfg.backends:
+        bench_backend(results, cfg, backend, engine_dir)
+
