@@ -1,10 +1,13 @@
 """Tests of the fused attention kernels (kernels/).
 
 CPU (CI): nvcc build of PTX + fatbin (entry points, ABI, launch configs, no register spills), the
-kernel body run through the host emulator (kernels/emu) against an fp32 reference, the torch op's
-CPU behaviour and fake implementation, the TensorRT plugin module's import guard and AOT logic.
-GPU (@pytest.mark.gpu): correctness on the SD shapes in fp16/bf16 with poisoned outputs, the torch op,
-CUDA-graph replay and torch.compile.
+kernel body run through the host emulator (kernels/emu) against an fp32 reference (also huge logits,
+Sk = 1, Sq = 1), the torch op's CPU behaviour, input copies and fake implementation, the attention
+benchmark's bookkeeping and no-GPU skip, the TensorRT plugin module's import guard and AOT logic.
+(The build cache's nvcc keying and tests/gpu.sh's version gate: tests/test_kernel_build.py.)
+GPU (@pytest.mark.gpu): correctness on the SD shapes in fp16/bf16 with poisoned outputs, the edge
+cases, bitwise determinism over 20 launches, non-contiguous / misaligned inputs, a busy non-default
+stream without host sync, the torch op, CUDA-graph replay and torch.compile.
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ import struct
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -49,7 +52,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kbuild.Artifacts
     _nvcc()
     root = tmp_path_factory.mktemp("kbuild")
     env = dict(os.environ, SD_KERNELS_BUILD_DIR=str(root))
-    r = subprocess.run([sys.executable, "-m", "kernels.build"], cwd=REPO, env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "kernels.build"], cwd=REPO, env=env, check=False, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     mp = pytest.MonkeyPatch()
     mp.setenv("SD_KERNELS_BUILD_DIR", str(root))
@@ -74,14 +77,14 @@ def test_contract_constants():
     assert contract.entry_name("float16", 40) == "sd_attention_fwd_f16_d40"
     assert contract.entry_name("bf16", 160, scaled=True) == "sd_attention_fwd_bf16_d160_scaled"
     src = (REPO / "kernels" / "contract.py").read_text()
-    assert not re.search(r"^\s*(import|from)\s+(torch|cuda|tensorrt)", src, re.M), "contract must stay dependency-free"
+    assert not re.search(r"^\s*(import|from)\s+(torch|cuda|tensorrt)", src, re.MULTILINE), "contract must stay dependency-free"
 
 
 def test_ptx_entries_and_abi(ptx: str):
     entries = kbuild.ptx_entries(ptx)
     assert sorted(entries) == sorted(contract.all_entry_names())
     for name in entries:
-        params = re.search(rf"\.entry\s+{name}\s*\((.*?)\)", ptx, re.S)
+        params = re.search(rf"\.entry\s+{name}\s*\((.*?)\)", ptx, re.DOTALL)
         assert params is not None
         types_ = re.findall(r"\.param\s+\.(\w+)", params.group(1))
         # TensorRT AOT order: inputs (q, k, v), extra int32 args (B, Sq, Sk, H), outputs (out)
@@ -121,7 +124,7 @@ def test_ptxas_no_spills_and_entry_extraction(ptx: str, tmp_path: Path):
         pytest.skip("ptxas not found")
     (tmp_path / "all.ptx").write_text(ptx)
     r = subprocess.run([str(ptxas), "-arch=sm_80", "-v", str(tmp_path / "all.ptx"), "-o", str(tmp_path / "all.cubin")],
-                       capture_output=True, text=True)
+                       check=False, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     spills = re.findall(r"(\d+) bytes spill stores", r.stderr)
     assert len(spills) == len(contract.all_entry_names()) and all(s == "0" for s in spills), r.stderr
@@ -129,7 +132,7 @@ def test_ptxas_no_spills_and_entry_extraction(ptx: str, tmp_path: Path):
     assert kbuild.ptx_entries(one) == ["sd_attention_fwd_f16_d40"] and len(one) < len(ptx) / 10
     (tmp_path / "one.ptx").write_text(one)
     r = subprocess.run([str(ptxas), "-arch=sm_80", str(tmp_path / "one.ptx"), "-o", str(tmp_path / "one.cubin")],
-                       capture_output=True, text=True)
+                       check=False, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
@@ -148,7 +151,7 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("g++ or the CUDA headers not found")
     exe = tmp_path_factory.mktemp("emu") / "attention_emu"
     r = subprocess.run([gxx, "-std=c++20", "-O2", "-pthread", f"-I{cuda_inc}", str(REPO / "kernels/emu/attention_emu.cpp"),
-                        "-o", str(exe)], capture_output=True, text=True)
+                        "-o", str(exe)], check=False, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return exe
 
@@ -158,7 +161,7 @@ def _lowp_sdpa_err(q, k, v, heads, scale, ref) -> tuple[float, float]:
     On CUDA the math backend upcasts fp16/bf16 to fp32 unless fp16/bf16 reductions are allowed; we
     allow them, so the baseline really is "plain fp16 PyTorch"."""
     b, sq, e = q.shape
-    hv = lambda x: x.view(b, x.shape[1], heads, e // heads).transpose(1, 2)  # noqa: E731
+    hv = lambda x: x.view(b, x.shape[1], heads, e // heads).transpose(1, 2)
     allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
     torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
     try:
@@ -179,32 +182,72 @@ EMU_CASES = [  # dtype, D, B, Sq, Sk, H, scale (None = baked 1/sqrt(D))
 ]
 
 
-@pytest.mark.parametrize("dtype,d,b,sq,sk,h,scale", EMU_CASES)
-def test_emulated_kernel_matches_reference(emulator: Path, tmp_path: Path, dtype, d, b, sq, sk, h, scale):
+def _emulate(emulator: Path, tmp_path: Path, dtype: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             heads: int, scale: float | None) -> torch.Tensor:
+    """Run the kernel body on the CPU emulator; float32 [B, Sq, H*D] (its output was poisoned with NaN)."""
+    b, sq, e = q.shape
+    np.concatenate([t.float().numpy().ravel() for t in (q, k, v)]).tofile(tmp_path / "in.f32")
+    r = subprocess.run([str(emulator), contract.DTYPE_TAGS[dtype], str(e // heads), str(b), str(sq), str(k.shape[1]),
+                        str(heads), "baked" if scale is None else repr(scale), str(tmp_path / "in.f32"),
+                        str(tmp_path / "out.f32")], check=False, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = torch.from_numpy(np.fromfile(tmp_path / "out.f32", dtype=np.float32)).view(b, sq, e)
+    assert not out.isnan().any(), "some outputs were never written (poisoned with NaN)"
+    return out
+
+
+def _assert_within_lowp(out: torch.Tensor, q, k, v, heads: int, scale: float | None, atol: float = 1e-4) -> None:
+    """max and mean abs error vs the fp32 reference at most 2x plain low-precision PyTorch's."""
     from kernels.torch_op import attention_reference
 
+    q, k, v = (t.cpu() for t in (q, k, v))
+    ref = attention_reference(q, k, v, heads, scale)
+    err = (out.cpu().float() - ref).abs()
+    assert err.isfinite().all(), "non-finite outputs"
+    lowp_max, lowp_mean = _lowp_sdpa_err(q, k, v, heads, scale, ref)
+    assert err.max().item() <= 2 * lowp_max + atol, (err.max().item(), lowp_max)
+    assert err.mean().item() <= 2 * lowp_mean + atol / 100, (err.mean().item(), lowp_mean)
+
+
+@pytest.mark.parametrize("dtype,d,b,sq,sk,h,scale", EMU_CASES)
+def test_emulated_kernel_matches_reference(emulator: Path, tmp_path: Path, dtype, d, b, sq, sk, h, scale):
     g = torch.Generator().manual_seed(d * 1000 + sq)
     q, k, v = (torch.randn(b, s, h * d, generator=g).to(DTYPES[dtype]) for s in (sq, sk, sk))
-    np.concatenate([t.float().numpy().ravel() for t in (q, k, v)]).tofile(tmp_path / "in.f32")
-    tag = contract.DTYPE_TAGS[dtype]
-    r = subprocess.run([str(emulator), tag, str(d), str(b), str(sq), str(sk), str(h),
-                        "baked" if scale is None else repr(scale), str(tmp_path / "in.f32"), str(tmp_path / "out.f32")],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    out = torch.from_numpy(np.fromfile(tmp_path / "out.f32", dtype=np.float32)).view(b, sq, h * d)
-    assert not out.isnan().any(), "some outputs were never written (poisoned with NaN)"
-    ref = attention_reference(q, k, v, h, scale)
-    err = (out - ref).abs()
-    lowp_max, lowp_mean = _lowp_sdpa_err(q, k, v, h, scale, ref)
-    assert err.max().item() <= 2 * lowp_max + 1e-4, (err.max().item(), lowp_max)
-    assert err.mean().item() <= 2 * lowp_mean + 1e-6, (err.mean().item(), lowp_mean)
+    _assert_within_lowp(_emulate(emulator, tmp_path, dtype, q, k, v, h, scale), q, k, v, h, scale)
+
+
+EDGE_CASES = [  # id, dtype, D, B, Sq, Sk, H, q multiplier: huge logits, a single key, a single query
+    ("logits_x30_f16_d40", "float16", 40, 1, 77, 77, 2, 30.0), ("logits_x30_bf16_d80", "bfloat16", 80, 1, 70, 100, 1, 30.0),
+    ("logits_x30_f16_d160", "float16", 160, 1, 33, 77, 1, 30.0),
+    ("sk1_f16_d64", "float16", 64, 1, 70, 1, 2, 1.0), ("sk1_bf16_d160", "bfloat16", 160, 1, 33, 1, 1, 1.0),
+    ("sq1_f16_d40", "float16", 40, 2, 1, 77, 2, 1.0), ("sq1_bf16_d128", "bfloat16", 128, 1, 1, 200, 1, 1.0),
+]
+
+
+def _edge_inputs(dtype: str, d: int, b: int, sq: int, sk: int, h: int, q_mult: float, device: str = "cpu"):
+    """q scaled by q_mult in float32 before rounding (logits |s| in the hundreds for q x 30), k, v ~ N(0, 1)."""
+    g = torch.Generator().manual_seed(d * 31 + sq * 7 + sk)
+    q, k, v = (torch.randn(b, s, h * d, generator=g) for s in (sq, sk, sk))
+    return [t.to(device=device, dtype=DTYPES[dtype]) for t in (q * q_mult, k, v)]
+
+
+def _check_edge(out: torch.Tensor, q, k, v, h: int, sk: int) -> None:
+    if sk == 1:  # softmax over one key is exactly 1: the output is v, bit for bit
+        assert torch.equal(out.cpu().to(v.dtype), v.cpu().expand_as(out)), "Sk = 1 must return v exactly"
+    _assert_within_lowp(out, q, k, v, h, None)
+
+
+@pytest.mark.parametrize("dtype,d,b,sq,sk,h,q_mult", [c[1:] for c in EDGE_CASES], ids=[c[0] for c in EDGE_CASES])
+def test_emulated_kernel_edge_cases(emulator: Path, tmp_path: Path, dtype, d, b, sq, sk, h, q_mult):
+    q, k, v = _edge_inputs(dtype, d, b, sq, sk, h, q_mult)
+    _check_edge(_emulate(emulator, tmp_path, dtype, q, k, v, h, None), q, k, v, h, sk)
 
 
 def test_emulated_kernel_empty_keys(emulator: Path, tmp_path: Path):
     q = torch.randn(1, 20, 64)
     q.numpy().tofile(tmp_path / "in.f32")
     r = subprocess.run([str(emulator), "f16", "64", "1", "20", "0", "1", "baked", str(tmp_path / "in.f32"),
-                        str(tmp_path / "out.f32")], capture_output=True, text=True, timeout=60)
+                        str(tmp_path / "out.f32")], check=False, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert (np.fromfile(tmp_path / "out.f32", dtype=np.float32) == 0).all()
 
@@ -213,7 +256,7 @@ def test_emulated_kernel_empty_keys(emulator: Path, tmp_path: Path):
 def test_imports_without_gpu():
     import kernels
     import kernels.launcher
-    import kernels.torch_op  # noqa: F401
+    import kernels.torch_op
 
     assert callable(kernels.is_available) and callable(kernels.fused_attention)
     assert torch.ops.sd_engine.fused_attention.default._schema.arguments[3].type.kind() == "IntType"
@@ -243,21 +286,55 @@ def test_op_validates_inputs():
         fused_attention(q.float(), q.float(), q.float(), 6)
 
 
+def test_op_copies_noncontiguous_and_misaligned_inputs():
+    """The op's input preparation (the same code on CPU and CUDA tensors): a strided slice of a fused
+    projection and a 2-byte-misaligned view become contiguous, 16-byte-aligned copies of equal value;
+    an already fit tensor is passed through without a copy."""
+    from kernels.torch_op import _aligned
+
+    g = torch.Generator().manual_seed(0)
+    fused = torch.randn(2, 77, 3 * 320, generator=g).half()  # [B, S, 3E] from one qkv projection
+    k_slice = fused[..., 320:640]
+    assert not k_slice.is_contiguous()
+    for t in (k_slice, fused.transpose(0, 1).contiguous().transpose(0, 1)[..., :320]):
+        out = _aligned(t)
+        assert out.is_contiguous() and out.data_ptr() % 16 == 0 and torch.equal(out, t)
+    flat = torch.empty(2 * 77 * 320 + 1, dtype=torch.float16)
+    misaligned = flat[1:].view(2, 77, 320)
+    misaligned.copy_(k_slice)
+    assert misaligned.is_contiguous() and misaligned.data_ptr() % 16 == 2
+    out = _aligned(misaligned)
+    assert out.data_ptr() % 16 == 0 and torch.equal(out, k_slice)
+    fit = k_slice.contiguous()
+    assert _aligned(fit) is fit
+
+
+def test_sanitizer_driver_covers_the_cases_and_needs_a_gpu():
+    from tests import kernel_sanitize
+
+    todo = kernel_sanitize.cases()
+    assert {(d, sq, sk) for _, d, sq, sk, _ in todo} >= {(d, 333, 77) for d in (40, 80, 160)}
+    assert {dt for dt, *_ in todo} == {"float16", "bfloat16"}
+    assert {s is None for *_, s in todo} == {True, False}  # the baked and the runtime-scale entries
+    if not HAS_GPU:
+        assert kernel_sanitize.main([]) == 2
+
+
 def test_reference_matches_sdpa_cpu():
     from kernels.torch_op import attention_reference
 
     g = torch.Generator().manual_seed(0)
     b, sq, sk, h, d = 2, 33, 17, 3, 40
     q, k, v = (torch.randn(b, s, h * d, generator=g) for s in (sq, sk, sk))
-    hv = lambda x: x.view(b, x.shape[1], h, d).transpose(1, 2)  # noqa: E731
+    hv = lambda x: x.view(b, x.shape[1], h, d).transpose(1, 2)
     for scale in (None, 0.2):
         expect = F.scaled_dot_product_attention(hv(q), hv(k), hv(v), scale=scale).transpose(1, 2).reshape(b, sq, h * d)
         torch.testing.assert_close(attention_reference(q, k, v, h, scale), expect, rtol=1e-5, atol=1e-5)
 
 
 def test_fake_impl_traces():
-    from torch.fx.experimental.proxy_tensor import make_fx
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
 
     from kernels.torch_op import fused_attention
 
@@ -268,6 +345,77 @@ def test_fake_impl_traces():
     q = torch.randn(2, 64, 640, dtype=torch.bfloat16)
     gm = make_fx(lambda a, b: fused_attention(a, b, b, 8) + 1, tracing_mode="fake")(q, q[:, :7])
     assert "sd_engine.fused_attention.default" in gm.code
+
+
+# ------------------------------------------------------------------------------ benchmark (CPU)
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU skip")
+def test_attention_benchmark_skips_cleanly_without_gpu():
+    from benchmarks import attention
+    from benchmarks.schema import Results
+
+    results = Results(suite="attention")
+    attention.measure(results, dtype="bfloat16", shapes=("sd15",), iters=5)
+    assert [(r["bench"], r["value"], r["skipped"]) for r in results.rows] == [("attention", None, "no CUDA GPU")]
+    assert results.rows[0]["config"] == {"shapes": "sd15", "dtype": "bfloat16"}
+    r = subprocess.run([sys.executable, "-m", "benchmarks.attention"], cwd=REPO, check=False, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "no CUDA GPU" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"dtype": "float32"}, r"dtype 'float32' is not one of \('float16', 'bfloat16'\)"),
+    ({"shapes": ("sd15", "sdxl")}, r"shapes \['sdxl'\] not among \('sd15', 'sd21'\)"),
+    ({"iters": 0}, "iters must be >= 1, got 0"),
+    ({"batch": 0}, "batch must be >= 1, got 0"),
+])
+def test_attention_benchmark_rejects_bad_options(kwargs, match):
+    from benchmarks import attention
+    from benchmarks.schema import Results
+
+    with pytest.raises(ValueError, match=match):
+        attention.measure(Results(), **kwargs)
+
+
+def test_attention_benchmark_rows_table_and_goal(monkeypatch: pytest.MonkeyPatch):
+    """measure_shape's bookkeeping on the CPU: SDPA really runs (the backends the CPU lacks become skip
+    rows), ours is stood in for by the fp32 reference rounded to fp16, timing is a fixed figure."""
+    import kernels.torch_op
+    from benchmarks import attention
+    from benchmarks.schema import Results
+
+    monkeypatch.setattr(kernels.torch_op, "fused_attention",
+                        lambda q, k, v, h: kernels.torch_op.attention_reference(q, k, v, h).to(q.dtype))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    ms = {"n": 0}
+
+    def fake_time(fn, warmup, iters, graph):  # the first implementation timed (ours) is the fastest
+        ms["n"] += 1
+        return (0.5 if ms["n"] == 1 else 1.0), "cuda_graph"
+
+    monkeypatch.setattr(attention, "_time", fake_time)
+    results = Results(suite="attention")
+    speedup = attention.measure_shape(results, "sd15", 64, 77, 2, 40, "float16", device="cpu", iters=3)
+    assert speedup == pytest.approx(2.0)
+    rows = {(r["config"]["impl"], r["metric"]): r for r in results.rows}
+    assert set(rows[("ours", "ms")]["config"]) == {"model", "tokens", "kv_tokens", "heads", "head_dim", "dtype", "impl"}
+    assert rows[("ours", "max_abs_err")]["value"] < 2e-3 and rows[("ours", "ms")]["timing"] == "cuda_graph"
+    assert rows[("ours", "tflops")]["value"] == pytest.approx(4 * 2 * 2 * 64 * 77 * 40 / 0.5 / 1e9)
+    assert rows[("ours", "speedup_vs_best_sdpa")]["best_sdpa"] in {"sdpa_flash", "sdpa_math"}  # forced ones only
+    assert rows[("sdpa_default", "ms")]["sdpa_backend"] in {"flash", "efficient", "cudnn", "math"}
+    assert rows[("sdpa_math", "max_abs_err")]["value"] < 2e-3
+    skipped = {r["config"]["impl"]: r["skipped"] for r in results.rows if r.get("skipped")}
+    assert skipped.get("sdpa_cudnn") and ("sdpa_cudnn", "ms") not in rows  # no cuDNN attention on the CPU: a reason
+    table = attention.table(results.rows)
+    assert "| sd15 | 64 | 77 | 2 | 40 | 0.5000 |" in table and "2.00x vs" in table
+    assert attention.goal_line(results.rows) is None
+    attention.judge_goal(results, "float16", 1.29)
+    assert attention.goal_line(results.rows).endswith("float16: NOT met (1.29x)")  # type: ignore[union-attr]
+    assert attention.table(results.rows) == table  # the goal row is no shape of its own
+    met = Results()
+    attention.judge_goal(met, "float16", 1.31)
+    assert met.rows[0]["value"] == 1.0 and met.rows[0]["config"]["tokens"] == 4096
+    attention.judge_goal(met, "float16", None, "our kernel is unavailable: no GPU")
+    assert met.rows[1]["skipped"] == "our kernel is unavailable: no GPU"
 
 
 # ------------------------------------------------------------------------------- TensorRT plugin
@@ -407,3 +555,83 @@ def test_gpu_torch_compile_and_opcheck():
     torch.testing.assert_close(compiled(q, k, v), eager, rtol=0, atol=0)
     torch.library.opcheck(torch.ops.sd_engine.fused_attention.default, (q, k, v, 20, 0.125),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype,d,b,sq,sk,h,q_mult", [c[1:] for c in EDGE_CASES], ids=[c[0] for c in EDGE_CASES])
+def test_gpu_edge_cases(dtype, d, b, sq, sk, h, q_mult):
+    """Huge logits (q x 30), Sk = 1 and Sq = 1, through the op (baked scale) and the runtime-scale entry."""
+    from kernels.launcher import launch_attention
+    from kernels.torch_op import fused_attention
+
+    q, k, v = _edge_inputs(dtype, d, b, sq, sk, h, q_mult, device="cuda")
+    _check_edge(fused_attention(q, k, v, h), q, k, v, h, sk)
+    out = torch.full_like(q, float("nan"))
+    launch_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), batch=b, seq_q=sq, seq_k=sk,
+                     num_heads=h, head_dim=d, dtype=dtype, stream=torch.cuda.current_stream().cuda_stream,
+                     scale=1.0 / math.sqrt(d))
+    torch.cuda.synchronize()
+    assert not out.isnan().any()
+    _check_edge(out, q, k, v, h, sk)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("sq,sk,h,d", [(4096, 4096, 8, 40), (333, 77, 2, 160), (1024, 77, 10, 64)])
+def test_gpu_bitwise_deterministic(dtype, sq, sk, h, d):
+    """20 launches on the same inputs give the same bits (no atomics, no order-dependent reductions)."""
+    from kernels.torch_op import fused_attention
+
+    q, k, v = _gpu_case(DTYPES[dtype], 2, sq, sk, h, d)
+    outs = [fused_attention(q, k, v, h) for _ in range(20)]
+    torch.cuda.synchronize()
+    differ = [i for i, o in enumerate(outs) if not torch.equal(o, outs[0])]
+    assert differ == [], f"launches {differ} differ from the first"
+
+
+@gpu
+@needs_gpu
+def test_gpu_noncontiguous_and_misaligned_inputs():
+    """A strided slice of a fused qkv tensor, a batch-minor layout and a 2-byte-misaligned view give the
+    same bits as contiguous inputs (the op copies them; the kernel itself needs 16-byte alignment)."""
+    from kernels.torch_op import fused_attention
+
+    b, sq, sk, h, d = 2, 333, 77, 4, 40
+    e = h * d
+    q, k, v = _gpu_case(torch.float16, b, sq, sk, h, d)
+    expect = fused_attention(q, k, v, h)
+    q_slice = torch.cat([q, q, q], dim=-1)[..., e:2 * e]  # [B, Sq, E] view with row stride 3E
+    k_batch_minor = k.transpose(0, 1).contiguous().transpose(0, 1)
+    flat = torch.empty(v.numel() + 1, dtype=v.dtype, device="cuda")
+    v_misaligned = flat[1:].view_as(v)
+    v_misaligned.copy_(v)
+    assert not q_slice.is_contiguous() and not k_batch_minor.is_contiguous() and v_misaligned.data_ptr() % 16 == 2
+    out = fused_attention(q_slice, k_batch_minor, v_misaligned, h)
+    assert out.is_contiguous() and torch.equal(out, expect)
+
+
+@gpu
+@needs_gpu
+def test_gpu_non_default_stream_without_synchronize():
+    """The op enqueues on torch's current stream: on a busy side stream, with no host sync between
+    writing the inputs, the launch and reading the result, the result is right. (A kernel launched on
+    another stream would run during the sleep and read the NaN the inputs held before.)"""
+    from kernels.torch_op import attention_reference, fused_attention
+
+    b, sq, sk, h, d = 2, 1024, 77, 8, 80
+    src = _gpu_case(torch.float16, b, sq, sk, h, d)
+    ref = attention_reference(*src, h)
+    bound = 2 * _lowp_sdpa_err(*src, h, None, ref)[0] + 1e-5
+    q, k, v = (torch.full_like(t, float("nan")) for t in src)
+    torch.cuda.synchronize()  # set-up done: from here on only stream order
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # tens of ms of spinning on the side stream
+        for dst, val in zip((q, k, v), src):
+            dst.copy_(val)
+        out = fused_attention(q, k, v, h)
+        err = (out.float() - ref).abs().max()
+    torch.cuda.current_stream().wait_stream(side)
+    assert err.item() <= bound, (err.item(), bound)  # .item() runs on the current stream, after `side`
