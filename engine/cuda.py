@@ -1,10 +1,12 @@
-"""Small cuda-python helpers: error checks, streams, events, raw allocations, graph capture, device info.
+"""Small cuda-python helpers: error checks, streams, raw allocations, device info, the shared arena.
 
 cuda-python (`cuda.bindings`) is imported inside each function, never at module top, so CPU code paths
 can import this module without a driver. Every binding call returns a tuple `(err, *values)`;
-`check()` turns a non-success `err` into a `CudaError` carrying the error's name.
+`check()` turns a non-success `err` (runtime `cudaError_t` or driver `CUresult`) into a `CudaError`
+carrying the error's name and CUDA's description. It is the one error checker: kernels.launcher (driver
+API) uses it too. CUDA graphs are engine/graphs.py's (torch.cuda.CUDAGraph).
 
-Only the runtime API is used (`cuda.bindings.runtime`): it works on the primary context
+Only the runtime API is used here (`cuda.bindings.runtime`): it works on the primary context
 that PyTorch also uses, so pointers and streams made here are valid in torch and in TensorRT.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import importlib
 import logging
 import weakref
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +39,34 @@ def error_name(err: Any) -> str:
     return str(getattr(err, "name", err))
 
 
-def check(result: Any, what: str = "CUDA call") -> Any:
-    """Unpack a cuda-python `(err, *values)` result: raise CudaError on failure, else return the values.
+def error_string(err: Any) -> str:
+    """CUDA's description of a runtime or driver status ("out of memory"); "" where none can be had
+    (the driver's strings need the driver library)."""
+    kind = type(err).__name__
+    try:
+        if kind == "cudaError_t":
+            status, text = _runtime().cudaGetErrorString(err)
+        elif kind == "CUresult":
+            status, text = importlib.import_module("cuda.bindings.driver").cuGetErrorString(err)
+        else:
+            return ""
+    except Exception:  # noqa: BLE001 - a description is best effort
+        return ""
+    if int(status) != 0 or not text:
+        return ""
+    return bytes(text).decode(errors="replace") if isinstance(text, (bytes, bytearray)) else str(text)
 
-    Returns None for no value, the value itself for one, and a tuple for several."""
+
+def check(result: Any, what: str = "CUDA call") -> Any:
+    """Unpack a cuda-python `(err, *values)` result (runtime or driver API): raise CudaError on failure,
+    else return the values. Returns None for no value, the value itself for one, and a tuple for several."""
     if isinstance(result, tuple):
         err, values = result[0], result[1:]
     else:
         err, values = result, ()
     if int(err) != 0:
-        raise CudaError(f"{what} failed: {error_name(err)}")
+        text = error_string(err)
+        raise CudaError(f"{what} failed: {error_name(err)}" + (f": {text}" if text else ""))
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
@@ -102,38 +122,6 @@ class Stream:
     def synchronize(self) -> None:
         check(_runtime().cudaStreamSynchronize(self._handle), "cudaStreamSynchronize")
 
-    def is_capturing(self) -> bool:
-        rt = _runtime()
-        status = check(rt.cudaStreamIsCapturing(self._handle), "cudaStreamIsCapturing")
-        return status != rt.cudaStreamCaptureStatus.cudaStreamCaptureStatusNone
-
-    def destroy(self) -> None:
-        if self._handle is not None:
-            check(_runtime().cudaStreamDestroy(self._handle), "cudaStreamDestroy")
-            self._handle = None
-
-
-class Event:
-    """A CUDA event; timing enabled unless `timing=False`."""
-
-    def __init__(self, timing: bool = True):
-        rt = _runtime()
-        flags = rt.cudaEventDefault if timing else rt.cudaEventDisableTiming
-        self._handle: Any = check(rt.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
-
-    def record(self, stream: Stream) -> None:
-        check(_runtime().cudaEventRecord(self._handle, stream.ptr), "cudaEventRecord")
-
-    def synchronize(self) -> None:
-        check(_runtime().cudaEventSynchronize(self._handle), "cudaEventSynchronize")
-
-    def elapsed_ms(self, end: "Event") -> float:
-        return float(check(_runtime().cudaEventElapsedTime(self._handle, end._handle), "cudaEventElapsedTime"))
-
-    def destroy(self) -> None:
-        if self._handle is not None:
-            check(_runtime().cudaEventDestroy(self._handle), "cudaEventDestroy")
-            self._handle = None
 
 
 class DeviceBuffer:
@@ -155,106 +143,10 @@ class DeviceBuffer:
         return f"DeviceBuffer(ptr=0x{self.ptr:x}, size={self.size})"
 
 
-class Graph:
-    """An instantiated CUDA graph captured from one stream; `launch()` replays it."""
-
-    def __init__(self, graph: Any, exec_: Any):
-        self._graph, self._exec = graph, exec_
-
-    def launch(self, stream: Stream) -> None:
-        check(_runtime().cudaGraphLaunch(self._exec, stream.ptr), "cudaGraphLaunch")
-
-    def destroy(self) -> None:
-        rt = _runtime()
-        if self._exec is not None:
-            check(rt.cudaGraphExecDestroy(self._exec), "cudaGraphExecDestroy")
-            self._exec = None
-        if self._graph is not None:
-            check(rt.cudaGraphDestroy(self._graph), "cudaGraphDestroy")
-            self._graph = None
-
-
-def capture_graph(stream: Stream, enqueue: Callable[[], object]) -> tuple[Graph | None, str]:
-    """Capture the work `enqueue()` puts on `stream` into a graph: (graph, "") or (None, reason).
-
-    Capture runs in thread-local mode, so unrelated CUDA calls on other threads do not invalidate it.
-    `enqueue` returning False (TensorRT's execute_async_v3 failure) or raising also aborts it; the
-    capture is always ended so the stream is left usable for eager work."""
-    rt = _runtime()
-    mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-    err, *_ = rt.cudaStreamBeginCapture(stream.ptr, mode)
-    if int(err) != 0:
-        return None, f"cudaStreamBeginCapture failed: {error_name(err)}"
-    reason = ""
-    try:
-        if enqueue() is False:
-            reason = "the enqueue call returned False during capture"
-    except Exception as e:  # noqa: BLE001 - reported as the reason, capture falls back to eager
-        reason = f"the enqueue call raised {type(e).__name__}: {e}"
-    err, graph = rt.cudaStreamEndCapture(stream.ptr)
-    if int(err) != 0 or graph is None or reason:
-        if graph is not None:
-            rt.cudaGraphDestroy(graph)
-        return None, reason or f"cudaStreamEndCapture failed: {error_name(err)}"
-    err, exec_ = rt.cudaGraphInstantiate(graph, 0)
-    if int(err) != 0:
-        rt.cudaGraphDestroy(graph)
-        return None, f"cudaGraphInstantiate failed: {error_name(err)}"
-    return Graph(graph, exec_), ""
-
-
-class GraphCache:
-    """CUDA graphs of one enqueue function per key (e.g. the input shapes), on one stream.
-
-    `run(key, enqueue)`: the first call for a key runs eagerly (warm-up: lazy initialisation happens
-    outside capture), the second captures and launches, later ones launch. A key whose capture fails
-    stays eager; the first failure is logged once. `clear()` drops every graph (memory moved)."""
-
-    def __init__(self, stream: Stream, label: str, enabled: bool = True):
-        self.stream, self.label, self.enabled = stream, label, enabled
-        self._graphs: dict[Any, Graph] = {}
-        self._warm: set[Any] = set()
-        self._failed: set[Any] = set()
-        self._told = False
-
-    def is_warm(self, key: Any) -> bool:
-        return key in self._warm
-
-    @property
-    def keys(self) -> list[Any]:
-        return list(self._graphs)
-
-    def run(self, key: Any, enqueue: Callable[[], object]) -> None:
-        graph = self._graphs.get(key)
-        if graph is None and self.enabled and key in self._warm and key not in self._failed:
-            graph = self._capture(key, enqueue)
-        if graph is not None:
-            graph.launch(self.stream)
-            return
-        enqueue()
-        self._warm.add(key)
-
-    def _capture(self, key: Any, enqueue: Callable[[], object]) -> Graph | None:
-        graph, reason = capture_graph(self.stream, enqueue)
-        if graph is None:
-            self._failed.add(key)
-            if not self._told:
-                log.warning("%s: CUDA graph capture failed (%s); running eagerly", self.label, reason)
-                self._told = True
-            return None
-        self._graphs[key] = graph
-        return graph
-
-    def clear(self) -> None:
-        for graph in self._graphs.values():
-            graph.destroy()
-        self._graphs.clear()
-
-
 # ---- one stream and one activation arena per device, shared by engines that run one after another ----
 
 _STREAMS: dict[int, Stream] = {}
-_ARENAS: dict[int, "ActivationArena"] = {}
+_ARENAS: dict[int, ActivationArena] = {}
 
 
 def shared_stream(index: int) -> Stream:
@@ -278,7 +170,7 @@ class ActivationArena:
     def __init__(self, index: int):
         self.index = index
         self.buffer = DeviceBuffer(0)
-        self._users: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._users: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def attach(self, user: Any, required: int) -> None:
         size = arena_capacity(self.buffer.size, required)
@@ -290,6 +182,10 @@ class ActivationArena:
                 other.bind_memory(self.buffer.ptr, self.buffer.size)
         self._users.add(user)
         user.bind_memory(self.buffer.ptr, self.buffer.size)
+
+    def detach(self, user: Any) -> None:
+        """`user` no longer runs (closed): later growth does not rebind it. The buffer is kept for the others."""
+        self._users.discard(user)
 
 
 def arena(index: int) -> ActivationArena:

@@ -1,19 +1,26 @@
-"""CUDA-graph capture of the whole denoise step (UNet + CFG + sampler update), replayed per step.
+"""CUDA graphs, one mechanism (torch.cuda.CUDAGraph) for the two things the engine captures:
 
-Possible because the step is graph-safe: the step index, guidance and every per-step coefficient
-live in device tensors, so one captured graph serves every step of a run. Shapes and addresses are
-frozen in the graph, so the graph owns static buffers for everything the step reads; a later run with
-the same key (shape, sampler, steps, guidance on/off, ...) copies its inputs into those buffers and
-replays, with no new capture and no warm-up step. Capture needs every runner to be graph-safe (no host
-sync, stream-ordered work on torch's current stream); when capture fails we fall back to eager steps
-and say so once.
+- `StepGraph` / `try_capture`: the whole denoise step (UNet + CFG + sampler update), replayed per step.
+  Possible because the step is graph-safe: the step index, guidance and every per-step coefficient
+  live in device tensors, so one captured graph serves every step of a run. Shapes and addresses are
+  frozen in the graph, so the graph owns static buffers for everything the step reads; a later run with
+  the same key (shape, sampler, steps, guidance on/off, ...) copies its inputs into those buffers and
+  replays, with no new capture and no warm-up step. Capture needs every runner to be graph-safe (no host
+  sync, stream-ordered work on torch's current stream); when capture fails we fall back to eager steps
+  and say so once.
+- `GraphCache`: one runner's own graphs of an enqueue function per key (the TensorRT UNet per input
+  shape, on the runner's stream): first call eager, second captured, later ones replayed.
 """
 from __future__ import annotations
 
+import logging
 import warnings
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 Buffers = dict[str, torch.Tensor]  # "idx", "latents", "state" + whatever else the step reads
 StepFn = Callable[[Buffers], tuple[torch.Tensor, torch.Tensor]]  # buffers -> (new latents, new state)
@@ -61,3 +68,71 @@ def try_capture(step: StepFn, buffers: Buffers) -> StepGraph | None:
     except RuntimeError as e:  # capture refused (a host sync or an uncapturable call inside the step)
         warnings.warn(f"CUDA graph capture of the denoise step failed, running eagerly: {e}", stacklevel=2)
         return None
+
+
+# ---- a runner's own graphs, per key ---------------------------------------------------------------------
+
+
+def capture(stream: torch.cuda.Stream | None, enqueue: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph | None, str]:
+    """Capture the work `enqueue()` puts on `stream` into a graph: (graph, "") or (None, reason).
+
+    Capture runs in thread-local mode, so unrelated CUDA calls on other threads do not invalidate it.
+    `enqueue` returning False (TensorRT's execute_async_v3 failure) or raising also aborts it; the
+    capture is always ended, so the stream stays usable for eager work."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            if enqueue() is False:
+                raise RuntimeError("the enqueue call returned False during capture")
+    except Exception as e:  # noqa: BLE001 - reported as the reason, the caller falls back to eager
+        return None, f"{type(e).__name__}: {e}"
+    return graph, ""
+
+
+class GraphCache:
+    """CUDA graphs of one enqueue function per key (e.g. the input shapes), on one stream.
+
+    `run(key, enqueue)`: the first call for a key runs eagerly (warm-up: lazy initialisation happens
+    outside capture), the second captures and replays, later ones replay. A key whose capture fails
+    stays eager; the first failure is logged once. `clear()` drops every graph (memory moved)."""
+
+    def __init__(self, stream: torch.cuda.Stream | None, label: str, enabled: bool = True):
+        self.stream, self.label, self.enabled = stream, label, enabled
+        self._graphs: dict[Any, torch.cuda.CUDAGraph] = {}
+        self._warm: set[Any] = set()
+        self._failed: set[Any] = set()
+        self._told = False
+
+    def is_warm(self, key: Any) -> bool:
+        return key in self._warm
+
+    @property
+    def keys(self) -> list[Any]:
+        return list(self._graphs)
+
+    def run(self, key: Any, enqueue: Callable[[], object]) -> None:
+        graph = self._graphs.get(key)
+        if graph is None and self.enabled and key in self._warm and key not in self._failed:
+            graph = self._capture(key, enqueue)
+        if graph is not None:
+            with torch.cuda.stream(self.stream):  # replay() launches on the current stream
+                graph.replay()
+            return
+        enqueue()
+        self._warm.add(key)
+
+    def _capture(self, key: Any, enqueue: Callable[[], object]) -> torch.cuda.CUDAGraph | None:
+        graph, reason = capture(self.stream, enqueue)
+        if graph is None:
+            self._failed.add(key)
+            if not self._told:
+                log.warning("%s: CUDA graph capture failed (%s); running eagerly", self.label, reason)
+                self._told = True
+            return None
+        self._graphs[key] = graph
+        return graph
+
+    def clear(self) -> None:
+        for graph in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()

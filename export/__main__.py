@@ -43,18 +43,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    import torch
     from tqdm import tqdm
 
     from export.families import detect_family
     from export.lean import bar_progress
     from export.models import default_size, folder_dims, load_component, resolve_model
     from export.onnx_export import export_component, validate
-    from export.specs import Shape, check_size, parse_components
+    from export.specs import Shape, check_size, parse_components, precision_torch_dtype
     from export.store import write_json_atomic
 
     components = parse_components(args.components) if args.components else None
-    dtype = torch.float16 if args.precision == "fp16" else torch.float32
+    dtype = precision_torch_dtype(args.precision)
     folder, model_id = resolve_model(args.model)
     family, dims = detect_family(folder), folder_dims(folder)
     components = components or family.components

@@ -16,8 +16,8 @@ reference implementation sits beside our kernel: kernels.torch_op.attention_refe
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -94,10 +94,10 @@ def _plugin(q, k, v, num_heads: int) -> torch.Tensor:
     attrs = {
         contract.ATTR_NUM_HEADS: num_heads,
         contract.ATTR_HEAD_DIM: q.shape[-1] // num_heads,
-        "plugin_namespace": contract.PLUGIN_NAMESPACE,
-        "plugin_version": contract.PLUGIN_VERSION,
+        contract.ATTR_PLUGIN_NAMESPACE: contract.PLUGIN_NAMESPACE,
+        contract.ATTR_PLUGIN_VERSION: contract.PLUGIN_VERSION,
     }
-    op = f"{contract.PLUGIN_NAMESPACE}::{contract.PLUGIN_NAME}"
+    op = contract.PLUGIN_ID
     out = torch.onnx.ops.symbolic(op, (q, k, v), attrs, dtype=q.dtype, shape=q.shape, version=1)
     # its stand-in output is made on the default device; tracing on the meta device (export/lean.py) needs it
     # beside q (an Identity in the graph, which the optimizer removes)

@@ -7,9 +7,9 @@ for which a diffusers UNet takes one code path; the runtime rejects other sizes 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -17,9 +17,22 @@ import torch
 
 from export import attention
 from export.families import detect_family
-from export.models import LoadedModel, component_module, default_size, folder_dims, meta_component
+from export.models import (
+    LoadedModel,
+    component_module,
+    default_size,
+    folder_dims,
+    meta_component,
+)
 from export.optimize import EXTERNAL_DATA_LIMIT
-from export.specs import EXPORT_MAX_BATCH, EXPORT_MAX_UNITS, ComponentSpec, Dims, Shape
+from export.specs import (
+    EXPORT_MAX_BATCH,
+    EXPORT_MAX_UNITS,
+    ComponentSpec,
+    Dims,
+    Shape,
+    precision_torch_dtype,
+)
 
 OPSET = {"decomposed": 18, "plugin": 18, "onnx": 23}  # opset 23 brings the Attention op
 PROGRESS_BYTES = 256 * 1024**2  # a weights progress bar only for graphs with more weight bytes than this
@@ -96,7 +109,7 @@ def export_component(model: LoadedModel | Path, name: str, path: Path, opts: Exp
     family = model.family if isinstance(model, LoadedModel) else None
     if opts.attention == "plugin" and opts.precision != "fp16":
         raise ValueError("attention 'plugin' needs --precision fp16 (the fused kernel is fp16/bf16)")
-    dtype = torch.float16 if opts.precision == "fp16" else torch.float32
+    dtype = precision_torch_dtype(opts.precision)
     module, prefix = meta_component(folder, name, dtype, family)
     family = family or detect_family(folder)
     spec, dims = family.spec(name), folder_dims(folder)

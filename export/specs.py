@@ -29,10 +29,14 @@ SDXL (`SDXL_SPECS`, family `sdxl` in export/families.py) has two text encoders a
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 COMPONENTS = ("clip", "unet", "vae_decoder", "vae_encoder")
 TXT2IMG_COMPONENTS = ("clip", "unet", "vae_decoder")
@@ -129,9 +133,24 @@ class ComponentSpec:
 
 
 def precision_dtype(precision: str) -> str:
+    """The numpy / ONNX dtype name of a precision: "float16" for "fp16", "float32" for "fp32"."""
     if precision not in ("fp16", "fp32"):
         raise ValueError(f"precision must be 'fp16' or 'fp32', got {precision!r}")
     return "float16" if precision == "fp16" else "float32"
+
+
+TORCH_PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # build precision -> torch dtype
+
+
+def precision_torch_dtype(precision: str) -> torch.dtype:
+    """torch.float32 / float16 / bfloat16 for "fp32" / "fp16" / "bf16" (ValueError for anything else): the one
+    place a build precision becomes a torch dtype. torch is imported here, not at module top (specs stay
+    torch-free)."""
+    import torch
+
+    if precision not in TORCH_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
+    return getattr(torch, TORCH_PRECISIONS[precision])
 
 
 def _latent(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:

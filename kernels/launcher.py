@@ -11,6 +11,8 @@ per context.
 
 q/out are [B, Sq, H*D], k/v [B, Sk, H*D] device pointers (contiguous, 16-byte aligned). `scale=None`
 launches the baked 1/sqrt(D) entry (the same kernel TensorRT runs); a float launches `_scaled`.
+Driver results are checked by engine.cuda.check (the one cuda-python error checker): a failed call
+raises engine.cuda.CudaError (also importable from here) naming the call, the error and its description.
 """
 from __future__ import annotations
 
@@ -19,18 +21,21 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from engine.cuda import CudaError, check, error_name  # noqa: F401  (CudaError: what failed calls raise)
 from kernels import contract
-from kernels.build import BUILD_HINT, BuildError, KernelConfig, ensure_built, kernel_configs
+from kernels.build import (
+    BUILD_HINT,
+    BuildError,
+    KernelConfig,
+    ensure_built,
+    kernel_configs,
+)
 
 MAX_GRID_Y = 65535
 
 
 class KernelUnavailable(RuntimeError):
     """What is needed to run the kernel is missing (GPU, driver, cuda-python, nvcc/artifacts)."""
-
-
-class CudaError(RuntimeError):
-    """A CUDA driver call failed."""
 
 
 def _driver() -> Any:
@@ -41,23 +46,6 @@ def _driver() -> Any:
             "the fused attention kernel needs cuda-python: pip install 'cuda-python>=12.6'"
         ) from e
     return driver
-
-
-def _check(result: Any, what: str) -> Any:
-    """cuda-python returns (err,) or (err, value, ...): raise on error, return the value(s)."""
-    drv = _driver()
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != drv.CUresult.CUDA_SUCCESS:
-        msg = ""
-        try:
-            e2, s = drv.cuGetErrorString(err)
-            msg = s.decode() if e2 == drv.CUresult.CUDA_SUCCESS and s else ""
-        except Exception:
-            pass
-        raise CudaError(f"{what} failed: {getattr(err, 'name', err)}{': ' + msg if msg else ''}")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
 
 
 _lock = threading.Lock()
@@ -80,19 +68,11 @@ def init() -> None:
             ) from e
         if err != drv.CUresult.CUDA_SUCCESS:
             raise KernelUnavailable(
-                f"the fused attention kernel needs an NVIDIA GPU: cuInit failed with {getattr(err, 'name', err)}"
+                f"the fused attention kernel needs an NVIDIA GPU: cuInit failed with {error_name(err)}"
             )
-        if _check(drv.cuDeviceGetCount(), "cuDeviceGetCount") < 1:
+        if check(drv.cuDeviceGetCount(), "cuDeviceGetCount") < 1:
             raise KernelUnavailable("the fused attention kernel needs an NVIDIA GPU: none was found")
         _initialized = True
-
-
-def device_available() -> bool:
-    try:
-        init()
-        return True
-    except (KernelUnavailable, CudaError):
-        return False
 
 
 @dataclass
@@ -108,12 +88,12 @@ _modules: dict[int, _Module] = {}  # keyed by CUcontext handle
 def _current_context(device: int | None) -> Any:
     """The current context; with none current, make `device`'s (default 0) primary context current."""
     drv = _driver()
-    ctx = _check(drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
+    ctx = check(drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
     if ctx is not None and int(ctx) != 0:
         return ctx
-    dev = _check(drv.cuDeviceGet(device or 0), "cuDeviceGet")
-    ctx = _check(drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-    _check(drv.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+    dev = check(drv.cuDeviceGet(device or 0), "cuDeviceGet")
+    ctx = check(drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+    check(drv.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
     return ctx
 
 
@@ -135,7 +115,7 @@ def load_module(device: int | None = None) -> _Module:
         image = art.fatbin.read_bytes()
         buf = ctypes.create_string_buffer(image, len(image))
         drv = _driver()
-        module = _check(drv.cuModuleLoadData(ctypes.addressof(buf)), f"cuModuleLoadData({art.fatbin})")
+        module = check(drv.cuModuleLoadData(ctypes.addressof(buf)), f"cuModuleLoadData({art.fatbin})")
         configs = kernel_configs(art.ptx.read_text())
         missing = [d for d in contract.SUPPORTED_HEAD_DIMS if d not in configs]
         if missing:
@@ -148,19 +128,12 @@ def _function(mod: _Module, name: str, smem_bytes: int) -> Any:
     fn = mod.functions.get(name)
     if fn is None:
         drv = _driver()
-        fn = _check(drv.cuModuleGetFunction(mod.module, name.encode()), f"cuModuleGetFunction({name})")
+        fn = check(drv.cuModuleGetFunction(mod.module, name.encode()), f"cuModuleGetFunction({name})")
         if smem_bytes > 48 * 1024:  # the shipped configs stay below; kept for larger future tiles
             attr = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            _check(drv.cuFuncSetAttribute(fn, attr, smem_bytes), "cuFuncSetAttribute")
+            check(drv.cuFuncSetAttribute(fn, attr, smem_bytes), "cuFuncSetAttribute")
         mod.functions[name] = fn
     return fn
-
-
-def launch_config(head_dim: int, seq_q: int, batch: int, num_heads: int, device: int | None = None
-                  ) -> tuple[tuple[int, int, int], tuple[int, int, int], int]:
-    """(grid, block, shared memory bytes) for one launch."""
-    cfg = load_module(device).configs[head_dim]
-    return ((seq_q + cfg.block_m - 1) // cfg.block_m, batch * num_heads, 1), (cfg.threads, 1, 1), cfg.smem_bytes
 
 
 def launch_attention(q: int, k: int, v: int, out: int, *, batch: int, seq_q: int, seq_k: int,
@@ -190,5 +163,5 @@ def launch_attention(q: int, k: int, v: int, out: int, *, batch: int, seq_q: int
     params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
     drv = _driver()
     grid_x = (seq_q + cfg.block_m - 1) // cfg.block_m
-    _check(drv.cuLaunchKernel(fn, grid_x, batch * num_heads, 1, cfg.threads, 1, 1, cfg.smem_bytes,
+    check(drv.cuLaunchKernel(fn, grid_x, batch * num_heads, 1, cfg.threads, 1, 1, cfg.smem_bytes,
                               drv.CUstream(stream), ctypes.addressof(params), 0), f"cuLaunchKernel({name})")

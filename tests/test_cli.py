@@ -185,7 +185,7 @@ def test_generate_without_engines_says_to_build(tmp_path):
 
 
 def test_build_tensorrt_without_tensorrt_is_one_line(tmp_path):
-    from engine.backends.trt_backend import trt_available
+    from engine.backends.tensorrt import trt_available
 
     if trt_available():
         pytest.skip("TensorRT is installed here; this checks the error path without it")

@@ -105,8 +105,8 @@ def test_plugin_mode_emits_one_node_per_attention_call(tiny_folder, tmp_path):
     for n in nodes:
         assert n.domain == contract.PLUGIN_NAMESPACE and len(n.input) == 3 and len(n.output) == 1
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        assert attrs["plugin_namespace"] == contract.PLUGIN_NAMESPACE.encode()
-        assert attrs["plugin_version"] == contract.PLUGIN_VERSION.encode()
+        assert attrs[contract.ATTR_PLUGIN_NAMESPACE] == contract.PLUGIN_NAMESPACE.encode()
+        assert attrs[contract.ATTR_PLUGIN_VERSION] == contract.PLUGIN_VERSION.encode()
         got.append((attrs[contract.ATTR_NUM_HEADS], attrs[contract.ATTR_HEAD_DIM]))
         for t in (*n.input, n.output[0]):  # fp16 [B, S, H*D]
             tt = shapes[t]

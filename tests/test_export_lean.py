@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from export import lean, models
 from export.onnx_export import ExportOptions, example_inputs, export_component, run_onnx
-from export.specs import Shape
+from export.specs import Shape, precision_torch_dtype
 
 
 def _initializers(path) -> dict[str, np.ndarray]:
@@ -41,7 +41,7 @@ def test_unet_weights_are_the_files_tensors_under_their_torch_names(tiny_folder,
     assert info["weights_from"] == {"file": len(stored)}
     # every weight kept, by its torch name, unfolded (a LoRA swap and TensorRT refit address them by name)
     assert set(got) == {f"unet.{k}" for k in stored}
-    dtype = torch.float16 if precision == "fp16" else torch.float32
+    dtype = precision_torch_dtype(precision)
     for name, value in got.items():
         np.testing.assert_array_equal(value, stored[name.removeprefix("unet.")].to(dtype).numpy(), err_msg=name)
     assert info["weight_bytes"] == sum(v.nbytes for v in got.values())
@@ -89,8 +89,8 @@ def test_sharded_checkpoint_streams_through_its_index(tiny_folder, tmp_path, mon
     want = {f"unet.{k}": v.detach().numpy() for k, v in unet.state_dict().items()}
     got = {n: v for n, v in _initializers(path).items() if n.startswith("unet.")}
     assert set(got) == set(want)
-    for name in got:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    for name, value in got.items():
+        np.testing.assert_array_equal(value, want[name], err_msg=name)
 
 
 def test_a_weight_missing_from_the_checkpoint_is_named(tiny_folder, tmp_path):

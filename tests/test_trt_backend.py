@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import cuda
-from engine.backends import trt_backend as tb
+from engine import cuda, graphs
+from engine.backends import tensorrt as tb
 from engine.backends.base import get_backend
 from engine.config import BuildConfig, Profile
 from export.specs import Dims, Shape, get_spec
-from tests.test_trt_inspect import ENV, _manifest
+from tests.test_trt_inspect import ENV, built_manifest
 
 # The tiny preset's dims: 4 latent channels, CLIP width 32, 77 tokens, VAE /8 (4 blocks), UNet /2 (2 blocks).
 TINY = Dims(latent_channels=4, text_dim=32, text_len=77, vae_scale=8, unet_scale=2)
@@ -152,21 +152,24 @@ def test_arena_rebinds_every_user_when_it_grows(monkeypatch):
     assert a.bound == [(0x2000, 1024), (0x3000, 5120)]
     assert b.bound == [(0x3000, 5120)] and c.bound == [(0x3000, 5120)]
     assert FakeStream.syncs == 2 and arena.buffer.size == 5120
+    arena.detach(a)  # a closed runner: later growth rebinds only the others
+    arena.attach(User(), 9000)
+    assert len(a.bound) == 2 and b.bound[-1] == (0x4000, 9216)
 
 
 def test_graph_cache_warms_captures_then_replays(monkeypatch):
     launched: list[str] = []
 
     class FakeGraph:
-        def launch(self, stream):
+        def replay(self):
             launched.append("graph")
 
-        def destroy(self):
+        def reset(self):
             launched.append("destroyed")
 
-    monkeypatch.setattr(cuda, "capture_graph", lambda stream, fn: (FakeGraph(), ""))
-    cache = cuda.GraphCache(stream=None, label="unet")
-    eager = lambda: launched.append("eager")  # noqa: E731
+    monkeypatch.setattr(graphs, "capture", lambda stream, fn: (FakeGraph(), ""))
+    cache = graphs.GraphCache(stream=None, label="unet")
+    eager = lambda: launched.append("eager")
     for _ in range(3):
         cache.run((2, 4, 16, 16), eager)
     assert launched == ["eager", "graph", "graph"] and cache.keys == [(2, 4, 16, 16)]
@@ -175,10 +178,10 @@ def test_graph_cache_warms_captures_then_replays(monkeypatch):
 
 
 def test_graph_cache_falls_back_to_eager_and_says_so_once(monkeypatch, caplog):
-    monkeypatch.setattr(cuda, "capture_graph", lambda stream, fn: (None, "operation not permitted"))
-    cache = cuda.GraphCache(stream=None, label="unet")
+    monkeypatch.setattr(graphs, "capture", lambda stream, fn: (None, "operation not permitted"))
+    cache = graphs.GraphCache(stream=None, label="unet")
     calls: list[int] = []
-    with caplog.at_level(logging.WARNING, logger="engine.cuda"):
+    with caplog.at_level(logging.WARNING, logger="engine.graphs"):
         for key in ("a", "a", "a", "b", "b"):
             cache.run(key, lambda: calls.append(1))
     assert len(calls) == 5 and cache.keys == []
@@ -186,8 +189,8 @@ def test_graph_cache_falls_back_to_eager_and_says_so_once(monkeypatch, caplog):
 
 
 def test_disabled_graph_cache_always_runs_eagerly(monkeypatch):
-    monkeypatch.setattr(cuda, "capture_graph", lambda stream, fn: pytest.fail("must not capture"))
-    cache = cuda.GraphCache(stream=None, label="vae", enabled=False)
+    monkeypatch.setattr(graphs, "capture", lambda stream, fn: pytest.fail("must not capture"))
+    cache = graphs.GraphCache(stream=None, label="vae", enabled=False)
     calls: list[int] = []
     for _ in range(3):
         cache.run("k", lambda: calls.append(1))
@@ -199,8 +202,22 @@ def test_check_unpacks_values_and_names_errors():
 
     ok = rt.cudaError_t.cudaSuccess
     assert cuda.check((ok,)) is None and cuda.check((ok, 7)) == 7 and cuda.check((ok, 1, 2)) == (1, 2)
-    with pytest.raises(cuda.CudaError, match="cudaMalloc failed: cudaErrorMemoryAllocation"):
+    with pytest.raises(cuda.CudaError, match="^cudaMalloc failed: cudaErrorMemoryAllocation: out of memory$"):
         cuda.check((rt.cudaError_t.cudaErrorMemoryAllocation, None), "cudaMalloc")
+
+
+def test_one_error_checker_for_runtime_and_driver_calls():
+    """kernels.launcher checks its driver-API calls with engine.cuda.check and raises engine.cuda.CudaError."""
+    from cuda.bindings import driver
+
+    from kernels import launcher
+
+    assert launcher.CudaError is cuda.CudaError and launcher.check is cuda.check
+    ok = driver.CUresult.CUDA_SUCCESS
+    assert cuda.check((ok, 5), "cuDeviceGetCount") == 5
+    # the description needs the driver library; without it the error's name is the message
+    with pytest.raises(cuda.CudaError, match="^cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE"):
+        cuda.check((driver.CUresult.CUDA_ERROR_INVALID_IMAGE, None), "cuModuleLoadData")
 
 
 def test_align_up():
@@ -237,7 +254,7 @@ def test_fingerprint_build_load_without_tensorrt_raise_the_same_error(tmp_path):
     with pytest.raises(tb.TensorRTUnavailable):
         backend.build(get_spec("unet"), tmp_path / "model.onnx", tmp_path, TINY, STATIC, BuildConfig())
     with pytest.raises(tb.TensorRTUnavailable):
-        backend.load(get_spec("unet"), tmp_path, _manifest(), "cuda")
+        backend.load(get_spec("unet"), tmp_path, built_manifest(), "cuda")
 
 
 # ---- integration: real TensorRT on a GPU (never executed in this workplace) ----------------------------

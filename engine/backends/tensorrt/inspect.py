@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 # Kernel / layer names of fused attention: _gemm_mha_v2, fmha_v2, fused_mha, mha_v1, flash_attention ...
 _MHA = re.compile(r"(?:^|[^a-z])f?mha(?:$|[^a-z])|fused_?mha|flash_?att", re.IGNORECASE)
@@ -59,7 +60,7 @@ def parse_layers(info: str | dict[str, Any] | list[Any]) -> list[dict[str, Any]]
     if isinstance(data, dict):
         data = data.get("Layers", [])
     if not isinstance(data, list):
-        raise ValueError(f"engine information has no 'Layers' list (got {type(data).__name__})")
+        raise ValueError(f"engine information has no 'Layers' list (got {type(data).__name__})")  # noqa: TRY004 - bad document
     return [item if isinstance(item, dict) else {"Name": str(item)} for item in data]
 
 
