@@ -17,8 +17,8 @@ from typing import Any
 from engine import cache
 from engine.backends.base import Backend, get_backend
 from engine.config import ATTENTION_MODES, BACKENDS, BuildConfig, BuildPlan, Profile
-from export.quiet import add_verbose_flag, quiet_cli
 from export.families import Family, detect_family
+from export.quiet import add_verbose_flag, quiet_cli
 from export.specs import Dims, Shape, check_size, export_range, parse_components
 
 
@@ -36,7 +36,7 @@ def resolve_backend(name: str) -> str:
         return name
     import torch
 
-    from engine.backends.trt_backend import trt_available
+    from engine.backends.tensorrt.build import trt_available
 
     return "tensorrt" if trt_available() and torch.cuda.is_available() else "onnxruntime"
 
@@ -66,11 +66,18 @@ def make_profile(cfg: BuildConfig, dims: Dims, size: int, min_size: int, max_siz
 
 
 def make_plan(cfg: BuildConfig, backend: Backend, profile: Profile) -> BuildPlan:
+    if cfg.compile and backend.name != "torch":
+        raise ValueError(f"--compile applies to the torch backend only (torch.compile of the UNet), not to "
+                         f"{backend.name}: drop --compile or use --backend torch")
     device = backend.resolve_device(cfg.device)
+    precision = cfg.precision or backend.default_precision(device)
+    if precision not in backend.precisions:  # the one place a precision is checked against the backend
+        raise ValueError(f"precision {precision!r} is not available with the {backend.name} backend; "
+                         f"choose from {', '.join(backend.precisions)}")
     return BuildPlan(
         backend=backend.name,
         device=device,
-        precision=cfg.precision or backend.default_precision(device),
+        precision=precision,
         attention=backend.default_attention() if cfg.attention == "auto" else cfg.attention,
         profile=profile,
         engine_dir=cfg.engine_dir,
@@ -78,6 +85,7 @@ def make_plan(cfg: BuildConfig, backend: Backend, profile: Profile) -> BuildPlan
         workspace_gib=cfg.workspace_gib,
         builder_optimization_level=cfg.builder_optimization_level,
         enable_refit=cfg.build_enable_refit,
+        compile=cfg.compile,
     )
 
 
@@ -91,6 +99,12 @@ def _stale(cfg: BuildConfig, art: Path, label: str, notes: list[str]) -> bool:
     return bool(found)
 
 
+def export_precision(precision: str) -> str:
+    """The ONNX graph a build starts from: fp16 for fp16 builds; fp32 for the rest (int8 quantizes the fp32
+    graph, bf16 is a compile option of the fp32 graph), so those share the fp32 build's cached export."""
+    return "fp16" if precision == "fp16" else "fp32"
+
+
 def _onnx_stage(cfg: BuildConfig, model_id: str, name: str, weights: str, plan: BuildPlan,
                 folder: Path, done: list[str], notes: list[str], progress: bool = False) -> tuple[Path, str]:
     """The component's exported ONNX (reused when cached) and its key. The export reads the weights from the
@@ -98,7 +112,7 @@ def _onnx_stage(cfg: BuildConfig, model_id: str, name: str, weights: str, plan: 
     from export.lean import bar_progress
     from export.onnx_export import ExportOptions, export_component
 
-    opts = ExportOptions(precision=plan.precision, attention=plan.attention)
+    opts = ExportOptions(precision=export_precision(plan.precision), attention=plan.attention)
     parts = {"component": name, "weights": weights, "export": opts.to_json()}
     key = cache.content_key(parts)
     art = cache.artifact_dir(cfg.engine_dir, model_id, "onnx", name, key)
@@ -277,8 +291,10 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                    "local diffusers folder / single-file .safetensors")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend,
                    help="auto = tensorrt where it is installed with a GPU, else onnxruntime")
-    p.add_argument("--precision", choices=("fp16", "fp32"), default=d.precision,
-                   help="None = the backend's default: fp16 on a GPU, fp32 on the CPU")
+    p.add_argument("--precision", default=d.precision,
+                   help="fp32, fp16 (onnxruntime, torch, tensorrt), bf16 (torch, openvino; on a CPU with "
+                        "avx512_bf16 or AMX), int8 (onnxruntime: MatMul weights); None = the backend's default: "
+                        "fp16 on a GPU, fp32 on the CPU")
     p.add_argument("--attention", choices=ATTENTION_MODES, default=d.attention,
                    help="ONNX attention emission; auto = the backend's preferred one")
     p.add_argument("--components", default=None,
@@ -307,6 +323,9 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                    help="TensorRT builder optimization level, 0..5")
     p.add_argument("--device", default=d.device,
                    help="where ONNX Runtime / torch engines run (cpu, cuda, cuda:N); auto = cuda if available")
+    p.add_argument("--compile", action="store_true", default=d.compile,
+                   help="torch backend: torch.compile the UNet (inductor; channels_last on CUDA) when it is loaded; "
+                        "with fp16, our attention kernel and the whole-step CUDA graph this is the torch fast path")
     add_verbose_flag(p)
     a = vars(p.parse_args(argv))
     if a["batch_size"] < 1:

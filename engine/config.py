@@ -11,7 +11,7 @@ from pathlib import Path
 
 from export.specs import Shape
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch", "openvino")
 ATTENTION_MODES = ("auto", "decomposed", "onnx", "plugin")
 
 
@@ -38,6 +38,7 @@ class BuildConfig:
     builder_optimization_level: int = 3  # TensorRT 0..5
     build_enable_refit: bool = False  # TensorRT: refittable engines, so LoRA adapters swap in without a rebuild
     device: str = "auto"  # torch / onnxruntime device: auto = cuda if available, else cpu
+    compile: bool = False  # torch: torch.compile the UNet (inductor; channels_last on CUDA) when it is loaded
 
     def __post_init__(self) -> None:
         self.engine_dir = Path(self.engine_dir)
@@ -55,7 +56,7 @@ class Profile:
         return {k: vars(getattr(self, k)) for k in ("lo", "opt", "hi")}
 
     @staticmethod
-    def from_json(d: dict) -> "Profile":
+    def from_json(d: dict) -> Profile:
         return Profile(Shape(**d["lo"]), Shape(**d["opt"]), Shape(**d["hi"]))
 
 
@@ -65,7 +66,7 @@ class BuildPlan:
 
     backend: str
     device: str  # "cpu", "cuda", "cuda:1"
-    precision: str  # "fp16" | "fp32"
+    precision: str  # "fp16" | "fp32" | "bf16" | "int8": one of the backend's `precisions` (checked in make_plan)
     attention: str  # "decomposed" | "onnx" | "plugin"
     profile: Profile
     engine_dir: Path
@@ -73,3 +74,4 @@ class BuildPlan:
     workspace_gib: float = 8.0
     builder_optimization_level: int = 3
     enable_refit: bool = False  # TensorRT: BuilderFlag.REFIT
+    compile: bool = False  # torch: torch.compile the UNet at load time (part of the artifact key when set)

@@ -25,7 +25,8 @@ from export.specs import ComponentSpec, Dims
 BACKEND_MODULES = {
     "torch": "engine.backends.torch_backend",
     "onnxruntime": "engine.backends.ort_backend",
-    "tensorrt": "engine.backends.trt_backend",
+    "tensorrt": "engine.backends.tensorrt",
+    "openvino": "engine.backends.openvino_backend",
 }
 
 
@@ -45,6 +46,7 @@ class Backend(Protocol):
     name: str
     needs_onnx: bool  # False: builds straight from the torch model (the torch backend)
     static_shapes: bool  # True: engines accept only their built profile (TensorRT); else any exported shape
+    precisions: tuple[str, ...]  # what --precision may be with this backend (checked once, in build's plan step)
 
     def version(self) -> str: ...
 

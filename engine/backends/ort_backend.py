@@ -19,7 +19,6 @@ from engine.lora import OnnxWeights
 from export.specs import ComponentSpec, Dims
 
 MODEL_FILE = "model.onnx"
-_NP_TO_TORCH = {np.dtype("float32"): torch.float32, np.dtype("float16"): torch.float16, np.dtype("int32"): torch.int32}
 
 
 def _ort():
@@ -71,6 +70,10 @@ class OrtRunner:
         """The graph's own weights by the sub-model's parameter names (read on access, external data mapped)."""
         if self._weights is None:  # read once: every switch needs the names and some base tensors
             self._weights = OnnxWeights(self.path)
+            if any(n.endswith(".T_quantized") for n in self._weights):  # engine/backends/ort_int8.py's names
+                self._weights = None
+                raise ValueError(f"{self.path}: an int8 (quantized) graph: LoRA adapters cannot be merged into it; "
+                                 "build with --precision fp32 for LoRA")
         return self._weights
 
     def set_weights(self, merged: Mapping[str, torch.Tensor] | None) -> None:
@@ -128,6 +131,7 @@ class OrtBackend:
     name = "onnxruntime"
     needs_onnx = True
     static_shapes = False
+    precisions = ("fp32", "fp16", "int8")  # int8: the fp32 graph's weight MatMuls quantized (ort_int8.py)
 
     def version(self) -> str:
         return _ort().__version__
@@ -147,10 +151,16 @@ class OrtBackend:
     def build(self, spec: ComponentSpec, onnx_path: Path | None, out_dir: Path, dims: Dims, plan: BuildPlan,
               source: Path) -> dict[str, Any]:
         assert onnx_path is not None
-        for src in sorted(onnx_path.parent.glob(onnx_path.name + "*")):
-            shutil.copyfile(src, out_dir / src.name)  # the export cache names it model.onnx too
+        extra: dict[str, Any] = {}
+        if plan.precision == "int8":
+            from engine.backends.ort_int8 import quantize_matmul_int8
+
+            extra = quantize_matmul_int8(onnx_path, out_dir / MODEL_FILE)
+        else:
+            for src in sorted(onnx_path.parent.glob(onnx_path.name + "*")):
+                shutil.copyfile(src, out_dir / src.name)  # the export cache names it model.onnx too
         OrtRunner(spec, out_dir / MODEL_FILE, plan.device)  # fails here, not at generate time, if ORT rejects it
-        return {"device": plan.device}
+        return {"device": plan.device, **extra}
 
     def load(self, spec: ComponentSpec, art_dir: Path, manifest: dict[str, Any], device: str) -> OrtRunner:
         return OrtRunner(spec, art_dir / MODEL_FILE, manifest.get("device", "cpu") if device == "auto" else device)
