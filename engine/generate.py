@@ -17,8 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from engine.config import BACKENDS
-from engine.lora import parse_adapter
-from engine.png import IMAGE_FORMATS
+from engine.png import IMAGE_FORMATS, SAMPLER_NAMES
 from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
 from export.quiet import add_verbose_flag, quiet_cli
 
@@ -56,6 +55,8 @@ class GenerateConfig:
     verify: bool = False  # re-hash every engine file before loading
 
     def requests(self) -> list[Request]:
+        from engine.lora import parse_adapter
+
         return [Request(prompt=p, negative_prompt=self.negative_prompt, steps=self.steps,
                         guidance_scale=self.guidance_scale, sampler=self.scheduler, seed=self.seed,
                         height=self.height, width=self.width, images=self.images_per_prompt,
@@ -67,8 +68,6 @@ class GenerateConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> GenerateConfig:
-    from engine.samplers import SAMPLERS
-
     d = GenerateConfig()
     p = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -78,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--steps", "--denoising-steps", dest="steps", type=int, default=d.steps,
                    help=f"sampler steps, 1..{MAX_STEPS} (lcm: 1..original_inference_steps of the model, usually 50)")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale, help="CFG scale; <= 1 turns CFG off")
-    p.add_argument("--scheduler", "--sampler", dest="scheduler", default=d.scheduler, help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--scheduler", "--sampler", dest="scheduler", default=d.scheduler, help=f"one of {', '.join(SAMPLER_NAMES)}")
     p.add_argument("--seed", type=int, default=d.seed, help="image k uses seed + k, 0..2**64-1; -1 = random")
     p.add_argument("--height", type=int, default=d.height, help="pixels; None = the size the engines were built for")
     p.add_argument("--width", type=int, default=d.width, help="pixels; None = the size the engines were built for")
@@ -188,9 +187,9 @@ def output_paths(output: Path, n: int, seeds: list[int]) -> list[Path]:
 
 def run(cfg: GenerateConfig) -> list[Path]:
     """Check the output location, load the engines, generate and save; the paths written."""
+    check_output(cfg.output)  # before the engines load: see the module docstring for the order of checks
     from engine.pipeline import Pipeline
 
-    check_output(cfg.output)  # before the engines load: see the module docstring for the order of checks
     pipe = Pipeline.load(cfg.engine_dir, cfg.model, batch_size=cfg.batch_size, verify=cfg.verify)
     built = pipe.info.get("backend")
     if cfg.backend not in ("auto", built):
@@ -209,16 +208,34 @@ def run(cfg: GenerateConfig) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_cli(argv)
+    cfg = parse_args(argv)  # --help and argument errors answer before torch loads
+    try:
+        check_output(cfg.output)  # so does a bad --output (run checks it again: callers of run rely on it)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    quiet_cli(argv)  # imports torch, then quiets the libraries (nothing imported so far prints)
     from engine.cache import CorruptArtifact
 
     try:
-        run(parse_args(argv))
+        run(cfg)
     except (ValueError, RuntimeError, OSError, CorruptArtifact) as e:  # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
+def _exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown (about a second of freeing torch's and the runtimes'
+    objects for nothing): every image is written, closed and renamed into place by then; stdout and stderr
+    are flushed here. Only for `python -m engine.generate`, never for a caller of `main` or `run`."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it anyway
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

@@ -79,8 +79,9 @@ class Pipeline:
 
         Every artifact is checked against its manifest (sizes; hashes of files whose mtime changed) and
         CorruptArtifact names the first bad file. `verify` re-hashes every file: slower (reads all the
-        engines), but it also finds bytes altered with their mtime put back."""
-        from transformers import CLIPTokenizer
+        engines), but it also finds bytes altered with their mtime put back. Tokenizers load with the
+        `tokenizers` library where the tokenizer folder allows (engine/tokenizer.py): no transformers."""
+        from engine.tokenizer import load_tokenizer
 
         model_dir = find_model_dir(Path(engine_dir), model)
         record_path = model_dir / cache.BUILD_RECORD
@@ -97,7 +98,7 @@ class Pipeline:
                              f"--model {record['model']} --components {','.join(family.default_components(dims))}")
         files = model_dir / record["model_files"]
         cache.verify(files, full=verify)
-        tokenizers = [CLIPTokenizer.from_pretrained(files / sub, local_files_only=True) for sub in family.tokenizers]
+        tokenizers = [load_tokenizer(files / sub) for sub in family.tokenizers]
         scheduler_config = cache.read_json(files / family.scheduler_config)
         info = {**record, "engine_dir": str(model_dir)}
         return cls(runners, tokenizers, scheduler_config, family, dims, Profile.from_json(record["profile"]), info,

@@ -16,13 +16,15 @@ import math
 import secrets
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.images import ImageSource
-from engine.lora import Adapter, check_lora_file
 from export.families import Family, TimeIds
+
+if TYPE_CHECKING:  # torch and PIL load when an image or a LoRA is first used, not with the CLI's arguments
+    from engine.images import ImageSource
+    from engine.lora import Adapter
 
 MAX_SEED = 2**64 - 1  # torch.Generator takes 64-bit seeds
 MAX_STEPS = 1000
@@ -94,6 +96,12 @@ class Request:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{what} {v} must be a positive number of pixels (None = the engine's default)")
         self._check_time_ids()
+        if self.loras:
+            self._check_loras()
+
+    def _check_loras(self) -> None:
+        from engine.lora import Adapter, check_lora_file
+
         for a in self.loras:
             if not isinstance(a, Adapter):
                 raise ValueError(f"loras must be Adapter(path, scale) values (parse_adapter('path:scale')), not {a!r}")

@@ -9,7 +9,9 @@ Each sampler matches one diffusers scheduler built with ``SchedulerClass.from_co
     dpmpp_2m_karras same, use_karras_sigmas=True
     lcm             LCMScheduler
 
-diffusers is used only at setup (``make_schedule``) to read timesteps / sigmas / alphas_cumprod.
+``make_schedule`` reads timesteps / sigmas / alphas_cumprod from engine/schedulers.py, our own
+bit-identical copy of the diffusers schedulers' setup (so generating never imports diffusers; the tests
+compare both the tables and the sampling with diffusers).
 ``scale_model_input`` and ``step`` read every per-step scalar from a device table with the device
 index tensor ``i`` (``index_select``): no ``.item()``, no host sync, no Python branching on step values,
 so the whole denoise step can be captured in one CUDA graph. First/last-step special cases
@@ -32,30 +34,13 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import schedulers
+from engine.schedulers import SCHEDULER_CLASSES
+
 SAMPLERS: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm")
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 
-# sampler -> (diffusers scheduler class name, config overrides that define the sampler)
-_DIFFUSERS: dict[str, tuple[str, dict]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
-    ),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {
-            "algorithm_type": "dpmsolver++",
-            "solver_order": 2,
-            "use_karras_sigmas": True,
-            "use_exponential_sigmas": False,
-            "use_beta_sigmas": False,
-        },
-    ),
-    "lcm": ("LCMScheduler", {}),
-}
+_DIFFUSERS = SCHEDULER_CLASSES  # sampler -> (diffusers scheduler class name, config overrides)
 
 
 @dataclass(frozen=True, eq=False)
@@ -235,28 +220,6 @@ def _lcm_tables(sched, pred: str, start: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _add_noise_tables(sched) -> dict[str, torch.Tensor]:
-    """add_noise(x0, noise, j) = noise_a[j] * x0 + noise_b[j] * noise, each [N+1]; entry N is (1, 0).
-
-    Read from diffusers' own ``add_noise`` applied to ones / zeros in float32 (so the values are the exact
-    float32 scalars it multiplies by), with the scheduler in the state a pipeline calls it in:
-    sigma-indexed schedulers (Euler family, DPM-Solver) read ``sigmas[begin_index]`` before the first step
-    and ``sigmas[step_index]`` after step j - 1 has run; either way that is index j, so ``set_begin_index(j)``
-    (step_index still None after ``set_timesteps``) selects it. DDIM / LCM read alphas_cumprod[timesteps[j]].
-    After the last step the inpainting blend uses the clean image latents: (1, 0).
-    """
-    n = len(sched.timesteps)
-    one, zero = torch.ones(1), torch.zeros(1)  # [1] float32, like fp32 latents
-    noise_a, noise_b = torch.ones(n + 1), torch.zeros(n + 1)  # [N+1]
-    for j in range(n):
-        t = sched.timesteps[j : j + 1]  # what the pipelines pass: timesteps[:1] / tensor([timesteps[i + 1]])
-        if hasattr(sched, "set_begin_index"):
-            sched.set_begin_index(j)
-        noise_a[j] = sched.add_noise(one, zero, t)[0]
-        noise_b[j] = sched.add_noise(zero, one, t)[0]
-    return {"noise_a": noise_a, "noise_b": noise_b}
-
-
 def _first_step(strength, steps: int) -> int:
     """StableDiffusionImg2ImgPipeline.get_timesteps (scheduler.order == 1): index of the first executed step."""
     init_timestep = min(int(steps * strength), steps)
@@ -284,8 +247,9 @@ _TABLE_BUILDERS = {
 
 
 def diffusers_scheduler(name: str, scheduler_config: dict):
-    """The diffusers scheduler object our sampler ``name`` reproduces (setup only)."""
-    import diffusers  # heavy import, setup time only
+    """The diffusers scheduler object our sampler ``name`` reproduces: what the tests compare with (generating
+    never calls this; engine/schedulers.py computes the same tables)."""
+    import diffusers  # heavy import: tests and tools only
 
     cls_name, overrides = _DIFFUSERS[name]
     cls = getattr(diffusers, cls_name)
@@ -296,23 +260,35 @@ def diffusers_scheduler(name: str, scheduler_config: dict):
     return cls.from_config(config, **overrides)
 
 
-def _max_steps(name: str, sched) -> tuple[int, str]:
-    """The most steps sampler ``name`` runs with this diffusers scheduler, and the config key that sets it."""
-    n_train = sched.config.num_train_timesteps
+def _max_steps(name: str, cfg: schedulers.Config) -> tuple[int, str]:
+    """The most steps sampler ``name`` runs with this resolved scheduler config, and the config key that sets it."""
+    n_train = cfg.num_train_timesteps
     if name == "lcm":  # LCM picks its steps among original_inference_steps distilled ones (diffusers' default 50)
-        original = sched.config.get("original_inference_steps", 50)
+        original = cfg.get("original_inference_steps", 50)
         if original <= n_train:
             return original, "original_inference_steps"
     return n_train, "num_train_timesteps"
 
 
-def _steps_error(name: str, sched, steps: int, err: ValueError) -> str:
+def _steps_error(name: str, cfg: schedulers.Config, steps: int, err: ValueError) -> str:
     """Our message for a scheduler that refused ``steps``: the value, the flag and this sampler's range."""
-    hi, key = _max_steps(name, sched)
+    hi, key = _max_steps(name, cfg)
     if steps > hi:
         return (f"steps {steps} (--steps) is out of range for sampler {name}; "
                 f"allowed: 1..{hi} ({key} in the model's scheduler config)")
     return f"sampler {name} cannot be set up for steps {steps} (--steps; allowed: 1..{hi}): {err}"
+
+
+def _noise_tables(setup: schedulers.SchedulerSetup) -> dict[str, torch.Tensor]:
+    """add_noise(x0, noise, j) = noise_a[j] * x0 + noise_b[j] * noise, each [N+1]; entry N is (1, 0).
+
+    Entry j < N is the float32 scalar pair diffusers' ``add_noise`` multiplies by where the pipelines call it:
+    sigma-indexed schedulers (Euler family, DPM-Solver) read ``sigmas[j]`` (``sigmas[begin_index]`` before the
+    first step, ``sigmas[step_index]`` after step j - 1), DDIM / LCM read ``alphas_cumprod[timesteps[j]]``.
+    After the last step the inpainting blend uses the clean image latents: (1, 0).
+    """
+    return {"noise_a": torch.cat([setup.noise_a.float(), torch.ones(1)]),
+            "noise_b": torch.cat([setup.noise_b.float(), torch.zeros(1)])}
 
 
 def make_schedule(name: str, scheduler_config: dict, steps: int, strength: float = 1.0) -> Schedule:
@@ -329,20 +305,18 @@ def make_schedule(name: str, scheduler_config: dict, steps: int, strength: float
     pred = scheduler_config.get("prediction_type", "epsilon")  # the default of every class used
     if pred not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {pred!r}; allowed: {', '.join(PREDICTION_TYPES)}")
-    sched = diffusers_scheduler(name, scheduler_config)
-    n_train = sched.config.num_train_timesteps
+    cfg = schedulers.resolve_config(name, scheduler_config)
+    n_train = cfg.num_train_timesteps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= n_train:
         raise ValueError(f"steps={steps!r} is out of range; allowed: 1..{n_train} (num_train_timesteps)")
-    if sched.config.get("thresholding", False):
+    if cfg.get("thresholding", False):
         raise ValueError(f"{name}: thresholding=True is not supported; allowed: false")
     try:
-        sched.set_timesteps(steps)
-    except ValueError as err:  # diffusers' text names its own arguments (LCM: `strength`), not our flags
-        raise ValueError(_steps_error(name, sched, steps, err)) from None
-    if sched.order != 1:  # get_timesteps slices timesteps[t_start * order:]; our tables are one entry per step
-        raise ValueError(f"{name}: scheduler order {sched.order} is not supported; allowed: 1")
+        sched = schedulers.setup(name, cfg, steps)
+    except schedulers.StepsRefused as err:  # the scheduler's own limit on steps (LCM: original_inference_steps)
+        raise ValueError(_steps_error(name, cfg, steps, err)) from None
     start = _first_step(strength, steps)
-    tables = {**_TABLE_BUILDERS[name](sched, pred, start), **_add_noise_tables(sched)}
+    tables = {**_TABLE_BUILDERS[name](sched, pred, start), **_noise_tables(sched)}
     tables = {k: v.to(torch.float32).contiguous() for k, v in tables.items()}
     bad = [k for k, v in tables.items() if not bool(torch.isfinite(v).all())]
     if bad:  # e.g. dpmpp_2m at 999-1000 steps: repeated timesteps give a zero step size (diffusers fails there too)
@@ -363,8 +337,29 @@ def make_schedule(name: str, scheduler_config: dict, steps: int, strength: float
 
 
 def _at(tabs: dict[str, torch.Tensor], key: str, i: torch.Tensor) -> torch.Tensor:
-    """tabs[key][i] as a [1] tensor, read on device (broadcasts against [B, C, H, W])."""
-    return tabs[key].index_select(0, i.reshape(1))
+    """tabs[key][i] read on device: a [1] tensor for one schedule's [N] table and a 0-d index, or [B, 1, 1, 1]
+    for per-row tables [B, N] (`stack`) and per-row indices [B]; both broadcast against [B, C, H, W]."""
+    table = tabs[key]
+    if table.dim() == 2:
+        return table.gather(1, i.reshape(-1, 1)).view(-1, 1, 1, 1)
+    return table.index_select(0, i.reshape(1))
+
+
+def stack(schedules: list[Schedule]) -> Schedule:
+    """One schedule whose tables are per row ([B, N_max] / [B, N_max + 1]) for rows that run the same sampler with
+    their own step counts and start steps (continuous batching: engine/continuous.py). Shorter tables are padded
+    with their last value; a row never reads past its own N, since it leaves the batch when it is done. Read it
+    with per-row step indices i [B]."""
+    first = schedules[0]
+    if any(s.name != first.name or s.prediction_type != first.prediction_type for s in schedules):
+        raise ValueError(f"stack: one sampler per batch, got {sorted({s.name for s in schedules})}")
+
+    def pad(ts: list[torch.Tensor]) -> torch.Tensor:  # [N_k] each -> [B, max N_k]
+        n = max(t.shape[0] for t in ts)
+        return torch.stack([torch.cat([t, t[-1:].expand(n - t.shape[0])]) for t in ts])
+
+    tables = {k: pad([s.tables[k] for s in schedules]) for k in first.tables}
+    return dataclasses.replace(first, timesteps=pad([s.timesteps for s in schedules]), tables=tables, start=0)
 
 
 def _pred_x0(tabs, i, x, m) -> torch.Tensor:
