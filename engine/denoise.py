@@ -4,7 +4,9 @@
 reading everything from a dict of device buffers, so it has no host sync and can be captured in one
 CUDA graph (engine/graphs.py). Buffers:
 
-    idx            0-d int64, the step index (advanced on the device)
+    idx            0-d int64, the step index (advanced on the device); or [B], each row's own step
+                   (continuous batching: rows of one sampler with their own steps, per-row tables from
+                   samplers.stack; noise then holds this step's draw per row, [B, 4, h, w])
     latents        [B, 4, h, w] float32
     state          [B, 4, h, w] float32, the sampler's multistep state
     guidance       [B, 1, 1, 1] float32, per-row guidance scale (only with CFG)
@@ -32,22 +34,39 @@ COND = "cond."
 def denoise_step(unet: Runner, schedule: samplers.Schedule, cfg: bool, b: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
     """One step at index b["idx"]: returns (next latents, next sampler state); no host sync."""
     i, latents = b["idx"], b["latents"]
-    x = torch.cat([latents, latents]) if cfg else latents  # [2B, 4, h, w]
-    x = samplers.scale_model_input(schedule, x, i)
+    x = samplers.scale_model_input(schedule, latents, i)  # [B, 4, h, w]
+    x = torch.cat([x, x]) if cfg else x  # [2B, 4, h, w]
     if "concat" in b:
         x = torch.cat([x, b["concat"]], dim=1)  # [2B, 9, h, w]
-    t = schedule.timesteps.index_select(0, i.view(1)).expand(x.shape[0])  # [2B]
+    t = _timesteps(schedule, i, x.shape[0])  # [2B]
     cond = {k[len(COND):]: v for k, v in b.items() if k.startswith(COND)}
     out = unet(sample=x, timestep=t, **cond)["latent"].float()
     if cfg:
         uncond, text = out.chunk(2)
         out = uncond + b["guidance"] * (text - uncond)
-    noise = b["noise"].index_select(0, i.view(1))[0] if "noise" in b else None
+    noise = _step_noise(b["noise"], i) if "noise" in b else None
     latents, state = samplers.step(schedule, i, latents, out, b["state"], noise)
     if "mask" in b:  # 4-channel inpainting: keep the unmasked area on the re-noised init image
         proper = samplers.add_noise(schedule, b["image_latents"], b["init_noise"], i + 1)
         latents = (1 - b["mask"]) * proper + b["mask"] * latents
     return latents, state
+
+
+def _timesteps(schedule: samplers.Schedule, i: torch.Tensor, n: int) -> torch.Tensor:
+    """The UNet's timestep per input row [n]: one value for all (0-d i), or each row's (per-row i [B]; with
+    CFG the uncond and cond halves repeat it)."""
+    if i.dim() == 0:
+        return schedule.timesteps.index_select(0, i.view(1)).expand(n)
+    t = schedule.timesteps.gather(1, i.view(-1, 1)).view(-1)  # [B]
+    return t.repeat(n // t.shape[0])
+
+
+def _step_noise(noise: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """This step's noise [B, 4, h, w]: picked from [N, B, 4, h, w] by a 0-d i; with per-row i [B] the caller
+    (engine/continuous.py, which knows each row's step on the host) passes this step's draws themselves."""
+    if i.dim() == 0:
+        return noise.index_select(0, i.view(1))[0]
+    return noise
 
 
 def randn_rows(gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:

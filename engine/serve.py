@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
                    help="images per UNet batch (capped at the engines' largest batch)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="how long the first queued request waits for compatible batch-mates")
+    p.add_argument("--batching", choices=("request", "step"), default=d.batching,
+                   help="request: whole requests batched together; step: rows join and leave the running batch at "
+                   "every denoising step (continuous batching)")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting; one more gets 429")
     p.add_argument("--max-images", type=int, default=d.max_images, help="images per request (OpenAI's n)")
     p.add_argument("--max-size", type=int, default=d.max_size,

@@ -28,6 +28,7 @@ from starlette.requests import Request as HttpRequest
 from engine.png import png_bytes
 from engine.request import Generated, Request
 from engine.server.batcher import Batcher, BatchFailed, Draining, Outcome, QueueFull
+from engine.server.step_batcher import StepBatcher
 from engine.server.config import ServeConfig
 from engine.server.metrics import Metrics
 from engine.server.schemas import ApiError, GenerateBody, ImagesBody, decode_image, validation_error
@@ -56,7 +57,7 @@ class ServerState:
         self.config = config
         self.metrics = Metrics()
         self.pipeline: Any = None
-        self.batcher: Batcher | None = None
+        self.batcher: Batcher | StepBatcher | None = None
         self.status = "loading"  # loading | warming | ready | draining | failed
         self.error: str | None = None
         self._warmup: asyncio.Task | None = None
@@ -77,7 +78,10 @@ class ServerState:
             log.error("cannot load engines from %s: %s", cfg.engine_dir, exc)
             raise
         max_batch = max(1, min(cfg.max_batch, self.pipeline.profile.hi.batch))
-        self.batcher = Batcher(self._run, max_batch, cfg.max_wait_ms / 1e3, cfg.max_queue, self.metrics)
+        if cfg.batching == "step":
+            self.batcher = StepBatcher(self.pipeline, max_batch, cfg.max_queue, self.metrics)
+        else:
+            self.batcher = Batcher(self._run, max_batch, cfg.max_wait_ms / 1e3, cfg.max_queue, self.metrics)
         self.batcher.start()
         self.status = "warming"
         self._warmup = asyncio.get_running_loop().create_task(self._warm())

@@ -13,7 +13,8 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback unless asked otherwise
     port: int = 8000
     max_batch: int = 8  # images per UNet batch (capped at the engines' largest batch)
-    max_wait_ms: float = 10.0  # how long the first queued request waits for batch-mates
+    max_wait_ms: float = 10.0  # how long the first queued request waits for batch-mates (request batching)
+    batching: str = "request"  # "request": whole requests batched; "step": rows join/leave at every step
     max_queue: int = 64  # requests waiting (not yet running); one more is answered 429
     max_images: int = 8  # images per request (OpenAI's n)
     max_size: int = 2048  # pixels per side a request may ask for (the engines' profile may allow more)

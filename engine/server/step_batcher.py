@@ -1,0 +1,210 @@
+"""Step-level (continuous) batching for the server: requests join and leave the running batch at every step.
+
+Same contract as `Batcher` (submit / close / drained / depth / retry_after_s), other scheduling. One worker
+drives an `engine.continuous.Flight`; at each step boundary, in a worker thread:
+1. the slots of cancelled requests leave (their caller went away: disconnect, timeout);
+2. waiting requests join, oldest first, while the flight accepts them: the same flex key (adapters, kind,
+   size, sampler, guidance on/off; steps and strength may differ) and room for all their images (at most
+   `max_batch` rows). Admission is strict FIFO: a request never overtakes an older one, so when the oldest
+   waiting request has another key (or does not fit), nothing more joins, the flight drains, and that
+   request starts the next flight. This bounds every request's wait by the flight in front of it, and a
+   long-step request is never starved by a stream of short compatible ones;
+3. one UNet call runs every row in flight, each at its own step;
+4. rows that ran their last step leave and are decoded together; a request is answered when all its
+   images are done. A row whose latents are not finite fails only its request.
+Backpressure, drain and cancellation are those of `Batcher`: `submit` raises QueueFull past `max_queue`
+waiting requests, `close` stops intake and everything accepted still runs, then `drained` is set.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.continuous import Finished, Flight, flex_key
+from engine.request import Generated, Request
+from engine.server.batcher import BatchFailed, Draining, Outcome, QueueFull, _log_crash
+from engine.server.metrics import Metrics
+
+log = logging.getLogger("engine.serve")
+
+
+@dataclass(eq=False)
+class StepJob:
+    request: Request
+    future: asyncio.Future = field(repr=False)
+    arrived: float
+    started: float | None = None
+    images: dict[int, Generated] = field(default_factory=dict)
+    peak_batch: int = 0  # most rows in flight during its life
+    cancelled: bool = False
+
+
+class StepBatcher:
+    def __init__(self, pipeline: Any, max_batch: int, max_queue: int, metrics: Metrics | None = None):
+        self.flight = Flight(pipeline, max_batch)
+        self.pipeline, self.max_batch, self.max_queue, self.metrics = pipeline, max_batch, max_queue, metrics
+        self.accepting = True
+        self.drained = asyncio.Event()
+        self._queue: deque[StepJob] = deque()
+        self._running: list[StepJob] = []
+        self._wake = asyncio.Event()
+        self._step_s = 0.1  # moving average of one step's time, for Retry-After
+        self._task: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._worker(), name="step-batcher")
+        self._task.add_done_callback(_log_crash)
+
+    def close(self) -> None:
+        self.accepting = False
+        self._wake.set()
+
+    def retry_after_s(self) -> int:
+        steps = sum(j.request.steps for j in self._queue) / max(1, len(self._queue))
+        return max(1, math.ceil(self._step_s * steps * (1 + len(self._queue) / self.max_batch)))
+
+    async def submit(self, request: Request, key: tuple | None = None) -> Outcome:
+        """The request's images once its last row finished (`key` is unused: the flight keys rows itself)."""
+        if not self.accepting:
+            raise Draining("the server is draining")
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(self.retry_after_s())
+        if request.images > self.max_batch:
+            raise BatchFailed(f"{request.images} images is over --max-batch {self.max_batch} (step batching runs "
+                              "all images of a request together)")
+        job = StepJob(request, asyncio.get_running_loop().create_future(), time.perf_counter())
+        self._queue.append(job)
+        self._set_depth()
+        self._wake.set()
+        try:
+            return await job.future
+        finally:
+            if not job.future.done():  # cancelled: leave the queue now, or the flight at the next boundary
+                job.cancelled = True
+                if job in self._queue:
+                    self._queue.remove(job)
+                    self._set_depth()
+
+    # ---- the worker ----
+
+    async def _worker(self) -> None:
+        while True:
+            if not self._queue and not self.flight.slots:
+                if not self.accepting:
+                    self.drained.set()
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            joining = self._admissible()
+            for job in joining:
+                self._queue.remove(job)
+                job.started = time.perf_counter()
+            self._set_depth()
+            t0 = time.perf_counter()
+            try:
+                finished = await asyncio.to_thread(self._boundary, joining)
+            except Exception as exc:  # the flight's requests fail; the server keeps serving
+                log.error("step batch of %d request(s) failed: %s: %s", len(self._running), type(exc).__name__, exc)
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+                continue
+            self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - t0)
+            self._deliver(finished)
+
+    def _admissible(self) -> list[StepJob]:
+        """Waiting jobs that join now: oldest first, while each fits the flight (strict FIFO, no overtaking)."""
+        out, free, key = [], self.flight.free, self.flight.key
+        for job in self._queue:
+            if job.cancelled:
+                continue
+            rows_key = flex_key(job.request)
+            if (key is not None and rows_key != key) or job.request.images > free:
+                break
+            out.append(job)
+            free -= job.request.images
+            key = rows_key
+        return out
+
+    def _boundary(self, joining: list[StepJob]) -> list[Finished]:
+        """In the worker thread: cancelled rows leave, `joining` rows join, one step, done rows decode."""
+        for job in [j for j in self._running if j.cancelled]:
+            self.flight.drop(job)
+            self._running.remove(job)
+        for job in joining:
+            try:
+                rows = self.pipeline.prepare(job.request)
+                self.flight.admit(rows, [job] * len(rows))
+            except (ValueError, OSError, RuntimeError) as exc:  # this request alone fails
+                job.cancelled = True
+                self._resolve(job, exc=BatchFailed(f"{type(exc).__name__}: {exc}"))
+                continue
+            self._running.append(job)
+        n = len(self.flight.slots)
+        for job in self._running:
+            job.peak_batch = max(job.peak_batch, n)
+        self.flight.step()
+        if self.metrics is not None and n:
+            self.metrics.executions.inc()
+            self.metrics.batch_size.observe(n)
+        return self.flight.finish()
+
+    def _deliver(self, finished: list[Finished]) -> None:
+        for f in finished:
+            job: StepJob = f.owner
+            if f.image is None:
+                self.flight.drop(job)  # its other rows have no use now
+                self._forget(job)
+                self._resolve(job, exc=BatchFailed(f.error or "generation failed"))
+                continue
+            job.images[f.row.k] = f.image
+            if self.metrics is not None:
+                self.metrics.images.inc()
+            if len(job.images) == job.request.images:
+                self._forget(job)
+                now = time.perf_counter()
+                images = [job.images[k] for k in range(job.request.images)]
+                self._resolve(job, Outcome(images, (job.started or now) - job.arrived, now - (job.started or now),
+                                           job.peak_batch))
+
+    def _forget(self, job: StepJob) -> None:
+        if job in self._running:
+            self._running.remove(job)
+
+    def _fail_all(self, message: str) -> None:
+        for job in list(self._running):
+            self.flight.drop(job)
+            self._resolve(job, exc=BatchFailed(message))
+        self._running.clear()
+
+    def _resolve(self, job: StepJob, outcome: Outcome | None = None, exc: Exception | None = None) -> None:
+        fut = job.future
+        if fut.done():
+            return
+        loop = fut.get_loop()
+        if exc is not None:
+            loop.call_soon_threadsafe(_set, fut, None, exc)
+        else:
+            loop.call_soon_threadsafe(_set, fut, outcome, None)
+
+    def _set_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.pending.set(len(self._queue))
+
+
+def _set(fut: asyncio.Future, result: Any, exc: Exception | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
