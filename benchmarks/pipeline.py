@@ -103,8 +103,12 @@ def bench_backend(results: Results, cfg: PipelineBench, backend: str, engine_dir
     if reason:
         results.skip("pipeline", base, reason)
         return
-    record = build_all(BuildConfig(model=cfg.model, backend=backend, engine_dir=engine_dir, height=cfg.size,
-                                   width=cfg.size, device=cfg.device), progress=False).record
+    try:
+        record = build_all(BuildConfig(model=cfg.model, backend=backend, engine_dir=engine_dir, height=cfg.size,
+                                       width=cfg.size, device=cfg.device), progress=False).record
+    except (ImportError, ValueError, RuntimeError, OSError) as e:  # e.g. an exporter library missing on a GPU box
+        results.skip("pipeline", base, f"build failed: {type(e).__name__}: {e}")
+        return
     base["precision"] = record["precision"]
     pipe = Pipeline.load(engine_dir, record["model_id"], device=cfg.device)
     try:

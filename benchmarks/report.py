@@ -141,11 +141,41 @@ def attention_table(run: Run) -> list[str]:
     return out + [""]
 
 
-def misc_table(run: Run) -> list[str]:
-    rows = run.select("cold_start") + run.select("serve_load")
+def continuous_table(run: Run) -> list[str]:
+    rows = run.select("continuous_batching", "latency_ms_mean")
     if not rows:
         return []
-    out = [f"**Cold start and serving** ({run.meta['device']}):", "", "| bench | config | metric | value |",
+    c0 = rows[0]["config"]
+    cap = run.value("continuous_batching", "capacity_img_s")
+    out = [f"**Request- vs step-level batching** (`{c0['model']}` {c0['size']}², steps {c0['steps_mix']}, max batch "
+           f"{c0['max_batch']}, {c0['requests']} Poisson arrivals per level; 100% load = {fmt(cap, 'img/s')}; "
+           f"{run.meta['device']}):", "",
+           "| load | mode | mean ms | p50 ms | p99 ms | img/s | step / request: mean, p99, img/s |",
+           "|---|---|---|---|---|---|---|"]
+    for load, mode in run.configs("continuous_batching", "load", "mode"):
+        if mode is None:
+            continue
+        c = {"load": load, "mode": mode}
+        ratios = ""
+        if mode == "step":
+            ratios = ", ".join(fmt(run.value("continuous_batching", f"step_over_request_{m}", load=load, mode=None))
+                               for m in ("latency_mean", "latency_p99", "img_s"))
+        out.append(f"| {int(load * 100)}% | {mode} | {fmt(run.value('continuous_batching', 'latency_ms_mean', **c))} | "
+                   f"{fmt(run.value('continuous_batching', 'latency_ms_p50', **c))} | "
+                   f"{fmt(run.value('continuous_batching', 'latency_ms_p99', **c))} | "
+                   f"{fmt(run.value('continuous_batching', 'images_per_s', **c))} | {ratios} |")
+    return out + [""]
+
+
+OWN_TABLES = ("pipeline", "unet_step", "attention", "build", "continuous_batching")
+
+
+def misc_table(run: Run) -> list[str]:
+    """Every other benchmark's rows (cold start, server load, quality, LoRA switch, export memory ...)."""
+    rows = [r for r in run.rows if r["bench"] not in OWN_TABLES]
+    if not rows:
+        return []
+    out = [f"**Other figures** ({run.meta['device']}):", "", "| bench | config | metric | value |",
            "|---|---|---|---|"]
     for r in rows:
         cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items())
@@ -284,7 +314,7 @@ def render(runs: list[Run], out: Path, compare: Run | None = None) -> Path:
         lines += [f"## {run.label}", "", f"Source: `{run.path.name}`. Versions: " + ", ".join(
             f"{k} {env[k]}" for k in ("torch", "onnxruntime", "openvino", "tensorrt", "cuda", "driver") if env.get(k))
             + f"; CPU {env['cpu']} ({env['cores']} cores, {' '.join(env['cpu_flags'])}).", ""]
-        for part in (pipeline_table, unet_table, attention_table, build_table, misc_table, anchor_lines,
+        for part in (pipeline_table, unet_table, attention_table, build_table, continuous_table, misc_table, anchor_lines,
                      skipped_table):
             lines += part(run)
         sub = out if len(runs) == 1 else out / run.path.stem
@@ -324,7 +354,8 @@ def readme_block(paths: list[Path], root: Path) -> str:
         lines += [f"Run `{p.relative_to(root).as_posix()}`: {run.label}; report and plots in "
                   f"[{(p.parent / p.stem / 'report.md').relative_to(root).as_posix()}]"
                   f"({(p.parent / p.stem / 'report.md').relative_to(root).as_posix()}).", ""]
-        lines += pipeline_table(run) + unet_table(run) + build_table(run) + misc_table(run) + skipped_table(run)
+        lines += (pipeline_table(run) + unet_table(run) + build_table(run) + continuous_table(run) + misc_table(run)
+                  + skipped_table(run))
     return "\n".join(lines + [END])
 
 

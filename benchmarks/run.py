@@ -6,8 +6,8 @@
 `quick` (CI, a few minutes on 2 cores): the `tiny` pipeline per backend (stages, batch 1..8, memory),
 its UNet step interleaved across backends, the attention kernel (GPU; a skipped row on CPU), tiny's
 export/build cost, cold start. `full` adds more runs and the `sd15` UNet step at 256² and 512², sd15's
-build cost and the server load test. Rows go to <out>/<UTC time>-<suite>-<device>.json (a new file
-every run); `python -m benchmarks.report` renders it.
+build cost, the server load test and request- vs step-level batching. Rows go to
+<out>/<UTC time>-<suite>-<device>.json (a new file every run); `python -m benchmarks.report` renders it.
 """
 from __future__ import annotations
 
@@ -64,7 +64,9 @@ def run(suite: Suite, backends: tuple[str, ...], device: str, out: Path) -> Path
         attention,
         build_cost,
         cold_start,
+        continuous_load,
         pipeline,
+        quality,
         serve_load,
         unet_step,
     )
@@ -83,17 +85,21 @@ def run(suite: Suite, backends: tuple[str, ...], device: str, out: Path) -> Path
         sizes = suite.unet_sizes.get(model, ())
         if sizes:
             ucfg = unet_step.UnetStepBench(model=model, sizes=sizes, variants=variants, runs=suite.unet_runs,
-                                           device=device)
+                                           device=device, isolated=model != "tiny")
             _step(f"unet step {model} {sizes}", lambda: unet_step.measure(results, ucfg, engine_dir))
     _step("attention", lambda: attention.measure(results, iters=50))
     for model in suite.build_models:
         if model in suite.models:
-            _step(f"build cost {model}", lambda: build_cost.measure(
-                results, model=model, backends=tuple(b for b in backends if b != "tensorrt" or device != "cpu"),
-                device=device))
+            # a full-size model's components are built with the first backend only (minutes each)
+            chosen = backends if model == "tiny" else backends[:1]
+            _step(f"build cost {model}", lambda: build_cost.measure(results, model=model, backends=chosen,
+                                                                    device=device))
     _step("cold start", lambda: cold_start.measure(results, runs=suite.cold_start_runs))
+    if suite.serve_load and not device.startswith("cuda"):  # the reduced-precision CPU paths' image quality
+        _step("quality tiny", lambda: quality.measure(results, model="tiny"))
     if suite.serve_load:
         _step("server load", lambda: serve_load.measure(results))
+        _step("continuous batching", lambda: continuous_load.measure(results))
     return results.write(out)
 
 

@@ -4,13 +4,15 @@ For each size, every variant (backend, precision) builds the UNet alone (through
 calls alternate between variants (call i of every variant before call i+1 of any), so drift of the machine
 (other load, clocks) hits them alike. Inputs are one classifier-free-guidance step of one image: batch 2.
 Rows per (variant, size): `unet_call_ms_p50/p90/p99/mean`, `max_abs_err` and `ref_abs_max` against the
-first variant (the fp32 reference), and `time_vs_ref` (p50 over the reference's p50, same run).
+first variant (the fp32 reference), and `time_vs_ref` (p50 over the reference's p50, same run). With
+`isolated`, each variant runs in its own process instead, one after the other (not interleaved), and its
+peak RSS is recorded: for models whose variants do not all fit in memory together (sd15 on 23 GiB).
 """
 from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.schema import Results, percentiles
@@ -23,6 +25,7 @@ class UnetStepBench:
     variants: tuple[tuple[str, str], ...] = (("onnxruntime", "fp32"), ("torch", "fp32"))  # first = reference
     runs: int = 5
     device: str = "cpu"
+    isolated: bool = False  # one process per variant, run one after the other (models too big to hold them all)
 
 
 def load_unet(model: str, backend: str, precision: str, engine_dir: Path, device: str):
@@ -40,54 +43,139 @@ def load_unet(model: str, backend: str, precision: str, engine_dir: Path, device
     return get_backend(backend).load(spec, art, cache.verify(art), device), record
 
 
-def measure(results: Results, cfg: UnetStepBench, engine_dir: Path | None = None) -> None:
+def _calls(runner, inputs: dict, runs: int) -> tuple[list[float], "torch.Tensor"]:
+    """One warm-up call (its output kept, as float32 on the CPU), then `runs` timed calls."""
+    out0 = next(iter(runner(**inputs).values())).float().cpu()
+    return [_timed_call(runner, inputs) for _ in range(runs)], out0
+
+
+def _timed_call(runner, inputs: dict) -> float:
     import torch
 
-    from benchmarks.pipeline import unavailable
+    t0 = time.perf_counter()
+    out = next(iter(runner(**inputs).values()))
+    if out.is_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _inputs(cfg: UnetStepBench, spec, size: int) -> dict:
     from export.models import folder_dims, resolve_model
     from export.onnx_export import example_inputs
     from export.specs import Shape
 
+    dims = folder_dims(resolve_model(cfg.model)[0])
+    return example_inputs(spec, dims, Shape(1, size, size), "fp32", seed=0)  # [2, C, H/8, W/8] with CFG
+
+
+def _report(results: Results, cfg: UnetStepBench, size: int, samples: dict, outs: dict, extra: dict) -> None:
+    ref_key = next(iter(samples))
+    ref, ref_p50 = outs[ref_key], percentiles(samples[ref_key])["p50"]
+    for key in samples:
+        config = {"model": cfg.model, "backend": key[0], "precision": key[1], "size": size, "batch": 2,
+                  "reference": f"{ref_key[0]} {ref_key[1]}", "isolated": cfg.isolated}
+        results.add_samples("unet_step", config, "unet_call_ms", samples[key], "ms")
+        results.add("unet_step", config, "max_abs_err", float((outs[key] - ref).abs().max()), "abs")
+        results.add("unet_step", config, "ref_abs_max", float(ref.abs().max()), "abs")
+        results.add("unet_step", config, "time_vs_ref", percentiles(samples[key])["p50"] / ref_p50, "ratio")
+        if key in extra:
+            results.add("unet_step", config, "peak_rss_gib", extra[key], "GiB")
+
+
+def measure(results: Results, cfg: UnetStepBench, engine_dir: Path | None = None) -> None:
+    """Interleaved in this process, or (cfg.isolated) one process per variant, run one after the other: the way
+    to compare large models whose variants do not all fit in memory at once (peak RSS per variant is recorded)."""
+    from benchmarks.pipeline import unavailable
+
     engine_dir = engine_dir or Path(tempfile.mkdtemp(prefix="bench-unet-"))
-    folder, _ = resolve_model(cfg.model)
-    dims = folder_dims(folder)
-    runners = {}
+    ready = []
     for backend, precision in cfg.variants:
         reason = unavailable(backend, cfg.device)
         if reason:
             results.skip("unet_step", {"model": cfg.model, "backend": backend, "precision": precision}, reason)
-            continue
+        else:
+            ready.append((backend, precision))
+    if cfg.isolated:
+        _measure_isolated(results, cfg, ready, engine_dir)
+        return
+    runners = {}
+    for backend, precision in ready:
         try:
             runners[(backend, precision)] = load_unet(cfg.model, backend, precision, engine_dir, cfg.device)[0]
-        except ValueError as e:  # a precision this backend or CPU refuses: say so instead of a number
-            results.skip("unet_step", {"model": cfg.model, "backend": backend, "precision": precision}, str(e))
+        except (ImportError, ValueError, RuntimeError, OSError) as e:  # a precision this backend or CPU refuses
+            results.skip("unet_step", {"model": cfg.model, "backend": backend, "precision": precision},
+                         f"{type(e).__name__}: {e}")
     if not runners:
         return
-    ref_key = next(iter(runners))
     for size in cfg.sizes:
-        spec = runners[ref_key].spec
-        base = example_inputs(spec, dims, Shape(1, size, size), "fp32", seed=0)  # [2, C, H/8, W/8] with CFG
+        base = _inputs(cfg, next(iter(runners.values())).spec, size)
         outs, samples = {}, {k: [] for k in runners}
-        for i in range(cfg.runs + 1):  # call 0 of each variant is its warm-up
+        for i in range(cfg.runs + 1):  # call 0 of each variant is its warm-up; calls alternate between variants
             for key, runner in runners.items():
                 inputs = {n: v.to(runner.device) for n, v in base.items()}
-                t0 = time.perf_counter()
-                out = next(iter(runner(**inputs).values()))
-                if out.is_cuda:
-                    torch.cuda.synchronize()
-                ms = (time.perf_counter() - t0) * 1e3
                 if i == 0:
-                    outs[key] = out.float().cpu()
+                    outs[key] = next(iter(runner(**inputs).values())).float().cpu()
                 else:
-                    samples[key].append(ms)
-        ref = outs[ref_key]
-        ref_p50 = percentiles(samples[ref_key])["p50"]
-        for key in runners:
-            config = {"model": cfg.model, "backend": key[0], "precision": key[1], "size": size, "batch": 2,
-                      "reference": f"{ref_key[0]} {ref_key[1]}"}
-            results.add_samples("unet_step", config, "unet_call_ms", samples[key], "ms")
-            results.add("unet_step", config, "max_abs_err", float((outs[key] - ref).abs().max()), "abs")
-            results.add("unet_step", config, "ref_abs_max", float(ref.abs().max()), "abs")
-            results.add("unet_step", config, "time_vs_ref", percentiles(samples[key])["p50"] / ref_p50, "ratio")
+                    samples[key].append(_timed_call(runner, inputs))
+        _report(results, cfg, size, samples, outs, {})
     for runner in runners.values():
         runner.close()
+
+
+def _measure_isolated(results: Results, cfg: UnetStepBench, variants: list, engine_dir: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    samples: dict = {size: {} for size in cfg.sizes}
+    outs: dict = {size: {} for size in cfg.sizes}
+    rss = {}
+    for backend, precision in variants:
+        out_dir = Path(tempfile.mkdtemp(prefix="unet-step-out-"))
+        job = {"cfg": {**asdict(cfg), "variants": [[backend, precision]]}, "engine_dir": str(engine_dir),
+               "out": str(out_dir)}
+        r = subprocess.run([sys.executable, "-m", "benchmarks.unet_step", json.dumps(job)], capture_output=True,
+                           text=True, check=False, timeout=7200)
+        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+        if r.returncode != 0 or not line:
+            results.skip("unet_step", {"model": cfg.model, "backend": backend, "precision": precision},
+                         f"variant failed (rc {r.returncode}): {r.stderr.strip()[-300:]}")
+            continue
+        doc = json.loads(line[-1][7:])
+        rss[(backend, precision)] = doc["peak_rss_gib"]
+        for size in cfg.sizes:
+            samples[size][(backend, precision)] = doc["samples"][str(size)]
+            outs[size][(backend, precision)] = load_file(str(out_dir / f"{size}.safetensors"))["out"]
+    for size in cfg.sizes:
+        if samples[size]:
+            _report(results, cfg, size, samples[size], outs[size], rss)
+
+
+def _child(job: dict) -> dict:
+    """One variant in this fresh process: build/load, each size's calls, outputs saved for the parent."""
+    from safetensors.torch import save_file
+
+    cfg = UnetStepBench(**{**job["cfg"], "sizes": tuple(job["cfg"]["sizes"]),
+                           "variants": tuple(tuple(v) for v in job["cfg"]["variants"])})
+    backend, precision = cfg.variants[0]
+    runner = load_unet(cfg.model, backend, precision, Path(job["engine_dir"]), cfg.device)[0]
+    out = {}
+    for size in cfg.sizes:
+        inputs = {n: v.to(runner.device) for n, v in _inputs(cfg, runner.spec, size).items()}
+        out[str(size)], first = _calls(runner, inputs, cfg.runs)
+        save_file({"out": first.contiguous()}, str(Path(job["out"]) / f"{size}.safetensors"))
+    from benchmarks.build_cost import _peak_rss_gib
+
+    return {"samples": out, "peak_rss_gib": _peak_rss_gib()}
+
+
+if __name__ == "__main__":  # child of an isolated run: python -m benchmarks.unet_step JOB_JSON
+    import json
+    import sys
+
+    from export.quiet import quiet
+
+    quiet(False)
+    print("RESULT " + json.dumps(_child(json.loads(sys.argv[1]))))

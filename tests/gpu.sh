@@ -96,6 +96,11 @@ if has diffusers && has polygraphy && has onnx_graphsurgeon; then
 else
   echo "== pipeline_tests: skipped, diffusers / polygraphy / onnx_graphsurgeon do not import (docs/gpu.md)"
 fi
+if has diffusers; then  # the common-schema suite on the GPU: pipeline per backend, UNet step, attention, build cost
+  step bench_run "$py" -m benchmarks.run --suite quick --device cuda --out "$out"
+else
+  echo "== bench_run: skipped, diffusers does not import (docs/gpu.md)"
+fi
 trt_probe='
 try:
     from engine.backends.tensorrt.build import trt_available
