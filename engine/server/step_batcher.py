@@ -14,12 +14,19 @@ drives an `engine.continuous.Flight`; at each step boundary, in a worker thread:
    images are done. A row whose latents are not finite fails only its request.
 Backpressure, drain and cancellation are those of `Batcher`: `submit` raises QueueFull past `max_queue`
 waiting requests, `close` stops intake and everything accepted still runs, then `drained` is set.
+
+The step loop runs in its own thread and goes from one step to the next without returning to the event
+loop: handing each step to the loop (`await to_thread(step)`) made the next step wait for whatever HTTP
+work the loop was doing (parsing, validating, answering), idling the compute between steps, and under
+load step batching then served less than request batching. The loop and the thread share the queue
+under a lock; results go back with `call_soon_threadsafe`.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,7 +34,7 @@ from typing import Any
 
 from engine.continuous import Finished, Flight, flex_key
 from engine.request import Generated, Request
-from engine.server.batcher import BatchFailed, Draining, Outcome, QueueFull, _log_crash
+from engine.server.batcher import BatchFailed, Draining, Outcome, QueueFull
 from engine.server.metrics import Metrics
 
 log = logging.getLogger("engine.serve")
@@ -50,75 +57,93 @@ class StepBatcher:
         self.pipeline, self.max_batch, self.max_queue, self.metrics = pipeline, max_batch, max_queue, metrics
         self.accepting = True
         self.drained = asyncio.Event()
-        self._queue: deque[StepJob] = deque()
-        self._running: list[StepJob] = []
-        self._wake = asyncio.Event()
+        self._queue: deque[StepJob] = deque()  # guarded by _cond
+        self._running: list[StepJob] = []  # the step thread's own
+        self._cond = threading.Condition()
         self._step_s = 0.1  # moving average of one step's time, for Retry-After
-        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def depth(self) -> int:
         return len(self._queue)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._worker(), name="step-batcher")
-        self._task.add_done_callback(_log_crash)
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="step-batcher", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
-        self.accepting = False
-        self._wake.set()
+        with self._cond:
+            self.accepting = False
+            self._cond.notify()
 
     def retry_after_s(self) -> int:
-        steps = sum(j.request.steps for j in self._queue) / max(1, len(self._queue))
-        return max(1, math.ceil(self._step_s * steps * (1 + len(self._queue) / self.max_batch)))
+        with self._cond:
+            waiting = list(self._queue)
+        steps = sum(j.request.steps for j in waiting) / max(1, len(waiting))
+        return max(1, math.ceil(self._step_s * steps * (1 + len(waiting) / self.max_batch)))
 
     async def submit(self, request: Request, key: tuple | None = None) -> Outcome:
         """The request's images once its last row finished (`key` is unused: the flight keys rows itself)."""
         if not self.accepting:
             raise Draining("the server is draining")
-        if len(self._queue) >= self.max_queue:
-            raise QueueFull(self.retry_after_s())
         if request.images > self.max_batch:
             raise BatchFailed(f"{request.images} images is over --max-batch {self.max_batch} (step batching runs "
                               "all images of a request together)")
         job = StepJob(request, asyncio.get_running_loop().create_future(), time.perf_counter())
-        self._queue.append(job)
+        with self._cond:
+            if len(self._queue) >= self.max_queue:
+                full = True
+            else:
+                full = False
+                self._queue.append(job)
+                self._cond.notify()
+        if full:
+            raise QueueFull(self.retry_after_s())
         self._set_depth()
-        self._wake.set()
         try:
             return await job.future
         finally:
             if not job.future.done():  # cancelled: leave the queue now, or the flight at the next boundary
-                job.cancelled = True
-                if job in self._queue:
-                    self._queue.remove(job)
-                    self._set_depth()
+                with self._cond:
+                    job.cancelled = True
+                    if job in self._queue:
+                        self._queue.remove(job)
+                self._set_depth()
 
-    # ---- the worker ----
+    # ---- the step thread ----
 
-    async def _worker(self) -> None:
-        while True:
-            if not self._queue and not self.flight.slots:
-                if not self.accepting:
-                    self.drained.set()
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            joining = self._admissible()
-            for job in joining:
-                self._queue.remove(job)
-                job.started = time.perf_counter()
-            self._set_depth()
-            t0 = time.perf_counter()
-            try:
-                finished = await asyncio.to_thread(self._boundary, joining)
-            except Exception as exc:  # the flight's requests fail; the server keeps serving
-                log.error("step batch of %d request(s) failed: %s: %s", len(self._running), type(exc).__name__, exc)
-                self._fail_all(f"{type(exc).__name__}: {exc}")
-                continue
-            self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - t0)
-            self._deliver(finished)
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self.flight.slots and self.accepting:
+                        self._cond.wait()
+                    if not self._queue and not self.flight.slots:  # closed and nothing left
+                        break
+                    joining = self._admissible()
+                    for job in joining:
+                        self._queue.remove(job)
+                        job.started = time.perf_counter()
+                if joining:
+                    self._call(self._set_depth)
+                t0 = time.perf_counter()
+                try:
+                    finished = self._boundary(joining)
+                except Exception as exc:  # the flight's requests fail; the server keeps serving
+                    log.error("step batch of %d request(s) failed: %s: %s", len(self._running), type(exc).__name__,
+                              exc)
+                    self._fail_all(f"{type(exc).__name__}: {exc}")
+                    continue
+                self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - t0)
+                self._deliver(finished)
+        except BaseException as exc:  # a bug here would hang every client: log it loudly, then fail them
+            log.error("step batcher stopped: %r", exc)
+            self._fail_all(f"step batcher stopped: {exc!r}")
+            raise
+        finally:
+            self._call(self.drained.set)
 
     def _admissible(self) -> list[StepJob]:
         """Waiting jobs that join now: oldest first, while each fits the flight (strict FIFO, no overtaking)."""
@@ -135,16 +160,17 @@ class StepBatcher:
         return out
 
     def _boundary(self, joining: list[StepJob]) -> list[Finished]:
-        """In the worker thread: cancelled rows leave, `joining` rows join, one step, done rows decode."""
+        """Cancelled rows leave, `joining` rows join, one step, done rows decode."""
         for job in [j for j in self._running if j.cancelled]:
             self.flight.drop(job)
             self._running.remove(job)
         for job in joining:
+            if job.cancelled:
+                continue
             try:
                 rows = self.pipeline.prepare(job.request)
                 self.flight.admit(rows, [job] * len(rows))
             except (ValueError, OSError, RuntimeError) as exc:  # this request alone fails
-                job.cancelled = True
                 self._resolve(job, exc=BatchFailed(f"{type(exc).__name__}: {exc}"))
                 continue
             self._running.append(job)
@@ -186,14 +212,15 @@ class StepBatcher:
         self._running.clear()
 
     def _resolve(self, job: StepJob, outcome: Outcome | None = None, exc: Exception | None = None) -> None:
-        fut = job.future
-        if fut.done():
-            return
-        loop = fut.get_loop()
-        if exc is not None:
-            loop.call_soon_threadsafe(_set, fut, None, exc)
-        else:
-            loop.call_soon_threadsafe(_set, fut, outcome, None)
+        self._call(_set, job.future, outcome, exc)
+
+    def _call(self, fn, *args) -> None:
+        """Run fn(*args) on the event loop (from the step thread); a closed loop means nobody is waiting."""
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # the loop is closed
+                pass
 
     def _set_depth(self) -> None:
         if self.metrics is not None:
@@ -207,4 +234,3 @@ def _set(fut: asyncio.Future, result: Any, exc: Exception | None) -> None:
         fut.set_exception(exc)
     else:
         fut.set_result(result)
-
