@@ -1,6 +1,6 @@
 """Request-level vs step-level batching under open-loop Poisson load with mixed step counts, one run.
 
-    python -m benchmarks.continuous_load [--requests 48] [--loads 0.3,0.6,0.9] [--steps 10,20,30] [--quick]
+    python -m benchmarks.continuous_load [--requests 120] [--loads 0.3,0.6,0.9] [--steps 10,20,30] [--quick]
 
 Two servers on the same `tiny` ONNX Runtime engines (64², max batch 8), `--batching request` and
 `--batching step`. Capacity is measured first, on the request-level server, closed loop with 8 clients
@@ -31,12 +31,12 @@ MODES = ("request", "step")
 
 @dataclass(frozen=True)
 class ContinuousLoad:
-    requests: int = 48  # per (mode, load level)
+    requests: int = 120  # per (mode, load level)
     loads: tuple[float, ...] = (0.3, 0.6, 0.9)
     steps: tuple[int, ...] = (10, 20, 30)
     max_batch: int = 8
     capacity_clients: int = 8
-    capacity_requests: int = 24
+    capacity_requests: int = 48
     timeout_s: float = 300.0
     seed: int = 7
 

@@ -98,10 +98,13 @@ def _n(run: Run, bench: str, metric: str, **config: Any) -> int | str:
 def unet_table(run: Run) -> list[str]:
     if not run.select("unet_step"):
         return []
-    out = [f"**UNet step**, batch 2 (one image with guidance), calls interleaved across backends "
-           f"({run.meta['device']}):", "",
-           "| model | size | backend | precision | ms p50 | ms p99 | vs reference | max abs err (of max) |",
-           "|---|---|---|---|---|---|---|---|"]
+    modes = {r["config"]["model"]: r["config"].get("isolated", False) for r in run.select("unet_step")}
+    how = "; ".join(f"`{m}`: " + ("each variant in its own process, one after the other (peak RSS: that "
+                                   "process's)" if iso else "calls interleaved across variants in one process")
+                    for m, iso in modes.items())
+    out = [f"**UNet step**, batch 2 (one image with guidance), {how} ({run.meta['device']}):", "",
+           "| model | size | backend | precision | ms p50 | ms p99 | vs reference | max abs err (of max) | peak RSS |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for model, size, backend, precision in run.configs("unet_step", "model", "size", "backend", "precision"):
         c = {"model": model, "size": size, "backend": backend, "precision": precision}
         ref = run.select("unet_step", "time_vs_ref", **c)
@@ -109,7 +112,8 @@ def unet_table(run: Run) -> list[str]:
                    f" | {fmt(run.value('unet_step', 'unet_call_ms_p99', **c))} | "
                    f"{fmt(run.value('unet_step', 'time_vs_ref', **c))}× {ref[0]['config']['reference'] if ref else ''}"
                    f" | {fmt(run.value('unet_step', 'max_abs_err', **c))} "
-                   f"({fmt(run.value('unet_step', 'ref_abs_max', **c))}) |")
+                   f"({fmt(run.value('unet_step', 'ref_abs_max', **c))}) | "
+                   f"{fmt(run.value('unet_step', 'peak_rss_gib', **c), 'GiB')} |")
     return out + [""]
 
 
@@ -170,9 +174,13 @@ def continuous_table(run: Run) -> list[str]:
 OWN_TABLES = ("pipeline", "unet_step", "attention", "build", "continuous_batching")
 
 
-def misc_table(run: Run) -> list[str]:
-    """Every other benchmark's rows (cold start, server load, quality, LoRA switch, export memory ...)."""
+def misc_table(run: Run, compact: bool = False) -> list[str]:
+    """Every other benchmark's rows (cold start, server load, quality, LoRA switch, export memory ...); `compact`
+    (the README) keeps medians and headline figures: no p90/p99/mean rows, no per-phase load-test rows."""
     rows = [r for r in run.rows if r["bench"] not in OWN_TABLES]
+    if compact:
+        rows = [r for r in rows if not r["metric"].endswith(("_p90", "_p99", "_mean"))
+                and not (r["bench"] == "serve_load" and "phase" in r["config"])]
     if not rows:
         return []
     out = [f"**Other figures** ({run.meta['device']}):", "", "| bench | config | metric | value |",
@@ -332,17 +340,21 @@ def render(runs: list[Run], out: Path, compare: Run | None = None) -> Path:
 # ---- README ----
 
 def readme_runs(results_dir: Path = RESULTS) -> list[Path]:
-    """The newest `full` run per device among the committed results (schema-1 files only)."""
-    newest: dict[str, tuple[str, Path]] = {}
+    """The `full` runs of each device's latest day among the committed results (schema-1 files only): a day's
+    runs may each cover part of the suite (e.g. `--models tiny`, then `--models sd15`)."""
+    runs: dict[str, list[tuple[str, Path]]] = {}
     for p in sorted(results_dir.glob("*.json")):
         try:
             doc = load(p)
         except ValueError:
             continue  # an older, per-script JSON shape
-        meta = doc["run"]
-        if meta["suite"] == "full" and meta["started"] > newest.get(meta["device"], ("", p))[0]:
-            newest[meta["device"]] = (meta["started"], p)
-    return [p for _, p in sorted(newest.values())]
+        if doc["run"]["suite"] == "full":
+            runs.setdefault(doc["run"]["device"], []).append((doc["run"]["started"], p))
+    out = []
+    for found in runs.values():
+        day = max(started for started, _ in found)[:10]
+        out += [(started, p) for started, p in found if started[:10] == day]
+    return [p for _, p in sorted(out)]
 
 
 def readme_block(paths: list[Path], root: Path) -> str:
@@ -354,8 +366,8 @@ def readme_block(paths: list[Path], root: Path) -> str:
         lines += [f"Run `{p.relative_to(root).as_posix()}`: {run.label}; report and plots in "
                   f"[{(p.parent / p.stem / 'report.md').relative_to(root).as_posix()}]"
                   f"({(p.parent / p.stem / 'report.md').relative_to(root).as_posix()}).", ""]
-        lines += (pipeline_table(run) + unet_table(run) + build_table(run) + continuous_table(run) + misc_table(run)
-                  + skipped_table(run))
+        lines += (pipeline_table(run) + unet_table(run) + build_table(run) + continuous_table(run)
+                  + misc_table(run, compact=True) + skipped_table(run))
     return "\n".join(lines + [END])
 
 
