@@ -17,14 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.schema import Results
-
-
-def _peak_rss_gib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    raise OSError("no VmHWM in /proc/self/status (Linux only)")
+from benchmarks.schema import Results, peak_rss_bytes
 
 
 def child(model: str, backend: str, component: str, device: str) -> dict:
@@ -43,7 +36,7 @@ def child(model: str, backend: str, component: str, device: str) -> dict:
         for manifest in model_dir.glob(f"onnx/{component}-*/{cache.MANIFEST}"):
             export_s = cache.read_json(manifest)["export"]["total_seconds"]
         return {"wall_s": wall, "export_s": export_s, "build_s": max(0.0, wall - export_s),
-                "peak_rss_gib": _peak_rss_gib()}
+                "peak_rss_gib": peak_rss_bytes() / 2**30}
 
 
 def measure(results: Results, *, model: str = "tiny", backends: tuple[str, ...] = ("onnxruntime", "torch"),

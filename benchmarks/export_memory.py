@@ -19,18 +19,9 @@ import time
 from pathlib import Path
 
 from benchmarks import RESULTS
-from benchmarks.schema import Results
+from benchmarks.schema import Results, peak_rss_bytes
 
 GIB = 1024**3
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that over exec from
-    the forked parent, so a child of a big parent would report the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024  # kB
-    raise OSError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def export_one(model: str, precision: str, out: Path) -> dict:

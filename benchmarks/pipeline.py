@@ -17,12 +17,11 @@ A backend that is not installed, or cannot run on this device, gets a skipped ro
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.schema import Results
+from benchmarks.schema import Results, peak_rss_bytes, reset_peak_rss
 
 PROMPT = "a lighthouse at dusk, oil painting"
 
@@ -38,22 +37,6 @@ class PipelineBench:
     runs: int = 10  # timed runs per backend after one warm-up (batch 1)
     batch_runs: int = 3  # timed runs per batch size
     device: str = "cpu"
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_gib() -> float:
-    m = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    if m is None:
-        raise OSError("no VmHWM in /proc/self/status")
-    return int(m.group(1)) / 2**20
 
 
 def unavailable(backend: str, device: str) -> str | None:
@@ -118,7 +101,7 @@ def bench_backend(results: Results, cfg: PipelineBench, backend: str, engine_dir
             import torch
 
             torch.cuda.reset_peak_memory_stats()
-        rss_ok = not cuda and _reset_peak_rss()
+        rss_ok = not cuda and reset_peak_rss()
         first = pipe.run(req, progress=False, batch_size=1)[0]  # warm-up (and graph capture on GPU)
         stages: dict[str, list[float]] = {k: [] for k in ("clip_ms", "unet_step_ms", "vae_ms", "e2e_ms", "png_ms",
                                                           "tokenize_ms")}
@@ -149,7 +132,7 @@ def bench_backend(results: Results, cfg: PipelineBench, backend: str, engine_dir
 
             results.add("pipeline", base, "peak_gpu_gib", torch.cuda.max_memory_allocated() / 2**30, "GiB")
         elif rss_ok:
-            results.add("pipeline", base, "peak_rss_gib", _peak_rss_gib(), "GiB")
+            results.add("pipeline", base, "peak_rss_gib", peak_rss_bytes() / 2**30, "GiB")
         del first
     finally:
         pipe.close()

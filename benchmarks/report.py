@@ -156,15 +156,15 @@ def continuous_table(run: Run) -> list[str]:
            f"{run.meta['device']}):", "",
            "| load | mode | mean ms | p50 ms | p99 ms | img/s | step / request: mean, p99, img/s |",
            "|---|---|---|---|---|---|---|"]
-    for load, mode in run.configs("continuous_batching", "load", "mode"):
+    for level, mode in run.configs("continuous_batching", "load", "mode"):
         if mode is None:
             continue
-        c = {"load": load, "mode": mode}
+        c = {"load": level, "mode": mode}
         ratios = ""
         if mode == "step":
-            ratios = ", ".join(fmt(run.value("continuous_batching", f"step_over_request_{m}", load=load, mode=None))
+            ratios = ", ".join(fmt(run.value("continuous_batching", f"step_over_request_{m}", load=level, mode=None))
                                for m in ("latency_mean", "latency_p99", "img_s"))
-        out.append(f"| {int(load * 100)}% | {mode} | {fmt(run.value('continuous_batching', 'latency_ms_mean', **c))} | "
+        out.append(f"| {int(level * 100)}% | {mode} | {fmt(run.value('continuous_batching', 'latency_ms_mean', **c))} | "
                    f"{fmt(run.value('continuous_batching', 'latency_ms_p50', **c))} | "
                    f"{fmt(run.value('continuous_batching', 'latency_ms_p99', **c))} | "
                    f"{fmt(run.value('continuous_batching', 'images_per_s', **c))} | {ratios} |")

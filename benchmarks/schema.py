@@ -113,6 +113,24 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     return env
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that over exec from
+    the forked parent, so a child of a big parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise OSError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def percentiles(samples: Iterable[float], ps: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:
     """Nearest-rank percentiles of the samples (p50 is the median for odd counts)."""
     xs = sorted(samples)

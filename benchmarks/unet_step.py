@@ -14,8 +14,9 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from benchmarks.schema import Results, percentiles
+from benchmarks.schema import Results, peak_rss_bytes, percentiles
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def load_unet(model: str, backend: str, precision: str, engine_dir: Path, device
     return get_backend(backend).load(spec, art, cache.verify(art), device), record
 
 
-def _calls(runner, inputs: dict, runs: int) -> tuple[list[float], "torch.Tensor"]:
+def _calls(runner, inputs: dict, runs: int) -> tuple[list[float], Any]:
     """One warm-up call (its output kept, as float32 on the CPU), then `runs` timed calls."""
     out0 = next(iter(runner(**inputs).values())).float().cpu()
     return [_timed_call(runner, inputs) for _ in range(runs)], out0
@@ -166,9 +167,7 @@ def _child(job: dict) -> dict:
         inputs = {n: v.to(runner.device) for n, v in _inputs(cfg, runner.spec, size).items()}
         out[str(size)], first = _calls(runner, inputs, cfg.runs)
         save_file({"out": first.contiguous()}, str(Path(job["out"]) / f"{size}.safetensors"))
-    from benchmarks.build_cost import _peak_rss_gib
-
-    return {"samples": out, "peak_rss_gib": _peak_rss_gib()}
+    return {"samples": out, "peak_rss_gib": peak_rss_bytes() / 2**30}
 
 
 if __name__ == "__main__":  # child of an isolated run: python -m benchmarks.unet_step JOB_JSON

@@ -47,3 +47,13 @@ def ort_engines(tmp_path_factory, tiny_folder) -> Path:
                       components=("clip", "unet", "vae_decoder", "vae_encoder"))
     build_all(cfg, progress=False)
     return engine_dir
+
+
+@pytest.fixture(scope="session")
+def ort_pipeline(ort_engines):
+    """The library's Pipeline on `ort_engines`: the oracle the server and batching tests compare pixels with."""
+    from engine.pipeline import Pipeline
+
+    pipe = Pipeline.load(ort_engines)
+    yield pipe
+    pipe.close()

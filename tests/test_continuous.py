@@ -12,10 +12,8 @@ from engine.samplers import SAMPLERS
 
 
 @pytest.fixture(scope="module")
-def pipe(ort_engines):
-    p = Pipeline.load(ort_engines)
-    yield p
-    p.close()
+def pipe(ort_pipeline):
+    return ort_pipeline
 
 
 def alone(pipe: Pipeline, req: Request) -> list[np.ndarray]:

@@ -14,7 +14,6 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from engine.pipeline import Pipeline
 from engine.request import Request
 from tests.serve_util import running_server
 
@@ -31,10 +30,8 @@ def server(ort_engines, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def library(ort_engines):
-    pipe = Pipeline.load(ort_engines)
-    yield pipe
-    pipe.close()
+def library(ort_pipeline):
+    return ort_pipeline
 
 
 def pixels(png: bytes) -> np.ndarray:
