@@ -13,6 +13,7 @@ times; every stage's p50/p90/p99 goes into rows of the common schema (benchmarks
     images_per_s  at each batch size, images / wall time of one run (p50 over runs)
     peak_rss_gib  CPU: the process's peak RSS over this backend's runs (VmHWM, reset before)
     peak_gpu_gib  GPU: torch.cuda.max_memory_allocated over the runs (TensorRT's own allocations not included)
+    gpu_used_gib  GPU: the device's used memory as NVML reports it (nvidia-smi) after the runs, all allocations
 A backend that is not installed, or cannot run on this device, gets a skipped row with the reason.
 """
 from __future__ import annotations
@@ -37,6 +38,21 @@ class PipelineBench:
     runs: int = 10  # timed runs per backend after one warm-up (batch 1)
     batch_runs: int = 3  # timed runs per batch size
     device: str = "cpu"
+
+
+def nvml_used_gib() -> float | None:
+    """Used memory of GPU 0 from NVML through nvidia-smi (every allocation, TensorRT's included); None without it."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    try:
+        return float(out.stdout.strip().splitlines()[0]) / 1024  # MiB
+    except (ValueError, IndexError):
+        return None
 
 
 def unavailable(backend: str, device: str) -> str | None:
@@ -131,6 +147,9 @@ def bench_backend(results: Results, cfg: PipelineBench, backend: str, engine_dir
             import torch
 
             results.add("pipeline", base, "peak_gpu_gib", torch.cuda.max_memory_allocated() / 2**30, "GiB")
+            used = nvml_used_gib()
+            if used is not None:
+                results.add("pipeline", base, "gpu_used_gib", used, "GiB")
         elif rss_ok:
             results.add("pipeline", base, "peak_rss_gib", peak_rss_bytes() / 2**30, "GiB")
         del first
