@@ -195,7 +195,7 @@ class Pipeline:
                 runner = self.runners[folders[target]]
                 if not hasattr(runner, "set_weights"):
                     raise ValueError(f"backend {self.info.get('backend')!r} cannot merge LoRA adapters yet "
-                                     "(onnxruntime and torch can)")
+                                     "(onnxruntime, torch and openvino can)")
                 merged[target] = lora.merged_tensors(runner.base_weights(), parts, target) if parts else None
         for target, tensors in merged.items():
             if tensors is not None or self._applied:

@@ -1,20 +1,24 @@
-"""LoRA through the engine: adapters merged into built ONNX Runtime and torch engines (no re-export, no rebuild)
-vs diffusers' load_lora_weights + fuse_lora on the same seeded `tiny`; switching back to no adapter gives the
-base image bit for bit (the "residue" bug); PNG metadata names the adapters."""
+"""LoRA through the engine: adapters merged into built ONNX Runtime, torch and OpenVINO engines (no re-export, no
+rebuild) vs diffusers' load_lora_weights + fuse_lora on the same seeded `tiny`; switching back to no adapter gives
+the base image bit for bit (the "residue" bug); a bad adapter leaves the engine as it was; PNG metadata names the
+adapters."""
 from __future__ import annotations
+
+import importlib.util
+import shutil
 
 import numpy as np
 import pytest
 
 pytest.importorskip("peft")
 
-from engine.lora import Adapter  # noqa: E402
-from engine.pipeline import Pipeline  # noqa: E402
-from engine.png import parameters_text  # noqa: E402
-from engine.request import Request  # noqa: E402
-from engine.samplers import diffusers_scheduler  # noqa: E402
-from tests.test_img2img import gens, max_diff, to_uint8  # noqa: E402
-from tests.test_lora import _fused, _write_kohya, _write_peft  # noqa: E402
+from engine.lora import Adapter
+from engine.pipeline import Pipeline
+from engine.png import parameters_text
+from engine.request import Request
+from engine.samplers import diffusers_scheduler
+from tests.test_img2img import gens, max_diff, to_uint8
+from tests.test_lora import _fused, _write_kohya, _write_peft
 
 PROMPTS = ["a watercolor painting of a lighthouse", "a red bicycle"]
 SEEDS = [5, 17]
@@ -39,6 +43,24 @@ def torch_engines(tmp_path_factory, tiny_folder):
     return engine_dir
 
 
+@pytest.fixture(scope="module")
+def ov_engines(ort_engines, tmp_path_factory):
+    """tiny built for OpenVINO fp32 in a copy of the ORT engine dir (the fp32 ONNX exports are reused)."""
+    if importlib.util.find_spec("openvino") is None:  # not importorskip: a bare `import openvino` phones home
+        pytest.skip("OpenVINO is not installed (a dependency on x86_64 and ARM64 only)")
+    from engine.build import build_all
+    from engine.config import BuildConfig
+
+    engine_dir = tmp_path_factory.mktemp("ov_lora") / "engines"
+    shutil.copytree(ort_engines, engine_dir)
+    build_all(BuildConfig(model="tiny", backend="openvino", precision="fp32", engine_dir=engine_dir, height=SIZE,
+                          width=SIZE), progress=False)
+    return engine_dir
+
+
+ENGINES = {"onnxruntime": "ort_engines", "torch": "torch_engines", "openvino": "ov_engines"}
+
+
 def _requests(sampler: str, loras: tuple[Adapter, ...] = ()) -> list[Request]:
     return [Request(prompt=p, steps=STEPS, guidance_scale=6.0, sampler=sampler, seed=s, height=SIZE, width=SIZE,
                     loras=loras) for p, s in zip(PROMPTS, SEEDS)]
@@ -56,9 +78,9 @@ def _reference(folder, adapters: list[Adapter], sampler: str, config: dict) -> n
                         generator=gens(SEEDS), output_type="np").images)
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-def test_adapters_match_diffusers_and_unload_exactly(backend, ort_engines, torch_engines, tiny_folder, adapters):
-    pipe = Pipeline.load(ort_engines if backend == "onnxruntime" else torch_engines)
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch", "openvino"])
+def test_adapters_match_diffusers_and_unload_exactly(backend, request, tiny_folder, adapters):
+    pipe = Pipeline.load(request.getfixturevalue(ENGINES[backend]))
     try:
         base, _ = _run(pipe, _requests("ddim"))
         for stack in ([adapters[0]], adapters):  # one adapter, two stacked
@@ -103,22 +125,54 @@ def test_png_parameters_name_the_adapters(ort_engines, adapters):
     assert f"Lora hashes: \"{want[0]['name']}: {want[0]['hash']}, {want[1]['name']}: {want[1]['hash']}\"" in text
 
 
-def test_bad_adapter_leaves_the_engine_unchanged(ort_engines, tmp_path, adapters):
-    from safetensors.torch import save_file
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_bad_adapter_leaves_the_engine_unchanged(backend, request, tmp_path, adapters):
     import torch
+    from safetensors.torch import save_file
 
     wrong = tmp_path / "other_arch.safetensors"  # a module tiny's UNet lacks
     save_file({"lora_unet_down_blocks_5_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 8),
                "lora_unet_down_blocks_5_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 2)}, str(wrong))
-    pipe = Pipeline.load(ort_engines)
+    misfit = tmp_path / "misfit.safetensors"  # a module tiny has (64 x 64 conv), with the wrong shapes
+    save_file({"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.ones(2, 48, 3, 3),
+               "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.ones(48, 2, 1, 1)}, str(misfit))
+    pipe = Pipeline.load(request.getfixturevalue(ENGINES[backend]))
     try:
         before, _ = _run(pipe, _requests("ddim", (adapters[0],)))
         with pytest.raises(ValueError, match="lacks"):
             _run(pipe, _requests("ddim", (Adapter(wrong, 1.0),)))
+        with pytest.raises(ValueError, match="does not fit"):
+            _run(pipe, _requests("ddim", (Adapter(misfit, 1.0),)))
         after, _ = _run(pipe, _requests("ddim", (adapters[0],)))
         assert np.array_equal(before, after)
         with pytest.raises(ValueError, match="pickle"):
             Request(loras=(Adapter(tmp_path / "x.ckpt", 1.0),)).check()
+    finally:
+        pipe.close()
+
+
+def test_openvino_runner_refuses_weights_that_do_not_fit(ov_engines):
+    """The runner's own checks: a name with no weight constant, or a shape that differs, is refused naming the weight,
+    and the compiled model in use stays as it was (same image before and after)."""
+    import torch
+
+    pipe = Pipeline.load(ov_engines)
+    try:
+        before, _ = _run(pipe, _requests("ddim"))
+        unet = pipe.runners["unet"]
+        name = "conv_in.weight"
+        base = unet.base_weights()
+        assert name in base and base[name].dtype == torch.float32 and not any(n.startswith("unet.") for n in base)
+        with pytest.raises(ValueError, match=r"weight 'down_blocks\.9\.conv\.weight' is not a constant of the IR"):
+            unet.set_weights({name: base[name] + 1, "down_blocks.9.conv.weight": torch.zeros(1)})
+        with pytest.raises(ValueError, match=rf"weight '{name}' has shape"):
+            unet.set_weights({name: base[name].flatten()})
+        after, _ = _run(pipe, _requests("ddim"))
+        assert np.array_equal(before, after)
+        unet.set_weights({name: base[name] + 0.05})  # a good swap does change the image; None puts it back exactly
+        assert max_diff(_run(pipe, _requests("ddim"))[0], before) > 2
+        unet.set_weights(None)
+        assert np.array_equal(_run(pipe, _requests("ddim"))[0], before)
     finally:
         pipe.close()
 

@@ -7,9 +7,16 @@ for the CPU with every core of this process's affinity mask. The precision is a 
 (`INFERENCE_PRECISION_HINT`: f32, or bf16 where the CPU has avx512_bf16 / AMX: refused elsewhere); the IR
 itself stays fp32. The cache key holds the OpenVINO version and the CPU's ISA flags; an IR written by
 another OpenVINO version is refused at load, naming both. Any batch and size the graph was exported for runs.
+
+LoRA: each weight is a `Constant` named after its ONNX initializer (`unet.conv_in.weight`); adapters are merged by
+re-reading the pristine IR, swapping the touched weight constants for merged ones and recompiling with the same
+config (the IR on disk is untouched; no weights => the pristine IR recompiled, the built weights exactly).
 """
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +39,25 @@ class IncompatibleIR(RuntimeError):
 
 
 def _ov():
-    try:
-        import openvino
-    except ImportError:
-        raise RuntimeError("OpenVINO is not installed: pip install openvino (or the engine's [openvino] "
-                           "extra)") from None
-    return openvino
+    """openvino, imported with its usage telemetry off. `import openvino` sends an event to Google Analytics and
+    keeps a client id under ~/intel unless the user opted out: openvino_telemetry takes a missing consent file for
+    consent, and declines only with a consent file saying 0 or when a CI variable is set. The engine sends
+    nothing off the machine, so the first import runs with CI=true (openvino_telemetry's own switch), restored
+    right after; a user's consent file is not read or written by us."""
+    if "openvino" not in sys.modules:
+        saved = os.environ.get("CI")
+        os.environ["CI"] = "true"
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            raise RuntimeError("OpenVINO is not installed: pip install openvino (a dependency of the engine on "
+                               "x86_64 and ARM64)") from None
+        finally:
+            if saved is None:
+                os.environ.pop("CI", None)
+            else:
+                os.environ["CI"] = saved
+    return sys.modules["openvino"]
 
 
 def ov_version() -> str:
@@ -73,6 +93,61 @@ def read_ir(spec: ComponentSpec, xml: Path):
     return model
 
 
+class IrWeights(Mapping[str, torch.Tensor]):
+    """An IR's weight Constants by the sub-model's parameter names, read on access (the .bin stays mapped).
+
+    As in engine.lora.OnnxWeights, `prefix` is the single top-level head of the dotted names (`unet.`), stripped
+    from the keys. Weights the conversion folded into other ops (norm scales, some biases) are not listed."""
+
+    def __init__(self, model: Any):
+        self.model = model  # keeps the constants (and the mapping they read from) alive
+        consts = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
+        heads = {n.split(".", 1)[0] for n in consts if "." in n}
+        self.prefix = f"{min(heads)}." if len(heads) == 1 else ""
+        self.constants = {n.removeprefix(self.prefix): op for n, op in consts.items()
+                          if n.startswith(self.prefix) and "." in n}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(self.constants[name].get_data().copy())
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor (Mapping's default reads it)
+        return name in self.constants
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.constants)
+
+    def __len__(self) -> int:
+        return len(self.constants)
+
+
+def _new_constant(old: Any, tensor: torch.Tensor, name: str, xml: Path) -> Any:
+    """A Constant holding `tensor` in `old`'s element type, named like `old`; ValueError if the shapes differ."""
+    shape = tuple(old.get_output_shape(0))
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{xml}: weight {name!r} has shape {shape} in the IR, the merged tensor "
+                         f"{tuple(tensor.shape)}")
+    etype = old.get_element_type().get_type_name()
+    if etype not in _TORCH:
+        raise ValueError(f"{xml}: weight {name!r} is stored as {etype}, which LoRA merging does not handle")
+    array = tensor.detach().to("cpu", _TORCH[etype]).contiguous().numpy()
+    new = _ov().op.Constant(array)  # a copy: the merged tensor may be freed
+    new.set_friendly_name(old.get_friendly_name())
+    return new
+
+
+def swap_weights(model: Any, merged: Mapping[str, torch.Tensor], xml: Path) -> None:
+    """Replace `model`'s weight Constants named in `merged` (sub-model parameter names) by the merged tensors.
+    Every name and shape is checked before the graph changes; ValueError names the first that does not fit."""
+    weights = IrWeights(model)
+    missing = [n for n in merged if n not in weights.constants]
+    if missing:
+        raise ValueError(f"{xml}: weight {missing[0]!r} is not a constant of the IR (folded into another op by "
+                         "the conversion, or not this component's), so it cannot be replaced")
+    news = {n: _new_constant(weights.constants[n], t, n, xml) for n, t in merged.items()}
+    for name, new in news.items():
+        weights.constants[name].output(0).replace(new.output(0))  # the users and the tensor names move over
+
+
 class OpenVinoRunner:
     """One component's compiled model on the CPU; torch tensors in and out (fresh output tensors)."""
 
@@ -86,7 +161,8 @@ class OpenVinoRunner:
         if precision == "bf16":
             check_bf16("openvino")
         self.spec, self.path, self.precision = spec, xml, precision
-        self.compiled = _ov().Core().compile_model(read_ir(spec, xml), "CPU", _compile_config(precision))
+        self._weights: IrWeights | None = None  # the IR's own weights, read on first use
+        self.compiled = self._compile(read_ir(spec, xml))
         self.request = self.compiled.create_infer_request()
         # by name: a compiled port may carry more names than the IR's (fused tensors), get_any_name() any of them
         self.dtypes = {n: _TORCH[self.compiled.input(n).get_element_type().get_type_name()]
@@ -98,9 +174,30 @@ class OpenVinoRunner:
         res = self.request.infer(feeds, share_inputs=True, share_outputs=False)  # outputs copied: ours to keep
         return {n: torch.from_numpy(res[n]) for n in self.spec.output_names}
 
+    def _compile(self, model: Any) -> Any:
+        return _ov().Core().compile_model(model, "CPU", _compile_config(self.precision))
+
+    def base_weights(self) -> Mapping[str, torch.Tensor]:
+        """The IR's own weights by the sub-model's parameter names (read on access, the .bin memory-mapped)."""
+        if self._weights is None:  # read once: every switch needs the names and some base tensors
+            self._weights = IrWeights(read_ir(self.spec, self.path))
+        return self._weights
+
+    def set_weights(self, merged: Mapping[str, torch.Tensor] | None) -> None:
+        """Recompile the pristine IR with `merged` (sub-model parameter names) replacing its weight constants, or
+        as built (None). Until the new model compiles the old one stays in place: a failure leaves the runner as
+        it was. The IR on disk is untouched."""
+        model = read_ir(self.spec, self.path)
+        if merged:
+            swap_weights(model, merged, self.path)
+        compiled = self._compile(model)
+        request = compiled.create_infer_request()
+        self.compiled, self.request = compiled, request
+
     def close(self) -> None:
         self.request = None
         self.compiled = None
+        self._weights = None
 
 
 class OpenVinoBackend:
@@ -134,7 +231,9 @@ class OpenVinoBackend:
         if onnx_path is None:
             raise ValueError("the openvino backend builds from ONNX; no ONNX path was given")
         ov = _ov()
-        model = ov.convert_model(str(onnx_path))  # reads model.onnx.data too
+        # the runtime's ONNX reader, not ov.convert_model: that tool sends usage telemetry to the network unless
+        # the user has opted out; the IR compiles to the same graph (same outputs and speed, measured on tiny)
+        model = ov.Core().read_model(str(onnx_path))  # reads model.onnx.data too
         ov.save_model(model, str(out_dir / IR_XML), compress_to_fp16=False)  # fp32 weights, as exported
         del model
         OpenVinoRunner(spec, out_dir / IR_XML, plan.precision).close()  # fails here, not at generate time
