@@ -16,10 +16,23 @@ alone (up to the UNet's own batch-size numerics). Randomness per step (ancestral
 front per row, as in `Pipeline.run`; the step's draw is picked per row on the host, which knows each
 row's step: no host sync inside the step.
 
-On CPU the step runs eager. (CUDA graphs per batch-size bucket are not captured here yet: see the README.)
+Buckets and CUDA graphs: with `buckets` on (the default on CUDA, opt-in on CPU) the n live rows are padded to
+the smallest batch-size bucket >= n (`buckets(max_batch)`: 1, 2, 4, ... and max_batch itself) with copies of
+the first live row (its buffers, step index, schedule row and step draw: finite values, thrown away after
+the step), and the stacked tables to a static width (`table_width`: the next power of two >= N_max + 1, at
+least 8, so [N] and [N + 1] tables share it; a row never reads past its own N). Every input of that step,
+the tables and timesteps included (`sched.*` buffers), then lives in one dict of static shapes, so the
+step (`bucket_step`) is one function of its buffers: with a graph-safe UNet on CUDA it is captured once per
+key (bucket, table width, buffer names/shapes/dtypes: latent size, guidance on/off, paired buffers, noise;
+sampler and prediction type) by `engine.graphs.try_capture` and replayed at every later step of that key,
+the live rows copied in and their latents/state read back. At most `MAX_GRAPHS` graphs are kept (the
+oldest goes first); they are dropped when the pipeline's adapters change (LoRA swaps move the UNet's
+weights). A capture that fails warns once for its key, which then runs eagerly. On CPU the step runs
+eager, padded or not; `Finished` images say in params["cuda_graph"] whether all their steps ran in a graph.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,12 +41,15 @@ import numpy as np
 import torch
 
 from engine import samplers
+from engine.backends.base import Runner
 from engine.denoise import COND, denoise_step
-from engine.graphs import Buffers
-from engine.pipeline import Pipeline, Row
+from engine.graphs import Buffers, StepFn, StepGraph, try_capture
+from engine.pipeline import MAX_GRAPHS, Pipeline, Row
 from engine.request import Generated, Request, image_params, time_ids_of
 
 PAIRED = ("concat",)  # besides cond.*: buffers laid out [uncond rows; cond rows] (2B) with guidance
+SCHED = "sched."  # the stacked schedule as step buffers: sched.timesteps [B, W], sched.<table> [B, W]
+MIN_WIDTH = 8  # narrowest padded table width
 
 
 def flex_key(r: Request) -> tuple:
@@ -43,6 +59,68 @@ def flex_key(r: Request) -> tuple:
 
 def _paired(name: str, cfg: bool) -> bool:
     return cfg and (name.startswith(COND) or name in PAIRED)
+
+
+# ---- buckets: static shapes for one graph per key ----
+
+
+def buckets(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes a padded step runs at: the powers of two below max_batch, then max_batch (6 -> 1, 2, 4, 6)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    out: list[int] = []
+    size = 1
+    while size < max_batch:
+        out.append(size)
+        size *= 2
+    return (*out, max_batch)
+
+
+def bucket_for(n: int, max_batch: int) -> int:
+    """The smallest bucket that holds n rows (1 <= n <= max_batch)."""
+    if not 1 <= n <= max_batch:
+        raise ValueError(f"bucket_for: {n} rows, max_batch {max_batch}")
+    return next(b for b in buckets(max_batch) if b >= n)
+
+
+def table_width(n_max: int) -> int:
+    """Static width of the padded per-row tables: the next power of two >= n_max + 1 (room for the [N + 1]
+    tables), at least MIN_WIDTH."""
+    width = MIN_WIDTH
+    while width < n_max + 1:
+        width *= 2
+    return width
+
+
+def _widen(t: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, n] -> [B, width], repeating the last column (n <= width)."""
+    return torch.cat([t, t[:, -1:].expand(-1, width - t.shape[1])], dim=1)
+
+
+def schedule_buffers(stacked: samplers.Schedule, width: int) -> Buffers:
+    """A stacked schedule's timesteps and tables as `sched.*` step buffers, each [B, width]."""
+    out = {SCHED + "timesteps": _widen(stacked.timesteps, width)}
+    out.update({SCHED + k: _widen(v, width) for k, v in stacked.tables.items()})
+    return out
+
+
+def bucket_step(unet: Runner, template: samplers.Schedule, cfg: bool) -> StepFn:
+    """The step as one function of its buffers, tables included: `template` gives only the sampler's static
+    facts (name, prediction type, noise); timesteps and tables are read from the `sched.*` buffers."""
+
+    def step(b: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = {k[len(SCHED):]: v for k, v in b.items() if k.startswith(SCHED)}
+        schedule = dataclasses.replace(template, timesteps=tables.pop("timesteps"), tables=tables, start=0)
+        return denoise_step(unet, schedule, cfg, {k: v for k, v in b.items() if not k.startswith(SCHED)})
+
+    return step
+
+
+def graph_key(template: samplers.Schedule, cfg: bool, b: Buffers) -> tuple:
+    """What a captured step is specific to: the sampler, guidance on/off and every buffer's name, shape
+    (bucket, table width, latent size, ...) and dtype."""
+    shapes = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(b.items()))
+    return (template.name, template.prediction_type, template.needs_noise, cfg, shapes)
 
 
 @dataclass(eq=False)
@@ -56,6 +134,7 @@ class Slot:
     noise: torch.Tensor | None  # [N, 1, 4, h, w] per-step draws (ancestral samplers)
     joined: float = field(default_factory=time.perf_counter)
     steps_run: int = 0
+    graph_steps: int = 0  # steps of steps_run that ran in a CUDA graph
 
     @property
     def done(self) -> bool:
@@ -71,11 +150,20 @@ class Finished:
 
 
 class Flight:
-    def __init__(self, pipe: Pipeline, max_batch: int):
+    """The images in flight on one pipeline, at most `max_batch`. `buckets`: pad each step's batch to a
+    batch-size bucket and its tables to a static width (default: on CUDA); `cuda_graph`: capture and replay
+    the padded step where the UNet is graph-safe and the buffers are on CUDA."""
+
+    def __init__(self, pipe: Pipeline, max_batch: int, buckets: bool | None = None, cuda_graph: bool = True):
         self.pipe, self.max_batch = pipe, max_batch
+        self.buckets = pipe.device.type == "cuda" if buckets is None else buckets
+        self.cuda_graph = cuda_graph
         self.slots: list[Slot] = []
         self.key: tuple | None = None  # flex key of the rows in flight
         self._stacked: tuple[tuple, samplers.Schedule] | None = None
+        self._padded: tuple[tuple, samplers.Schedule, Buffers] | None = None  # (ids, stacked, sched.* [B, W])
+        self.graphs: dict[tuple, StepGraph | None] = {}  # graph_key -> graph (None: capture failed); oldest first
+        self._weights: object = pipe._applied_info  # replaced by every adapter change: graphs read the old weights
 
     @property
     def free(self) -> int:
@@ -98,6 +186,7 @@ class Flight:
             raise ValueError(f"admit: {len(rows)} rows, {self.free} free slots")
         if self.key is None:
             self.pipe.use_adapters(key[0])
+            self._check_weights()
             self.key = key
         cfg = key[-1]
         p = self.pipe
@@ -141,27 +230,81 @@ class Flight:
         if not slots:
             return
         cfg = bool(self.key and self.key[-1])
-        dev = self.pipe.device
-        b: Buffers = {"idx": torch.tensor([s.idx for s in slots], dtype=torch.long, device=dev)}
-        for name in slots[0].bufs:
-            parts = [s.bufs[name] for s in slots]
+        if self.buckets:
+            rows = slots + [slots[0]] * (bucket_for(len(slots), self.max_batch) - len(slots))  # padding: row 0
+            latents, state, graphed = self._bucket_step(rows, cfg, self._batch(rows, cfg))
+        else:
+            latents, state = denoise_step(self.pipe.runners["unet"], self._schedule(slots), cfg,
+                                          self._batch(slots, cfg))
+            graphed = False
+        for k, s in enumerate(slots):  # padded rows (k >= len(slots)) are dropped here
+            s.bufs["latents"], s.bufs["state"] = latents[k:k + 1], state[k:k + 1]
+            s.idx += 1
+            s.steps_run += 1
+            s.graph_steps += int(graphed)
+
+    def _batch(self, rows: list[Slot], cfg: bool) -> Buffers:
+        """The step's buffers for these rows: idx [B], per-row buffers concatenated (paired ones as [uncond rows;
+        cond rows]) and this step's draw per row (ancestral samplers)."""
+        b: Buffers = {"idx": torch.tensor([s.idx for s in rows], dtype=torch.long, device=self.pipe.device)}
+        for name in rows[0].bufs:
+            parts = [s.bufs[name] for s in rows]
             if _paired(name, cfg):  # [uncond rows; cond rows]
                 b[name] = torch.cat([p[:1] for p in parts] + [p[1:] for p in parts])
             else:
                 b[name] = torch.cat(parts)
-        if slots[0].noise is not None:
-            b["noise"] = torch.cat([s.noise[s.idx] for s in slots])  # this step's draw per row [B, 4, h, w]
-        latents, state = denoise_step(self.pipe.runners["unet"], self._schedule(slots), cfg, b)
-        for k, s in enumerate(slots):
-            s.bufs["latents"], s.bufs["state"] = latents[k:k + 1], state[k:k + 1]
-            s.idx += 1
-            s.steps_run += 1
+        if rows[0].noise is not None:
+            b["noise"] = torch.cat([s.noise[s.idx] for s in rows if s.noise is not None])  # [B, 4, h, w]
+        return b
 
     def _schedule(self, slots: list[Slot]) -> samplers.Schedule:
         ids = tuple(id(s.schedule) for s in slots)
         if self._stacked is None or self._stacked[0] != ids:
             self._stacked = (ids, samplers.stack([s.schedule for s in slots]))
         return self._stacked[1]
+
+    # ---- the padded step: static shapes, eager or in a CUDA graph ----
+
+    def _bucket_step(self, rows: list[Slot], cfg: bool, b: Buffers) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(latents [B, 4, h, w], state [B, 4, h, w], graphed) of the padded batch `rows` (B = its bucket)."""
+        template, tables = self._padded_schedule(rows)
+        b.update(tables)
+        step = bucket_step(self.pipe.runners["unet"], template, cfg)
+        graph = self._graph(graph_key(template, cfg, b), step, b)
+        if graph is None:
+            latents, state = step(b)
+            return latents, state, False
+        graph.load(b)
+        graph.replay()  # writes the static latents/state (and advances its idx, reloaded next step)
+        return graph.buffers["latents"].clone(), graph.buffers["state"].clone(), True  # the next replay overwrites
+
+    def _padded_schedule(self, rows: list[Slot]) -> tuple[samplers.Schedule, Buffers]:
+        """The rows' stacked schedule (static facts) and its tables as sched.* buffers [B, table_width]."""
+        ids = tuple(id(s.schedule) for s in rows)
+        if self._padded is None or self._padded[0] != ids:
+            stacked = samplers.stack([s.schedule for s in rows])
+            width = table_width(stacked.num_steps)  # stacked: N_max wide
+            self._padded = (ids, stacked, schedule_buffers(stacked, width))
+        return self._padded[1], self._padded[2]
+
+    def _graph(self, key: tuple, step: StepFn, b: Buffers) -> StepGraph | None:
+        """The captured step of this key (captured now if new), or None: eager (CPU, a UNet that is not
+        graph-safe, graphs off, or a capture that failed for this key)."""
+        if not (self.cuda_graph and self.pipe.runners["unet"].graph_safe and b["latents"].is_cuda):
+            return None
+        self._check_weights()
+        if key not in self.graphs:
+            if len(self.graphs) >= MAX_GRAPHS:
+                self.graphs.pop(next(iter(self.graphs)))
+            self.graphs[key] = try_capture(step, b)
+        return self.graphs[key]
+
+    def _check_weights(self) -> None:
+        """Drop the graphs when the pipeline's adapters changed since they were captured (`use_adapters`
+        replaces `_applied_info` at every change, also A -> B -> A, and the UNet's weights move)."""
+        if self.pipe._applied_info is not self._weights:
+            self.graphs.clear()
+            self._weights = self.pipe._applied_info
 
     # ---- leave ----
 
@@ -200,7 +343,8 @@ class Flight:
 
     def _generated(self, s: Slot, px: np.ndarray) -> Generated:
         p = self.pipe
-        params = {**image_params(s.row.request, s.row.k), **p._engine_params(), "cuda_graph": False}
+        graphed = s.steps_run > 0 and s.graph_steps == s.steps_run  # every step of this image in a graph
+        params = {**image_params(s.row.request, s.row.k), **p._engine_params(), "cuda_graph": graphed}
         if p._applied_info:
             params["loras"] = p._applied_info
         timings = {"in_flight": (time.perf_counter() - s.joined) * 1e3, "steps": float(s.steps_run)}
@@ -210,3 +354,4 @@ class Flight:
         if not self.slots:
             self.key = None
             self._stacked = None
+            self._padded = None  # graphs stay: the next rows of the same shapes replay them

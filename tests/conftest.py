@@ -57,3 +57,16 @@ def ort_pipeline(ort_engines):
     pipe = Pipeline.load(ort_engines)
     yield pipe
     pipe.close()
+
+
+@pytest.fixture(scope="module")
+def cuda_pipe(tmp_path_factory, tiny_folder):
+    """tiny on the torch backend on CUDA, fp16 (GPU tests only: they skip before asking for it)."""
+    from engine.build import build_all
+    from engine.config import BuildConfig
+    from engine.pipeline import Pipeline
+
+    d = tmp_path_factory.mktemp("cuda_engines")
+    build_all(BuildConfig(model="tiny", backend="torch", device="cuda", precision="fp16", engine_dir=d,
+                          batch_size=2), progress=False)
+    return Pipeline.load(d)

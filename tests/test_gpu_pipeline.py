@@ -17,18 +17,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 @pytest.fixture(scope="module")
-def cuda_pipe(tmp_path_factory, tiny_folder):
-    from engine.build import build_all
-    from engine.config import BuildConfig
-    from engine.pipeline import Pipeline
-
-    d = tmp_path_factory.mktemp("cuda_engines")
-    build_all(BuildConfig(model="tiny", backend="torch", device="cuda", precision="fp16", engine_dir=d,
-                          batch_size=2), progress=False)
-    return Pipeline.load(d)
-
-
-@pytest.fixture(scope="module")
 def compiled_pipe(tmp_path_factory, tiny_folder):
     from engine.build import build_all
     from engine.config import BuildConfig
