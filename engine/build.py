@@ -31,14 +31,24 @@ class BuildResult:
     notes: list[str] = field(default_factory=list)  # repairs and clean-ups, one line each
 
 
-def resolve_backend(name: str) -> str:
-    if name != "auto":
-        return name
+def resolve_backend(cfg: BuildConfig) -> tuple[str, str | None, str]:
+    """(backend, precision or None for the backend's default, a note) for `cfg`'s backend. `auto`: TensorRT
+    where it is installed with a GPU; ONNX Runtime on another GPU; on a CPU, the fastest measured path usable
+    here (engine/backends/cpu_choice.py)."""
+    if cfg.backend != "auto":
+        return cfg.backend, cfg.precision, ""
+    if cfg.compile:  # torch.compile is the torch backend's
+        return "torch", cfg.precision, "auto: torch (--compile compiles the torch backend's UNet)"
     import torch
 
     from engine.backends.tensorrt.build import trt_available
 
-    return "tensorrt" if trt_available() and torch.cuda.is_available() else "onnxruntime"
+    if torch.cuda.is_available() and (trt_available() or cfg.device != "cpu"):
+        return ("tensorrt" if trt_available() else "onnxruntime"), cfg.precision, ""
+    from engine.backends import cpu_choice
+
+    choice = cpu_choice.pick(cfg.precision)
+    return choice.backend, choice.precision, choice.why
 
 
 def make_profile(cfg: BuildConfig, dims: Dims, size: int, min_size: int, max_size: int,
@@ -159,6 +169,7 @@ class _Job:
     plan: BuildPlan
     fingerprint: dict[str, Any]
     progress: bool = False  # progress bars (the export's weights bar too)
+    why: str = ""  # how `auto` was resolved (one line), if it was
 
 
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
@@ -218,7 +229,9 @@ def _prepare(cfg: BuildConfig) -> _Job:
     from export.models import default_size, folder_dims, resolve_model
     from export.presets import ALL_PRESETS
 
-    backend: Backend = get_backend(resolve_backend(cfg.backend))
+    name, precision, why = resolve_backend(cfg)
+    cfg = replace(cfg, backend=name, precision=precision)
+    backend: Backend = get_backend(name)
     folder, model_id = resolve_model(cfg.model)
     family, dims = detect_family(folder), folder_dims(folder)
     for name in cfg.components or ():
@@ -228,7 +241,7 @@ def _prepare(cfg: BuildConfig) -> _Job:
                            preset.max_size if preset else 1024, static=backend.static_shapes)
     plan = make_plan(cfg, backend, profile)
     fingerprint = backend.fingerprint(plan)  # raises a clear error when the backend is unusable
-    return _Job(cfg, model_id, folder, family, dims, backend, plan, fingerprint)
+    return _Job(cfg, model_id, folder, family, dims, backend, plan, fingerprint, why=why)
 
 
 def _record(job: _Job, model_files: Path, entries: dict[str, Any]) -> dict[str, Any]:
@@ -267,7 +280,8 @@ def build_all(cfg: BuildConfig, progress: bool = True) -> BuildResult:
     reused: list[str] = []
     entries: dict[str, Any] = {}
     with cache.model_lock(model_dir, job.model_id):
-        notes = [f"removed the leftover of an interrupted build: {p}" for p in cache.remove_orphans(model_dir)]
+        notes = [job.why] if job.why else []
+        notes += [f"removed the leftover of an interrupted build: {p}" for p in cache.remove_orphans(model_dir)]
         model_files = _model_files_stage(cfg, job.model_id, job.folder, job.family, built, notes)
         bar = tqdm(components, desc=f"build {job.backend.name}", unit="component", disable=not progress)
         for name in bar:
@@ -290,11 +304,13 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     p.add_argument("--model", default=d.model, help=f"preset ({', '.join(ALL_PRESETS)}) or a "
                    "local diffusers folder / single-file .safetensors")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend,
-                   help="auto = tensorrt where it is installed with a GPU, else onnxruntime")
+                   help="auto = tensorrt where it is installed with a GPU, onnxruntime on another GPU; on a CPU "
+                        "the fastest measured path usable here that meets the quality gate "
+                        "(engine/backends/cpu_table.json)")
     p.add_argument("--precision", default=d.precision,
                    help="fp32, fp16 (onnxruntime, torch, tensorrt), bf16 (torch, openvino; on a CPU with "
-                        "avx512_bf16 or AMX), int8 (onnxruntime: MatMul weights); None = the backend's default: "
-                        "fp16 on a GPU, fp32 on the CPU")
+                        "avx512_bf16 or AMX), int8 (onnxruntime: MatMul weights); None = with --backend auto on a "
+                        "CPU, the table's pick; else the backend's default: fp16 on a GPU, fp32 on the CPU")
     p.add_argument("--attention", choices=ATTENTION_MODES, default=d.attention,
                    help="ONNX attention emission; auto = the backend's preferred one")
     p.add_argument("--components", default=None,

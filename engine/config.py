@@ -18,8 +18,8 @@ ATTENTION_MODES = ("auto", "decomposed", "onnx", "plugin")
 @dataclass
 class BuildConfig:
     model: str = "tiny"  # preset name or a local path (diffusers folder / .safetensors)
-    backend: str = "auto"  # auto = tensorrt if importable with a GPU, else onnxruntime
-    precision: str | None = None  # None = the backend's default (fp16 on GPU backends, fp32 on CPU)
+    backend: str = "auto"  # auto = tensorrt with a GPU, else onnxruntime; on a CPU: engine/backends/cpu_choice.py
+    precision: str | None = None  # None = auto's pick, else the backend's default (fp16 on GPU backends, fp32 on CPU)
     attention: str = "auto"  # auto = the backend's preferred ONNX attention emission
     components: tuple[str, ...] | None = None  # None = the family's default (txt2img; + vae_encoder to inpaint)
     batch_size: int = 1  # images denoised together (before CFG doubling): the profile's opt batch

@@ -18,8 +18,7 @@ import pytest
 from benchmarks import quality
 from benchmarks.schema import Results
 from engine.backends import cpu
-
-PSNR_MIN_DB = 40.0
+from engine.backends.cpu_choice import QUALITY_GATE_DB as PSNR_MIN_DB  # the gate `--backend auto` applies
 
 
 def test_compare_figures():

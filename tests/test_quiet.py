@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS_STDOUT = re.compile(r"^(clip|unet|vae_decoder|vae_encoder): (built|cached)|^build\.json: |^all components|"
-                         r"^timings \(ms\)|^wrote ")
+                         r"^timings \(ms\)|^wrote |^auto: ")
 BAR = re.compile(r"^(build \w+|\w+ weights|denoise \(\w+\)): +\d+%\|")
 
 

@@ -97,7 +97,8 @@ class IrWeights(Mapping[str, torch.Tensor]):
     """An IR's weight Constants by the sub-model's parameter names, read on access (the .bin stays mapped).
 
     As in engine.lora.OnnxWeights, `prefix` is the single top-level head of the dotted names (`unet.`), stripped
-    from the keys. Weights the conversion folded into other ops (norm scales, some biases) are not listed."""
+    from the keys. Weights folded into other ops are not listed (IRs of earlier builds, converted with
+    ov.convert_model, had norm scales and some biases folded; Core.read_model keeps every initializer)."""
 
     def __init__(self, model: Any):
         self.model = model  # keeps the constants (and the mapping they read from) alive
