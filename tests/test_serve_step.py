@@ -71,6 +71,15 @@ def test_mixed_step_counts_share_steps_and_match_the_library(server, library):
         assert int(np.abs(got.astype(int) - want.astype(int)).max()) <= 1
 
 
+def test_more_images_than_a_flight_holds_is_a_400_naming_the_field(server):
+    status, body = post(server, {"prompt": "five", "steps": 2, "images": 5})  # --max-batch 4
+    assert status == 400, body
+    assert body["error"]["param"] == "images" and "over --max-batch 4" in body["error"]["message"]
+    status, data, _ = server.post("/v1/images/generations", {"prompt": "five", "n": 5}, timeout=60)
+    err = json.loads(data)["error"]
+    assert status == 400 and err["param"] == "n" and "n 5 is over --max-batch 4" in err["message"]
+
+
 def test_queue_bound_answers_429_and_everything_accepted_finishes(server):
     bodies = [{"prompt": f"flood {i}", "steps": 30, "seed": i, "images": 4} for i in range(8)]
     out: list[int] = []

@@ -129,6 +129,10 @@ class ServerState:
         if request.images > self.config.max_images:
             raise ApiError(400, f"{images_field} {request.images} is over this server's limit "
                                 f"(--max-images {self.config.max_images})", images_field)
+        limit = self.batcher.images_limit
+        if limit is not None and request.images > limit:
+            raise ApiError(400, f"{images_field} {request.images} is over --max-batch {limit}: step batching runs "
+                                "all images of a request in one flight", images_field)
         for side in ("height", "width"):
             value = getattr(request, side)
             if value is not None and value > self.config.max_size:

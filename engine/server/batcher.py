@@ -62,6 +62,8 @@ class Job:
 
 
 class Batcher:
+    images_limit: int | None = None  # images one request may ask for (None: a request's images may span batches)
+
     def __init__(self, run: RunFn, max_batch: int, max_wait_s: float, max_queue: int, metrics: Metrics | None = None):
         self.run, self.max_batch, self.max_wait_s, self.max_queue = run, max_batch, max_wait_s, max_queue
         self.metrics = metrics

@@ -84,6 +84,11 @@ class StepBatcher:
         steps = sum(j.request.steps for j in waiting) / max(1, len(waiting))
         return max(1, math.ceil(self._step_s * steps * (1 + len(waiting) / self.max_batch)))
 
+    @property
+    def images_limit(self) -> int:
+        """Images one request may ask for: its rows run in one flight (the app answers 400 above it)."""
+        return self.max_batch
+
     async def submit(self, request: Request, key: tuple | None = None) -> Outcome:
         """The request's images once its last row finished (`key` is unused: the flight keys rows itself)."""
         if not self.accepting:
