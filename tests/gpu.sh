@@ -71,7 +71,7 @@ fi
 step facts sh -c "nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv; \
   $py -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'"
 step kernel_build "$py" -m kernels.build
-step kernel_tests "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py
+step kernel_tests "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_kernels_gpu.py
 
 sanitizer=$(command -v compute-sanitizer || true)
 for cand in ${nvcc:+"$(dirname "$nvcc")/compute-sanitizer"} ${CUDA_HOME:+"$CUDA_HOME/bin/compute-sanitizer"} \

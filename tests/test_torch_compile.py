@@ -1,7 +1,7 @@
 """The torch fast path's compile step, on the CPU: `python -m engine.build --backend torch --compile` makes the
 UNet runner call `torch.compile` (inductor, C++ kernels here, Triton on a GPU), which matches eager.
 
-What stays GPU-only (tests/test_gpu_pipeline.py, tests/test_kernels.py): our attention kernel inside the compiled
+What stays GPU-only (tests/test_gpu_pipeline.py, tests/test_kernels_gpu.py): our attention kernel inside the compiled
 graph, channels_last on CUDA, and capturing the whole denoise step around the compiled UNet in a CUDA graph.
 """
 from __future__ import annotations
