@@ -1,9 +1,11 @@
 """Request-level vs step-level batching under open-loop Poisson load with mixed step counts, one run.
 
     python -m benchmarks.continuous_load [--requests 120] [--loads 0.3,0.6,0.9] [--steps 10,20,30] [--quick]
+                                         [--device cuda --model sd15 --size 512]
 
-Two servers on the same `tiny` ONNX Runtime engines (64², max batch 8), `--batching request` and
-`--batching step`. Capacity is measured first, on the request-level server, closed loop with 8 clients
+Two servers on the same engines, `--batching request` and `--batching step`: on the CPU `tiny` ONNX Runtime
+fp32 engines (64², max batch 8); with `--device cuda` the torch backend in fp16, whose UNet is graph-safe, so
+step batching pads each step to a batch-size bucket and replays one CUDA graph per bucket. Capacity is measured first, on the request-level server, closed loop with 8 clients
 sending the same mix of step counts: its img/s is 100% load. Then, for each load level, both servers get
 the same arrival times (Poisson at level × capacity, seeded) and the same requests (step counts cycling
 through --steps, so the total work is equal), alternating server per level. Rows per (mode, load): latency
@@ -12,6 +14,7 @@ mean/p50/p99, img/s, lost; plus step/request ratios of mean and p99 latency and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import random
 import sys
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from benchmarks import RESULTS
 from benchmarks.schema import Results, percentiles
-from benchmarks.serve_load import Sample, build_engines, generate
+from benchmarks.serve_load import Sample, generate
 from benchmarks.serve_process import running_server
 
 MODES = ("request", "step")
@@ -39,6 +42,9 @@ class ContinuousLoad:
     capacity_requests: int = 48
     timeout_s: float = 300.0
     seed: int = 7
+    device: str = "cpu"  # cpu: ONNX Runtime fp32; cuda: the torch backend in fp16 (CUDA graphs per bucket)
+    model: str = "tiny"
+    size: int = 64
 
 
 QUICK = ContinuousLoad(requests=8, loads=(0.6,), steps=(2, 4, 6), capacity_requests=8)
@@ -46,7 +52,20 @@ QUICK = ContinuousLoad(requests=8, loads=(0.6,), steps=(2, 4, 6), capacity_reque
 
 def body(i: int, cfg: ContinuousLoad) -> dict:
     return {"prompt": f"continuous {i}: a harbour at dawn", "seed": cfg.seed * 1000 + i,
-            "steps": cfg.steps[i % len(cfg.steps)], "images": 1, "response_format": "json"}
+            "steps": cfg.steps[i % len(cfg.steps)], "images": 1, "height": cfg.size, "width": cfg.size,
+            "response_format": "json"}
+
+
+def build(cfg: ContinuousLoad, dest: Path) -> Path:
+    """The engines both servers load: ONNX Runtime fp32 on the CPU; the torch backend in fp16 on a GPU."""
+    from engine.build import build_all
+    from engine.config import BuildConfig
+
+    gpu = cfg.device.startswith("cuda")
+    build_all(BuildConfig(model=cfg.model, backend="torch" if gpu else "onnxruntime",
+                          precision="fp16" if gpu else "fp32", device=cfg.device, height=cfg.size, width=cfg.size,
+                          max_batch=cfg.max_batch, engine_dir=dest), progress=False)
+    return dest
 
 
 def capacity(url: str, cfg: ContinuousLoad) -> float:
@@ -72,15 +91,15 @@ def poisson(url: str, cfg: ContinuousLoad, arrivals: list[float]) -> tuple[list[
 
 def measure(results: Results, cfg: ContinuousLoad = ContinuousLoad(), engine_dir: Path | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="continuous-") as tmp:
-        engine_dir = engine_dir or build_engines(Path(tmp) / "engines")
-        flags = ("--max-batch", str(cfg.max_batch), "--max-queue", str(cfg.requests + 8))
+        engine_dir = engine_dir or build(cfg, Path(tmp) / "engines")
+        flags = ("--max-batch", str(cfg.max_batch), "--max-queue", str(cfg.requests + 8), "--device", cfg.device)
         with running_server(engine_dir, Path(tmp), *flags, "--batching", "request") as req_srv, \
                 running_server(engine_dir, Path(tmp), *flags, "--batching", "step") as step_srv:
             urls = {"request": req_srv.url, "step": step_srv.url}
             for url in urls.values():  # warm both: first batches of each size are slower
-                capacity(url, ContinuousLoad(capacity_requests=cfg.max_batch, steps=cfg.steps[:1]))
+                capacity(url, dataclasses.replace(cfg, capacity_requests=cfg.max_batch, steps=cfg.steps[:1]))
             cap = capacity(urls["request"], cfg)
-            base = {"model": "tiny", "size": 64, "steps_mix": "/".join(map(str, cfg.steps)),
+            base = {"model": cfg.model, "size": cfg.size, "steps_mix": "/".join(map(str, cfg.steps)),
                     "max_batch": cfg.max_batch, "requests": cfg.requests}
             results.add("continuous_batching", base, "capacity_img_s", cap, "img/s",
                         note="request-level batching, closed loop of 8 clients")
@@ -117,12 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=d.requests)
     p.add_argument("--loads", default=",".join(map(str, d.loads)))
     p.add_argument("--steps", default=",".join(map(str, d.steps)))
+    p.add_argument("--device", default=d.device, help="cpu (ONNX Runtime fp32) or cuda (torch fp16, CUDA graphs)")
+    p.add_argument("--model", default=d.model, help="preset or local model path")
+    p.add_argument("--size", type=int, default=d.size, help="image side in pixels")
     p.add_argument("--quick", action="store_true", help="tiny counts (the test's run)")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
-    cfg = QUICK if a.quick else ContinuousLoad(requests=a.requests, loads=tuple(float(x) for x in a.loads.split(",")),
-                                               steps=tuple(int(x) for x in a.steps.split(",")))
-    results = Results(suite="continuous-batching")
+    where = {"device": a.device, "model": a.model, "size": a.size}
+    cfg = dataclasses.replace(QUICK, **where) if a.quick else ContinuousLoad(
+        requests=a.requests, loads=tuple(float(x) for x in a.loads.split(",")),
+        steps=tuple(int(x) for x in a.steps.split(",")), **where)
+    results = Results(device=a.device, suite="continuous-batching")
     measure(results, cfg)
     for r in results.rows:
         if r["value"] is not None:

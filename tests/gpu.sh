@@ -92,7 +92,7 @@ step attention_bench "$py" -m benchmarks.attention
 # only what this run wrote, not results committed earlier
 find benchmarks/results -name '*-attention-*.json' -newer "$out/kernel_tests.log" -exec cp {} "$out/" \;
 if has diffusers && has polygraphy && has onnx_graphsurgeon; then
-  step pipeline_tests "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_pipeline.py
+  step pipeline_tests "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_pipeline.py tests/test_continuous_graphs.py
 else
   echo "== pipeline_tests: skipped, diffusers / polygraphy / onnx_graphsurgeon do not import (docs/gpu.md)"
 fi
