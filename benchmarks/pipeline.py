@@ -14,14 +14,22 @@ times; every stage's p50/p90/p99 goes into rows of the common schema (benchmarks
     peak_rss_gib  CPU: the process's peak RSS over this backend's runs (VmHWM, reset before)
     peak_gpu_gib  GPU: torch.cuda.max_memory_allocated over the runs (TensorRT's own allocations not included)
     gpu_used_gib  GPU: the device's used memory as NVML reports it (nvidia-smi) after the runs, all allocations
-A backend that is not installed, or cannot run on this device, gets a skipped row with the reason.
+A backend that is not installed, or cannot run on this device, gets a skipped row with the reason. A backend
+may name its precision (`openvino:bf16`); without one, the backend's default.
+
+    python -m benchmarks.pipeline [--model sd15 --size 256 --steps 10] [--backends onnxruntime,openvino:bf16]
+                                  [--runs 3] [--batch-sizes 1] [--device cpu] [--out DIR]
 """
 from __future__ import annotations
 
+import argparse
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks import RESULTS
 from benchmarks.schema import Results, peak_rss_bytes, reset_peak_rss
 
 PROMPT = "a lighthouse at dusk, oil painting"
@@ -90,21 +98,30 @@ def _timed(fn, device: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def bench_backend(results: Results, cfg: PipelineBench, backend: str, engine_dir: Path) -> None:
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """`backend` or `backend:precision` -> (backend, precision or None for the backend's default)."""
+    backend, _, precision = spec.partition(":")
+    return backend, precision or None
+
+
+def bench_backend(results: Results, cfg: PipelineBench, spec: str, engine_dir: Path) -> None:
     from engine.build import build_all
     from engine.config import BuildConfig
     from engine.pipeline import Pipeline
     from engine.png import png_bytes
     from engine.request import Request
 
+    backend, precision = parse_spec(spec)
     base = {"model": cfg.model, "backend": backend, "size": cfg.size, "steps": cfg.steps, "sampler": cfg.sampler}
+    if precision:
+        base["precision"] = precision
     reason = unavailable(backend, cfg.device)
     if reason:
         results.skip("pipeline", base, reason)
         return
     try:
-        record = build_all(BuildConfig(model=cfg.model, backend=backend, engine_dir=engine_dir, height=cfg.size,
-                                       width=cfg.size, device=cfg.device), progress=False).record
+        record = build_all(BuildConfig(model=cfg.model, backend=backend, precision=precision, engine_dir=engine_dir,
+                                       height=cfg.size, width=cfg.size, device=cfg.device), progress=False).record
     except (ImportError, ValueError, RuntimeError, OSError) as e:  # e.g. an exporter library missing on a GPU box
         results.skip("pipeline", base, f"build failed: {type(e).__name__}: {e}")
         return
@@ -162,3 +179,37 @@ def measure(results: Results, cfg: PipelineBench, engine_dir: Path) -> None:
     for backend in cfg.backends:
         bench_backend(results, cfg, backend, engine_dir)
 
+
+def main(argv: list[str] | None = None) -> int:
+    d = PipelineBench()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--size", type=int, default=d.size)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--sampler", default=d.sampler)
+    p.add_argument("--backends", default=",".join(d.backends), help="comma separated, each backend[:precision]")
+    p.add_argument("--runs", type=int, default=d.runs)
+    p.add_argument("--batch-sizes", default=",".join(map(str, d.batch_sizes)))
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--engine-dir", type=Path, default=None, help="build into (or reuse) this dir; default: a temp dir")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    cfg = PipelineBench(model=a.model, size=a.size, steps=a.steps, sampler=a.sampler,
+                        backends=tuple(a.backends.split(",")), runs=a.runs,
+                        batch_sizes=tuple(int(x) for x in a.batch_sizes.split(",")), device=a.device)
+    results = Results(device=a.device, suite="pipeline")
+    with tempfile.TemporaryDirectory(prefix="pipeline-") as tmp:
+        measure(results, cfg, a.engine_dir or Path(tmp))
+    for r in results.rows:
+        c = r["config"]
+        where = f"{c['backend']} {c.get('precision', '-')} batch {c.get('batch', '-')}"
+        if r["value"] is None:
+            print(f"{where}: skipped, {r.get('skipped')}")
+        elif r["metric"] in ("e2e_ms_p50", "unet_step_ms_p50", "images_per_s"):
+            print(f"{where}: {r['metric']} {r['value']:.2f} {r['unit']}")
+    print(f"wrote {results.write(a.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

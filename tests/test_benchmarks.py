@@ -101,3 +101,29 @@ def test_readme_measured_block_matches_the_committed_results():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr + r.stdout
     assert report.readme_runs(), "no committed full run in benchmarks/results"
+
+
+def test_pipeline_cli_takes_backend_precision_specs(ort_engines, tmp_path):
+    """`python -m benchmarks.pipeline --backends onnxruntime,openvino:bf16,openvino:int8`: rows per backend and
+    precision (the precision asked for, or the backend's default); a precision the backend lacks is a skipped row."""
+    import importlib.util
+    import shutil
+
+    from engine.backends import cpu
+
+    engines = tmp_path / "engines"
+    shutil.copytree(ort_engines, engines)  # tiny 64²: its fp32 exports are reused
+    have_ov = importlib.util.find_spec("openvino") is not None
+    specs = ["onnxruntime", "openvino:int8"] + (["openvino:bf16"] if have_ov and cpu.has_native_bf16() else [])
+    out = tmp_path / "results"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.pipeline", "--model", "tiny", "--size", "64", "--steps", "2",
+                        "--runs", "1", "--batch-sizes", "1", "--backends", ",".join(specs), "--engine-dir", str(engines),
+                        "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (path,) = out.glob("*-pipeline-*.json")
+    rows = load(path)["rows"]
+    measured = {(x["config"]["backend"], x["config"]["precision"]) for x in rows if x["metric"] == "e2e_ms_p50"}
+    assert measured == {("onnxruntime", "fp32")} | ({("openvino", "bf16")} if "openvino:bf16" in specs else set())
+    (skipped,) = [x for x in rows if x["value"] is None]
+    why = "not available with the openvino backend" if have_ov else "OpenVINO is not installed"
+    assert skipped["config"]["precision"] == "int8" and why in skipped["skipped"]
