@@ -34,6 +34,16 @@ def spied(pipe: Pipeline):
     return spy, restore
 
 
+def drive_spied(flight: Flight, plan: dict, pipe: Pipeline) -> tuple[dict, list, list[int]]:
+    """`drive` the flight through the plan with the UNet spied: (images, errors, the UNet's input batch sizes)."""
+    spy, restore = spied(pipe)
+    try:
+        images, errors = drive(flight, plan, pipe)
+    finally:
+        restore()
+    return images, errors, [call["sample"][0] for call in spy.calls]
+
+
 def by_owner(images: dict[str, list]) -> dict[str, list[np.ndarray]]:
     return {owner: [px for _, px in sorted(got, key=lambda kp: kp[0])] for owner, got in images.items()}
 
@@ -79,12 +89,7 @@ def test_padded_buckets_match_the_unpadded_flight_and_each_request_alone(pipe, s
         "c": Request(prompt="a green hill", steps=3, sampler=sampler, seed=33, guidance_scale=9.0),
     }
     plan = {0: [(reqs["a"], "a")], 2: [(reqs["b"], "b")], 3: [(reqs["c"], "c")]}  # 1, 2 then 3 rows (bucket 4)
-    spy, restore = spied(pipe)
-    try:
-        padded_images, errors = drive(Flight(pipe, max_batch=8, buckets=True), plan, pipe)
-        sizes = [call["sample"][0] for call in spy.calls]
-    finally:
-        restore()
+    padded_images, errors, sizes = drive_spied(Flight(pipe, max_batch=8, buckets=True), plan, pipe)
     assert not errors
     assert sorted(set(sizes)) == [2, 4, 8]  # guidance on: [uncond; cond] of buckets 1, 2 and 4 (3 rows + 1 pad)
     eager_images, errors = drive(Flight(pipe, max_batch=8, buckets=False), plan, pipe)
@@ -102,12 +107,7 @@ def test_padded_buckets_not_a_power_of_two_with_img2img_strengths(pipe):
     reqs = {"s5": Request(prompt="x", init_image=image, strength=0.5, steps=8, seed=5, images=3),
             "s9": Request(prompt="y", init_image=image, strength=0.9, steps=6, seed=6, images=2)}
     plan = {0: [(reqs["s9"], "s9")], 1: [(reqs["s5"], "s5")]}
-    spy, restore = spied(pipe)
-    try:
-        images, errors = drive(Flight(pipe, max_batch=6, buckets=True), plan, pipe)
-        sizes = [call["sample"][0] for call in spy.calls]
-    finally:
-        restore()
+    images, errors, sizes = drive_spied(Flight(pipe, max_batch=6, buckets=True), plan, pipe)
     assert not errors
     assert set(sizes) <= {2 * b for b in buckets(6)} and 12 in sizes  # 5 rows: bucket 6
     got = by_owner(images)

@@ -32,7 +32,7 @@ QUALITY_GATE_DB = 40.0  # whole-image PSNR vs fp32 a reduced precision must reac
 FALLBACK = "onnxruntime"  # the answer when no row fits: always installed, every precision it has
 NATIVE_FLAGS = {"bf16": cpu.BF16_FLAGS, "int8": ("avx512_vnni", "avx_vnni", "amx_int8")}  # one of these, or emulated
 NOT_AUTO = {"int8": "int8 graphs cannot merge LoRA adapters"}  # precisions auto leaves to an explicit --precision
-MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime", "torch": "torch"}  # backend -> what it imports
+CPU_BACKENDS = ("openvino", "onnxruntime", "torch")  # each imports the module of its name
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def rows(doc: dict | None = None) -> list[Row]:
 
 
 def installed_backends() -> frozenset[str]:
-    return frozenset(b for b, mod in MODULES.items() if importlib.util.find_spec(mod) is not None)
+    return frozenset(b for b in CPU_BACKENDS if importlib.util.find_spec(b) is not None)
 
 
 def why_not(row: Row, installed: Collection[str], flags: Collection[str]) -> str | None:
