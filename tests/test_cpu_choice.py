@@ -84,5 +84,7 @@ def test_auto_build_plan_is_the_pick_here(tmp_path):
     assert job.why == want.why and cpu_choice.TABLE.name in job.why
     if "openvino" in cpu_choice.installed_backends() and cpu.has_native_bf16():
         assert (want.backend, want.precision) == ("openvino", "bf16")  # the measured table's first row
+    compiled = _prepare(BuildConfig(model="tiny", engine_dir=tmp_path, compile=True))  # --compile is torch's
+    assert compiled.plan.backend == "torch" and compiled.why.startswith("auto: torch")
     explicit = _prepare(BuildConfig(model="tiny", engine_dir=tmp_path, backend="onnxruntime"))
     assert (explicit.plan.backend, explicit.plan.precision, explicit.why) == ("onnxruntime", "fp32", "")
