@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from engine.config import BACKENDS
-from engine.png import IMAGE_FORMATS, SAMPLER_NAMES
+from engine.png import IMAGE_FORMATS
 from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
+from engine.sampler_registry import SAMPLERS
 from export.quiet import add_verbose_flag, quiet_cli
 
 _R = Request()  # generation defaults live on Request
@@ -77,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--steps", "--denoising-steps", dest="steps", type=int, default=d.steps,
                    help=f"sampler steps, 1..{MAX_STEPS} (lcm: 1..original_inference_steps of the model, usually 50)")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale, help="CFG scale; <= 1 turns CFG off")
-    p.add_argument("--scheduler", "--sampler", dest="scheduler", default=d.scheduler, help=f"one of {', '.join(SAMPLER_NAMES)}")
+    p.add_argument("--scheduler", "--sampler", dest="scheduler", default=d.scheduler, help=f"one of {', '.join(SAMPLERS)}")
     p.add_argument("--seed", type=int, default=d.seed, help="image k uses seed + k, 0..2**64-1; -1 = random")
     p.add_argument("--height", type=int, default=d.height, help="pixels; None = the size the engines were built for")
     p.add_argument("--width", type=int, default=d.width, help="pixels; None = the size the engines were built for")

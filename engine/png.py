@@ -17,6 +17,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from engine.sampler_registry import REGISTRY
+
 # suffix -> Pillow format; anything else is refused
 IMAGE_FORMATS: dict[str, str] = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 QUALITY = 95  # JPEG / WebP quality (Pillow's default is 75)
@@ -24,15 +26,8 @@ EXIF_IFD = 0x8769  # the Exif sub-IFD, where UserComment lives
 USER_COMMENT = 0x9286
 UNICODE_PREFIX = b"UNICODE\0"  # the EXIF character-code header piexif writes for encoding="unicode"
 
-# our sampler names -> A1111's display names
-SAMPLER_NAMES: dict[str, str] = {
-    "ddim": "DDIM",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "lcm": "LCM",
-}
+# our sampler names -> A1111's display names, read from each sampler's record
+SAMPLER_NAMES: dict[str, str] = {name: sampler.a1111_name for name, sampler in REGISTRY.items()}
 _CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 

@@ -12,14 +12,8 @@ bit-identical to those read from diffusers' own scheduler objects; tests/test_sc
 that for every sampler, several step counts and many configs. Options diffusers has but these samplers
 do not support (thresholding, flow sigmas, learned variance, beta sigmas) are refused with a ValueError.
 
-The scheduler each sampler matches:
-
-    ddim            DDIMScheduler (eta=0)
-    euler           EulerDiscreteScheduler
-    euler_a         EulerAncestralDiscreteScheduler
-    dpmpp_2m        DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)
-    dpmpp_2m_karras same, use_karras_sigmas=True
-    lcm             LCMScheduler
+The scheduler class each sampler matches, and the overrides that make it that sampler, are the sampler's
+record in engine/sampler_registry.py; this module keeps what is per class (`CLASS_DEFAULTS`, `_SETUPS`).
 """
 from __future__ import annotations
 
@@ -30,27 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-# sampler -> (diffusers scheduler class name, config overrides that define the sampler)
-SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
-    ),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {
-            "algorithm_type": "dpmsolver++",
-            "solver_order": 2,
-            "use_karras_sigmas": True,
-            "use_exponential_sigmas": False,
-            "use_beta_sigmas": False,
-        },
-    ),
-    "lcm": ("LCMScheduler", {}),
-}
+from engine.sampler_registry import REGISTRY
 
 _BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
           "trained_betas": None}
@@ -108,7 +82,7 @@ def resolve_config(sampler: str, scheduler_config: dict[str, Any]) -> Config:
     """What ``from_config(scheduler_config, **overrides)`` makes the class's config: its __init__ defaults,
     then the keys of `scheduler_config` it knows (those `_use_default_values` lists stay defaults), then the
     sampler's overrides, with DPM-Solver's own normalisations."""
-    cls_name, overrides = SCHEDULER_CLASSES[sampler]
+    cls_name, overrides = REGISTRY[sampler].scheduler, REGISTRY[sampler].overrides
     defaults = CLASS_DEFAULTS[cls_name]
     keep_default = set(scheduler_config.get("_use_default_values", []))
     given = {k: v for k, v in scheduler_config.items() if k in defaults and k not in keep_default}
@@ -474,4 +448,4 @@ _SETUPS = {
 def setup(sampler: str, cfg: Config, steps: int) -> SchedulerSetup:
     """The scheduler state of `sampler` for a config from `resolve_config`, after set_timesteps(steps).
     ValueError for a config option these samplers do not support or steps the scheduler refuses."""
-    return _SETUPS[SCHEDULER_CLASSES[sampler][0]](cfg, steps, sampler)
+    return _SETUPS[REGISTRY[sampler].scheduler](cfg, steps, sampler)

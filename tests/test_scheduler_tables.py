@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import samplers, schedulers
+from engine import sampler_registry, samplers, schedulers
 from engine.samplers import SAMPLERS, diffusers_scheduler, make_schedule
 from export.presets import PRESETS
 from tests.test_samplers import CONFIGS, EXTRA_CONFIGS, SD15
@@ -113,7 +113,7 @@ def _reference_tables(name: str, config: dict, steps: int, strength: float) -> d
     pred = config.get("prediction_type", "epsilon")
     start = samplers._first_step(strength, steps)
     a, b = _reference_noise(sched)
-    tables = {**samplers._TABLE_BUILDERS[name](sched, pred, start),
+    tables = {**sampler_registry.REGISTRY[name].tables(sched, pred, start),
               "noise_a": torch.cat([a, torch.ones(1)]), "noise_b": torch.cat([b, torch.zeros(1)])}
     return {k: v.to(torch.float32).contiguous() for k, v in tables.items()}
 

@@ -309,7 +309,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/v1/info")
     async def info() -> dict:
-        from engine.samplers import SAMPLERS
+        from engine.sampler_registry import SAMPLERS
 
         p = state.pipeline
         if p is None:

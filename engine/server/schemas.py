@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from engine.lora import Adapter
 from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
-from engine.samplers import SAMPLERS
+from engine.sampler_registry import get as sampler_record
 
 _R = Request()
 MAX_PROMPT_CHARS = 4000  # CLIP reads 77 tokens; longer text is truncated with a warning, far longer is refused
@@ -54,8 +54,7 @@ def _text(value: str) -> str:
 
 
 def _sampler(value: str) -> str:
-    if value not in SAMPLERS:
-        raise ValueError(f"unknown sampler {value!r}; choose one of: {', '.join(SAMPLERS)}")
+    sampler_record(value)  # ValueError naming the value and the registry's samplers
     return value
 
 
