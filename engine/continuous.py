@@ -6,8 +6,8 @@ UNet call per step; `step()` runs that call for every slot: the per-row step ind
 tables (`samplers.stack`) and the UNet gets each row's own timestep (engine/denoise.py). A slot whose
 last step ran is `done`; `finish` decodes the done slots together and hands back their images.
 
-What may share a batch (`flex_key`): the same adapters, kind, size, sampler and guidance on/off; the step
-count and strength may differ. One sampler per batch because the sampler's update is one function of
+What may share a batch (`flex_key`, engine/request.py): the same adapters, kind, size, sampler and guidance
+on/off; the step count and strength may differ. One sampler per batch because the sampler's update is one function of
 the tables (`samplers.step`): mixing Euler and DPM++ 2M rows would need both updates in every step.
 
 Parity: a slot starts from exactly the buffers `Pipeline.run` would give it (the same per-image generators,
@@ -24,10 +24,9 @@ least 8, so [N] and [N + 1] tables share it; a row never reads past its own N). 
 the tables and timesteps included (`sched.*` buffers), then lives in one dict of static shapes, so the
 step (`bucket_step`) is one function of its buffers: with a graph-safe UNet on CUDA it is captured once per
 key (bucket, table width, buffer names/shapes/dtypes: latent size, guidance on/off, paired buffers, noise;
-sampler and prediction type) by `engine.graphs.try_capture` and replayed at every later step of that key,
-the live rows copied in and their latents/state read back. At most `MAX_GRAPHS` graphs are kept (the
-oldest goes first); they are dropped when the pipeline's adapters change (LoRA swaps move the UNet's
-weights). A capture that fails warns once for its key, which then runs eagerly. On CPU the step runs
+sampler and prediction type) in the session's bounded graph cache (`Pipeline.graphs`) and replayed at every
+later step of that key, the live rows copied in and their latents/state read back; the session drops its
+graphs when its adapters change (LoRA swaps move the UNet's weights). A capture that fails warns once for its key, which then runs eagerly. On CPU the step runs
 eager, padded or not; `Finished` images say in params["cuda_graph"] whether all their steps ran in a graph.
 """
 from __future__ import annotations
@@ -41,20 +40,16 @@ import numpy as np
 import torch
 
 from engine import samplers
-from engine.backends.base import Runner
-from engine.denoise import COND, denoise_step
-from engine.graphs import Buffers, StepFn, StepGraph, try_capture
-from engine.pipeline import MAX_GRAPHS, Pipeline, Row
-from engine.request import Generated, Request, image_params, time_ids_of
+from engine.denoise import COND
+from engine.graphs import Buffers, StepFn, StepGraph, StepGraphCache
+from engine.pipeline import Pipeline
+from engine.request import Generated, Row, flex_key
+
+__all__ = ["Finished", "Flight", "Slot", "flex_key"]
 
 PAIRED = ("concat",)  # besides cond.*: buffers laid out [uncond rows; cond rows] (2B) with guidance
 SCHED = "sched."  # the stacked schedule as step buffers: sched.timesteps [B, W], sched.<table> [B, W]
 MIN_WIDTH = 8  # narrowest padded table width
-
-
-def flex_key(r: Request) -> tuple:
-    """What the rows of resolved requests must share to run in one batch (steps and strength may differ)."""
-    return (r.loras, r.kind, r.height, r.width, r.sampler, r.guidance_scale > 1.0)
 
 
 def _paired(name: str, cfg: bool) -> bool:
@@ -104,14 +99,14 @@ def schedule_buffers(stacked: samplers.Schedule, width: int) -> Buffers:
     return out
 
 
-def bucket_step(unet: Runner, template: samplers.Schedule, cfg: bool) -> StepFn:
+def bucket_step(pipe: Pipeline, template: samplers.Schedule, cfg: bool) -> StepFn:
     """The step as one function of its buffers, tables included: `template` gives only the sampler's static
     facts (name, prediction type, noise); timesteps and tables are read from the `sched.*` buffers."""
 
     def step(b: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
         tables = {k[len(SCHED):]: v for k, v in b.items() if k.startswith(SCHED)}
         schedule = dataclasses.replace(template, timesteps=tables.pop("timesteps"), tables=tables, start=0)
-        return denoise_step(unet, schedule, cfg, {k: v for k, v in b.items() if not k.startswith(SCHED)})
+        return pipe.step(schedule, cfg, {k: v for k, v in b.items() if not k.startswith(SCHED)})
 
     return step
 
@@ -145,7 +140,7 @@ class Slot:
 class Finished:
     owner: Any
     row: Row
-    image: Generated | None
+    image: Generated | None  # None when `error` says why not
     error: str | None = None
 
 
@@ -162,8 +157,11 @@ class Flight:
         self.key: tuple | None = None  # flex key of the rows in flight
         self._stacked: tuple[tuple, samplers.Schedule] | None = None
         self._padded: tuple[tuple, samplers.Schedule, Buffers] | None = None  # (ids, stacked, sched.* [B, W])
-        self.graphs: dict[tuple, StepGraph | None] = {}  # graph_key -> graph (None: capture failed); oldest first
-        self._weights: object = pipe._applied_info  # replaced by every adapter change: graphs read the old weights
+
+    @property
+    def graphs(self) -> StepGraphCache:
+        """The session's captured steps (dropped by the session when its adapters change)."""
+        return self.pipe.graphs
 
     @property
     def free(self) -> int:
@@ -186,12 +184,10 @@ class Flight:
             raise ValueError(f"admit: {len(rows)} rows, {self.free} free slots")
         if self.key is None:
             self.pipe.use_adapters(key[0])
-            self._check_weights()
             self.key = key
         cfg = key[-1]
         p = self.pipe
-        cond = p.encode([x.request.prompt for x in rows], [x.request.negative_prompt for x in rows] if cfg else None,
-                        [time_ids_of(x.request) for x in rows] if p.family.time_ids else None)
+        cond = p.encode(rows, cfg)
         n = len(rows)
         new: list[Slot] = []
         groups: dict[tuple, list[int]] = {}  # rows that share a schedule start together, as Pipeline.run would
@@ -200,9 +196,7 @@ class Flight:
         for members in groups.values():
             r = rows[members[0]].request
             schedule = p.schedule(r.sampler, r.steps, r.strength)
-            start = p._start_latents([rows[k] for k in members], schedule, cfg)
-            if cfg:
-                start["guidance"] = torch.tensor([rows[k].request.guidance_scale for k in members]).view(-1, 1, 1, 1)
+            start = p.start_latents([rows[k] for k in members], schedule, cfg)
             noise = start.pop("noise", None)  # [N, b, 4, h, w]
             for j, k in enumerate(members):
                 bufs = {name: self._row_of(v, k, n, _paired(name, cfg)) for name, v in cond.items()}
@@ -234,8 +228,7 @@ class Flight:
             rows = slots + [slots[0]] * (bucket_for(len(slots), self.max_batch) - len(slots))  # padding: row 0
             latents, state, graphed = self._bucket_step(rows, cfg, self._batch(rows, cfg))
         else:
-            latents, state = denoise_step(self.pipe.runners["unet"], self._schedule(slots), cfg,
-                                          self._batch(slots, cfg))
+            latents, state = self.pipe.step(self._schedule(slots), cfg, self._batch(slots, cfg))
             graphed = False
         for k, s in enumerate(slots):  # padded rows (k >= len(slots)) are dropped here
             s.bufs["latents"], s.bufs["state"] = latents[k:k + 1], state[k:k + 1]
@@ -269,7 +262,7 @@ class Flight:
         """(latents [B, 4, h, w], state [B, 4, h, w], graphed) of the padded batch `rows` (B = its bucket)."""
         template, tables = self._padded_schedule(rows)
         b.update(tables)
-        step = bucket_step(self.pipe.runners["unet"], template, cfg)
+        step = bucket_step(self.pipe, template, cfg)
         graph = self._graph(graph_key(template, cfg, b), step, b)
         if graph is None:
             latents, state = step(b)
@@ -290,21 +283,9 @@ class Flight:
     def _graph(self, key: tuple, step: StepFn, b: Buffers) -> StepGraph | None:
         """The captured step of this key (captured now if new), or None: eager (CPU, a UNet that is not
         graph-safe, graphs off, or a capture that failed for this key)."""
-        if not (self.cuda_graph and self.pipe.runners["unet"].graph_safe and b["latents"].is_cuda):
+        if not (self.cuda_graph and self.pipe.graph_safe(b)):
             return None
-        self._check_weights()
-        if key not in self.graphs:
-            if len(self.graphs) >= MAX_GRAPHS:
-                self.graphs.pop(next(iter(self.graphs)))
-            self.graphs[key] = try_capture(step, b)
-        return self.graphs[key]
-
-    def _check_weights(self) -> None:
-        """Drop the graphs when the pipeline's adapters changed since they were captured (`use_adapters`
-        replaces `_applied_info` at every change, also A -> B -> A, and the UNet's weights move)."""
-        if self.pipe._applied_info is not self._weights:
-            self.graphs.clear()
-            self._weights = self.pipe._applied_info
+        return self.graphs.get_or_capture(key, step, b)
 
     # ---- leave ----
 
@@ -325,30 +306,26 @@ class Flight:
         out: list[Finished] = []
         ok = []
         for s in done:
-            if bool(torch.isfinite(s.bufs["latents"]).all()):
-                ok.append(s)
+            try:
+                self.pipe.check_latents(s.bufs["latents"])
+            except RuntimeError as e:
+                out.append(Finished(s.owner, s.row, None, str(e)))
             else:
-                precision = self.pipe.info.get("precision")
-                hint = " (fp16 overflow? rebuild with --precision fp32)" if precision == "fp16" else ""
-                out.append(Finished(s.owner, s.row, None, f"the denoise loop (unet) produced NaN/Inf values{hint}"))
+                ok.append(s)
         if ok:
             try:
                 pixels = self.pipe.decode(torch.cat([s.bufs["latents"] for s in ok]))  # [n, H, W, 3]
             except RuntimeError as e:
                 out += [Finished(s.owner, s.row, None, str(e)) for s in ok]
             else:
-                out += [Finished(s.owner, s.row, self._generated(s, px)) for s, px in zip(ok, pixels)]
+                out += [Finished(s.owner, s.row, self._generated(s, px)) for s, px in zip(ok, pixels, strict=True)]
         self._idle_check()
         return out
 
     def _generated(self, s: Slot, px: np.ndarray) -> Generated:
-        p = self.pipe
         graphed = s.steps_run > 0 and s.graph_steps == s.steps_run  # every step of this image in a graph
-        params = {**image_params(s.row.request, s.row.k), **p._engine_params(), "cuda_graph": graphed}
-        if p._applied_info:
-            params["loras"] = p._applied_info
         timings = {"in_flight": (time.perf_counter() - s.joined) * 1e3, "steps": float(s.steps_run)}
-        return Generated(px, params, timings)
+        return self.pipe.result(s.row, px, graphed, timings)
 
     def _idle_check(self) -> None:
         if not self.slots:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from engine.config import BACKENDS
 from engine.png import IMAGE_FORMATS
-from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
+from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request, flag
 from engine.sampler_registry import SAMPLERS
 from export.quiet import add_verbose_flag, quiet_cli
 
@@ -118,9 +118,9 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
 
 def _add_time_id_flags(p: argparse.ArgumentParser, d: GenerateConfig) -> None:
     """SDXL's size conditioning (time ids); None = diffusers' defaults. Other models refuse them."""
-    from export.families import SDXL_REFINER
+    from export.families.sdxl import AESTHETIC_SCORES
 
-    positive, negative = SDXL_REFINER.aesthetic_scores
+    positive, negative = AESTHETIC_SCORES
     p.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"), default=d.original_size,
                    help="SDXL: the original image size the model is told of, in pixels; None = --height --width")
     p.add_argument("--crop", type=int, nargs=2, metavar=("TOP", "LEFT"), default=d.crop,
@@ -198,7 +198,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
                          f"run python -m engine.build --backend {cfg.backend}")
     results = pipe.run(cfg.requests())
     paths = output_paths(cfg.output, len(results), [r.params["seed"] for r in results])
-    for result, path in zip(results, paths):
+    for result, path in zip(results, paths, strict=True):
         result.save(path)
     t = results[0].timings_ms
     print(f"timings (ms): clip {t['clip']:.1f} | unet {t['unet']:.1f} ({t['unet_per_step']:.2f}/step) | "
@@ -218,12 +218,24 @@ def main(argv: list[str] | None = None) -> int:
     quiet_cli(argv)  # imports torch, then quiets the libraries (nothing imported so far prints)
     from engine.cache import CorruptArtifact
 
+    from engine.request import RequestError
+
     try:
         run(cfg)
+    except RequestError as e:  # the request's fields named as this CLI's flags
+        print(f"error: {flag_message(str(e))}", file=sys.stderr)
+        return 2
     except (ValueError, RuntimeError, OSError, CorruptArtifact) as e:  # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def flag_message(message: str) -> str:
+    """A request error's message with the Request fields it names (those of two words or more: the one-word ones
+    read as words) written as this CLI's flags: original_size -> --original-size."""
+    names = [f.name for f in fields(Request) if "_" in f.name]
+    return re.sub(r"\b(" + "|".join(names) + r")\b", lambda m: flag(m[1]), message)
 
 
 def _exit_now(code: int) -> None:

@@ -1,21 +1,28 @@
-"""Requests in, images out, over any backend and family: text encoders -> [unet -> CFG -> sampler] x steps -> VAE.
+"""One engine session: requests in, images out, over any backend and family.
 
-The pipeline loads everything from a self-contained engine directory (`python -m engine.build` output):
-runners, tokenizers, scheduler config, family, dims and profile. It never reads the source model.
-`run` takes a list of `Request`s, checks them all before any work, splits them into image rows, groups
-rows that can share a UNet batch (same size, steps, sampler, strength, kind, guidance on/off), runs each
-group in batches and returns one `Generated` per image, in request order. Per-row seeds, guidance and
-noise make an image's pixels independent of its batch-mates.
+The session loads everything from a self-contained engine directory (`python -m engine.build` output):
+runners, tokenizers, scheduler config, family, dims and profile; it never reads the source model. Its
+public API is what both drivers use, the static batch (`run`, here) and the continuous flight
+(engine/continuous.py):
 
-The denoise step (engine/denoise.py) reads per-step values from device tables indexed by a device
-step counter, so it has no host sync; with graph-safe runners on CUDA it is captured once per key
-(shape, sampler, steps, strength, guidance on/off, kind) and replayed on every later call.
+    prepare(request)              -> PreparedRequest (checked once, before any work; RequestError names the field)
+    use_adapters(adapters)        LoRA merged into the runners (graphs of the old weights dropped)
+    encode(rows, cfg)             the denoiser's conditioning buffers (`cond.*`) from the family
+    start_latents(rows, sched, cfg)  initial latents, sampler state, per-step noise, inpainting inputs, guidance
+    step(sched, cfg, buffers)     one denoise step (engine/denoise.py): no host sync, CUDA-graph safe
+    decode(latents)               pixels, NaN/Inf refused
+    result(row, pixels, ...)      one `Generated` with its A1111-style parameters
+
+Components are found by their family role (`family.roles`), never by name. `run` takes requests (or prepared
+requests), groups rows that can share a denoiser batch (`PreparedRequest.batch_key`), runs each group in
+batches and returns one `Generated` per image, in request order. Per-row seeds, guidance and noise make an
+image's pixels independent of its batch-mates. With graph-safe runners on CUDA the step is captured once per
+key (shape, sampler, steps, strength, guidance on/off, kind) in the session's bounded graph cache.
 """
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,52 +30,42 @@ import numpy as np
 import torch
 
 from engine import cache, graphs, images, samplers
+from engine import request as T  # the timing keys
 from engine.backends.base import Runner, get_backend
 from engine.config import Profile
 from engine.denoise import COND, Buffers, denoise_step, randn_rows, sample_latents, step_noise
-from engine.request import Generated, Request, image_params, time_ids_of, with_time_ids
-from export.families import Family, TimeIds, get_family
+from engine.request import Generated, PreparedRequest, Request, RequestError, Row, image_params, with_family_fields
+from export.families import Family, get_family
 from export.specs import Dims, check_size
 
-MAX_GRAPHS = 8  # captured step graphs kept (each holds its static buffers); the oldest goes first
-
-
-@dataclass(frozen=True)
-class Row:
-    """One image to make: request `req` (resolved), image `k` of it."""
-
-    req: int
-    k: int
-    request: Request
-    image: torch.Tensor | None  # [1, 3, H, W] in [-1, 1]
-    mask: torch.Tensor | None  # [1, 1, H, W] in {0, 1}
-
-    @property
-    def seed(self) -> int:
-        return self.request.seed + self.k
-
-    def group(self, cfg_on: bool) -> tuple:
-        r = self.request
-        return (r.loras, r.kind, r.height, r.width, r.steps, r.sampler, r.strength, cfg_on)
+MAX_GRAPHS = 8  # captured step graphs kept (each holds its static buffers); the least recently used goes first
+ENGINE_PARAMS = ("model", "backend", "precision")  # what every image records of the engines that made it
 
 
 class Pipeline:
     def __init__(self, runners: dict[str, Runner], tokenizers: list, scheduler_config: dict, family: Family,
                  dims: Dims, profile: Profile, info: dict[str, Any] | None = None, batch_size: int | None = None):
-        self.runners = runners
-        self.tokenizers = tokenizers  # one per family.text_encoders entry
+        self.runners = runners  # component name -> runner; found by role (self.role)
+        self.tokenizers = tokenizers  # one per family.roles.text_encoders entry
         self.scheduler_config = scheduler_config
         self.family = family
         self.dims = dims
         self.profile = profile
         self.info = info or {}
         self.batch_size = batch_size or profile.opt.batch  # images denoised together
-        self.device = runners["unet"].device
+        self.device = self.role("denoiser").device
+        self.graphs = graphs.StepGraphCache(MAX_GRAPHS)  # both drivers' captured steps
         self._schedules: dict[tuple, samplers.Schedule] = {}
-        self._graphs: dict[tuple, graphs.StepGraph | None] = {}  # insertion order = age, at most MAX_GRAPHS
         self._loras: dict[tuple[str, float], Any] = {}  # (path, mtime) -> engine.lora.LoraWeights, loaded once
         self._applied: tuple = ()  # the adapters merged into the runners now
-        self._applied_info: list[dict] = []
+        self.adapter_params: list[dict] = []  # what images record of them; a new list at every change
+
+    def role(self, role: str) -> Runner:
+        """The runner playing a family role: "denoiser", "latent_decoder", "latent_encoder"."""
+        return self.runners[getattr(self.family.roles, role)]
+
+    def has_role(self, role: str) -> bool:
+        return getattr(self.family.roles, role) in self.runners
 
     # ---- loading ----
 
@@ -105,7 +102,7 @@ class Pipeline:
                    batch_size)
 
     def close(self) -> None:
-        self._graphs.clear()
+        self.graphs.clear()
         for runner in self.runners.values():
             runner.close()
 
@@ -119,61 +116,127 @@ class Pipeline:
             self._schedules[key] = s.to(self.device)
         return self._schedules[key]
 
-    def prepare(self, request: Request) -> list[Row]:
-        """Check one request against this engine and load its images; ValueError names what is wrong."""
+    def prepare(self, request: Request) -> PreparedRequest:
+        """Check one request against this engine and load its images, once; RequestError names the field."""
         request.check()
         r = request.resolved(self.family.default_strength)
         h, w = r.height or self.profile.opt.height, r.width or self.profile.opt.width
         check_size(self.dims, h, w, self.profile.lo, self.profile.hi)
         r.height, r.width = h, w
-        r = with_time_ids(r, self.family)  # SDXL: diffusers' defaults filled in; other models refuse them
+        r = with_family_fields(r, self.family)  # e.g. SDXL's time ids: diffusers' defaults filled in
+        model = self.info.get("model")
         if r.kind == "txt2img" and not self.family.txt2img:
-            raise ValueError(f"model {self.info.get('model')!r} is an SDXL refiner ({self.family.name}): "
-                             "img2img only: give an init image")
-        self.schedule(r.sampler, r.steps, r.strength)  # unknown sampler, steps or strength out of range
-        if r.kind != "txt2img" and "vae_encoder" not in self.runners:
+            raise RequestError("init_image", f"model {model!r} ({self.family.name}) is img2img only: give an init "
+                                             "image")
+        self._check_schedule(r)
+        if r.kind != "txt2img" and not self.has_role("latent_encoder"):
             model_dir = Path(self.info.get("engine_dir", "."))
-            wanted = ",".join(dict.fromkeys(self.family.default_components(self.dims) + ("vae_encoder",)))
-            raise ValueError(f"{r.kind} needs the vae_encoder engine, which {model_dir} lacks: rebuild with "
-                             f"python -m engine.build --model {self.info.get('model')} --engine-dir {model_dir.parent} "
-                             f"--components {wanted}")
+            encoder = self.family.roles.latent_encoder
+            wanted = ",".join(dict.fromkeys(self.family.default_components(self.dims) + (encoder,)))
+            raise RequestError("init_image", f"{r.kind} needs the {encoder} engine, which {model_dir} lacks: rebuild "
+                                             f"with python -m engine.build --model {model} --engine-dir "
+                                             f"{model_dir.parent} --components {wanted}")
         if r.kind == "inpaint" and not self.family.can_inpaint(self.dims):
-            raise ValueError(f"model {self.info.get('model')!r} cannot inpaint: its UNet takes "
-                             f"{self.dims.unet_in_channels} channels (4 blends latents, 9 is an inpainting UNet)")
+            raise RequestError("mask", f"model {model!r} cannot inpaint: its UNet takes {self.dims.unet_in_channels} "
+                                       "channels (4 blends latents, 9 is an inpainting UNet)")
         if self.dims.inpainting_unet and r.kind != "inpaint":
-            raise ValueError(f"model {self.info.get('model')!r} is an inpainting model (9-channel UNet): "
-                             "give an init image and a mask")
-        image = images.load_image(r.init_image, h, w, r.resize) if r.init_image is not None else None
-        mask = images.load_mask(r.mask, h, w, r.resize) if r.mask is not None else None
-        return [Row(-1, k, r, image, mask) for k in range(r.images)]
+            raise RequestError("mask", f"model {model!r} is an inpainting model (9-channel UNet): give an init image "
+                                       "and a mask")
+        image = _load(images.load_image, "init_image", r.init_image, h, w, r.resize)
+        mask = _load(images.load_mask, "mask", r.mask, h, w, r.resize)
+        return PreparedRequest(r, image, mask)
 
-    # ---- running ----
+    def _check_schedule(self, r: Request) -> None:
+        """RequestError naming `sampler` for an unknown one, else `steps` (or `strength`) the sampler refuses."""
+        try:
+            self.schedule(r.sampler, r.steps, r.strength)
+        except ValueError as exc:
+            if isinstance(exc, RequestError):
+                raise
+            field = "sampler" if r.sampler not in samplers.SAMPLERS else "steps"
+            raise RequestError(field, str(exc)) from None
 
-    def run(self, requests: Request | list[Request], progress: bool = True, cuda_graph: bool = True,
-            batch_size: int | None = None) -> list[Generated]:
-        """One `Generated` per image, in request order (image k of request j after image k-1)."""
-        reqs = [requests] if isinstance(requests, Request) else list(requests)
-        rows = [Row(j, row.k, row.request, row.image, row.mask) for j, r in enumerate(reqs) for row in self.prepare(r)]
+    # ---- the static batch: the first driver ----
+
+    def run(self, requests: Request | PreparedRequest | list[Request | PreparedRequest], progress: bool = True,
+            cuda_graph: bool = True, batch_size: int | None = None) -> list[Generated]:
+        """One `Generated` per image, in request order (image k of request j after image k-1). Every request is
+        prepared (checked) before any work; prepared ones are taken as they are."""
+        reqs = requests if isinstance(requests, list) else [requests]
+        prepared = [r if isinstance(r, PreparedRequest) else self.prepare(r) for r in reqs]
         size = batch_size or self.batch_size
         if not self.profile.lo.batch <= min(size, self.profile.hi.batch):
-            raise ValueError(f"batch size {size} is outside the built profile "
-                             f"[{self.profile.lo.batch}, {self.profile.hi.batch}]")
+            raise RequestError("batch_size", f"batch size {size} is outside the built profile "
+                                             f"[{self.profile.lo.batch}, {self.profile.hi.batch}]")
         size = min(size, self.profile.hi.batch)
         groups: dict[tuple, list[Row]] = {}
-        for row in rows:
-            groups.setdefault(row.group(row.request.guidance_scale > 1.0), []).append(row)
+        for j, p in enumerate(prepared):
+            groups.setdefault(p.batch_key, []).extend(p.rows(j))
         results: dict[tuple[int, int], Generated] = {}
         for key, members in groups.items():
-            self.use_adapters(key[0])
+            self.use_adapters(members[0].request.loras)
+            cfg = prepared[members[0].req].cfg
             for start in range(0, len(members), size):
                 chunk = members[start:start + size]
-                pixels, timings, graphed = self._run_batch(chunk, key[-1], progress, cuda_graph)
-                for row, px in zip(chunk, pixels):
-                    params = {**image_params(row.request, row.k), **self._engine_params(), "cuda_graph": graphed}
-                    if self._applied_info:
-                        params["loras"] = self._applied_info
-                    results[(row.req, row.k)] = Generated(px, params, timings)
-        return [results[(row.req, row.k)] for row in rows]
+                pixels, timings, graphed = self._run_batch(chunk, cfg, progress, cuda_graph)
+                for row, px in zip(chunk, pixels, strict=True):
+                    results[(row.req, row.k)] = self.result(row, px, graphed, timings)
+        return [results[(j, k)] for j, p in enumerate(prepared) for k in range(p.request.images)]
+
+    def _run_batch(self, rows: list[Row], cfg: bool, progress: bool,
+                   cuda_graph: bool) -> tuple[np.ndarray, dict[str, float], bool]:
+        from tqdm import tqdm
+
+        n_real = len(rows)
+        rows = rows + [rows[-1]] * max(0, self.profile.lo.batch - n_real)  # pad a static profile's batch
+        r = rows[0].request
+        schedule = self.schedule(r.sampler, r.steps, r.strength)
+        timings: dict[str, float] = {}
+        t_start = t = self._now()
+        buffers = {"idx": torch.tensor(schedule.start, dtype=torch.long)}
+        buffers.update(self.encode(rows, cfg))
+        t = self._lap(timings, T.TIMING_TEXT, t)
+        buffers.update(self.start_latents(rows, schedule, cfg))
+        buffers = {k: v.to(self.device) for k, v in buffers.items()}
+        t = self._lap(timings, T.TIMING_START, t)
+        step_key = (len(rows), r.height, r.width, r.sampler, r.steps, r.strength, cfg, r.kind)
+        latents, graphed = self._denoise(step_key, schedule, cfg, buffers, cuda_graph, progress and tqdm)
+        t = self._lap(timings, T.TIMING_DENOISE, t)
+        timings[T.TIMING_STEP] = timings[T.TIMING_DENOISE] / schedule.run_steps
+        pixels = self.decode(latents)[:n_real]
+        self._lap(timings, T.TIMING_DECODE, t)
+        timings[T.TIMING_TOTAL] = (self._now() - t_start) * 1e3
+        return pixels, timings, graphed
+
+    def _denoise(self, key: tuple, schedule: samplers.Schedule, cfg: bool, buffers: Buffers, cuda_graph: bool,
+                 bar) -> tuple[torch.Tensor, bool]:
+        """The final latents, and whether a (new or cached) CUDA graph ran the steps."""
+
+        def step(b: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.step(schedule, cfg, b)
+
+        graph = None
+        if cuda_graph and self.graph_safe(buffers):
+            graph = self.graphs.get_or_capture(key, step, buffers)
+        steps = range(schedule.start, schedule.num_steps)
+        if bar:
+            steps = bar(steps, desc=f"denoise ({schedule.name})", unit="step")
+        if graph is not None:
+            graph.load(buffers)
+            for _ in steps:
+                graph.replay()  # updates latents, state and idx in place
+            return graph.buffers["latents"].clone(), True
+        b = dict(buffers)
+        for _ in steps:
+            b["latents"], b["state"] = step(b)
+            b["idx"] = b["idx"] + 1
+        return b["latents"], False
+
+    # ---- the session's stages (what both drivers call) ----
+
+    def graph_safe(self, buffers: Buffers) -> bool:
+        """Whether a step on these buffers may be captured in a CUDA graph (a graph-safe denoiser, on CUDA)."""
+        return self.role("denoiser").graph_safe and buffers["latents"].is_cuda
 
     def use_adapters(self, adapters: tuple = ()) -> None:
         """Merge these LoRA adapters (engine.lora.Adapter) into the runners' weights, replacing any merged before;
@@ -189,19 +252,16 @@ class Pipeline:
         for target in lora.TARGETS:
             parts = lora.parts_for(loaded, target)
             if parts and target not in folders:
-                raise ValueError(f"LoRA {parts[0][0].adapter!r} has {target} weights, which model "
-                                 f"{self.info.get('model')!r} has no engine for")
+                raise RequestError("loras", f"LoRA {parts[0][0].adapter!r} has {target} weights, which model "
+                                            f"{self.info.get('model')!r} has no engine for")
             if target in folders:
                 runner = self.runners[folders[target]]
-                if not hasattr(runner, "set_weights"):
-                    raise ValueError(f"backend {self.info.get('backend')!r} cannot merge LoRA adapters yet "
-                                     "(onnxruntime, torch and openvino can)")
                 merged[target] = lora.merged_tensors(runner.base_weights(), parts, target) if parts else None
         for target, tensors in merged.items():
             if tensors is not None or self._applied:
                 self.runners[folders[target]].set_weights(tensors)
-        self._graphs.clear()  # captured steps read the old weights' buffers
-        self._applied, self._applied_info = tuple(adapters), lora.adapter_params(loaded)
+        self.graphs.clear()  # captured steps read the old weights' buffers
+        self._applied, self.adapter_params = tuple(adapters), lora.adapter_params(loaded)
 
     def _lora(self, path) -> Any:
         from engine import lora
@@ -210,69 +270,6 @@ class Pipeline:
         if key not in self._loras:
             self._loras[key] = lora.load_lora(path)
         return self._loras[key]
-
-    def _engine_params(self) -> dict[str, Any]:
-        return {k: self.info.get(k) for k in ("model", "backend", "precision")}
-
-    def _run_batch(self, rows: list[Row], cfg: bool, progress: bool,
-                   cuda_graph: bool) -> tuple[np.ndarray, dict[str, float], bool]:
-        from tqdm import tqdm
-
-        n_real = len(rows)
-        rows = rows + [rows[-1]] * max(0, self.profile.lo.batch - n_real)  # pad a static profile's batch
-        r = rows[0].request
-        schedule = self.schedule(r.sampler, r.steps, r.strength)
-        timings: dict[str, float] = {}
-        t_start = t = self._now()
-        buffers = {"idx": torch.tensor(schedule.start, dtype=torch.long)}
-        buffers.update(self.encode([x.request.prompt for x in rows],
-                                   [x.request.negative_prompt for x in rows] if cfg else None,
-                                   [time_ids_of(x.request) for x in rows] if self.family.time_ids else None))
-        t = self._lap(timings, "clip", t)
-        buffers.update(self._start_latents(rows, schedule, cfg))
-        if cfg:
-            buffers["guidance"] = torch.tensor([x.request.guidance_scale for x in rows]).view(-1, 1, 1, 1)
-        buffers = {k: v.to(self.device) for k, v in buffers.items()}
-        t = self._lap(timings, "encode", t)
-        step_key = (len(rows), r.height, r.width, r.sampler, r.steps, r.strength, cfg, r.kind)
-        latents, graphed = self._denoise(step_key, schedule, cfg, buffers, cuda_graph, progress and tqdm)
-        t = self._lap(timings, "unet", t)
-        timings["unet_per_step"] = timings["unet"] / schedule.run_steps
-        pixels = self.decode(latents)[:n_real]
-        self._lap(timings, "vae", t)
-        timings["total"] = (self._now() - t_start) * 1e3
-        return pixels, timings, graphed
-
-    def _denoise(self, key: tuple, schedule: samplers.Schedule, cfg: bool, buffers: Buffers, cuda_graph: bool,
-                 bar) -> tuple[torch.Tensor, bool]:
-        """The final latents, and whether a (new or cached) CUDA graph ran the steps."""
-        unet = self.runners["unet"]
-
-        def step(b: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
-            return denoise_step(unet, schedule, cfg, b)
-
-        graph = None
-        if cuda_graph and unet.graph_safe and buffers["latents"].is_cuda:
-            if key not in self._graphs:
-                if len(self._graphs) >= MAX_GRAPHS:
-                    self._graphs.pop(next(iter(self._graphs)))
-                self._graphs[key] = graphs.try_capture(step, buffers)
-            graph = self._graphs[key]
-        steps = range(schedule.start, schedule.num_steps)
-        if bar:
-            steps = bar(steps, desc=f"denoise ({schedule.name})", unit="step")
-        if graph is not None:
-            graph.load(buffers)
-            for _ in steps:
-                graph.replay()  # updates latents, state and idx in place
-            return graph.buffers["latents"].clone(), True
-        b = dict(buffers)
-        for _ in steps:
-            b["latents"], b["state"] = step(b)
-            b["idx"] = b["idx"] + 1
-        return b["latents"], False
-
-    # ---- stages ----
 
     def tokenize(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
         tokenizer = tokenizer or self.tokenizers[0]
@@ -283,26 +280,22 @@ class Pipeline:
         ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
         return ids.input_ids.to(torch.int32)  # [B, 77]
 
-    def encode(self, prompts: list[str], negative: list[str] | None, time_ids: list[TimeIds] | None = None) -> Buffers:
-        """The family's UNet conditioning; with CFG [uncond; cond] in one batch of 2B, as `cond.*` buffers.
-        `time_ids`: one per prompt, for a family with size conditioning (SDXL)."""
+    def encode(self, rows: list[Row], cfg: bool) -> Buffers:
+        """The denoiser's conditioning for these rows as `cond.*` buffers, from the family: with CFG [uncond; cond]
+        in one batch of 2B."""
+        prompts = [x.request.prompt for x in rows]
+        negative = [x.request.negative_prompt for x in rows] if cfg else None
         texts = prompts if negative is None else negative + prompts
         outs = {}
-        for name, tokenizer in zip(self.family.text_encoders, self.tokenizers):
+        for name, tokenizer in zip(self.family.roles.text_encoders, self.tokenizers, strict=True):
             out = self.runners[name](input_ids=self.tokenize(texts, tokenizer).to(self.device))
             outs[name] = {k: v.clone() for k, v in out.items()}  # outputs are valid until the runner's next call
-        cond = self.family.conditioning(outs)
-        if negative is not None and self.family.zero_empty_negative:  # SDXL: no negative prompt = zero rows
-            empty = torch.tensor([not n for n in negative] + [False] * len(prompts), device=self.device)
-            cond = {k: torch.where(empty.view(-1, *[1] * (v.dim() - 1)), torch.zeros_like(v), v)
-                    for k, v in cond.items()}
-        if self.family.size_conditioning is not None:  # SDXL: time ids from each row's sizes (and scores)
-            extra = self.family.size_conditioning(time_ids, negative is not None)
-            cond.update({k: v.to(self.device) for k, v in extra.items()})
-        return {COND + k: v for k, v in cond.items()}
+        cond = self.family.denoiser_inputs(outs, [x.request for x in rows], negative)
+        return {COND + k: v.to(self.device) for k, v in cond.items()}
 
-    def _start_latents(self, rows: list[Row], schedule: samplers.Schedule, cfg: bool) -> Buffers:
-        """Initial latents, sampler state, per-step noise and inpainting inputs, from per-row generators."""
+    def start_latents(self, rows: list[Row], schedule: samplers.Schedule, cfg: bool) -> Buffers:
+        """Initial latents, sampler state, per-step noise, inpainting inputs and (with CFG) the per-row guidance,
+        from per-row generators."""
         r = rows[0].request
         gens = [torch.Generator("cpu").manual_seed(row.seed) for row in rows]
         shape = (1, self.dims.latent_channels, r.height // self.dims.vae_scale, r.width // self.dims.vae_scale)
@@ -312,7 +305,7 @@ class Pipeline:
         image = torch.cat([row.image for row in rows]) if r.kind != "txt2img" else None  # [B, 3, H, W]
         image_latents = None
         if image is not None and not (inpaint_9 and pure_noise):
-            image_latents = sample_latents(self.runners["vae_encoder"], image, gens)  # [B, 4, h, w]
+            image_latents = sample_latents(self.role("latent_encoder"), image, gens)  # [B, 4, h, w]
         noise = randn_rows(gens, shape)  # [B, 4, h, w]
         if pure_noise:
             latents = noise * schedule.init_noise_sigma
@@ -323,7 +316,7 @@ class Pipeline:
             mask = torch.cat([row.mask for row in rows])  # [B, 1, H, W]
             mask_lat = images.mask_latents(mask, self.dims.vae_scale)  # [B, 1, h, w]
             if inpaint_9:
-                masked = sample_latents(self.runners["vae_encoder"], images.masked_image(image, mask), gens)
+                masked = sample_latents(self.role("latent_encoder"), images.masked_image(image, mask), gens)
                 concat = torch.cat([mask_lat, masked], dim=1)  # [B, 5, h, w]
                 out["concat"] = torch.cat([concat, concat]) if cfg else concat
             else:
@@ -331,15 +324,39 @@ class Pipeline:
                 out.update(image_latents=image_latents, init_noise=noise, mask=mask_lat)
         if schedule.needs_noise:
             out["noise"] = step_noise(schedule, gens, shape)
+        if cfg:
+            out["guidance"] = torch.tensor([row.request.guidance_scale for row in rows]).view(-1, 1, 1, 1)
         out.update(latents=latents, state=samplers.init_state(schedule, latents))
         return out
 
+    def step(self, schedule: samplers.Schedule, cfg: bool, buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
+        """One denoise step of the session's denoiser: (next latents, next sampler state); no host sync."""
+        return denoise_step(self.role("denoiser"), schedule, cfg, buffers)
+
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        _check_finite(latents, "the denoise loop (unet)", self.info.get("precision"))
-        pixels = self.runners["vae_decoder"](latent=latents)["images"].float()  # [B, 3, H, W] in [-1, 1]
-        _check_finite(pixels, "vae_decoder", self.info.get("precision"))
+        self.check_latents(latents)
+        pixels = self.role("latent_decoder")(latent=latents)["images"].float()  # [B, 3, H, W] in [-1, 1]
+        self.check_finite(pixels, self.family.roles.latent_decoder)
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return (pixels * 255).round().astype(np.uint8)  # [B, H, W, 3]
+
+    def check_latents(self, latents: torch.Tensor) -> None:
+        """RuntimeError when the denoise loop's latents are not finite."""
+        self.check_finite(latents, f"the denoise loop ({self.family.roles.denoiser})")
+
+    def check_finite(self, t: torch.Tensor, stage: str) -> None:
+        """Once per batch, after the loop (never inside the denoise step): NaN/Inf is an error, not black pixels."""
+        if not bool(torch.isfinite(t).all()):
+            hint = " (fp16 overflow? rebuild with --precision fp32)" if self.info.get("precision") == "fp16" else ""
+            raise RuntimeError(f"{stage} produced NaN/Inf values{hint}")
+
+    def result(self, row: Row, pixels: np.ndarray, graphed: bool, timings: dict[str, float]) -> Generated:
+        """One image with everything needed to make it again: its request, seed, engines and adapters."""
+        params = {**image_params(row.request, row.k), **{k: self.info.get(k) for k in ENGINE_PARAMS},
+                  "cuda_graph": graphed}
+        if self.adapter_params:
+            params["loras"] = self.adapter_params
+        return Generated(pixels, params, timings)
 
     def _now(self) -> float:
         if self.device.type == "cuda":  # stage boundaries only, never inside the denoise step
@@ -350,6 +367,16 @@ class Pipeline:
         now = self._now()
         timings[name] = (now - t) * 1e3
         return now
+
+
+def _load(loader, field: str, source, height: int, width: int, resize: bool) -> torch.Tensor | None:
+    """An init image or mask as a tensor of the request's size; RequestError naming the field."""
+    if source is None:
+        return None
+    try:
+        return loader(source, height, width, resize)
+    except ValueError as exc:
+        raise RequestError(field, str(exc)) from None
 
 
 def find_model_dir(engine_dir: Path, model: str | None) -> Path:
@@ -370,10 +397,3 @@ def find_model_dir(engine_dir: Path, model: str | None) -> Path:
         if model in (record.get("model"), record.get("model_id")) or wanted == record.get("source"):
             return model_dir
     raise ValueError(f"no engines for model {model!r} in {engine_dir} (it holds {', '.join(found)}): {hint}")
-
-
-def _check_finite(t: torch.Tensor, stage: str, precision: str | None) -> None:
-    """Once per batch, after the loop (never inside the denoise step): NaN/Inf is an error, not black pixels."""
-    if not bool(torch.isfinite(t).all()):
-        hint = " (fp16 overflow? rebuild with --precision fp32)" if precision == "fp16" else ""
-        raise RuntimeError(f"{stage} produced NaN/Inf values{hint}")

@@ -1,14 +1,17 @@
-"""What one asks the engine for, and what one gets back: `Request` in, one `Generated` per image out.
+"""What one asks the engine for, and what one gets back: `Request` in, `PreparedRequest` once checked against an
+engine, one `Generated` per image out.
 
 `Request` holds the generation defaults (the CLI and the server read them from here). Image k of a
 request uses seed `seed + k` (A1111's convention) and records it, so any image regenerates alone;
-`seed = -1` draws a random seed and records it. An init image makes it img2img; an init image and a
+`seed = -1` draws a random 64-bit seed and records it. An init image makes it img2img; an init image and a
 mask make it inpainting (white = repaint).
 
-SDXL's size conditioning (`original_size`, `crop`, `target_size`; the refiner's `aesthetic_score` and
-`negative_aesthetic_score` instead of `target_size`) is None by default: diffusers' defaults, filled in by
-`with_time_ids` for the model's family: original = target = (height, width), crop (0, 0), and the family's
-aesthetic scores (6.0 / 2.5). Other models refuse them, naming the CLI flag.
+Some fields belong to a model family (`FAMILY_FIELDS`: SDXL's size conditioning `original_size`, `crop`,
+`target_size`, the refiner's `aesthetic_score` and `negative_aesthetic_score`). They are None by default:
+the family fills in diffusers' defaults (`Family.request_defaults`), and a model of another family refuses them.
+
+Every bad value raises `RequestError(field, message)`: the message names the field as the Request names it; the
+server answers a 400 whose `param` is the field, the CLI names its flag (`flag`).
 """
 from __future__ import annotations
 
@@ -20,11 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from export.families import Family, TimeIds
+from export.errors import RequestError
+from export.families import Family, takers
 
 if TYPE_CHECKING:  # torch and PIL load when an image or a LoRA is first used, not with the CLI's arguments
+    import torch
+
     from engine.images import ImageSource
     from engine.lora import Adapter
+
+__all__ = ["RequestError"]  # re-exported: the request's error type
 
 MAX_SEED = 2**64 - 1  # torch.Generator takes 64-bit seeds
 MAX_STEPS = 1000
@@ -64,38 +72,42 @@ class Request:
     def resolved(self, default_strength: tuple[float, float]) -> "Request":
         """A copy with the random seed drawn and the strength default ((img2img, inpaint): the model family's,
         e.g. SDXL's (0.3, 0.9999), as its diffusers pipelines) filled in."""
-        seed = secrets.randbits(32) if self.seed == RANDOM_SEED else self.seed
+        seed = secrets.randbelow(MAX_SEED - self.images + 2) if self.seed == RANDOM_SEED else self.seed
         strength = self.strength
         if strength is None and self.kind != "txt2img":
             strength = default_strength[1] if self.kind == "inpaint" else default_strength[0]
         return replace(self, seed=seed, strength=strength)
 
     def check(self) -> None:
-        """ValueError naming the value and the allowed range for anything a pipeline cannot run."""
-        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
-            raise ValueError("prompt and negative prompt must be strings")
+        """RequestError naming the field, the value and the allowed range for anything a pipeline cannot run."""
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise RequestError(name, "prompt and negative prompt must be strings")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
-            raise ValueError(f"steps {self.steps} must be in [1, {MAX_STEPS}]")
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise ValueError(f"guidance scale {self.guidance_scale} must be a finite number >= 0")
-        if not isinstance(self.images, int) or not 1 <= self.images <= MAX_IMAGES:
-            raise ValueError(f"images per prompt {self.images} must be in [1, {MAX_IMAGES}]")
-        if not isinstance(self.seed, int) or not (self.seed == RANDOM_SEED or 0 <= self.seed <= MAX_SEED):
-            raise ValueError(f"seed {self.seed} must be in [0, 2**64-1], or -1 for a random seed")
+            raise RequestError("steps", f"steps {self.steps} must be in [1, {MAX_STEPS}]")
+        if (isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float))
+                or not math.isfinite(self.guidance_scale) or self.guidance_scale < 0):
+            raise RequestError("guidance_scale", f"guidance scale {self.guidance_scale} must be a finite number >= 0")
+        if isinstance(self.images, bool) or not isinstance(self.images, int) or not 1 <= self.images <= MAX_IMAGES:
+            raise RequestError("images", f"images per prompt {self.images} must be in [1, {MAX_IMAGES}]")
+        if (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                or not (self.seed == RANDOM_SEED or 0 <= self.seed <= MAX_SEED)):
+            raise RequestError("seed", f"seed {self.seed} must be in [0, 2**64-1], or -1 for a random seed")
         if self.seed != RANDOM_SEED and self.seed + self.images - 1 > MAX_SEED:
-            raise ValueError(f"seed {self.seed} + {self.images} images runs past 2**64-1")
+            raise RequestError("seed", f"seed {self.seed} + {self.images} images runs past 2**64-1")
         if self.strength is not None:
             if self.init_image is None:
-                raise ValueError("strength needs an init image (img2img or inpainting)")
-            if not (isinstance(self.strength, (int, float)) and 0 < self.strength <= 1):
-                raise ValueError(f"strength {self.strength} is outside (0, 1]")
+                raise RequestError("strength", "strength needs an init image (img2img or inpainting)")
+            if isinstance(self.strength, bool) or not (isinstance(self.strength, (int, float)) and 0 < self.strength <= 1):
+                raise RequestError("strength", f"strength {self.strength} is outside (0, 1]")
         if self.mask is not None and self.init_image is None:
-            raise ValueError("a mask needs an init image to inpaint")
+            raise RequestError("mask", "a mask needs an init image to inpaint")
         for what in ("height", "width"):  # the model's size multiple is checked against the engine
             v = getattr(self, what)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{what} {v} must be a positive number of pixels (None = the engine's default)")
-        self._check_time_ids()
+                raise RequestError(what, f"{what} {v} must be a positive number of pixels (None = the engine's "
+                                         "default)")
+        self._check_family_fields()
         if self.loras:
             self._check_loras()
 
@@ -104,31 +116,37 @@ class Request:
 
         for a in self.loras:
             if not isinstance(a, Adapter):
-                raise ValueError(f"loras must be Adapter(path, scale) values (parse_adapter('path:scale')), not {a!r}")
-            check_lora_file(Path(a.path))
-            if not (isinstance(a.scale, (int, float)) and math.isfinite(a.scale)):
-                raise ValueError(f"LoRA {str(a.path)!r}: scale {a.scale!r} is not a finite number")
+                raise RequestError("loras", f"loras must be Adapter(path, scale) values (parse_adapter('path:scale')), "
+                                            f"not {a!r}")
+            try:
+                check_lora_file(Path(a.path))
+            except ValueError as exc:
+                raise RequestError("loras", str(exc)) from None
+            if isinstance(a.scale, bool) or not (isinstance(a.scale, (int, float)) and math.isfinite(a.scale)):
+                raise RequestError("loras", f"LoRA {str(a.path)!r}: scale {a.scale!r} is not a finite number")
 
-    def _check_time_ids(self) -> None:
+    def _check_family_fields(self) -> None:
         for name, lowest in (("original_size", 1), ("crop", 0), ("target_size", 1)):
             value = getattr(self, name)
             if value is not None and not _int_pair(value, lowest):
-                raise ValueError(f"{flag(name)} {_show(value)} must be two integers (height/top, width/left) "
-                                 f">= {lowest}")
+                raise RequestError(name, f"{name} {_show(value)} must be two integers (height/top, width/left) "
+                                         f">= {lowest}")
         for name in AESTHETIC_FIELDS:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value)):
-                raise ValueError(f"{flag(name)} {value} must be a finite number")
+                raise RequestError(name, f"{name} {value} must be a finite number")
 
 
 TIME_ID_FIELDS = ("original_size", "crop", "target_size")
 AESTHETIC_FIELDS = ("aesthetic_score", "negative_aesthetic_score")
+FAMILY_FIELDS = TIME_ID_FIELDS + AESTHETIC_FIELDS  # taken by some model families only (Family.request_fields)
+FLAGS = {"sampler": "--scheduler", "images": "--images-per-prompt", "loras": "--lora"}  # others: --field-name
 
 
 def flag(name: str) -> str:
-    """The CLI flag of a Request field: original_size -> --original-size."""
-    return "--" + name.replace("_", "-")
+    """The engine.generate flag of a Request field: original_size -> --original-size, sampler -> --scheduler."""
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def _show(value: Any) -> str:
@@ -140,47 +158,78 @@ def _int_pair(value: Any, lowest: int) -> bool:
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= lowest for v in value))
 
 
-def _refuse_time_ids(r: Request, family: Family) -> None:
-    """ValueError naming the first time-id flag this family does not take."""
-    for name in TIME_ID_FIELDS + AESTHETIC_FIELDS:
-        if getattr(r, name) is None:
-            continue
-        if not family.time_ids:
-            raise ValueError(f"only SDXL models take {flag(name)}; this model is family {family.name!r}")
-        if name in AESTHETIC_FIELDS and not family.aesthetic:
-            raise ValueError(f"only SDXL refiner models take {flag(name)}; this model is family {family.name!r}")
-        if name == "target_size" and family.aesthetic:
-            raise ValueError(f"SDXL refiner models take no {flag(name)}: their time ids are original size, crop "
-                             "and aesthetic score")
-
-
-def with_time_ids(r: Request, family: Family) -> Request:
-    """A copy of a checked request with its size `height` x `width` known and the family's time-id defaults
-    filled in (nothing for a family without time ids); ValueError for a value the family does not take or a
-    crop outside the original size."""
-    _refuse_time_ids(r, family)
-    if not family.time_ids:
+def with_family_fields(r: Request, family: Family) -> Request:
+    """A copy of a checked request whose size (`height` x `width`) is known, with the family's fields filled in
+    (diffusers' defaults); RequestError for a field the family does not take or a value it refuses."""
+    for name in FAMILY_FIELDS:
+        if getattr(r, name) is not None and name not in family.request_fields:
+            others = ", ".join(takers(name))
+            raise RequestError(name, f"model family {family.name!r} takes no {name}; the families that do: {others}"
+                                     + (f" (this one takes {', '.join(family.request_fields)})"
+                                        if family.request_fields else ""))
+    if family.request_defaults is None:
         return r
-    original = tuple(r.original_size or (r.height, r.width))
-    crop = tuple(r.crop or (0, 0))
-    if not (crop[0] < original[0] and crop[1] < original[1]):
-        raise ValueError(f"--crop {_show(crop)} is outside --original-size {_show(original)}: top must be < "
-                         f"{original[0]} and left < {original[1]}")
-    values: dict[str, Any] = dict(original_size=original, crop=crop)
-    if family.aesthetic:
-        positive, negative = family.aesthetic_scores
-        values.update(aesthetic_score=positive if r.aesthetic_score is None else r.aesthetic_score,
-                      negative_aesthetic_score=negative if r.negative_aesthetic_score is None
-                      else r.negative_aesthetic_score)
-    else:
-        values.update(target_size=tuple(r.target_size or (r.height, r.width)))
-    return replace(r, **values)
+    return replace(r, **family.request_defaults(r))
 
 
-def time_ids_of(r: Request) -> TimeIds:
-    """The size conditioning of a request `with_time_ids` filled in (the fields its family ignores: 0)."""
-    return TimeIds(r.original_size, r.crop, r.target_size or (0, 0), r.aesthetic_score or 0.0,
-                   r.negative_aesthetic_score or 0.0)
+def flex_key(r: Request) -> tuple:
+    """What the rows of resolved requests must share to run in one step-batched flight (steps and strength may
+    differ): adapters, kind, size, sampler, guidance on/off."""
+    return (r.loras, r.kind, r.height, r.width, r.sampler, r.guidance_scale > 1.0)
+
+
+def batch_key(r: Request) -> tuple:
+    """What the rows of resolved requests must share to run as one static batch: the flight's key, steps and
+    strength."""
+    return (*flex_key(r), r.steps, r.strength)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image to make: image `k` of a prepared request; `req` orders the results of one run."""
+
+    req: int
+    k: int
+    request: Request  # resolved
+    image: torch.Tensor | None  # [1, 3, H, W] in [-1, 1]
+    mask: torch.Tensor | None  # [1, 1, H, W] in {0, 1}
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed + self.k
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request checked against one engine, once: resolved (seed drawn, size, strength and the family's fields
+    filled in) with its images loaded. What may share a batch is defined here and nowhere else."""
+
+    request: Request
+    image: torch.Tensor | None = None  # [1, 3, H, W] in [-1, 1]
+    mask: torch.Tensor | None = None  # [1, 1, H, W] in {0, 1}
+
+    @property
+    def cfg(self) -> bool:
+        """Classifier-free guidance on: the denoiser runs on [uncond; cond] rows."""
+        return self.request.guidance_scale > 1.0
+
+    @property
+    def flex_key(self) -> tuple:
+        return flex_key(self.request)
+
+    @property
+    def batch_key(self) -> tuple:
+        return batch_key(self.request)
+
+    def rows(self, req: int = -1) -> list[Row]:
+        return [Row(req, k, self.request, self.image, self.mask) for k in range(self.request.images)]
+
+
+# the stage timings a static batch's `Generated` records, in ms; named as the first reports named them (their
+# components in SD), kept so committed benchmark results and scripts read on: text encoding, start latents,
+# the denoise loop and its mean step, decode, and the whole batch
+TIMING_TEXT, TIMING_START, TIMING_DENOISE, TIMING_STEP, TIMING_DECODE, TIMING_TOTAL = (
+    "clip", "encode", "unet", "unet_per_step", "vae", "total")
 
 
 @dataclass
@@ -209,7 +258,7 @@ def image_params(request: Request, index: int) -> dict[str, Any]:
         value = getattr(request, key)
         if isinstance(value, (str, Path)):
             params[key] = str(value)
-    for key in TIME_ID_FIELDS + AESTHETIC_FIELDS:  # recorded where the model takes them (filled in)
+    for key in FAMILY_FIELDS:  # recorded where the model takes them (filled in)
         if params[key] is None:
             params.pop(key)
         elif isinstance(params[key], tuple):

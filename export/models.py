@@ -3,7 +3,7 @@
 Every model goes through one loader (`load_model`): a random preset is first materialised from its
 fixed seed as an ordinary diffusers folder (safetensors), a single-file LDM checkpoint is first
 converted to one (export/single_file.py). Nothing is downloaded, nothing is unpickled. The folder's
-family (export/families.py, from model_index.json) says which sub-models and wrappers it has: SDXL adds
+family (export/families/, from model_index.json) says which sub-models and wrappers it has: SDXL adds
 text_encoder_2 / tokenizer_2 and its own clip, clip2 and unet conventions (export/specs.py).
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 
 from export import attention
 from export.families import SD, SDXL, Family, detect_family, get_family
+from export.families.sdxl import CastOutput
 from export.presets import ALL_PRESETS, Preset
 from export.single_file import convert_single_file
 from export.specs import Dims
@@ -38,7 +39,7 @@ def random_components(preset: Preset) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    encoders = get_family(preset.family).text_encoders
+    encoders = get_family(preset.family).roles.text_encoders
     torch.manual_seed(preset.seed)
     unet = UNet2DConditionModel(**preset.unet_config())
     torch.manual_seed(preset.seed + 1)
@@ -145,17 +146,6 @@ def check_model_folders(folder: Path, family: Family) -> None:
                              f"{', '.join(needed)}")
 
 
-def _time_ids(folder: Path, family: Family, unet: dict, pooled: int) -> int:
-    """The UNet's time id count, from its text_time embedding; ValueError unless the family's."""
-    time_ids, rest = divmod(int(unet["projection_class_embeddings_input_dim"]) - pooled,
-                            int(unet["addition_time_embed_dim"]))
-    if rest or unet.get("addition_embed_type") != "text_time" or time_ids != family.time_ids:
-        raise ValueError(f"{folder}: the UNet's added conditioning is not {family.name}'s text_time with "
-                         f"{family.time_ids} time ids ({unet.get('addition_embed_type')!r}, "
-                         f"projection_class_embeddings_input_dim {unet['projection_class_embeddings_input_dim']})")
-    return time_ids
-
-
 def folder_dims(folder: Path) -> Dims:
     """A model folder's shape facts, read from its config files (no weights loaded). ValueError naming a
     missing sub-folder (e.g. an SDXL folder without text_encoder_2)."""
@@ -166,15 +156,11 @@ def folder_dims(folder: Path) -> Dims:
     family = detect_family(folder)
     check_model_folders(folder, family)
     unet, vae = config("unet"), config("vae")
-    texts = [config(family.spec(name).model_folder) for name in family.text_encoders]
+    texts = [config(family.spec(name).model_folder) for name in family.roles.text_encoders]
     toks = [config(sub, "tokenizer_config.json") for sub in family.tokenizers]
     text_len = min(min(int(t.get("model_max_length") or x["max_position_embeddings"]), x["max_position_embeddings"])
-                   for t, x in zip(toks, texts))
-    xl = {}
-    if family.time_ids:  # SDXL: the last encoder is clip2, with the pooled projection
-        pooled = int(texts[-1]["projection_dim"])
-        xl = dict(text2_dim=texts[-1]["hidden_size"], pooled_dim=pooled,
-                  time_ids=_time_ids(folder, family, unet, pooled))
+                   for t, x in zip(toks, texts, strict=True))
+    added = family.added_dims(folder, unet, texts) if family.added_dims else {}
     return Dims(**{
         "latent_channels": vae.get("latent_channels", 4),
         "unet_in_channels": unet["in_channels"],
@@ -182,42 +168,46 @@ def folder_dims(folder: Path) -> Dims:
         "text_len": text_len,
         "vae_scale": 2 ** (len(vae["block_out_channels"]) - 1),
         "unet_scale": 2 ** (len(unet["down_block_types"]) - 1),
-        **xl,
+        **added,
     })
 
 
 def default_size(folder: Path) -> int:
-    """The model's native image size in pixels (VAE sample_size, else UNet sample_size x 8)."""
+    """The model's native image size in pixels: the VAE's sample_size (512 where its config has none)."""
     vae = json.loads((folder / "vae" / "config.json").read_text())
     return int(vae.get("sample_size") or 512)
 
 
-def load_submodel(folder: Path, sub: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def _model_class(family: Family, sub: str):
+    """The diffusers / transformers class a family's model sub-folder loads with."""
+    import importlib
+
+    if sub not in family.model_classes:
+        raise ValueError(f"a {family.name} model has no {sub}/ model; it has {', '.join(family.model_classes)}")
+    library, name = family.model_classes[sub]
+    return getattr(importlib.import_module(library), name), library
+
+
+def load_submodel(folder: Path, sub: str, dtype: torch.dtype = torch.float32,
+                  family: Family | str | None = None) -> torch.nn.Module:
     """One sub-folder's model (unet, vae, text_encoder, text_encoder_2) through diffusers / transformers, offline,
     safetensors only, with our attention processor installed on diffusers modules."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    if sub in ("text_encoder", "text_encoder_2"):
-        cls = CLIPTextModel if sub == "text_encoder" else CLIPTextModelWithProjection
+    cls, library = _model_class(_family_of(folder, family), sub)
+    if library == "transformers":
         return cls.from_pretrained(folder / sub, local_files_only=True, dtype=dtype).eval()
-    cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[sub]
     module = cls.from_pretrained(folder, subfolder=sub, use_safetensors=True, local_files_only=True, torch_dtype=dtype)
     attention.install(module)
     return module.eval()
 
 
-def meta_submodel(folder: Path, sub: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def meta_submodel(folder: Path, sub: str, dtype: torch.dtype = torch.float32,
+                  family: Family | str | None = None) -> torch.nn.Module:
     """One sub-folder's model built from its config alone, parameters on the meta device (no weight allocated,
     nothing read but the config), as `load_submodel` would build it: same classes, dtype and attention."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
+    cls, library = _model_class(_family_of(folder, family), sub)
     with torch.device("meta"):
-        if sub in ("text_encoder", "text_encoder_2"):
-            cls = CLIPTextModel if sub == "text_encoder" else CLIPTextModelWithProjection
-            return cls._from_config(CLIPTextConfig.from_pretrained(folder / sub), dtype=dtype).eval()
-        cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[sub]
+        if library == "transformers":
+            return cls._from_config(cls.config_class.from_pretrained(folder / sub), dtype=dtype).eval()
         module = cls.from_config(cls.load_config(folder / sub))
         module = module if dtype == torch.float32 else module.to(dtype)
     attention.install(module)
@@ -230,7 +220,8 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: st
 
     folder, model_id = resolve_model(model)
     family, dims = detect_family(folder), folder_dims(folder)  # dims: ValueError naming a missing sub-folder
-    subs = {sub: load_submodel(folder, sub, dtype).to(device) for sub in _SUBMODELS[family.name]}
+    wanted = dict.fromkeys(family.spec(c).model_folder for c in family.wrappers)  # the sub-models export wraps
+    subs = {sub: load_submodel(folder, sub, dtype, family).to(device) for sub in wanted}
     tokenizers = {name: CLIPTokenizer.from_pretrained(folder / name, local_files_only=True)
                   for name in family.tokenizers}
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -238,116 +229,10 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: st
                        family=family, **tokenizers, **subs)
 
 
-# ---- thin export wrappers: tensor names and conventions from export/specs.py ----
-
-
-class ClipWrapper(torch.nn.Module):
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids):  # [B, 77] int32 -> [B, 77, C]
-        return self.text_encoder(input_ids.long()).last_hidden_state
-
-
-class UNetWrapper(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):  # [2B, 4, h, w], [2B], [2B, 77, C]
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-
-class VaeDecoderWrapper(torch.nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-        self.inv_scale = 1.0 / vae.config.scaling_factor
-
-    def forward(self, latent):  # raw latents [B, 4, h, w] -> images [B, 3, H, W] in [-1, 1]
-        return self.vae.decode(latent * self.inv_scale, return_dict=False)[0]
-
-
-class VaeEncoderWrapper(torch.nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-        self.scale = vae.config.scaling_factor
-
-    def forward(self, images):  # [B, 3, H, W] in [-1, 1] -> scaled latent mean and std [B, 4, h, w] each
-        dist = self.vae.encode(images).latent_dist
-        return dist.mean * self.scale, dist.std * self.scale
-
-
-class XLClipWrapper(torch.nn.Module):
-    """SDXL's first text encoder: the penultimate hidden state, as StableDiffusionXLPipeline.encode_prompt."""
-
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids):  # [B, 77] int32 -> [B, 77, C1]
-        return self.text_encoder(input_ids.long(), output_hidden_states=True).hidden_states[-2]
-
-
-class XLClip2Wrapper(torch.nn.Module):
-    """SDXL's second text encoder (with projection): penultimate hidden state and pooled projection."""
-
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids):  # [B, 77] int32 -> [B, 77, C2], [B, P]
-        out = self.text_encoder(input_ids.long(), output_hidden_states=True)
-        return out.hidden_states[-2], out.text_embeds
-
-
-class _CastOutput(torch.nn.Module):
-    """`module` with its output cast to `dtype` (set per call by the wrapper that owns it)."""
-
-    def __init__(self, module: torch.nn.Module):
-        super().__init__()
-        self.module, self.dtype = module, torch.float32
-
-    def forward(self, x):
-        return self.module(x).to(self.dtype)
-
-
-class XLUNetWrapper(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-        # diffusers concatenates the float32 time-id embedding with text_embeds; in an fp16 model torch promotes
-        # and casts the result to fp16, but the exported ONNX Concat gets mixed types (invalid). Casting the
-        # embedding to text_embeds' dtype first gives the same values and a valid graph.
-        if not isinstance(unet.add_time_proj, _CastOutput):
-            unet.add_time_proj = _CastOutput(unet.add_time_proj)
-
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
-        # [2B, 4, h, w], [2B], [2B, 77, C1+C2], [2B, P], [2B, 6] float32
-        self.unet.add_time_proj.dtype = text_embeds.dtype
-        added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
-
-
-_WRAPPERS = {  # family -> component -> wrapper with the spec's conventions (weights: the spec's model_folder)
-    "sd": {"clip": ClipWrapper, "unet": UNetWrapper, "vae_decoder": VaeDecoderWrapper,
-           "vae_encoder": VaeEncoderWrapper},
-    "sdxl": {"clip": XLClipWrapper, "clip2": XLClip2Wrapper, "unet": XLUNetWrapper,
-             "vae_decoder": VaeDecoderWrapper, "vae_encoder": VaeEncoderWrapper},
-}
-_WRAPPERS["sdxl-refiner"] = {c: w for c, w in _WRAPPERS["sdxl"].items() if c in get_family("sdxl-refiner").specs}
-_SUBMODELS = {  # family -> the sub-folders load_model loads (LoadedModel attributes)
-    family: tuple(dict.fromkeys(get_family(family).spec(c).model_folder for c in wrappers))
-    for family, wrappers in _WRAPPERS.items()
-}
-
-
 def _wrapper(name: str, family: Family = SD):
     """(model sub-folder, wrapper) of one component of a family."""
     spec = family.spec(name)  # ValueError naming the family's components
-    return spec.model_folder, _WRAPPERS[family.name][name]
+    return spec.model_folder, family.wrappers[name]
 
 
 def component_module(model: LoadedModel, name: str) -> torch.nn.Module:
@@ -366,17 +251,19 @@ def load_component(folder: Path, name: str, dtype: torch.dtype = torch.float32, 
                    family: Family | str | None = None) -> torch.nn.Module:
     """One component's wrapped torch module, loading only its own sub-folder of `folder`. The family is
     given, or read from the folder's model_index.json, or SD for a folder without one (an engine dir)."""
-    sub, wrap = _wrapper(name, _family_of(folder, family))
-    return wrap(load_submodel(folder, sub, dtype).to(device)).eval()
+    family = _family_of(folder, family)
+    sub, wrap = _wrapper(name, family)
+    return wrap(load_submodel(folder, sub, dtype, family).to(device)).eval()
 
 
 def meta_component(folder: Path, name: str, dtype: torch.dtype = torch.float32,
                    family: Family | str | None = None) -> tuple[torch.nn.Module, str]:
     """(the component's wrapped module on the meta device, the prefix of its parameter names before the
     sub-folder's own tensor names, e.g. "unet.")."""
-    sub, wrap = _wrapper(name, _family_of(folder, family))
-    module = wrap(meta_submodel(folder, sub, dtype)).eval()
-    attr = next(n for n, m in module.named_children() if not isinstance(m, _CastOutput))
+    family = _family_of(folder, family)
+    sub, wrap = _wrapper(name, family)
+    module = wrap(meta_submodel(folder, sub, dtype, family)).eval()
+    attr = next(n for n, m in module.named_children() if not isinstance(m, CastOutput))
     return module, attr + "."
 
 

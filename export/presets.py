@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from export.families import get_family
+from export.families.sdxl import BASE_TIME_IDS, REFINER_TIME_IDS
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Preset:
 
     @property
     def family(self) -> str:
-        """The model family (export/families.py) of a materialised folder."""
+        """The model family (export/families/) of a materialised folder."""
         return "sd"
 
     @property
@@ -241,12 +242,12 @@ class XLPreset(Preset):
     def text_encoders(self) -> dict[str, ClipArch]:
         """The family's text encoders (component name -> architecture), in order."""
         archs = {"clip": self.clip, "clip2": self.clip2}
-        return {name: archs[name] for name in get_family(self.family).text_encoders}
+        return {name: archs[name] for name in get_family(self.family).roles.text_encoders}
 
     @property
     def time_ids(self) -> int:
         """Time ids of the UNet's added conditioning: 6 (original size, crop, target size), refiner 5."""
-        return get_family(self.family).time_ids
+        return REFINER_TIME_IDS if self.refiner else BASE_TIME_IDS
 
     @property
     def text_dim(self) -> int:

@@ -6,7 +6,7 @@ The conversion is diffusers' own (`convert_ldm_unet_checkpoint`, `convert_ldm_va
 the functions `from_single_file` dispatches to) with configs from our presets only: nothing is
 downloaded and nothing is unpickled (tensors are read with safetensors).
 
-Text encoders by layout (`TEXT_LAYOUTS`):
+Text encoders by layout (a family's `single_file_text`; SD's is read off the checkpoint):
     SD 1.x   cond_stage_model.transformer.*          CLIP ViT-L (transformers names) -> text_encoder
     SD 2.x   cond_stage_model.model.*                OpenCLIP ViT-H (open_clip names) -> text_encoder
     SDXL     conditioner.embedders.0.transformer.*   CLIP ViT-L -> text_encoder
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from export.families import get_family
+from export.families import FAMILIES, get_family
 from export.presets import PRESETS, SDXL_PRESETS, Preset
 from export.store import (
     HASH_MEMO,
@@ -66,21 +66,30 @@ FAMILIES = (
 IGNORED_SUFFIXES = ("position_ids",)  # buffers some checkpoints carry and models rebuild themselves
 SD_PREFIXES = ("cond_stage_model.",)
 XL_PREFIXES = ("conditioner.embedders.",)
-# family -> text encoder sub-folder -> (checkpoint layout, key prefix); SD's layout is read off the checkpoint
-TEXT_LAYOUTS: dict[str, dict[str, tuple[str, str]]] = {
-    "sdxl": {"text_encoder": ("clip", "conditioner.embedders.0.transformer."),
-             "text_encoder_2": ("open_clip", "conditioner.embedders.1.model.")},
-    "sdxl-refiner": {"text_encoder_2": ("open_clip", "conditioner.embedders.0.model.")},
-}
-REFINER_PREFIX = TEXT_LAYOUTS["sdxl-refiner"]["text_encoder_2"][1]
-TEXT_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
-CANDIDATES: dict[str, Preset] = {**PRESETS, **{n: p for n, p in SDXL_PRESETS.items() if p.family in TEXT_LAYOUTS}}
+CANDIDATES: dict[str, Preset] = {**PRESETS, **SDXL_PRESETS}
+
+
+def _layouts(family: str) -> dict[str, tuple[str, str]] | None:
+    """A family's fixed text encoder layouts (sub-folder -> (layout, key prefix)); None: read off the checkpoint."""
+    layouts = get_family(family).single_file_text
+    return dict(layouts) if layouts is not None else None
+
+
+def _fixed_prefixes(txt2img: bool) -> tuple[str, ...]:
+    """The text key prefixes of the fixed layouts of the families that do (not: the refiner) make images from
+    text alone."""
+    return tuple(prefix for f in FAMILIES.values() if f.single_file_text and f.txt2img == txt2img
+                 for _, prefix in f.single_file_text.values())
 
 
 def text_folders(preset: Preset) -> tuple[str, ...]:
     """The preset's text encoder sub-folders: text_encoder (SD), + text_encoder_2 (SDXL), text_encoder_2 (refiner)."""
-    return tuple(TEXT_LAYOUTS.get(preset.family, {"text_encoder": None}))
+    return tuple(_layouts(preset.family) or {"text_encoder": None})
+
+
+def _text_class(family: str, sub: str) -> str:
+    return get_family(family).model_classes[sub][1]
 
 
 def empty_models(preset: Preset) -> dict[str, torch.nn.Module]:
@@ -93,7 +102,7 @@ def empty_models(preset: Preset) -> dict[str, torch.nn.Module]:
     with torch.device("meta"):
         models = {"unet": UNet2DConditionModel(**preset.unet_config()), "vae": AutoencoderKL(**preset.vae_config())}
         for sub in text_folders(preset):
-            models[sub] = getattr(transformers, TEXT_CLASSES[sub])(CLIPTextConfig(**archs[sub].config()))
+            models[sub] = getattr(transformers, _text_class(preset.family, sub))(CLIPTextConfig(**archs[sub].config()))
     return models
 
 
@@ -135,8 +144,9 @@ def convert_state_dict(ckpt: dict[str, torch.Tensor], models: dict, family: str 
         "unet": su.convert_ldm_unet_checkpoint(ckpt, dict(models["unet"].config)),
         "vae": su.convert_ldm_vae_checkpoint(ckpt, dict(models["vae"].config)),
     }
-    if family in TEXT_LAYOUTS:
-        text = {sub: _layout_text(ckpt, models[sub], *layout) for sub, layout in TEXT_LAYOUTS[family].items()}
+    layouts = _layouts(family)
+    if layouts is not None:
+        text = {sub: _layout_text(ckpt, models[sub], *layout) for sub, layout in layouts.items()}
     else:
         text = {"text_encoder": _sd_text(ckpt, models["text_encoder"])}
     return out | {sub: _tidy_text(state, models[sub]) for sub, state in text.items()}
@@ -192,7 +202,7 @@ def candidates(ckpt: dict[str, torch.Tensor]) -> list[str]:
     conditioner.embedders.*, every one for anything else (so the refusal lists them all)."""
     sd, xl = (any(k.startswith(p) for k in ckpt) for p in (SD_PREFIXES, XL_PREFIXES))
     if sd != xl:
-        return [n for n, p in CANDIDATES.items() if (p.family in TEXT_LAYOUTS) == xl]
+        return [n for n, p in CANDIDATES.items() if (_layouts(p.family) is not None) == xl]
     return list(CANDIDATES)
 
 
@@ -226,10 +236,11 @@ def choose_preset(path: Path, ckpt: dict[str, torch.Tensor], preset: str | None)
 
 def refiner_hint(ckpt: dict[str, torch.Tensor]) -> str:
     """A line for a refiner-layout checkpoint that no preset fits (the full-size SDXL refiner has no preset)."""
-    if not any(k.startswith(REFINER_PREFIX) for k in ckpt):
+    prefixes = _fixed_prefixes(txt2img=False)
+    if not any(k.startswith(prefixes) for k in ckpt):
         return ""
-    refiners = [n for n, p in CANDIDATES.items() if p.family == "sdxl-refiner"] or ["none"]
-    return (f"\nThis is an SDXL refiner checkpoint ({REFINER_PREFIX}* only): single-file refiners convert only "
+    refiners = [n for n, p in CANDIDATES.items() if not get_family(p.family).txt2img] or ["none"]
+    return (f"\nThis is an SDXL refiner checkpoint ({', '.join(prefixes)}* only): single-file refiners convert only "
             f"with a refiner preset's architecture ({', '.join(refiners)}); load a full-size refiner from its "
             "diffusers folder (a StableDiffusionXLImg2ImgPipeline folder with text_encoder_2) instead.")
 
@@ -248,10 +259,11 @@ def model_index(preset: Preset, texts: tuple[str, ...]) -> dict:
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
     }
-    for sub in ("text_encoder", "text_encoder_2") if preset.family in TEXT_LAYOUTS else ("text_encoder",):
-        index[sub] = ["transformers", TEXT_CLASSES[sub]] if sub in texts else [None, None]
+    xl = family.single_file_text is not None
+    for sub in ("text_encoder", "text_encoder_2") if xl else ("text_encoder",):
+        index[sub] = ["transformers", _text_class(family.name, sub)] if sub in texts else [None, None]
         index[TOKENIZERS[sub]] = ["transformers", "CLIPTokenizer"] if sub in texts else [None, None]
-    if preset.family not in TEXT_LAYOUTS:
+    if not xl:
         return index | {"safety_checker": [None, None], "requires_safety_checker": False}
     index["force_zeros_for_empty_prompt"] = family.zero_empty_negative
     if preset.pipeline_class != "StableDiffusionXLPipeline":  # the only SDXL class without the flag
@@ -280,7 +292,7 @@ def write_folder(folder: Path, preset: Preset, models: dict, weights: dict[str, 
     texts = text_folders(preset)
     for sub in texts:
         text_config = models[sub].config
-        text_config.architectures = [TEXT_CLASSES[sub]]
+        text_config.architectures = [_text_class(preset.family, sub)]
         text_config.save_pretrained(folder / sub)
         write_tokenizer(folder, sub, preset)
     DDIMScheduler.from_config(preset.scheduler.config(preset.prediction_type)).save_config(folder / "scheduler")

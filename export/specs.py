@@ -17,7 +17,7 @@ Conventions fixed here:
   inpainting UNets (latents + 1 mask channel + 4 masked-image latent channels, concatenated).
 - dtype "model" means the export precision (float16 or float32); other names are fixed.
 
-SDXL (`SDXL_SPECS`, family `sdxl` in export/families.py) has two text encoders and added conditioning:
+SDXL (`SDXL_SPECS`, family `sdxl` in export/families/sdxl.py) has two text encoders and added conditioning:
 - `clip` (text_encoder, CLIPTextModel) returns the *penultimate* hidden state [B, 77, C1], and
   `clip2` (text_encoder_2, CLIPTextModelWithProjection) returns its penultimate hidden state
   [B, 77, C2] plus the pooled, projected `text_embeds` [B, P]: what diffusers'
@@ -34,6 +34,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from export.errors import RequestError
 
 if TYPE_CHECKING:
     import torch
@@ -102,6 +104,7 @@ class ComponentSpec:
     batch_factor: int  # component batch per image under classifier-free guidance
     model_folder: str  # diffusers sub-folder holding the weights
     description: str
+    per_step: bool = False  # runs at every denoise step (the denoiser): worth compiling and its own CUDA graphs
 
     @property
     def input_names(self) -> list[str]:
@@ -216,6 +219,7 @@ SPECS: dict[str, ComponentSpec] = {
         batch_factor=2,
         model_folder="unet",
         description="UNet denoiser: latents [2B, 4|9, H/8, W/8], timesteps [2B], text [2B, 77, C] -> eps or v",
+        per_step=True,
     ),
     "vae_decoder": ComponentSpec(
         name="vae_decoder",
@@ -298,15 +302,14 @@ def export_range(dims: Dims) -> tuple[Shape, Shape]:
 
 
 def check_size(dims: Dims, height: int, width: int, lo: Shape | None = None, hi: Shape | None = None) -> None:
-    """Raise ValueError naming the value and the allowed range if a pixel size is not usable."""
+    """RequestError (a ValueError) naming the field, the value and the allowed range if a pixel size is not
+    usable."""
     m = dims.size_multiple
     for what, v in (("height", height), ("width", width)):
         if v <= 0 or v % m:
-            raise ValueError(f"{what} {v} must be a positive multiple of {m} for this model")
+            raise RequestError(what, f"{what} {v} must be a positive multiple of {m} for this model")
         if lo is not None and hi is not None:
             a, b = getattr(lo, what), getattr(hi, what)
             if not a <= v <= b:
-                raise ValueError(
-                    f"{what} {v} is outside the built profile [{a}, {b}]; rebuild with "
-                    f"--{what} {v} or --build-dynamic-shape"
-                )
+                raise RequestError(what, f"{what} {v} is outside the built profile [{a}, {b}]; rebuild with "
+                                         f"--{what} {v} or --build-dynamic-shape")

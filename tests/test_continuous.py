@@ -6,43 +6,14 @@ import numpy as np
 import pytest
 
 from engine.continuous import Flight, flex_key
-from engine.pipeline import Pipeline
 from engine.request import Request
 from engine.samplers import SAMPLERS
+from tests.helpers import alone, assert_same_pixels, drive
 
 
 @pytest.fixture(scope="module")
 def pipe(ort_pipeline):
     return ort_pipeline
-
-
-def alone(pipe: Pipeline, req: Request) -> list[np.ndarray]:
-    return [g.pixels for g in pipe.run(req, progress=False)]
-
-
-def drive(flight: Flight, schedule: dict[int, list[tuple[Request, str]]], pipe: Pipeline, limit: int = 200):
-    """Admit requests at the given step boundaries (boundary -> [(request, owner)]), step until all done.
-    Returns owner -> list of (k, pixels) and owner -> error."""
-    images: dict[str, list] = {}
-    errors: dict[str, str] = {}
-    for boundary in range(limit):
-        for req, owner in schedule.get(boundary, []):
-            rows = pipe.prepare(req)
-            flight.admit(rows, [owner] * len(rows))
-        for f in flight.finish():
-            if f.image is None:
-                errors[f.owner] = f.error
-            else:
-                images.setdefault(f.owner, []).append((f.row.k, f.image.pixels))
-        if not flight.slots and boundary > max(schedule):
-            return images, errors
-        flight.step()
-    raise AssertionError("the flight did not finish")
-
-
-def assert_same(got: np.ndarray, want: np.ndarray) -> None:
-    diff = np.abs(got.astype(int) - want.astype(int)).max()
-    assert diff <= 1, f"max pixel difference {diff} > 1/255"
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -61,7 +32,7 @@ def test_rows_joining_at_different_steps_match_each_request_alone(pipe, sampler)
         got = sorted(images[owner], key=lambda kp: kp[0])
         assert [k for k, _ in got] == list(range(req.images))
         for (_, px), ref in zip(got, want):
-            assert_same(px, ref)
+            assert_same_pixels(px, ref)
 
 
 def test_img2img_rows_with_different_strengths_share_steps(pipe):
@@ -75,17 +46,17 @@ def test_img2img_rows_with_different_strengths_share_steps(pipe):
     images, errors = drive(flight, {0: [(reqs["s9"], "s9")], 1: [(reqs["s5"], "s5")]}, pipe)
     assert not errors
     for owner, req in reqs.items():
-        assert_same(images[owner][0][1], alone(pipe, req)[0])
+        assert_same_pixels(images[owner][0][1], alone(pipe, req)[0])
 
 
 def test_admission_is_bounded_and_keyed(pipe):
     flight = Flight(pipe, max_batch=2)
-    rows = pipe.prepare(Request(prompt="x", steps=3, images=2))
+    rows = pipe.prepare(Request(prompt="x", steps=3, images=2)).rows()
     flight.admit(rows, ["a", "a"])
-    assert flight.free == 0 and not flight.accepts(pipe.prepare(Request(prompt="y", steps=3))[0])
+    assert flight.free == 0 and not flight.accepts(pipe.prepare(Request(prompt="y", steps=3)).rows()[0])
     with pytest.raises(ValueError, match="free slots"):
-        flight.admit(pipe.prepare(Request(prompt="y", steps=3)), ["b"])
-    other = pipe.prepare(Request(prompt="y", steps=3, sampler="euler"))
+        flight.admit(pipe.prepare(Request(prompt="y", steps=3)).rows(), ["b"])
+    other = pipe.prepare(Request(prompt="y", steps=3, sampler="euler")).rows()
     assert flex_key(other[0].request) != flight.key
     with pytest.raises(ValueError, match="flex key"):
         flight.admit(other, ["c"])
@@ -99,8 +70,8 @@ def test_cancelled_rows_free_their_slot_and_the_others_are_unchanged(pipe):
     keep = Request(prompt="stay", steps=5, seed=1)
     gone = Request(prompt="leave", steps=5, seed=2, images=2)
     flight = Flight(pipe, max_batch=3)
-    flight.admit(pipe.prepare(keep), ["keep"])
-    flight.admit(pipe.prepare(gone), ["gone", "gone"])
+    flight.admit(pipe.prepare(keep).rows(), ["keep"])
+    flight.admit(pipe.prepare(gone).rows(), ["gone", "gone"])
     flight.step()
     flight.step()
     assert flight.drop("gone") == 2 and flight.free == 2
@@ -109,13 +80,13 @@ def test_cancelled_rows_free_their_slot_and_the_others_are_unchanged(pipe):
         flight.step()
         out += flight.finish()
     assert [f.owner for f in out] == ["keep"]
-    assert_same(out[0].image.pixels, alone(pipe, keep)[0])
+    assert_same_pixels(out[0].image.pixels, alone(pipe, keep)[0])
 
 
 def test_a_row_that_turns_nan_fails_only_its_request(pipe):
     flight = Flight(pipe, max_batch=2)
-    flight.admit(pipe.prepare(Request(prompt="ok", steps=3, seed=1)), ["ok"])
-    (bad,) = flight.admit(pipe.prepare(Request(prompt="bad", steps=3, seed=2)), ["bad"])
+    flight.admit(pipe.prepare(Request(prompt="ok", steps=3, seed=1)).rows(), ["ok"])
+    (bad,) = flight.admit(pipe.prepare(Request(prompt="bad", steps=3, seed=2)).rows(), ["bad"])
     flight.step()
     bad.bufs["latents"] = bad.bufs["latents"] * float("nan")  # what an fp16 overflow in this row leaves behind
     out = []
@@ -125,4 +96,4 @@ def test_a_row_that_turns_nan_fails_only_its_request(pipe):
     by = {f.owner: f for f in out}
     assert by["bad"].image is None and "NaN" in by["bad"].error
     assert by["ok"].error is None
-    assert_same(by["ok"].image.pixels, alone(pipe, Request(prompt="ok", steps=3, seed=1))[0])
+    assert_same_pixels(by["ok"].image.pixels, alone(pipe, Request(prompt="ok", steps=3, seed=1))[0])

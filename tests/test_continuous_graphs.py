@@ -13,8 +13,7 @@ from PIL import Image
 from engine.continuous import Flight, bucket_for, buckets, table_width
 from engine.pipeline import Pipeline
 from engine.request import Request
-from tests.runners import Wrapped
-from tests.test_continuous import alone, assert_same, drive
+from tests.helpers import Wrapped, alone, assert_same_pixels, drive, max_diff
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +96,8 @@ def test_padded_buckets_match_the_unpadded_flight_and_each_request_alone(pipe, s
     padded, eager = by_owner(padded_images), by_owner(eager_images)
     for owner, req in reqs.items():
         (want,) = alone(pipe, req)
-        assert_same(padded[owner][0], eager[owner][0])
-        assert_same(padded[owner][0], want)
+        assert_same_pixels(padded[owner][0], eager[owner][0])
+        assert_same_pixels(padded[owner][0], want)
 
 
 def test_padded_buckets_not_a_power_of_two_with_img2img_strengths(pipe):
@@ -115,7 +114,7 @@ def test_padded_buckets_not_a_power_of_two_with_img2img_strengths(pipe):
         want = alone(pipe, req)
         assert len(got[owner]) == req.images
         for px, ref in zip(got[owner], want):
-            assert_same(px, ref)
+            assert_same_pixels(px, ref)
 
 
 def test_padded_inpainting_blend_reads_the_last_table_column(pipe):
@@ -134,12 +133,12 @@ def test_padded_inpainting_blend_reads_the_last_table_column(pipe):
     for owner, req in reqs.items():
         assert len(got[owner]) == req.images
         for px, want in zip(got[owner], alone(pipe, req)):
-            assert_same(px, want)
+            assert_same_pixels(px, want)
 
 
 def finished(flight: Flight, pipe: Pipeline, req: Request) -> list:
     """Run one request alone in `flight`; its `Finished` rows."""
-    rows = pipe.prepare(req)
+    rows = pipe.prepare(req).rows()
     flight.admit(rows, ["owner"] * len(rows))
     out = []
     while flight.slots:
@@ -155,7 +154,7 @@ def test_cpu_defaults_to_unpadded_eager_and_says_no_graph(pipe):
     assert not padded.graphs  # CPU: nothing captured, eager
     assert len(out) == 3 and all(f.image is not None and f.image.params["cuda_graph"] is False for f in out)
     for f, want in zip(sorted(out, key=lambda f: f.row.k), alone(pipe, Request(prompt="p", steps=3, seed=1, images=3))):
-        assert_same(f.image.pixels, want)
+        assert_same_pixels(f.image.pixels, want)
 
 
 # ---- the padded step in CUDA graphs (GPU only) ----
@@ -186,7 +185,7 @@ def test_graphed_flight_matches_eager_flight(cuda_pipe, sampler):
     assert len(spy.calls) == 2 * len(graphed.graphs)  # warm-up + capture per graph, replays after that
     for owner in reqs:
         for g, w in zip(by_owner(got)[owner], by_owner(want)[owner]):
-            assert_same(g, w)
+            assert_same_pixels(g, w)
 
 
 @pytest.mark.gpu
@@ -203,9 +202,9 @@ def test_graphs_are_reused_across_flights_and_report_cuda_graph(cuda_pipe):
     assert graphs_first == 1 and calls_first == 2  # warm-up + capture, then replays only
     assert len(flight.graphs) == 1 and len(spy.calls) == calls_first  # the second flight: no UNet call at all
     assert all(f.image is not None and f.image.params["cuda_graph"] for f in first + second)
-    assert np.abs(first[0].image.pixels.astype(int) - second[0].image.pixels.astype(int)).max() > 10  # new inputs
+    assert max_diff(first[0].image.pixels, second[0].image.pixels) > 10  # new inputs
     eager = finished(Flight(cuda_pipe, max_batch=4, cuda_graph=False), cuda_pipe,
                      Request(prompt="p", steps=4, seed=2, images=2))
     assert not eager[0].image.params["cuda_graph"]
     for f, e in zip(sorted(second, key=lambda f: f.row.k), sorted(eager, key=lambda f: f.row.k)):
-        assert_same(f.image.pixels, e.image.pixels)
+        assert_same_pixels(f.image.pixels, e.image.pixels)

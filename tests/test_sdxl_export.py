@@ -11,7 +11,7 @@ from export.families import FAMILIES, SD, SDXL, detect_family, get_family, sdxl_
 from export.onnx_export import ExportOptions, export_component
 from export.presets import ALL_PRESETS, PRESETS, SDXL_PRESETS
 from export.specs import COMPONENTS, SDXL_COMPONENTS, SDXL_SPECS, SPECS, Dims, get_spec
-from tests.test_export import _check_graph, _check_parity
+from tests.helpers import check_graph, check_parity
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_sd_registry_unchanged():
     assert get_spec("clip") is SPECS["clip"] and get_family("sd") is SD and SD.specs is SPECS
     assert SPECS["unet"].input_names == ["sample", "timestep", "encoder_hidden_states"]
     assert SD.default_components(Dims()) == ("clip", "unet", "vae_decoder")
-    assert SD.size_conditioning is None and not SD.zero_empty_negative
+    assert SD.request_conditioning is None and not SD.zero_empty_negative and SD.roles.denoiser == "unet"
     with pytest.raises(ValueError, match="unknown component"):
         get_spec("clip2")
 
@@ -76,7 +76,7 @@ def test_sd_registry_unchanged():
 def test_sdxl_specs_shapes():
     d = Dims(text_dim=2048, text2_dim=1280, pooled_dim=1280, time_ids=6)
     assert tuple(SDXL_SPECS) == SDXL_COMPONENTS and FAMILIES["sdxl"] is SDXL and SDXL.specs is SDXL_SPECS
-    assert SDXL.text_encoders == ("clip", "clip2") and SDXL.tokenizers == ("tokenizer", "tokenizer_2")
+    assert SDXL.roles.text_encoders == ("clip", "clip2") and SDXL.tokenizers == ("tokenizer", "tokenizer_2")
     assert SDXL.default_components(d) == ("clip", "clip2", "unet", "vae_decoder")
     assert SDXL.spec("clip").output_shapes(d, 2, 1024, 1024) == {"text_embeddings": (2, 77, 768)}
     assert SDXL.spec("clip2").output_shapes(d, 2, 1024, 1024) == {"text_embeddings": (2, 77, 1280),
@@ -138,7 +138,8 @@ def test_conditioning_matches_diffusers_encode_prompt(tiny_xl, tiny_xl_pipe):
 
 
 def test_load_component_reads_the_family(tiny_xl):
-    from export.models import XLClip2Wrapper, XLUNetWrapper, load_component
+    from export.families.sdxl import XLClip2Wrapper, XLUNetWrapper
+    from export.models import load_component
 
     assert isinstance(load_component(tiny_xl.path, "clip2"), XLClip2Wrapper)
     assert isinstance(load_component(tiny_xl.path, "unet", family="sdxl"), XLUNetWrapper)
@@ -161,6 +162,6 @@ def test_sdxl_component_matches_torch(tiny_xl, exported, name):
     path = out / f"{name}.onnx"
     spec = SDXL.spec(name)
     assert tiny_xl.family is SDXL
-    _check_graph(path, spec)
+    check_graph(path, spec)
     assert [i["name"] for i in infos[name]["inputs"]] == spec.input_names
-    _check_parity(tiny_xl, name, path)  # every output, at the export shape and another batch and size
+    check_parity(tiny_xl, name, path)  # every output, at the export shape and another batch and size

@@ -3,30 +3,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from engine.build import build_all
 from engine.config import BuildConfig
 from engine.pipeline import Pipeline
 from engine.request import Request
 from engine.samplers import SAMPLERS, diffusers_scheduler
+from tests.helpers import PROMPTS, gens, max_diff, to_uint8
 
-PROMPTS = ["a watercolor painting of a lighthouse", "a red bicycle"]
 SEEDS = [3, 41]
 SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def xl(tmp_path_factory, engine_cache):
-    from export.models import materialize_preset
-    from export.presets import ALL_PRESETS
-
-    folder = materialize_preset(ALL_PRESETS["tiny-xl"])
-    engine_dir = tmp_path_factory.mktemp("xl_engines")
-    build_all(BuildConfig(model="tiny-xl", backend="onnxruntime", engine_dir=engine_dir, batch_size=2, height=SIZE,
-                          width=SIZE, components=("clip", "clip2", "unet", "vae_decoder", "vae_encoder")),
-              progress=False)
-    return Pipeline.load(engine_dir), folder
+def xl(xl_pipeline, xl_folder):
+    """(our tiny-xl pipeline, ONNX Runtime fp32 with the VAE encoder at SIZE, its diffusers folder)."""
+    return xl_pipeline, xl_folder
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +38,13 @@ def test_sdxl_matches_diffusers(xl, reference, sampler, negative):
     reference.scheduler = diffusers_scheduler(sampler, pipe.scheduler_config)
     ref = reference(PROMPTS, negative_prompt=[negative] * 2 if negative else None, num_inference_steps=8,
                     guidance_scale=6.0, height=SIZE, width=SIZE, output_type="np",
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS]).images
-    ref = (ref * 255).round().astype(np.uint8)
+                    generator=gens(SEEDS)).images
+    ref = to_uint8(ref)
     got = pipe.run([Request(prompt=p, negative_prompt=negative, steps=8, guidance_scale=6.0, sampler=sampler, seed=s,
                             height=SIZE, width=SIZE) for p, s in zip(PROMPTS, SEEDS)], progress=False, batch_size=2)
     got = np.stack([g.pixels for g in got])
     assert ref.std() > 5 and got.shape == ref.shape == (2, SIZE, SIZE, 3)
-    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2, sampler
+    assert max_diff(got, ref) <= 2, sampler
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.7])
@@ -68,13 +60,13 @@ def test_sdxl_img2img_matches_diffusers(xl, reference, sampler, strength):
     rng = np.random.default_rng(5)
     image = Image.fromarray(rng.integers(0, 256, (SIZE // 8, SIZE // 8, 3), dtype=np.uint8)).resize((SIZE, SIZE))
     ref = ref_pipe(PROMPTS, image=[image] * 2, strength=strength, num_inference_steps=10, guidance_scale=6.0,
-                   output_type="np", generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS]).images
-    ref = (ref * 255).round().astype(np.uint8)
+                   output_type="np", generator=gens(SEEDS)).images
+    ref = to_uint8(ref)
     got = pipe.run([Request(prompt=p, steps=10, guidance_scale=6.0, sampler=sampler, seed=s, init_image=image,
                             strength=strength, height=SIZE, width=SIZE) for p, s in zip(PROMPTS, SEEDS)],
                    progress=False, batch_size=2)
     got = np.stack([g.pixels for g in got])
-    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2, (sampler, strength)
+    assert max_diff(got, ref) <= 2, (sampler, strength)
 
 
 def test_build_cli_takes_sdxl_components_and_refuses_them_for_sd(tmp_path):
@@ -100,9 +92,9 @@ def test_sdxl_time_ids_match_diffusers(xl, reference):
     reference.scheduler = diffusers_scheduler("euler_a", pipe.scheduler_config)
     sizes = dict(original_size=(256, 192), target_size=(96, 128))
     ref = reference(PROMPTS, num_inference_steps=8, guidance_scale=6.0, height=SIZE, width=SIZE, output_type="np",
-                    crops_coords_top_left=(32, 16), generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS],
+                    crops_coords_top_left=(32, 16), generator=gens(SEEDS),
                     **sizes).images
-    ref = (ref * 255).round().astype(np.uint8)
+    ref = to_uint8(ref)
     got = pipe.run([Request(prompt=p, steps=8, guidance_scale=6.0, sampler="euler_a", seed=s, height=SIZE, width=SIZE,
                             crop=(32, 16), **sizes) for p, s in zip(PROMPTS, SEEDS)], progress=False, batch_size=2)
     assert got[0].params["original_size"] == [256, 192] and got[0].params["crop"] == [32, 16]
@@ -110,19 +102,20 @@ def test_sdxl_time_ids_match_diffusers(xl, reference):
     default = pipe.run(Request(prompt=PROMPTS[0], steps=8, guidance_scale=6.0, sampler="euler_a", seed=SEEDS[0],
                                height=SIZE, width=SIZE), progress=False)[0]
     assert default.params["original_size"] == default.params["target_size"] == [SIZE, SIZE]
-    assert np.abs(default.pixels.astype(int) - got[0].pixels.astype(int)).max() > 2  # the time ids matter
+    assert max_diff(default.pixels, got[0].pixels) > 2  # the time ids matter
     got = np.stack([g.pixels for g in got])
-    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2
+    assert max_diff(got, ref) <= 2
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"aesthetic_score": 6.0}, "only SDXL refiner models take --aesthetic-score"),
-    ({"negative_aesthetic_score": 2.0}, "only SDXL refiner models take --negative-aesthetic-score"),
-    ({"original_size": (0, 64)}, r"--original-size 0 64 must be two integers .* >= 1"),
-    ({"target_size": (64,)}, r"--target-size 64 must be two integers"),
-    ({"crop": (-1, 0)}, r"--crop -1 0 must be two integers .* >= 0"),
-    ({"crop": (0, 64)}, r"--crop 0 64 is outside --original-size 64 64: top must be < 64 and left < 64"),
-    ({"crop": (40, 0), "original_size": (32, 32)}, r"--crop 40 0 is outside --original-size 32 32"),
+    ({"aesthetic_score": 6.0}, "model family 'sdxl' takes no aesthetic_score; the families that do: sdxl-refiner"),
+    ({"negative_aesthetic_score": 2.0}, "family 'sdxl' takes no negative_aesthetic_score; the families that do: "
+                                        "sdxl-refiner"),
+    ({"original_size": (0, 64)}, r"original_size 0 64 must be two integers .* >= 1"),
+    ({"target_size": (64,)}, r"target_size 64 must be two integers"),
+    ({"crop": (-1, 0)}, r"crop -1 0 must be two integers .* >= 0"),
+    ({"crop": (0, 64)}, r"crop 0 64 is outside original_size 64 64: top must be < 64 and left < 64"),
+    ({"crop": (40, 0), "original_size": (32, 32)}, r"crop 40 0 is outside original_size 32 32"),
     ({"height": 8}, r"height 8 must be a positive multiple of 16"),  # below the model's smallest size
     ({"width": 0}, r"width 0 must be a positive number of pixels"),
 ])
@@ -146,7 +139,8 @@ def test_sd_refuses_sdxl_flag_naming_it(ort_engines, tmp_path, capsys):
 
     assert main(["--engine-dir", str(ort_engines), "--steps", "2", "--output", str(tmp_path / "x.png"),
                  "--original-size", "128", "96"]) == 2
-    assert capsys.readouterr().err.strip() == "error: only SDXL models take --original-size; this model is family 'sd'"
+    assert capsys.readouterr().err.strip() == ("error: model family 'sd' takes no --original-size; the families that "
+                                               "do: sdxl, sdxl-refiner")
 
 
 def test_generate_cli_parses_time_id_flags():
@@ -184,10 +178,10 @@ def test_sdxl_on_the_torch_backend_matches_diffusers(tmp_path, reference, xl):
     assert pipe.info["backend"] == "torch" and pipe.family.name == "sdxl"
     reference.scheduler = diffusers_scheduler("dpmpp_2m", pipe.scheduler_config)
     ref = reference(PROMPTS, num_inference_steps=6, guidance_scale=6.0, height=SIZE, width=SIZE, output_type="np",
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS]).images
-    ref = (ref * 255).round().astype(np.uint8)
+                    generator=gens(SEEDS)).images
+    ref = to_uint8(ref)
     got = pipe.run([Request(prompt=p, steps=6, guidance_scale=6.0, sampler="dpmpp_2m", seed=s, height=SIZE,
                             width=SIZE) for p, s in zip(PROMPTS, SEEDS)], progress=False, batch_size=2)
     got = np.stack([g.pixels for g in got])
-    assert ref.std() > 5 and np.abs(got.astype(int) - ref.astype(int)).max() <= 2
+    assert ref.std() > 5 and max_diff(got, ref) <= 2
     pipe.close()

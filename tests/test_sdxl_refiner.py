@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from engine.build import build_all
 from engine.config import BuildConfig
@@ -16,8 +15,8 @@ from engine.request import Request
 from engine.samplers import diffusers_scheduler
 from export.families import SDXL_REFINER, detect_family, get_family
 from export.specs import Dims
+from tests.helpers import PROMPTS, gens, init_image, max_diff, to_uint8
 
-PROMPTS = ["a watercolor painting of a lighthouse", "a red bicycle"]
 SEEDS = [11, 29]
 SIZE = 64
 STEPS = 10
@@ -45,13 +44,6 @@ def reference(refiner):
     return pipe
 
 
-def _init_image():
-    from PIL import Image
-
-    rng = np.random.default_rng(9)
-    return Image.fromarray(rng.integers(0, 256, (SIZE // 8, SIZE // 8, 3), dtype=np.uint8)).resize((SIZE, SIZE))
-
-
 def test_refiner_folder_and_family(refiner):
     from export.models import folder_dims
     from export.presets import SDXL_PRESETS
@@ -75,10 +67,10 @@ def test_refiner_folder_and_family(refiner):
 def test_refiner_matches_diffusers(refiner, reference, sampler, strength):
     pipe, _ = refiner
     reference.scheduler = diffusers_scheduler(sampler, pipe.scheduler_config)
-    image = _init_image()
+    image = init_image(SIZE, seed=9)
     ref = reference(PROMPTS, image=[image] * 2, strength=strength, num_inference_steps=STEPS, guidance_scale=6.0,
-                    output_type="np", generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS]).images
-    ref = (ref * 255).round().astype(np.uint8)
+                    output_type="np", generator=gens(SEEDS)).images
+    ref = to_uint8(ref)
     got = pipe.run([Request(prompt=p, steps=STEPS, guidance_scale=6.0, sampler=sampler, seed=s, init_image=image,
                             strength=strength, height=SIZE, width=SIZE) for p, s in zip(PROMPTS, SEEDS)],
                    progress=False, batch_size=2)
@@ -86,34 +78,34 @@ def test_refiner_matches_diffusers(refiner, reference, sampler, strength):
     assert got[0].params["original_size"] == [SIZE, SIZE] and "target_size" not in got[0].params
     got = np.stack([g.pixels for g in got])
     assert ref.std() > 5 and got.shape == ref.shape == (2, SIZE, SIZE, 3)
-    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2, (sampler, strength)
+    assert max_diff(got, ref) <= 2, (sampler, strength)
 
 
 def test_refiner_time_ids_match_diffusers(refiner, reference):
     """Non-default aesthetic scores, original size and crop (the negative rows: crop (0, 0), as diffusers)."""
     pipe, _ = refiner
     reference.scheduler = diffusers_scheduler("ddim", pipe.scheduler_config)
-    image, kw = _init_image(), dict(aesthetic_score=8.0, negative_aesthetic_score=1.0)
+    image, kw = init_image(SIZE, seed=9), dict(aesthetic_score=8.0, negative_aesthetic_score=1.0)
     ref = reference(PROMPTS, image=[image] * 2, strength=0.7, num_inference_steps=STEPS, guidance_scale=6.0,
                     original_size=(160, 96), crops_coords_top_left=(16, 8), output_type="np",
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS], **kw).images
-    ref = (ref * 255).round().astype(np.uint8)
+                    generator=gens(SEEDS), **kw).images
+    ref = to_uint8(ref)
     got = pipe.run([Request(prompt=p, steps=STEPS, guidance_scale=6.0, sampler="ddim", seed=s, init_image=image,
                             strength=0.7, height=SIZE, width=SIZE, original_size=(160, 96), crop=(16, 8), **kw)
                     for p, s in zip(PROMPTS, SEEDS)], progress=False, batch_size=2)
     assert got[1].params["crop"] == [16, 8] and got[1].params["aesthetic_score"] == 8.0
     got = np.stack([g.pixels for g in got])
-    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2
+    assert max_diff(got, ref) <= 2
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({}, r"SDXL refiner \(sdxl-refiner\): img2img only: give an init image"),
-    ({"target_size": (64, 64)}, "SDXL refiner models take no --target-size"),
-    ({"crop": (64, 0), "init": True}, r"--crop 64 0 is outside --original-size 64 64"),
-    ({"aesthetic_score": float("nan"), "init": True}, "--aesthetic-score nan must be a finite number"),
+    ({}, r"\(sdxl-refiner\) is img2img only: give an init image"),
+    ({"target_size": (64, 64)}, "model family 'sdxl-refiner' takes no target_size"),
+    ({"crop": (64, 0), "init": True}, r"crop 64 0 is outside original_size 64 64"),
+    ({"aesthetic_score": float("nan"), "init": True}, "aesthetic_score nan must be a finite number"),
 ])
 def test_refiner_refuses(refiner, kwargs, message):
     pipe, _ = refiner
-    init = _init_image() if kwargs.pop("init", False) or "target_size" in kwargs else None
+    init = init_image(SIZE, seed=9) if kwargs.pop("init", False) or "target_size" in kwargs else None
     with pytest.raises(ValueError, match=message):
         pipe.run(Request(prompt="x", steps=2, height=SIZE, width=SIZE, init_image=init, **kwargs), progress=False)

@@ -15,7 +15,7 @@ import PIL.Image
 import pytest
 
 from engine.request import Request
-from tests.serve_util import running_server
+from tests.helpers import assert_same_pixels, b64_png, metric, png_pixels, running_server
 
 MAX_IMAGES = 4
 BODY_MB = 1
@@ -34,26 +34,10 @@ def library(ort_pipeline):
     return ort_pipeline
 
 
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(PIL.Image.open(io.BytesIO(png)).convert("RGB"))
-
-
 def generate(server, **body) -> dict:
     status, data, _ = server.post("/v1/generate", body)
     assert status == 200, data
     return json.loads(data)
-
-
-def b64_png(array: np.ndarray) -> str:
-    buf = io.BytesIO()
-    PIL.Image.fromarray(array).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def assert_same_pixels(a: np.ndarray, b: np.ndarray) -> None:
-    """At most 1/255 apart (the batch-invariance bound of the issue)."""
-    assert a.shape == b.shape
-    assert int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1
 
 
 def test_health_ready_info(server):
@@ -72,7 +56,7 @@ def test_openai_client_generates_the_library_images(server, library):
     result = client.images.generate(prompt="a red fox in snow", n=2, size="64x64", response_format="b64_json",
                                     extra_body={"steps": 5, "seed": 11, "guidance_scale": 5.0,
                                                 "negative_prompt": "blurry", "scheduler": "euler_a"})
-    got = [pixels(base64.b64decode(d.b64_json)) for d in result.data]
+    got = [png_pixels(d.b64_json) for d in result.data]
     want = library.run(Request(prompt="a red fox in snow", negative_prompt="blurry", steps=5, seed=11,
                                guidance_scale=5.0, sampler="euler_a", images=2), progress=False)
     assert len(got) == 2
@@ -100,14 +84,14 @@ def test_generate_returns_pngs_with_metadata_and_seeds(server, library):
     assert "Seed: 101" in png.text["parameters"] and "Steps: 4" in png.text["parameters"]
     assert json.loads(png.text["sd_engine"])["prompt"] == "a lighthouse"
     alone = library.run(Request(prompt="a lighthouse", steps=4, seed=101, sampler="ddim"), progress=False)[0]
-    assert_same_pixels(pixels(base64.b64decode(out["images"][1]["b64_png"])), alone.pixels)
+    assert_same_pixels(png_pixels(out["images"][1]["b64_png"]), alone.pixels)
 
 
 def test_png_response_format(server):
     status, data, headers = server.post("/v1/generate", {"prompt": "a boat", "steps": 3, "seed": 5,
                                                         "response_format": "png"})
     assert status == 200 and headers["content-type"] == "image/png" and headers["x-seed"] == "5"
-    assert pixels(data).shape == (64, 64, 3) and "unet" in json.loads(headers["x-timings-ms"])
+    assert png_pixels(data).shape == (64, 64, 3) and "unet" in json.loads(headers["x-timings-ms"])
 
 
 def test_img2img_json_base64_and_multipart_give_the_same_image(server, library):
@@ -123,8 +107,8 @@ def test_img2img_json_base64_and_multipart_give_the_same_image(server, library):
     status, data, _ = server.post("/v1/generate", b"".join(parts) + f"--{boundary}--\r\n".encode(),
                                   content_type=f"multipart/form-data; boundary={boundary}")
     assert status == 200, data
-    a = pixels(base64.b64decode(as_json["images"][0]["b64_png"]))
-    b = pixels(base64.b64decode(json.loads(data)["images"][0]["b64_png"]))
+    a = png_pixels(as_json["images"][0]["b64_png"])
+    b = png_pixels(json.loads(data)["images"][0]["b64_png"])
     want = library.run(Request(prompt="a painting", steps=4, seed=3, strength=0.6, init_image=init),
                        progress=False)[0]
     assert_same_pixels(a, want.pixels)
@@ -150,8 +134,8 @@ def test_concurrent_requests_share_a_batch_and_match_running_alone(server):
     for i, body in enumerate(bodies):  # one at a time: each runs alone
         solo = generate(server, **body)
         assert solo["batch_images"] == 1
-        assert_same_pixels(pixels(base64.b64decode(results[i]["images"][0]["b64_png"])),
-                           pixels(base64.b64decode(solo["images"][0]["b64_png"])))
+        assert_same_pixels(png_pixels(results[i]["images"][0]["b64_png"]),
+                           png_pixels(solo["images"][0]["b64_png"]))
 
 
 BAD = [  # (body, status, param, words in the message)
@@ -174,7 +158,7 @@ BAD = [  # (body, status, param, words in the message)
     ({"prompt": "a cat", "images": 2, "response_format": "png"}, 400, "response_format", "one image"),
     ({"prompt": "a cat", "seed": 2**64}, 400, "seed", "less than or equal"),
     ([1, 2, 3], 400, None, "should be an object"),
-    ({"prompt": "a cat", "original_size": [512, 512]}, 400, "original_size", "only SDXL models"),
+    ({"prompt": "a cat", "original_size": [512, 512]}, 400, "original_size", "takes no original_size"),
     ({"prompt": "a cat", "crop": [1, 2, 3]}, 400, "crop", "at most 2"),
     ({"prompt": "a cat", "loras": [{"name": "style"}]}, 400, "loras", "start it with --lora-dir"),
     ({"prompt": "a cat", "loras": [{"name": "../etc/passwd"}]}, 400, "loras.0.name", "pattern"),
@@ -208,10 +192,10 @@ def test_oversized_body_is_413_and_unknown_routes_are_json(server):
 
 
 def test_metrics_count_requests_batches_and_images(server):
-    before = _metric(server, "sd_inference_count_total")
+    before = metric(server, "sd_inference_count_total", required=True)
     generate(server, prompt="a tree", steps=2, images=3)
     text = server.get("/metrics")[1].decode()
-    assert _metric(server, "sd_inference_count_total") == before + 3
+    assert metric(server, "sd_inference_count_total", required=True) == before + 3
     for name in ("sd_inference_request_success_total", "sd_inference_exec_count_total",
                  "sd_inference_pending_request_count", "sd_inference_batch_size_bucket",
                  "sd_inference_queue_duration_seconds_bucket", "sd_inference_compute_duration_seconds_bucket",
@@ -219,9 +203,3 @@ def test_metrics_count_requests_batches_and_images(server):
                  'sd_http_requests_total{path="/v1/generate",status="400"}'):
         assert name in text, name
 
-
-def _metric(server, name: str) -> float:
-    for line in server.get("/metrics")[1].decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")

@@ -9,12 +9,16 @@ The runner contract (what the pipeline relies on):
   and torch return fresh tensors. A caller copies what it keeps across calls.
 - `graph_safe`: True when a call enqueues only stream-ordered device work with no host sync, so the
   denoise step that calls it can be captured in a CUDA graph and replayed.
+- `base_weights()` / `set_weights(merged)`: the weights as built, by ONNX initializer name, and swapping some of
+  them in place (LoRA merges: engine/lora.py); `set_weights(None)` puts the built weights back exactly. A runner
+  that cannot swap raises ValueError naming what it would need (TensorRT: a refittable engine).
 - `close()`: release sessions, engines and graphs; the runner is unusable afterwards.
 """
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
@@ -38,6 +42,10 @@ class Runner(Protocol):
     def graph_safe(self) -> bool: ...
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def base_weights(self) -> Mapping[str, torch.Tensor]: ...
+
+    def set_weights(self, merged: Mapping[str, torch.Tensor] | None) -> None: ...
 
     def close(self) -> None: ...
 

@@ -22,10 +22,10 @@ import torch
 
 from engine.backends.cpu import check_bf16
 from engine.config import BuildPlan
+from export import attention
 from export.specs import ComponentSpec, Dims, precision_torch_dtype
 
 WEIGHT_SUFFIXES = (".json", ".safetensors")
-COMPILED_COMPONENTS = ("unet",)  # what --compile compiles: the UNet runs every step; the others run once
 
 
 def _resolve_device(device: str) -> str:
@@ -52,6 +52,7 @@ class TorchRunner:
         self.device = torch.device(device)
         self.dtype = next(module.parameters()).dtype
         self.attention_impl = attention_impl
+        attention.set_eager(module, attention_impl)  # this module's processors (no process-global mode)
         self.compiled = compile
         # what a call runs: the module, or its compiled form (self.module stays the module, for LoRA swaps)
         self._forward: Callable[..., Any] = (
@@ -60,12 +61,9 @@ class TorchRunner:
 
     @torch.inference_mode()
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        from export import attention
-
         args = {t.name: inputs[t.name].to(self.device, self.dtype if t.dtype == "model" else None)
                 for t in self.spec.inputs}
-        with attention.eager_impl(self.attention_impl):
-            out = self._forward(**args)
+        out = self._forward(**args)
         outs = out if isinstance(out, tuple) else (out,)
         return dict(zip(self.spec.output_names, outs, strict=True))
 
@@ -128,7 +126,7 @@ class TorchBackend:
             shutil.copyfile(f, out_dir / spec.model_folder / f.name)
         shutil.copyfile(source / "model_index.json", out_dir / "model_index.json")  # the family, for load_component
         return {"device": plan.device, "precision": plan.precision,
-                "compile": plan.compile and spec.name in COMPILED_COMPONENTS}
+                "compile": plan.compile and spec.per_step}  # --compile: what runs every step
 
     def load(self, spec: ComponentSpec, art_dir: Path, manifest: dict[str, Any], device: str) -> TorchRunner:
         from export.models import load_component
@@ -137,7 +135,7 @@ class TorchBackend:
         precision = manifest["precision"]
         if precision == "bf16" and not device.startswith("cuda"):
             check_bf16("torch")  # an engine dir moved to a CPU without native bf16
-        dtype = torch.bfloat16 if precision == "bf16" else precision_torch_dtype(precision)  # weights and compute
+        dtype = precision_torch_dtype(precision)  # weights and compute
         module = load_component(art_dir, spec.name, dtype, device)
         impl = "kernel" if device.startswith("cuda") and precision == "fp16" and _kernel_available() else "sdpa"
         return TorchRunner(spec, module, device, impl, compile=bool(manifest.get("compile")))

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 
 from engine.png import png_bytes
-from engine.request import Generated, Request
+from engine.request import Generated, PreparedRequest, Request, RequestError
 from engine.server.batcher import Batcher, BatchFailed, Draining, Outcome, QueueFull
 from engine.server.step_batcher import StepBatcher
 from engine.server.config import ServeConfig
@@ -39,11 +39,9 @@ WARMUP_STEPS = 2
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
 IMAGE_FIELDS = ("init_image", "mask")
 DRAIN_FACTOR = 4  # a body over the limit is still read (and dropped) up to this many times the limit
-# the first word(s) of a pipeline ValueError -> the field it is about
-_PARAM_WORDS = {"height": "height", "width": "width", "steps": "steps", "strength": "strength", "seed": "seed",
-                "unknown sampler": "sampler", "init image": "init_image", "mask": "mask", "a mask": "mask",
-                "guidance": "guidance_scale", "images per prompt": "images", "img2img": "init_image",
-                "inpaint": "mask"}
+RETRY_UNAVAILABLE_S = 5  # Retry-After when draining or failed
+RETRY_NOT_READY_S = 1  # Retry-After while loading or warming up
+OPENAI_PARAMS = {"images": "n", "height": "size", "width": "size", "sampler": "scheduler"}  # Request field -> body
 
 
 class ClientGone(Exception):
@@ -89,10 +87,9 @@ class ServerState:
     async def _warm(self) -> None:
         if self.config.warmup:
             t0 = time.perf_counter()
-            req = Request(prompt="warm-up", steps=WARMUP_STEPS)
-            rows = self.pipeline.prepare(req)
+            prepared = self.pipeline.prepare(Request(prompt="warm-up", steps=WARMUP_STEPS))
             try:
-                await self.batcher.submit(rows[0].request, rows[0].group(req.guidance_scale > 1.0))
+                await self.batcher.submit(prepared)
             except (BatchFailed, Draining) as exc:
                 self.status, self.error = "failed", f"warm-up generation failed: {exc}"
                 log.error(self.error)
@@ -102,7 +99,7 @@ class ServerState:
             self.status = "ready"
             log.info("ready: model %s on %s", self.pipeline.info.get("model"), self.pipeline.info.get("backend"))
 
-    def _run(self, requests: list[Request], batch_size: int) -> list[Generated]:
+    def _run(self, requests: list[PreparedRequest], batch_size: int) -> list[Generated]:
         return self.pipeline.run(requests, progress=False, batch_size=batch_size)
 
     def drain(self) -> None:
@@ -121,11 +118,14 @@ class ServerState:
 
     # ---- one generation request ----
 
-    def check(self, request: Request, images_field: str, size_field: str | None) -> tuple[Request, tuple]:
-        """The request resolved against the loaded engines, and its batch key; ApiError 400 naming the field."""
+    async def prepare(self, request: Request, params: dict[str, str]) -> PreparedRequest:
+        """The request checked against the server's limits and prepared against the loaded engines (off the event
+        loop); ApiError 400 whose param is the body field (`params`: Request field -> body field, where they
+        differ)."""
         if self.status in ("draining", "failed") or self.batcher is None:
             raise ApiError(503, f"server is {self.status}" + (f": {self.error}" if self.error else ""),
-                           kind="unavailable", headers={"Retry-After": "5"})
+                           kind="unavailable", headers={"Retry-After": str(RETRY_UNAVAILABLE_S)})
+        images_field = params.get("images", "images")
         if request.images > self.config.max_images:
             raise ApiError(400, f"{images_field} {request.images} is over this server's limit "
                                 f"(--max-images {self.config.max_images})", images_field)
@@ -137,27 +137,23 @@ class ServerState:
             value = getattr(request, side)
             if value is not None and value > self.config.max_size:
                 raise ApiError(400, f"{side} {value} is over this server's limit (--max-size {self.config.max_size})",
-                               size_field or side)
+                               params.get(side, side))
         try:
-            rows = self.pipeline.prepare(request)
-        except ValueError as exc:
-            param = _param_of(str(exc))
-            if size_field and param in ("height", "width"):
-                param = size_field
-            raise ApiError(400, str(exc), param) from None
-        resolved = rows[0].request
-        return resolved, rows[0].group(resolved.guidance_scale > 1.0)
+            return await asyncio.to_thread(self.pipeline.prepare, request)
+        except RequestError as exc:
+            raise ApiError(400, str(exc), params.get(exc.field, exc.field) if exc.field else None) from None
+        except ValueError as exc:  # a check without a field (none known today): still the client's request
+            raise ApiError(400, str(exc)) from None
 
-    async def generate(self, http: HttpRequest, request: Request, images_field: str = "images",
-                       size_field: str | None = None) -> Outcome:
+    async def generate(self, http: HttpRequest, request: Request, params: dict[str, str] | None = None) -> Outcome:
         t0 = time.perf_counter()
-        resolved, key = self.check(request, images_field, size_field)
+        prepared = await self.prepare(request, params or {})
         if self.status != "ready":
             raise ApiError(503, f"server is {self.status}; retry when /readyz answers 200", kind="unavailable",
-                           headers={"Retry-After": "1"})
+                           headers={"Retry-After": str(RETRY_NOT_READY_S)})
         assert self.batcher is not None
         try:
-            work = asyncio.wait_for(self.batcher.submit(resolved, key), self.config.timeout_s)
+            work = asyncio.wait_for(self.batcher.submit(prepared), self.config.timeout_s)
             outcome = await _unless_client_leaves(http, work)
         except QueueFull as exc:
             self._failed("queue_full")
@@ -166,7 +162,8 @@ class ServerState:
                            kind="rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after_s)}) from None
         except Draining:
             self._failed("draining")
-            raise ApiError(503, "server is draining", kind="unavailable", headers={"Retry-After": "5"}) from None
+            raise ApiError(503, "server is draining", kind="unavailable",
+                           headers={"Retry-After": str(RETRY_UNAVAILABLE_S)}) from None
         except TimeoutError:
             self._failed("timeout")
             raise ApiError(504, f"no answer within --timeout-s {self.config.timeout_s}", kind="timeout") from None
@@ -200,17 +197,6 @@ async def _unless_client_leaves(http: HttpRequest, work) -> Outcome:
     finally:
         if not task.done():
             task.cancel()
-
-
-def _param_of(message: str) -> str | None:
-    for name in GenerateBody.model_fields:  # messages about CLI flags name them: "--original-size ..."
-        if f"--{name.replace('_', '-')}" in message:
-            return name
-    text = message.lower()
-    for words in sorted(_PARAM_WORDS, key=len, reverse=True):
-        if text.startswith(words):
-            return _PARAM_WORDS[words]
-    return None
 
 
 def _timings(outcome: Outcome, total_s: float) -> dict[str, float]:
@@ -313,7 +299,8 @@ def create_app(config: ServeConfig) -> FastAPI:
 
         p = state.pipeline
         if p is None:
-            raise ApiError(503, "engines not loaded yet", kind="unavailable", headers={"Retry-After": "1"})
+            raise ApiError(503, "engines not loaded yet", kind="unavailable",
+                           headers={"Retry-After": str(RETRY_NOT_READY_S)})
         d = Request()
         return {"model": p.info.get("model"), "backend": p.info.get("backend"), "family": p.family.name,
                 "height": p.profile.opt.height, "width": p.profile.opt.width, "profile": p.profile.to_json(),
@@ -345,13 +332,13 @@ def create_app(config: ServeConfig) -> FastAPI:
             "created": int(time.time()),
             "images": [{"b64_png": base64.b64encode(b).decode(), "seed": g.params["seed"],
                         "params": json.loads(json.dumps(g.params, default=str))}
-                       for b, g in zip(pngs, outcome.images)],
+                       for b, g in zip(pngs, outcome.images, strict=True)],
             "timings_ms": timings, "batch_images": outcome.batch_images})
 
     @app.post("/v1/images/generations")
     async def images_generations(body: ImagesBody, http: HttpRequest) -> JSONResponse:
         """OpenAI's Images API (b64_json only); negative_prompt, steps, guidance_scale, scheduler, seed extra."""
-        outcome = await state.generate(http, body.to_request(), images_field="n", size_field="size")
+        outcome = await state.generate(http, body.to_request(), OPENAI_PARAMS)
         pngs = await asyncio.to_thread(_encode, outcome.images)
         return JSONResponse({"created": int(time.time()),
                              "data": [{"b64_json": base64.b64encode(b).decode()} for b in pngs]})

@@ -23,11 +23,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.request import Generated, Request
+from engine.request import Generated, PreparedRequest
 from engine.server.metrics import Metrics
 
 log = logging.getLogger("engine.serve")
-RunFn = Callable[[list[Request], int], list[Generated]]  # (requests, batch size) -> images in request order
+RunFn = Callable[[list[PreparedRequest], int], list[Generated]]  # (requests, batch size) -> images in order
+BATCH_TIME_WEIGHT = 0.2  # weight of the newest batch in the moving average of batch time (Retry-After)
 
 
 class QueueFull(Exception):
@@ -54,11 +55,18 @@ class Outcome:
 
 @dataclass(eq=False)
 class Job:
-    request: Request  # checked and resolved (seed drawn, size filled in)
-    key: tuple
+    prepared: PreparedRequest  # checked and resolved once (seed drawn, size filled in, images loaded)
     future: asyncio.Future = field(repr=False)
     arrived: float
     started: float | None = None
+
+    @property
+    def images(self) -> int:
+        return self.prepared.request.images
+
+    @property
+    def key(self) -> tuple:
+        return self.prepared.batch_key
 
 
 class Batcher:
@@ -91,13 +99,13 @@ class Batcher:
     def retry_after_s(self) -> int:
         return max(1, math.ceil(self._batch_s * (1 + len(self._queue) / self.max_batch)))
 
-    async def submit(self, request: Request, key: tuple) -> Outcome:
+    async def submit(self, prepared: PreparedRequest) -> Outcome:
         """The request's images once its batch ran. QueueFull / Draining at once; BatchFailed if its batch raised."""
         if not self.accepting:
             raise Draining("the server is draining")
         if len(self._queue) >= self.max_queue:
             raise QueueFull(self.retry_after_s())
-        job = Job(request, key, asyncio.get_running_loop().create_future(), time.perf_counter())
+        job = Job(prepared, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._queue.append(job)
         self._set_depth()
         self._wake.set()
@@ -125,11 +133,11 @@ class Batcher:
 
     def _compatible(self, head: Job) -> list[Job]:
         """The head and, in arrival order, every queued job with its key that still fits in max_batch images."""
-        jobs, n = [head], head.request.images
+        jobs, n = [head], head.images
         for job in self._queue:
-            if job is not head and job.key == head.key and n + job.request.images <= self.max_batch:
+            if job is not head and job.key == head.key and n + job.images <= self.max_batch:
                 jobs.append(job)
-                n += job.request.images
+                n += job.images
         return jobs
 
     async def _collect(self) -> list[Job]:
@@ -140,7 +148,7 @@ class Batcher:
         while True:
             jobs = self._compatible(head)
             wait = deadline - time.perf_counter()
-            if sum(j.request.images for j in jobs) >= self.max_batch or wait <= 0 or not self.accepting:
+            if sum(j.images for j in jobs) >= self.max_batch or wait <= 0 or not self.accepting:
                 break
             self._wake.clear()
             try:
@@ -157,8 +165,8 @@ class Batcher:
         return jobs
 
     async def _execute(self, jobs: list[Job]) -> None:
-        requests = [j.request for j in jobs]
-        n = sum(r.images for r in requests)
+        requests = [j.prepared for j in jobs]
+        n = sum(j.images for j in jobs)
         t0 = time.perf_counter()
         try:
             images = await asyncio.to_thread(self.run, requests, min(n, self.max_batch))
@@ -173,13 +181,13 @@ class Batcher:
             return
         self._idle_since = time.perf_counter()
         compute = self._idle_since - t0
-        self._batch_s = 0.8 * self._batch_s + 0.2 * compute
+        self._batch_s += BATCH_TIME_WEIGHT * (compute - self._batch_s)
         if self.metrics is not None and images:
             self.metrics.observe_batch(n, images[0].timings_ms)
         start = 0
         for job in jobs:
-            mine = images[start:start + job.request.images]
-            start += job.request.images
+            mine = images[start:start + job.images]
+            start += job.images
             if not job.future.done():  # a cancelled job's rows are discarded
                 job.future.set_result(Outcome(mine, (job.started or t0) - job.arrived, compute, n))
 

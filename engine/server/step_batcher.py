@@ -32,23 +32,28 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.continuous import Finished, Flight, flex_key
-from engine.request import Generated, Request
+from engine.continuous import Finished, Flight
+from engine.request import Generated, PreparedRequest, Request
 from engine.server.batcher import BatchFailed, Draining, Outcome, QueueFull
 from engine.server.metrics import Metrics
 
 log = logging.getLogger("engine.serve")
+STEP_TIME_WEIGHT = 0.1  # weight of the newest step in the moving average of step time (Retry-After)
 
 
 @dataclass(eq=False)
 class StepJob:
-    request: Request
+    prepared: PreparedRequest  # checked and resolved once
     future: asyncio.Future = field(repr=False)
     arrived: float
     started: float | None = None
     images: dict[int, Generated] = field(default_factory=dict)
     peak_batch: int = 0  # most rows in flight during its life
     cancelled: bool = False
+
+    @property
+    def request(self) -> Request:
+        return self.prepared.request
 
 
 class StepBatcher:
@@ -89,14 +94,15 @@ class StepBatcher:
         """Images one request may ask for: its rows run in one flight (the app answers 400 above it)."""
         return self.max_batch
 
-    async def submit(self, request: Request, key: tuple | None = None) -> Outcome:
-        """The request's images once its last row finished (`key` is unused: the flight keys rows itself)."""
+    async def submit(self, prepared: PreparedRequest) -> Outcome:
+        """The request's images once its last row finished."""
+        request = prepared.request
         if not self.accepting:
             raise Draining("the server is draining")
         if request.images > self.max_batch:
             raise BatchFailed(f"{request.images} images is over --max-batch {self.max_batch} (step batching runs "
                               "all images of a request together)")
-        job = StepJob(request, asyncio.get_running_loop().create_future(), time.perf_counter())
+        job = StepJob(prepared, asyncio.get_running_loop().create_future(), time.perf_counter())
         with self._cond:
             if len(self._queue) >= self.max_queue:
                 full = True
@@ -141,7 +147,7 @@ class StepBatcher:
                               exc)
                     self._fail_all(f"{type(exc).__name__}: {exc}")
                     continue
-                self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - t0)
+                self._step_s += STEP_TIME_WEIGHT * (time.perf_counter() - t0 - self._step_s)
                 self._deliver(finished)
         except BaseException as exc:  # a bug here would hang every client: log it loudly, then fail them
             log.error("step batcher stopped: %r", exc)
@@ -156,7 +162,7 @@ class StepBatcher:
         for job in self._queue:
             if job.cancelled:
                 continue
-            rows_key = flex_key(job.request)
+            rows_key = job.prepared.flex_key
             if (key is not None and rows_key != key) or job.request.images > free:
                 break
             out.append(job)
@@ -173,7 +179,7 @@ class StepBatcher:
             if job.cancelled:
                 continue
             try:
-                rows = self.pipeline.prepare(job.request)
+                rows = job.prepared.rows()
                 self.flight.admit(rows, [job] * len(rows))
             except (ValueError, OSError, RuntimeError) as exc:  # this request alone fails
                 self._resolve(job, exc=BatchFailed(f"{type(exc).__name__}: {exc}"))

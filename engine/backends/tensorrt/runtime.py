@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 DEBUG_ENV = "SD_ENGINE_TRT_DEBUG"  # "1": check outputs for NaN/Inf after every call (host sync)
 CUDA_GRAPH_ENV = "SD_ENGINE_TRT_CUDA_GRAPH"  # "0": never capture CUDA graphs
-GRAPH_COMPONENTS = ("unet",)
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                  "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
 
@@ -96,7 +95,7 @@ class TrtRunner:
         self._stream = cuda.shared_stream(index)
         self.torch_stream = torch.cuda.ExternalStream(self._stream.ptr, device=self.device)
         self.debug = os.environ.get(DEBUG_ENV, "") == "1"
-        use_graph = spec.name in GRAPH_COMPONENTS and os.environ.get(CUDA_GRAPH_ENV, "1") != "0"
+        use_graph = spec.per_step and os.environ.get(CUDA_GRAPH_ENV, "1") != "0"
         self._graphs = graphs.GraphCache(self.torch_stream, f"TensorRT {spec.name}", enabled=use_graph)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]

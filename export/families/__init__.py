@@ -1,0 +1,48 @@
+"""Model families, one module each (`sd`, `sdxl`: SDXL base and its refiner), and the one registry of them.
+
+What a family is and owns: export/families/base.py. Which family a diffusers folder is: `detect_family`, from its
+model_index.json pipeline class (and, for SDXL img2img, `requires_aesthetics_score`: the refiner).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from export.families.base import Family, Roles, read_index
+from export.families.sd import SD
+from export.families.sdxl import SDXL, SDXL_REFINER, TimeIds, sdxl_time_ids
+
+__all__ = ["FAMILIES", "SD", "SDXL", "SDXL_REFINER", "Family", "Roles", "TimeIds", "detect_family", "get_family",
+           "sdxl_time_ids", "takers"]
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL, SDXL_REFINER)}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; this engine knows {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def takers(request_field: str) -> tuple[str, ...]:
+    """The families that take a family-specific request field."""
+    return tuple(f.name for f in FAMILIES.values() if request_field in f.request_fields)
+
+
+def detect_family(folder: Path) -> Family:
+    """The family of a diffusers folder. ValueError for a class no family has, or for a model the family would
+    run without one of its parts (a refiner folder that also names a `text_encoder`)."""
+    index = read_index(folder)
+    family = next((f for f in FAMILIES.values() if f.matches(index)), None)
+    if family is None:
+        cls = index.get("_class_name", "")
+        aesthetic = " with requires_aesthetics_score" if index.get("requires_aesthetics_score") else ""
+        known = "; ".join(f"{f.name}: {', '.join(f.pipeline_classes)}" + (" with requires_aesthetics_score"
+                                                                          if f.aesthetic else "")
+                          for f in FAMILIES.values())
+        raise ValueError(f"{folder}: pipeline class {cls!r}{aesthetic} is not supported; supported: {known}")
+    every = {s.model_folder for f in FAMILIES.values() for s in f.specs.values()}
+    unused = sorted(sub for sub in every - set(family.model_folders()) if (index.get(sub) or [None])[0])
+    if unused:
+        raise ValueError(f"{folder}: a {family.name} model has no {', '.join(unused)}, but model_index.json "
+                         f"names it; expected {', '.join(family.model_folders())}")
+    return family

@@ -1,0 +1,124 @@
+"""The family record: what a model family is, as data plus a few small functions.
+
+A family names its component *roles* (`Roles`: text encoders, denoiser, latent decoder and encoder, and
+condition components), and owns what is specific to it: its component specs, the torch wrappers export puts
+around each component, the classes its model sub-folders load with, the extra dims it reads from a model folder,
+its single-file text layout, the request fields it takes (and their defaults), and how a batch of prepared
+requests becomes the denoiser's inputs. The runtime asks a family for roles and hooks, never for a family name.
+
+A new family (an upscaler, the LDM paper's VQ or class-conditional models) is a new module in this package and
+a line in `export/families/__init__.py`, not an `if` elsewhere.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from export.specs import TXT2IMG_COMPONENTS, ComponentSpec, Dims
+
+Outputs = dict[str, dict[str, Any]]  # text encoder -> its output tensors by name
+TextConditioning = Callable[[Outputs], dict[str, Any]]  # text encoders' outputs -> denoiser inputs
+# (the batch's resolved requests, guidance on) -> denoiser inputs from the request itself: SDXL's time ids; later
+# families: a concatenated low-resolution image, class labels
+RequestConditioning = Callable[[Sequence[Any], bool], dict[str, Any]]
+RequestDefaults = Callable[[Any], dict[str, Any]]  # a resolved request -> its family fields, defaults filled in
+AddedDims = Callable[[Path, dict, list[dict]], dict[str, int]]  # (folder, unet config, text configs) -> Dims fields
+Wrapper = Callable[[Any], Any]  # a loaded torch sub-model -> the component's module with the spec's conventions
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which component plays which part. The runtime finds components by role, never by name."""
+
+    text_encoders: tuple[str, ...]  # run on token ids, in order
+    denoiser: str = "unet"  # runs every step
+    latent_decoder: str = "vae_decoder"  # latents -> pixels
+    latent_encoder: str = "vae_encoder"  # pixels -> latents (img2img, inpainting); built only when needed
+    conditions: tuple[str, ...] = ()  # condition components whose outputs feed the denoiser (ControlNet, ...)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    specs: Mapping[str, ComponentSpec]  # every component the family can build
+    roles: Roles
+    tokenizers: tuple[str, ...]  # model sub-folder of each text encoder's tokenizer (roles.text_encoders order)
+    pipeline_classes: tuple[str, ...]  # diffusers model_index.json `_class_name`s of this family
+    wrappers: Mapping[str, Wrapper]  # component -> export wrapper (weights: the spec's model_folder)
+    model_classes: Mapping[str, tuple[str, str]]  # model sub-folder -> (library, class name) it loads with
+    conditioning: TextConditioning  # text encoder outputs -> denoiser conditioning inputs
+    request_conditioning: RequestConditioning | None = None  # per-request extra denoiser inputs
+    request_fields: tuple[str, ...] = ()  # the family-specific Request fields this family takes
+    request_defaults: RequestDefaults | None = None  # fills those fields' defaults (ValueError for bad ones)
+    added_dims: AddedDims | None = None  # family-specific Dims fields read from a model folder
+    index_flags: Mapping[str, Any] = field(default_factory=dict)  # model_index.json flags the family writes/needs
+    single_file_text: Mapping[str, tuple[str, str]] | None = None  # text sub-folder -> (layout, key prefix); None:
+    # read off the checkpoint (SD 1.x CLIP or SD 2.x OpenCLIP under cond_stage_model.)
+    blend_inpainting: bool = True  # an ordinary denoiser can inpaint by latent blending
+    scheduler_config: str = "scheduler/scheduler_config.json"  # in the model folder and the engine dir
+    txt2img_components: tuple[str, ...] = TXT2IMG_COMPONENTS  # what txt2img needs
+    txt2img: bool = True  # False: img2img only (the SDXL refiner)
+    default_strength: tuple[float, float] = (0.8, 1.0)  # (img2img, inpaint) when a request gives none: diffusers'
+    upcast_vae: bool = False  # fp16 builds keep the VAE in fp32 when its config says force_upcast (SDXL's overflows)
+
+    @property
+    def zero_empty_negative(self) -> bool:
+        """diffusers' `force_zeros_for_empty_prompt`: with guidance and no negative prompt, the unconditional
+        rows are zeros instead of the encoded ""."""
+        return bool(self.index_flags.get("force_zeros_for_empty_prompt", False))
+
+    @property
+    def aesthetic(self) -> bool:
+        """A model whose time ids end with an aesthetic score (diffusers' `requires_aesthetics_score`)."""
+        return bool(self.index_flags.get("requires_aesthetics_score", False))
+
+    def matches(self, index: dict) -> bool:
+        """Whether a diffusers model_index.json describes a model of this family."""
+        return (index.get("_class_name", "") in self.pipeline_classes
+                and bool(index.get("requires_aesthetics_score", False)) == self.aesthetic)
+
+    def model_folders(self) -> tuple[str, ...]:
+        """The sub-folders a diffusers folder of this family must have (weights, tokenizers, scheduler)."""
+        subs = [s.model_folder for s in self.specs.values()] + list(self.tokenizers)
+        return tuple(dict.fromkeys(subs + [self.scheduler_config.split("/")[0]]))
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(self.specs)
+
+    def spec(self, name: str) -> ComponentSpec:
+        if name not in self.specs:
+            raise ValueError(f"unknown component {name!r} for family {self.name!r}; "
+                             f"choose from {', '.join(self.specs)}")
+        return self.specs[name]
+
+    def default_components(self, dims: Dims) -> tuple[str, ...]:
+        """What `engine.build` builds by default: txt2img, plus the latent encoder that a 9-channel inpainting
+        denoiser or an img2img-only model cannot work without."""
+        needs_encoder = dims.inpainting_unet or not self.txt2img
+        return self.txt2img_components + ((self.roles.latent_encoder,) if needs_encoder else ())
+
+    def can_inpaint(self, dims: Dims) -> bool:
+        return dims.inpainting_unet or (self.blend_inpainting and dims.unet_in_channels == dims.latent_channels)
+
+    def denoiser_inputs(self, text: Outputs, requests: Sequence[Any], negative: Sequence[str] | None) -> dict[str, Any]:
+        """The denoiser's conditioning inputs for one batch: from its text encoders' outputs (with guidance
+        [uncond; cond] rows, 2B) and from the batch's resolved requests (one per image)."""
+        import torch
+
+        cond = self.conditioning(text)
+        if negative is not None and self.zero_empty_negative:  # no negative prompt = zero unconditional rows
+            first = next(iter(cond.values()))
+            empty = torch.tensor([not n for n in negative] + [False] * len(requests), device=first.device)
+            cond = {k: torch.where(empty.view(-1, *[1] * (v.dim() - 1)), torch.zeros_like(v), v)
+                    for k, v in cond.items()}
+        if self.request_conditioning is not None:
+            cond.update(self.request_conditioning(requests, negative is not None))
+        return cond
+
+
+def read_index(folder: Path) -> dict:
+    return json.loads((folder / "model_index.json").read_text())
