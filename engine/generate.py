@@ -18,7 +18,7 @@ from pathlib import Path
 
 from engine.config import BACKENDS
 from engine.png import IMAGE_FORMATS
-from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request, flag
+from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request, RequestError, flag
 from engine.sampler_registry import SAMPLERS
 from export.quiet import add_verbose_flag, quiet_cli
 
@@ -218,12 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_cli(argv)  # imports torch, then quiets the libraries (nothing imported so far prints)
     from engine.cache import CorruptArtifact
 
-    from engine.request import RequestError
-
     try:
         run(cfg)
     except RequestError as e:  # the request's fields named as this CLI's flags
-        print(f"error: {flag_message(str(e))}", file=sys.stderr)
+        print(f"error: {flag_message(e)}", file=sys.stderr)
         return 2
     except (ValueError, RuntimeError, OSError, CorruptArtifact) as e:  # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
@@ -231,11 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def flag_message(message: str) -> str:
-    """A request error's message with the Request fields it names (those of two words or more: the one-word ones
-    read as words) written as this CLI's flags: original_size -> --original-size."""
-    names = [f.name for f in fields(Request) if "_" in f.name]
-    return re.sub(r"\b(" + "|".join(names) + r")\b", lambda m: flag(m[1]), message)
+def flag_message(error: RequestError) -> str:
+    """A request error's message in this CLI's terms: the Request fields it names written as flags (`name` in
+    backticks, or a field of two words or more: original_size -> --original-size; one-word fields read as words),
+    led by "argument FLAG:" (as argparse's own errors) when the message does not name its field's flag already."""
+    names = [f.name for f in fields(Request)]
+    text = re.sub(r"`(" + "|".join(names) + r")`", lambda m: flag(m[1]), str(error))
+    text = re.sub(r"\b(" + "|".join(n for n in names if "_" in n) + r")\b", lambda m: flag(m[1]), text)
+    own = flag(error.field) if error.field else None
+    return text if own is None or own in text else f"argument {own}: {text}"
 
 
 def _exit_now(code: int) -> None:

@@ -14,7 +14,7 @@ The RGB conversion comes first, as in ``load_image``: the processors themselves 
 (an L or RGBA image would give 1 or 4 channels), and resizing an RGBA or palette image before the
 conversion would give different pixels (Pillow resizes those with premultiplied alpha / nearest).
 For RGB images and L masks the result also equals ``.preprocess`` of the image as it is.
-Unlike diffusers, a size mismatch is an error unless the caller asks for the resize (``--resize``).
+Unlike diffusers, a size mismatch is an error unless the caller asks for the resize (`resize`).
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def _sized(source: ImageSource, what: str, height: int, width: int, resize: bool
     if not resize:
         w, h = img.size
         raise ValueError(f"{describe(source, what)} is {w}x{h} but the requested size is {width}x{height}; "
-                         f"pass --resize to resize it (or give an image of that size)")
+                         f"set `resize` to resize it (or give an image of that size)")
     return img.resize((width, height), resample=RESAMPLE)  # VaeImageProcessor.resize, resize_mode="default"
 
 

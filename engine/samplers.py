@@ -94,12 +94,12 @@ def diffusers_scheduler(name: str, scheduler_config: dict):
 
 
 def _steps_error(name: str, cfg: schedulers.Config, steps: int, err: ValueError) -> str:
-    """Our message for a scheduler that refused ``steps``: the value, the flag and this sampler's range."""
+    """Our message for a scheduler that refused ``steps``: the value and this sampler's range."""
     hi, key = sampler_registry.get(name).max_steps(cfg)
     if steps > hi:
-        return (f"steps {steps} (--steps) is out of range for sampler {name}; "
+        return (f"steps {steps} is out of range for sampler {name}; "
                 f"allowed: 1..{hi} ({key} in the model's scheduler config)")
-    return f"sampler {name} cannot be set up for steps {steps} (--steps; allowed: 1..{hi}): {err}"
+    return f"sampler {name} cannot be set up for steps {steps} (allowed: 1..{hi}): {err}"
 
 
 def _noise_tables(setup: schedulers.SchedulerSetup) -> dict[str, torch.Tensor]:
@@ -142,7 +142,7 @@ def make_schedule(name: str, scheduler_config: dict, steps: int, strength: float
     tables = {k: v.to(torch.float32).contiguous() for k, v in tables.items()}
     bad = [k for k, v in tables.items() if not bool(torch.isfinite(v).all())]
     if bad:  # e.g. dpmpp_2m at 999-1000 steps: repeated timesteps give a zero step size (diffusers fails there too)
-        raise ValueError(f"steps {steps} (--steps) is out of range for sampler {name}: its {bad[0]} coefficients "
+        raise ValueError(f"steps {steps} is out of range for sampler {name}: its {bad[0]} coefficients "
                          "are not finite (repeated timesteps); use fewer steps")
     return Schedule(
         name=name,

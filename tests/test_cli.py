@@ -81,7 +81,7 @@ def test_lcm_steps_error_names_the_flag_and_range(ort_engines, tmp_path):
             "--output", str(tmp_path / "x.png"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert last == ("error: steps 100 (--steps) is out of range for sampler lcm; allowed: 1..50 "
+    assert last == ("error: argument --steps: steps 100 is out of range for sampler lcm; allowed: 1..50 "
                     "(original_inference_steps in the model's scheduler config)")
     assert not (tmp_path / "x.png").exists()
 

@@ -194,12 +194,12 @@ def test_size_mismatch_names_both_sizes_and_flag(tmp_path, fn, what):
         fn(path, 512, 512)
     msg = str(err.value)
     assert msg == (f"{what} {path} is 640x480 but the requested size is 512x512; "
-                   "pass --resize to resize it (or give an image of that size)")
+                   "set `resize` to resize it (or give an image of that size)")
     assert "\n" not in msg
 
 
 def test_size_mismatch_in_memory_source_and_width_height_order():
-    with pytest.raises(ValueError, match=r"^init image is 80x48 but the requested size is 64x32; pass --resize"):
+    with pytest.raises(ValueError, match=r"^init image is 80x48 but the requested size is 64x32; set `resize`"):
         load_image(noise(10, 48, 80, 3), 32, 64)  # height 32, width 64
 
 
