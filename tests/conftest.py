@@ -1,4 +1,5 @@
-"""Shared fixtures: one private cache (materialised `tiny`) and one ORT engine set per test session."""
+"""Shared fixtures: one private cache, and each preset materialised and each engine set built once per test
+session (tiny on ONNX Runtime, torch and OpenVINO; tiny-xl on ONNX Runtime). Helpers: tests/helpers.py."""
 from __future__ import annotations
 
 import os
@@ -55,6 +56,76 @@ def ort_pipeline(ort_engines):
     from engine.pipeline import Pipeline
 
     pipe = Pipeline.load(ort_engines)
+    yield pipe
+    pipe.close()
+
+
+@pytest.fixture(scope="session")
+def torch_engines(tmp_path_factory, tiny_folder) -> Path:
+    """tiny built for the torch backend on the CPU (fp32), default components (no VAE encoder), default 64x64."""
+    from engine.build import build_all
+    from engine.config import BuildConfig
+
+    engine_dir = tmp_path_factory.mktemp("torch_engines")
+    build_all(BuildConfig(model="tiny", backend="torch", precision="fp32", engine_dir=engine_dir, height=64, width=64),
+              progress=False)
+    return engine_dir
+
+
+@pytest.fixture(scope="session")
+def ov_build(tmp_path_factory, ort_engines):
+    """(engine dir, BuildResult) of tiny built for OpenVINO fp32 with the VAE encoder, 64x64, in a copy of
+    `ort_engines` (so its fp32 ONNX exports are reused); skips where OpenVINO is not installed."""
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("openvino") is None:  # not importorskip: a bare `import openvino` phones home
+        pytest.skip("OpenVINO is not installed (a dependency on x86_64 and ARM64 only)")
+    from engine.build import build_all
+    from engine.config import BuildConfig
+
+    engine_dir = tmp_path_factory.mktemp("ov") / "engines"
+    shutil.copytree(ort_engines, engine_dir)
+    result = build_all(BuildConfig(model="tiny", backend="openvino", precision="fp32", engine_dir=engine_dir,
+                                   height=64, width=64, components=("clip", "unet", "vae_decoder", "vae_encoder")),
+                       progress=False)
+    return engine_dir, result
+
+
+@pytest.fixture(scope="session")
+def ov_engines(ov_build) -> Path:
+    return ov_build[0]
+
+
+@pytest.fixture(scope="session")
+def xl_folder(engine_cache) -> Path:
+    """The materialised `tiny-xl` diffusers folder."""
+    from export.models import materialize_preset
+    from export.presets import ALL_PRESETS
+
+    return materialize_preset(ALL_PRESETS["tiny-xl"])
+
+
+@pytest.fixture(scope="session")
+def xl_engines(tmp_path_factory, xl_folder) -> Path:
+    """tiny-xl built for ONNX Runtime fp32 with the VAE encoder, batch 2, 64x64 (txt2img, img2img, inpainting
+    and LoRA tests share it)."""
+    from engine.build import build_all
+    from engine.config import BuildConfig
+
+    engine_dir = tmp_path_factory.mktemp("xl_engines")
+    build_all(BuildConfig(model="tiny-xl", backend="onnxruntime", precision="fp32", engine_dir=engine_dir,
+                          batch_size=2, height=64, width=64,
+                          components=("clip", "clip2", "unet", "vae_decoder", "vae_encoder")), progress=False)
+    return engine_dir
+
+
+@pytest.fixture(scope="session")
+def xl_pipeline(xl_engines):
+    """The library's Pipeline on `xl_engines` (tests that change its adapters or runners load their own)."""
+    from engine.pipeline import Pipeline
+
+    pipe = Pipeline.load(xl_engines)
     yield pipe
     pipe.close()
 

@@ -16,6 +16,7 @@ from engine.build import build_all
 from engine.config import BuildConfig
 from engine.pipeline import Pipeline
 from engine.request import Request
+from tests.helpers import max_diff
 
 ROOT = Path(__file__).resolve().parents[1]
 REQ = Request(prompt="a lighthouse at dusk", steps=4, sampler="euler_a", seed=7, height=64, width=64)
@@ -83,13 +84,12 @@ def test_several_models_need_a_name(tmp_path, ort_engines):
         Pipeline.load(engines, "sd15")
 
 
-def test_torch_backend_matches_onnxruntime(tmp_path, ort_engines):
-    build_all(BuildConfig(model="tiny", backend="torch", engine_dir=tmp_path, height=64, width=64), progress=False)
+def test_torch_backend_matches_onnxruntime(torch_engines, ort_engines):
     reqs = [Request(prompt=p, steps=6, sampler="dpmpp_2m", seed=5, height=64, width=64) for p in ("a", "b")]
-    a = Pipeline.load(tmp_path).run(reqs, progress=False)
+    a = Pipeline.load(torch_engines).run(reqs, progress=False)
     b = Pipeline.load(ort_engines).run(reqs, progress=False)
     for x, y in zip(a, b):
-        assert np.abs(x.pixels.astype(int) - y.pixels.astype(int)).max() <= 1
+        assert max_diff(x.pixels, y.pixels) <= 1
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -10,46 +10,15 @@ import torch
 
 from export.onnx_export import ExportOptions, example_inputs, export_component, run_onnx
 from export.optimize import count_ops
-from export.specs import COMPONENTS, Shape, get_spec
+from export.specs import COMPONENTS, get_spec
 from kernels import contract
-
-SHAPES = (Shape(1, 128, 128), Shape(3, 64, 96))  # the export shape, and another batch and size
+from tests.helpers import EXPORT_SHAPES, check_graph, check_parity
 
 
 def _attention_modules(module: torch.nn.Module) -> list:
     from diffusers.models.attention_processor import Attention
 
     return [m for m in module.modules() if isinstance(m, Attention)]
-
-
-def _check_parity(model, name: str, path, precision: str = "fp32", atol: float = 1e-4) -> None:
-    """Every output of the ONNX graph in ONNX Runtime vs the torch module, at SHAPES (spec from the model's family)."""
-    from export.models import component_module
-
-    spec = model.family.spec(name)
-    for shape in SHAPES:
-        inputs = example_inputs(spec, model.dims, shape, precision, seed=3)
-        with torch.no_grad():
-            ref = component_module(model, name)(**inputs)
-        refs = ref if isinstance(ref, tuple) else (ref,)
-        onnx_out = run_onnx(path, inputs)
-        expected = spec.output_shapes(model.dims, shape.batch * spec.batch_factor, shape.height, shape.width)
-        assert len(refs) == len(spec.output_names)
-        for out_name, want in zip(spec.output_names, refs):
-            got = torch.from_numpy(onnx_out[out_name])
-            assert tuple(got.shape) == expected[out_name] == tuple(want.shape)
-            torch.testing.assert_close(got, want, atol=atol, rtol=0)
-
-
-def _check_graph(path, spec) -> None:
-    """The graph's input/output names are the spec's, and every dynamic axis of the spec is symbolic."""
-    graph = onnx.load(str(path))
-    assert [i.name for i in graph.graph.input] == spec.input_names
-    assert [o.name for o in graph.graph.output] == spec.output_names
-    for t, vi in zip(spec.inputs, graph.graph.input):
-        dims = vi.type.tensor_type.shape.dim
-        for axis in t.dynamic_axes:
-            assert dims[axis].dim_param, f"{spec.name}.{t.name} axis {axis} should be dynamic"
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +33,9 @@ def test_component_matches_torch(tiny_fp32, decomposed, name):
     out, infos = decomposed
     path = out / f"{name}.onnx"
     onnx.checker.check_model(str(path), full_check=True)
-    _check_graph(path, get_spec(name))
+    check_graph(path, get_spec(name))
     assert infos[name]["opset"] == 18
-    _check_parity(tiny_fp32, name, path)
+    check_parity(tiny_fp32, name, path)
 
 
 def test_decomposed_attention_is_prescaled_softmax(decomposed):
@@ -84,7 +53,7 @@ def test_onnx_attention_mode(tiny_fp32, tmp_path, name):
     n_attn = len(_attention_modules(module.decoder if name == "vae_decoder" else module))
     assert info["opset"] == 23
     assert ops.get("Attention") == n_attn and "Softmax" not in ops
-    _check_parity(tiny_fp32, name, path)
+    check_parity(tiny_fp32, name, path)
 
 
 def test_plugin_mode_emits_one_node_per_attention_call(tiny_folder, tmp_path):
@@ -140,7 +109,7 @@ def test_fp16_export_runs_in_ort(tiny_folder, tmp_path):
     path = tmp_path / "vae_decoder.onnx"
     export_component(model, "vae_decoder", path, ExportOptions(precision="fp16"))
     spec = get_spec("vae_decoder")
-    inputs = example_inputs(spec, model.dims, SHAPES[0], "fp16", seed=5)
+    inputs = example_inputs(spec, model.dims, EXPORT_SHAPES[0], "fp16", seed=5)
     got = run_onnx(path, inputs)["images"]
     assert got.dtype == np.float16 and np.isfinite(got).all()
     with torch.no_grad():  # fp32 torch as the reference for an fp16 graph

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.request import Request
+from tests.helpers import Wrapped, max_diff
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
 
@@ -39,12 +40,10 @@ def test_cuda_graph_replay_equals_eager(cuda_pipe, scheduler):
     graphed = cuda_pipe.run(reqs, progress=False, cuda_graph=True)
     assert graphed[0].params["cuda_graph"] and not eager[0].params["cuda_graph"]
     for e, g in zip(eager, graphed):
-        assert np.abs(e.pixels.astype(int) - g.pixels.astype(int)).max() <= 1
+        assert max_diff(e.pixels, g.pixels) <= 1
 
 
 def test_step_graph_is_captured_once_and_replayed(cuda_pipe):
-    from tests.runners import Wrapped
-
     unet = cuda_pipe.runners["unet"]
     cuda_pipe.runners["unet"] = spy = Wrapped(unet)
     calls = spy.calls
@@ -58,7 +57,7 @@ def test_step_graph_is_captured_once_and_replayed(cuda_pipe):
     assert n_first == 2  # one warm-up step + the capture, then replays only
     assert len(calls) == n_first and len(cuda_pipe._graphs) == n_graphs  # second call: replay, no warm-up
     assert second[0].params["cuda_graph"]
-    assert np.abs(first[0].pixels.astype(int) - second[0].pixels.astype(int)).max() > 10  # new inputs were used
+    assert max_diff(first[0].pixels, second[0].pixels) > 10  # new inputs were used
 
 
 def test_fp16_cuda_matches_cpu_fp32(cuda_pipe, ort_engines):

@@ -4,43 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image, ImageDraw
 
 from engine.build import build_all
 from engine.config import BuildConfig
 from engine.pipeline import Pipeline
 from engine.request import Request
 from engine.samplers import diffusers_scheduler
+from tests.helpers import PROMPTS, gens, init_image, mask_image, max_diff, to_uint8
 
-PROMPTS = ["a watercolor painting of a lighthouse", "a red bicycle"]
 SEEDS = [21, 8]
 SIZE = 64
-
-
-def init_image(size: int = SIZE, seed: int = 0) -> Image.Image:
-    """A smooth random picture (blurred noise), seeded."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((size, size), Image.BICUBIC)
-
-
-def mask_image(size: int = SIZE) -> Image.Image:
-    m = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(m).rectangle((size // 4, size // 8, 3 * size // 4, size // 2), fill=255)
-    return m
-
-
-def gens(seeds):
-    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    return (x * 255).round().astype(np.uint8)
-
-
-def max_diff(a, b) -> int:
-    return int(np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max())
 
 
 def diffusers_inpaint(ref_pipe, sampler, config, image, mask, strength) -> np.ndarray:
@@ -174,8 +147,7 @@ def test_resize_flag_resizes_instead_of_refusing(ours):
     assert r[0].pixels.shape == (SIZE, SIZE, 3)
 
 
-def test_img2img_without_vae_encoder_names_the_rebuild(tmp_path, tiny_folder):
-    build_all(BuildConfig(model="tiny", backend="torch", engine_dir=tmp_path, height=SIZE, width=SIZE), progress=False)
-    pipe = Pipeline.load(tmp_path)
+def test_img2img_without_vae_encoder_names_the_rebuild(torch_engines):
+    pipe = Pipeline.load(torch_engines)  # built with the default components: no vae_encoder
     with pytest.raises(ValueError, match="needs the vae_encoder engine.*--components clip,unet,vae_decoder,vae_encoder"):
         pipe.run(Request(prompt="x", steps=2, init_image=init_image()), progress=False)

@@ -12,96 +12,20 @@ from safetensors.torch import save_file
 pytest.importorskip("peft")
 
 from engine.lora import Adapter, apply, apply_to_models, delta, load_lora, merged_weights, parse_adapter  # noqa: E402
-
-KOHYA_UNET = [f"down_blocks_0_attentions_0_transformer_blocks_0_attn{i}_{p}" for i in (1, 2)
-              for p in ("to_q", "to_k", "to_v", "to_out_0")]
-KOHYA_TE = [f"text_model_encoder_layers_{i}_{p}" for i in (0, 1)
-            for p in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1")]
-
-
-def _pipe(folder: Path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _write_peft(folder: Path, out: Path, seed: int, alpha: int, metadata: bool) -> Path:
-    """UNet attention + text-encoder attention LoRA via PEFT, B randomised; with or without PEFT's config."""
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    pipe = _pipe(folder)
-    torch.manual_seed(seed)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=alpha, init_lora_weights=False,
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=alpha, init_lora_weights=False,
-                                             target_modules=["q_proj", "v_proj", "fc1"]))
-    unet, te = get_peft_model_state_dict(pipe.unet), get_peft_model_state_dict(pipe.text_encoder)
-    for sd in (unet, te):
-        for k in sd:
-            if "lora_B" in k:
-                sd[k] = torch.randn_like(sd[k]) * 0.1
-    meta = {}
-    if metadata:
-        meta = dict(unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
-                    text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict())
-    name = f"peft_{seed}.safetensors"
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=unet, text_encoder_lora_layers=te,
-                                              weight_name=name, **meta)
-    return out / name
-
-
-def _kohya_pair(sd: dict, key: str, shape_out: int, shape_in: int, r: int, alpha: float, g, kernel: int = 0):
-    down_shape = (r, shape_in, kernel, kernel) if kernel else (r, shape_in)
-    up_shape = (shape_out, r, 1, 1) if kernel else (shape_out, r)
-    sd[f"{key}.lora_down.weight"] = torch.randn(down_shape, generator=g) * 0.1
-    sd[f"{key}.lora_up.weight"] = torch.randn(up_shape, generator=g) * 0.1
-    sd[f"{key}.alpha"] = torch.tensor(float(alpha))
-
-
-def _write_kohya(out: Path, seed: int, r: int, alpha: float) -> Path:
-    """kohya-ss keys: UNet attention (Linear), a 3x3 resnet conv and a 1x1 proj_in conv; text-encoder attn + MLP.
-    One alpha per file: diffusers (the oracle) only honours per-module alphas that all agree."""
-    g = torch.Generator().manual_seed(seed)
-    sd: dict[str, torch.Tensor] = {}
-    for key in KOHYA_UNET:
-        in_ = 32 if "attn2" in key and key.endswith(("to_k", "to_v")) else 64
-        _kohya_pair(sd, f"lora_unet_{key}", 64, in_, r, alpha, g)
-    _kohya_pair(sd, "lora_unet_down_blocks_0_resnets_0_conv1", 64, 64, r, alpha, g, kernel=3)
-    _kohya_pair(sd, "lora_unet_down_blocks_0_attentions_0_proj_in", 64, 64, r, alpha, g, kernel=1)
-    for key in KOHYA_TE:
-        _kohya_pair(sd, f"lora_te_{key}", 64 if key.endswith("fc1") else 32, 32, r, alpha, g)
-    path = out / f"kohya_{seed}.safetensors"
-    save_file(sd, str(path))
-    return path
+from tests.helpers import fused_pipe, kohya_pair, sd_pipe, write_kohya, write_peft  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def loras(tiny_folder, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("loras")
-    return {"peft_a": _write_peft(tiny_folder, out, 1, alpha=8, metadata=True),
-            "peft_b": _write_peft(tiny_folder, out, 2, alpha=2, metadata=False),
-            "kohya_a": _write_kohya(out, 3, r=4, alpha=2.0),
-            "kohya_b": _write_kohya(out, 4, r=2, alpha=4.0)}
-
-
-def _fused(folder: Path, adapters: list[tuple[Path, float]]):
-    """diffusers' answer: load_lora_weights + set_adapters + fuse_lora, adapters unloaded (fused weights kept)."""
-    pipe = _pipe(folder)
-    names = [f"a{i}" for i in range(len(adapters))]
-    for name, (path, _) in zip(names, adapters):
-        pipe.load_lora_weights(str(path), adapter_name=name)
-    pipe.set_adapters(names, [s for _, s in adapters])
-    pipe.fuse_lora(adapter_names=names)
-    pipe.unload_lora_weights()
-    return pipe
+    return {"peft_a": write_peft(tiny_folder, out, 1, alpha=8, metadata=True),
+            "peft_b": write_peft(tiny_folder, out, 2, alpha=2, metadata=False),
+            "kohya_a": write_kohya(out, 3, r=4, alpha=2.0),
+            "kohya_b": write_kohya(out, 4, r=2, alpha=4.0)}
 
 
 def _ours(folder: Path, adapters: list[tuple[Path, float]]):
-    pipe = _pipe(folder)
+    pipe = sd_pipe(folder)
     handle = apply_to_models({"unet": pipe.unet, "text_encoder": pipe.text_encoder},
                              [(load_lora(p), s) for p, s in adapters])
     return pipe, handle
@@ -124,8 +48,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_merge_matches_diffusers_fuse(case, tiny_folder, loras):
     adapters = [(loras[k], s) for k, s in CASES[case]]
-    want = _params(_fused(tiny_folder, adapters))
-    base = _params(_pipe(tiny_folder))
+    want = _params(fused_pipe(tiny_folder, adapters))
+    base = _params(sd_pipe(tiny_folder))
     ours, handle = _ours(tiny_folder, adapters)
     got = _params(ours)
     assert want.keys() == got.keys()
@@ -141,12 +65,12 @@ def test_merge_matches_diffusers_fuse(case, tiny_folder, loras):
 def test_pipeline_image_matches_diffusers(tiny_folder, loras):
     adapters = [(loras["peft_a"], 0.9), (loras["kohya_b"], 0.7)]
     run = dict(prompt="a red fox in snow", height=64, width=64, num_inference_steps=4, output_type="np")
-    want = _fused(tiny_folder, adapters)(generator=torch.Generator().manual_seed(0), **run).images
+    want = fused_pipe(tiny_folder, adapters)(generator=torch.Generator().manual_seed(0), **run).images
     ours, handle = _ours(tiny_folder, adapters)
     got = ours(generator=torch.Generator().manual_seed(0), **run).images
     assert abs(got - want).max() <= 2 / 255
     handle.unapply()
-    base = _pipe(tiny_folder)(generator=torch.Generator().manual_seed(0), **run).images
+    base = sd_pipe(tiny_folder)(generator=torch.Generator().manual_seed(0), **run).images
     again = ours(generator=torch.Generator().manual_seed(0), **run).images
     assert (again == base).all()
     assert abs(got - base).max() > 2 / 255  # the adapters do change the image
@@ -223,20 +147,20 @@ def test_parse_adapter_errors(text, match, tmp_path, monkeypatch):
 def test_adapter_for_another_architecture(tiny_folder, tmp_path):
     g = torch.Generator().manual_seed(0)
     sd: dict[str, torch.Tensor] = {}
-    _kohya_pair(sd, "lora_unet_down_blocks_3_attentions_0_transformer_blocks_0_attn1_to_q", 64, 64, 2, 1, g)
+    kohya_pair(sd, "lora_unet_down_blocks_3_attentions_0_transformer_blocks_0_attn1_to_q", 64, 64, 2, 1, g)
     path = tmp_path / "other.safetensors"
     save_file(sd, str(path))
-    pipe = _pipe(tiny_folder)
+    pipe = sd_pipe(tiny_folder)
     base = _params(pipe)
     with pytest.raises(ValueError, match=r"down_blocks\.3\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q"):
         apply_to_models({"unet": pipe.unet}, [(load_lora(path), 1.0)])
     wide: dict[str, torch.Tensor] = {}  # right module, wrong width (SD1.5's 320 channels)
-    _kohya_pair(wide, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 320, 320, 2, 1, g)
+    kohya_pair(wide, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 320, 320, 2, 1, g)
     save_file(wide, str(tmp_path / "wide.safetensors"))
     with pytest.raises(ValueError, match=r"attn1\.to_q.*does not fit"):
         apply_to_models({"unet": pipe.unet}, [(load_lora(tmp_path / "wide.safetensors"), 1.0)])
     with pytest.raises(ValueError, match="no text_encoder"):
-        apply_to_models({"unet": pipe.unet}, [(load_lora(_write_kohya(tmp_path, 5, 2, 1.0)), 1.0)])
+        apply_to_models({"unet": pipe.unet}, [(load_lora(write_kohya(tmp_path, 5, 2, 1.0)), 1.0)])
     assert all(torch.equal(v, base[k]) for k, v in _params(pipe).items())  # a refused adapter touches nothing
 
 
@@ -244,10 +168,10 @@ def test_unknown_modules_are_counted_and_ignored(tiny_folder, tmp_path):
     """Some modules the model lacks: those are ignored with a warning counting them; the rest still merge."""
     g = torch.Generator().manual_seed(1)
     sd: dict[str, torch.Tensor] = {}
-    _kohya_pair(sd, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 64, 64, 2, 2, g)
-    _kohya_pair(sd, "lora_unet_down_blocks_3_attentions_0_transformer_blocks_0_attn1_to_q", 64, 64, 2, 2, g)
+    kohya_pair(sd, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 64, 64, 2, 2, g)
+    kohya_pair(sd, "lora_unet_down_blocks_3_attentions_0_transformer_blocks_0_attn1_to_q", 64, 64, 2, 2, g)
     save_file(sd, str(tmp_path / "partly.safetensors"))
-    pipe = _pipe(tiny_folder)
+    pipe = sd_pipe(tiny_folder)
     with pytest.warns(UserWarning, match=r"1 of 2 unet modules match nothing .*down_blocks\.3"):
         merged = merged_weights(pipe.unet, [(load_lora(tmp_path / "partly.safetensors").parts["unet"], 1.0)])
     assert list(merged) == ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"]

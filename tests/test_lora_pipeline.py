@@ -4,9 +4,6 @@ the base image bit for bit (the "residue" bug); a bad adapter leaves the engine 
 adapters."""
 from __future__ import annotations
 
-import importlib.util
-import shutil
-
 import numpy as np
 import pytest
 
@@ -17,10 +14,8 @@ from engine.pipeline import Pipeline
 from engine.png import parameters_text
 from engine.request import Request
 from engine.samplers import diffusers_scheduler
-from tests.test_img2img import gens, max_diff, to_uint8
-from tests.test_lora import _fused, _write_kohya, _write_peft
+from tests.helpers import PROMPTS, fused_pipe, gens, max_diff, to_uint8, write_kohya, write_peft
 
-PROMPTS = ["a watercolor painting of a lighthouse", "a red bicycle"]
 SEEDS = [5, 17]
 SIZE, STEPS = 64, 4
 
@@ -28,34 +23,8 @@ SIZE, STEPS = 64, 4
 @pytest.fixture(scope="module")
 def adapters(tiny_folder, tmp_path_factory) -> list[Adapter]:
     out = tmp_path_factory.mktemp("pipeline_loras")
-    return [Adapter(_write_peft(tiny_folder, out, 11, alpha=8, metadata=True), 0.8),
-            Adapter(_write_kohya(out, 12, r=4, alpha=2.0), 0.6)]
-
-
-@pytest.fixture(scope="module")
-def torch_engines(tmp_path_factory, tiny_folder):
-    from engine.build import build_all
-    from engine.config import BuildConfig
-
-    engine_dir = tmp_path_factory.mktemp("torch_engines")
-    build_all(BuildConfig(model="tiny", backend="torch", precision="fp32", engine_dir=engine_dir, height=SIZE,
-                          width=SIZE), progress=False)
-    return engine_dir
-
-
-@pytest.fixture(scope="module")
-def ov_engines(ort_engines, tmp_path_factory):
-    """tiny built for OpenVINO fp32 in a copy of the ORT engine dir (the fp32 ONNX exports are reused)."""
-    if importlib.util.find_spec("openvino") is None:  # not importorskip: a bare `import openvino` phones home
-        pytest.skip("OpenVINO is not installed (a dependency on x86_64 and ARM64 only)")
-    from engine.build import build_all
-    from engine.config import BuildConfig
-
-    engine_dir = tmp_path_factory.mktemp("ov_lora") / "engines"
-    shutil.copytree(ort_engines, engine_dir)
-    build_all(BuildConfig(model="tiny", backend="openvino", precision="fp32", engine_dir=engine_dir, height=SIZE,
-                          width=SIZE), progress=False)
-    return engine_dir
+    return [Adapter(write_peft(tiny_folder, out, 11, alpha=8, metadata=True), 0.8),
+            Adapter(write_kohya(out, 12, r=4, alpha=2.0), 0.6)]
 
 
 ENGINES = {"onnxruntime": "ort_engines", "torch": "torch_engines", "openvino": "ov_engines"}
@@ -72,7 +41,7 @@ def _run(pipe: Pipeline, reqs: list[Request]) -> tuple[np.ndarray, list[dict]]:
 
 
 def _reference(folder, adapters: list[Adapter], sampler: str, config: dict) -> np.ndarray:
-    ref = _fused(folder, [(a.path, a.scale) for a in adapters])
+    ref = fused_pipe(folder, [(a.path, a.scale) for a in adapters])
     ref.scheduler = diffusers_scheduler(sampler, config)
     return to_uint8(ref(PROMPTS, num_inference_steps=STEPS, guidance_scale=6.0, height=SIZE, width=SIZE,
                         generator=gens(SEEDS), output_type="np").images)

@@ -8,15 +8,12 @@ import torch
 
 pytest.importorskip("peft")
 
-from engine.build import build_all  # noqa: E402
-from engine.config import BuildConfig  # noqa: E402
 from engine.lora import Adapter  # noqa: E402
 from engine.pipeline import Pipeline  # noqa: E402
 from engine.request import Request  # noqa: E402
 from engine.samplers import diffusers_scheduler  # noqa: E402
-from tests.test_img2img import gens, max_diff, to_uint8  # noqa: E402
+from tests.helpers import PROMPTS, gens, max_diff, to_uint8  # noqa: E402
 
-PROMPTS = ["a watercolor painting of a lighthouse", "a red bicycle"]
 SEEDS, SIZE, STEPS = [3, 41], 64, 4
 
 
@@ -50,15 +47,10 @@ def _write_xl_lora(folder, out) -> Adapter:
     return Adapter(out / "xl.safetensors", 0.9)
 
 
-def test_sdxl_lora_matches_diffusers(tmp_path, engine_cache):
-    from export.models import materialize_preset
-    from export.presets import ALL_PRESETS
-
-    folder = materialize_preset(ALL_PRESETS["tiny-xl"])
+def test_sdxl_lora_matches_diffusers(tmp_path, xl_folder, xl_engines):
+    folder = xl_folder
     adapter = _write_xl_lora(folder, tmp_path)
-    build_all(BuildConfig(model="tiny-xl", backend="onnxruntime", engine_dir=tmp_path / "engines", batch_size=2,
-                          height=SIZE, width=SIZE), progress=False)
-    pipe = Pipeline.load(tmp_path / "engines")
+    pipe = Pipeline.load(xl_engines)  # its own: the adapters are merged into this one's runners
     try:
         reqs = [Request(prompt=p, steps=STEPS, guidance_scale=6.0, sampler="euler", seed=s, height=SIZE, width=SIZE,
                         loras=(adapter,)) for p, s in zip(PROMPTS, SEEDS)]

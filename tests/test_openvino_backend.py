@@ -26,18 +26,16 @@ from engine.pipeline import Pipeline
 from engine.request import Request
 from export.onnx_export import example_inputs
 from export.specs import Shape
+from tests.helpers import EXPORT_SHAPES
 
 COMPONENTS = ("clip", "unet", "vae_decoder", "vae_encoder")
-SHAPES = (Shape(1, 128, 128), Shape(3, 64, 96))  # the export shape, and another batch and size
 
 
 @pytest.fixture(scope="module")
-def ov_engines(ort_engines, tmp_path_factory) -> Path:
-    """tiny built for OpenVINO fp32, in a copy of the ORT engine dir (so the fp32 ONNX exports are reused)."""
-    engine_dir = tmp_path_factory.mktemp("ov") / "engines"
-    shutil.copytree(ort_engines, engine_dir)
-    result = build_all(BuildConfig(model="tiny", backend="openvino", precision="fp32", engine_dir=engine_dir,
-                                   height=64, width=64, components=COMPONENTS), progress=False)
+def ov_engines(ov_build) -> Path:
+    """tiny built for OpenVINO fp32 (conftest), in a copy of the ORT engine dir (the fp32 ONNX exports reused)."""
+    engine_dir, result = ov_build
+    assert set(result.record["components"]) == set(COMPONENTS)
     assert not [s for s in result.built if s.endswith(":onnx")]  # the fp32 export of the ORT build, reused
     return engine_dir
 
@@ -59,7 +57,7 @@ def test_component_matches_torch_fp32(ov_engines, tiny_fp32, name):
     runner = _runner(ov_engines, name, tiny_fp32)
     spec = tiny_fp32.family.spec(name)
     try:
-        for shape in SHAPES:
+        for shape in EXPORT_SHAPES:
             inputs = example_inputs(spec, tiny_fp32.dims, shape, "fp32", seed=3)
             with torch.no_grad():
                 ref = component_module(tiny_fp32, name)(**inputs)

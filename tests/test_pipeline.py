@@ -6,7 +6,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 from engine import samplers
 from engine.config import Profile
@@ -14,9 +13,7 @@ from engine.pipeline import Pipeline
 from engine.request import Request
 from engine.samplers import diffusers_scheduler
 from export.specs import Shape
-from tests.runners import Wrapped
-
-PROMPTS = ["a watercolor painting of a lighthouse", "a red bicycle"]
+from tests.helpers import PROMPTS, Wrapped, gens, max_diff, stack_pixels, to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -33,24 +30,12 @@ def reference(ours):
     return pipe
 
 
-def gens(seeds: list[int]) -> list[torch.Generator]:
-    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
-
-
 def diffusers_images(pipe, scheduler: str, config: dict, steps: int, guidance: float, seeds: list[int], size: int,
                      negative: str = "", prompts: list[str] = PROMPTS) -> np.ndarray:
     pipe.scheduler = diffusers_scheduler(scheduler, config)
     out = pipe(prompts, negative_prompt=[negative] * len(prompts), num_inference_steps=steps,
                guidance_scale=guidance, height=size, width=size, output_type="np", generator=gens(seeds)).images
-    return (out * 255).round().astype(np.uint8)  # what diffusers' numpy_to_pil does
-
-
-def pixels(results) -> np.ndarray:
-    return np.stack([r.pixels for r in results])
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a.astype(int) - b.astype(int)).max())
+    return to_uint8(out)  # what diffusers' numpy_to_pil does
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras"])
@@ -58,7 +43,7 @@ def test_matches_diffusers_pipeline(ours, reference, scheduler):
     ref = diffusers_images(reference, scheduler, ours.scheduler_config, 12, 7.5, [1234, 77], 128, "low quality")
     reqs = [Request(prompt=p, negative_prompt="low quality", steps=12, sampler=scheduler, seed=s, height=128, width=128)
             for p, s in zip(PROMPTS, [1234, 77])]
-    got = pixels(ours.run(reqs, progress=False, batch_size=2))
+    got = stack_pixels(ours.run(reqs, progress=False, batch_size=2))
     assert got.shape == ref.shape == (2, 128, 128, 3) and got.dtype == np.uint8
     assert ref.std() > 10  # a real image, not a constant
     assert max_diff(got, ref) <= 2, scheduler
@@ -68,7 +53,7 @@ def test_ancestral_sampler_matches_with_same_noise(ours, reference):
     ref = diffusers_images(reference, "euler_a", ours.scheduler_config, 8, 5.0, [99, 100], 64)
     got = ours.run([Request(prompt=p, steps=8, guidance_scale=5.0, sampler="euler_a", seed=s, height=64, width=64)
                     for p, s in zip(PROMPTS, [99, 100])], progress=False, batch_size=2)
-    assert max_diff(pixels(got), ref) <= 2
+    assert max_diff(stack_pixels(got), ref) <= 2
 
 
 def test_no_guidance_runs_unet_once_per_step(ours, reference):
@@ -81,7 +66,7 @@ def test_no_guidance_runs_unet_once_per_step(ours, reference):
         ours.runners["unet"] = unet
     assert [c["sample"][0] for c in spy.calls] == [2] * 5  # B rows, not 2B
     ref = diffusers_images(reference, "ddim", ours.scheduler_config, 5, 1.0, [3, 3], 64)
-    assert max_diff(pixels(got), ref) <= 2
+    assert max_diff(stack_pixels(got), ref) <= 2
 
 
 def test_image_k_uses_seed_plus_k_and_regenerates_alone(ours):

@@ -10,26 +10,17 @@ from engine.config import BuildConfig
 from engine.pipeline import Pipeline
 from engine.request import Request
 from engine.samplers import diffusers_scheduler
-from tests.test_img2img import gens, init_image, mask_image, max_diff, to_uint8
+from tests.helpers import PROMPTS, gens, init_image, mask_image, max_diff, to_uint8
 
-PROMPTS = ["a watercolor painting of a lighthouse", "a red bicycle"]
 SEEDS = [21, 8]
 SIZE = 64
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def xl_inpaint(tmp_path_factory, engine_cache):
+def xl_inpaint(xl_pipeline, xl_folder):
     """(our tiny-xl pipeline with the VAE encoder, its diffusers folder)."""
-    from export.models import materialize_preset
-    from export.presets import ALL_PRESETS
-
-    folder = materialize_preset(ALL_PRESETS["tiny-xl"])
-    engine_dir = tmp_path_factory.mktemp("xl_inpaint_engines")
-    build_all(BuildConfig(model="tiny-xl", backend="onnxruntime", precision="fp32", engine_dir=engine_dir,
-                          batch_size=2, height=SIZE, width=SIZE,
-                          components=("clip", "clip2", "unet", "vae_decoder", "vae_encoder")), progress=False)
-    return Pipeline.load(engine_dir), folder
+    return xl_pipeline, xl_folder
 
 
 @pytest.fixture(scope="module")

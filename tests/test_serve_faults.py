@@ -15,8 +15,7 @@ import time
 
 import pytest
 
-from tests.runners import Wrapped
-from tests.serve_util import free_port, http, running_server
+from tests.helpers import Wrapped, free_port, http, metric, running_server, wait_for_metric, wait_until
 
 TIMEOUT_S = 1.0
 FAST = {"steps": 10}  # ~0.1 s on tiny at 64x64 on this CPU
@@ -28,20 +27,6 @@ def server(ort_engines, tmp_path_factory):
     flags = ("--max-batch", "1", "--max-queue", "2", "--max-wait-ms", "0", "--timeout-s", str(TIMEOUT_S))
     with running_server(ort_engines, tmp_path_factory.mktemp("faults"), *flags) as s:
         yield s
-
-
-def metric(server, name: str) -> float:
-    for line in server.get("/metrics")[1].decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
-
-
-def wait_for_metric(server, name: str, at_least: float, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while metric(server, name) < at_least:
-        assert time.monotonic() < deadline, f"{name} stayed below {at_least}"
-        time.sleep(0.05)
 
 
 def concurrently(n: int, send) -> list:
@@ -83,14 +68,17 @@ def test_client_that_disconnects_while_queued_is_dropped(server):
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        wait_for_metric(server, "sd_inference_pending_request_count", 1, timeout=5)
-    wait_for_metric(server, 'sd_inference_request_failure_total{reason="client_disconnected"}', 1, timeout=10)
+        wait_for_metric(server, "sd_inference_pending_request_count", 1, timeout_s=5)
+    wait_for_metric(server, 'sd_inference_request_failure_total{reason="client_disconnected"}', 1, timeout_s=10)
     assert metric(server, "sd_inference_pending_request_count") == 0  # left the queue at once
     wait_for_metric(server, "sd_inference_exec_count_total", batches_before + 1)
     blocker.join(timeout=60)
-    time.sleep(0.3)
-    assert metric(server, "sd_inference_exec_count_total") == batches_before + 1  # the dropped one never ran
-    assert metric(server, "sd_inference_count_total") == images_before + 1
+    assert metric(server, "sd_inference_exec_count_total") == batches_before + 1
+    # a barrier: one batch at a time, in arrival order, so had the dropped request still been anywhere in the
+    # server it would have run before this one answered
+    assert server.post("/v1/generate", {"prompt": "after", **FAST})[0] == 200
+    assert metric(server, "sd_inference_exec_count_total") == batches_before + 2  # the dropped one never ran
+    assert metric(server, "sd_inference_count_total") == images_before + 2
 
 
 def test_request_past_its_timeout_is_504_and_the_server_goes_on(server):
@@ -115,10 +103,11 @@ def test_nan_fails_only_its_batch_with_a_500_naming_the_cause(ort_engines):
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while not (_listening(port) and http("GET", url + "/readyz", None, 5)[0] == 200):
-            assert time.monotonic() < deadline and thread.is_alive(), "in-process server never became ready"
-            time.sleep(0.1)
+        def ready() -> bool:
+            assert thread.is_alive(), "in-process server stopped before it was ready"
+            return _listening(port) and http("GET", url + "/readyz", None, 5)[0] == 200
+
+        wait_until(ready, 120, "in-process server never became ready")
         state = app.state.server
         poisoned = {"on": True}
 
@@ -158,12 +147,9 @@ def test_sigterm_drains_every_accepted_request_then_exits_zero(ort_engines, tmp_
             t.start()
         # all six accepted before SIGTERM: one running (max-batch 1, long enough that none finishes first), five
         # queued; waiting for fewer let a slow sixth client arrive after the drain began and get 503
-        wait_for_metric(s, "sd_inference_pending_request_count", 5, timeout=30)
+        wait_for_metric(s, "sd_inference_pending_request_count", 5, timeout_s=30)
         s.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while s.get("/readyz")[0] != 503:
-            assert time.monotonic() < deadline, "readyz never turned 503 while draining"
-            time.sleep(0.02)
+        wait_until(lambda: s.get("/readyz")[0] == 503, 10, "readyz never turned 503 while draining")
         status, body, _ = s.post("/v1/generate", {"prompt": "too late", "steps": 2})
         assert status == 503 and "draining" in json.loads(body)["error"]["message"]
         for t in threads:

@@ -6,17 +6,14 @@ for CI; everything else is fair game. derandomize=True: CI runs the same example
 """
 from __future__ import annotations
 
-import base64
-import io
 import json
 
 import numpy as np
-import PIL.Image
 import pytest
 
 from engine.samplers import SAMPLERS
 from engine.server.schemas import GenerateBody, ImagesBody
-from tests.serve_util import running_server
+from tests.helpers import b64_png, running_server
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed")
 st = hypothesis.strategies
@@ -30,14 +27,8 @@ scalar = st.one_of(st.none(), st.booleans(), st.integers(-5, 70), st.integers(),
                    text, st.sampled_from(["64x64", "72x64", "0x0", "auto", "ddim", "lcm", "png", "json",
                                           "b64_json", "url", "iVBORw0KGgo=", "data:image/png;base64,AAAA"]))
 value = st.one_of(scalar, st.lists(scalar, max_size=3), st.dictionaries(st.text(max_size=4), scalar, max_size=2))
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    PIL.Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 small_side = st.one_of(st.none(), st.integers(-16, 128), st.sampled_from([48, 64, 80]), text)
-tiny_png = base64.b64encode(_png(np.zeros((64, 64, 3), np.uint8))).decode()
+tiny_png = b64_png(np.zeros((64, 64, 3), np.uint8))
 PLAUSIBLE = {  # mostly-valid values, so draws get past the first field and reach the engines
     "prompt": text, "negative_prompt": text, "guidance_scale": st.floats(-1, 20), "seed": st.integers(-2, 2**64),
     "sampler": st.sampled_from([*SAMPLERS, "bad"]), "scheduler": st.sampled_from([*SAMPLERS, "bad"]),

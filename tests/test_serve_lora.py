@@ -15,14 +15,13 @@ pytest.importorskip("peft")
 from engine.lora import Adapter  # noqa: E402
 from engine.pipeline import Pipeline  # noqa: E402
 from engine.request import Request  # noqa: E402
-from tests.serve_util import running_server  # noqa: E402
-from tests.test_lora import _write_kohya  # noqa: E402
+from tests.helpers import max_diff, running_server, write_kohya  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora_dir")
-    _write_kohya(out, 21, r=4, alpha=2.0)
+    write_kohya(out, 21, r=4, alpha=2.0)
     return out
 
 
@@ -50,8 +49,8 @@ def test_server_lora_matches_the_library(server, ort_engines, lora_dir):
     finally:
         pipe.close()
     got = _image(server, loras=[{"name": "kohya_21", "scale": 0.7}])
-    assert int(np.abs(got.astype(int) - want.pixels.astype(int)).max()) <= 1
-    assert int(np.abs(got.astype(int) - base.astype(int)).max()) > 2
+    assert max_diff(got, want.pixels) <= 1
+    assert max_diff(got, base) > 2
     assert np.array_equal(_image(server), base)  # no adapter after one: no residue
     status, data, _ = server.post("/v1/generate", {"prompt": "x", "loras": [{"name": "missing"}]})
     error = json.loads(data)["error"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 
-from tests.serve_util import running_server
+from tests.helpers import running_server
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 

@@ -7,11 +7,9 @@ drain); the Serve config file for `serve deploy` / KubeRay names a builder that 
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import importlib
 import inspect
-import io
 import json
 import os
 import shutil
@@ -24,7 +22,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'ray[serve]')")
 
@@ -33,7 +30,7 @@ from ray import serve  # noqa: E402
 
 from engine.server.config import ServeConfig  # noqa: E402
 from engine.server.ray_app import APP_NAME, DEPLOYMENT_NAME, app_builder, build_app, deployment_options  # noqa: E402
-from tests.serve_util import free_port, http, running_server  # noqa: E402
+from tests.helpers import free_port, http, max_diff, png_pixels, running_server  # noqa: E402
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from test clusters (nor its attempt offline)
 
@@ -50,12 +47,7 @@ def generate(url: str, body: dict = BODY) -> tuple[int, bytes, dict]:
 
 
 def pixels(response_body: bytes) -> np.ndarray:
-    image = json.loads(response_body)["images"][0]
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(image["b64_png"]))).convert("RGB"))
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+    return png_pixels(json.loads(response_body)["images"][0]["b64_png"])
 
 
 # The CLI test comes first: it starts its own Ray (in the server process) before the module's Ray below exists.

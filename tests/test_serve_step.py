@@ -3,19 +3,14 @@ library's image of the same request run alone; backpressure, cancellation and dr
 Oracle: `Pipeline.run` in this process on the same engine directory."""
 from __future__ import annotations
 
-import base64
-import io
 import json
-import re
 import threading
 import time
 
-import numpy as np
-import PIL.Image
 import pytest
 
 from engine.request import Request
-from tests.serve_util import http, running_server
+from tests.helpers import max_diff, metric, png_pixels, running_server, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +25,9 @@ def library(ort_pipeline):
     return ort_pipeline
 
 
-def pixels(b64: str) -> np.ndarray:
-    return np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
 def post(server, body: dict, timeout: float = 120) -> tuple[int, dict]:
     status, data, _ = server.post("/v1/generate", body, timeout=timeout)
     return status, json.loads(data)
-
-
-def metric(server, name: str) -> float:
-    _, text, _ = http("GET", server.url + "/metrics", None, 10)
-    m = re.search(rf"^{name} (\S+)$", text.decode(), re.MULTILINE)
-    return float(m.group(1)) if m else 0.0
 
 
 def test_mixed_step_counts_share_steps_and_match_the_library(server, library):
@@ -52,7 +37,9 @@ def test_mixed_step_counts_share_steps_and_match_the_library(server, library):
     execs_before = metric(server, "sd_inference_exec_count_total")
 
     def send(i: int) -> None:
-        time.sleep(0.05 * i)  # later arrivals join a flight that is already running
+        if i:  # later arrivals join a flight that is already running: the first request's steps have begun
+            wait_until(lambda: metric(server, "sd_inference_exec_count_total") > execs_before, 60,
+                       "the first request's flight never ran a step")
         results[i] = post(server, bodies[i])
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
@@ -67,8 +54,8 @@ def test_mixed_step_counts_share_steps_and_match_the_library(server, library):
     assert steps_run < sum(b["steps"] for b in bodies)  # shared steps: fewer UNet calls than steps requested
     for i, body in enumerate(bodies):
         want = library.run(Request(**{k: v for k, v in body.items()}), progress=False)[0].pixels
-        got = pixels(results[i][1]["images"][0]["b64_png"])
-        assert int(np.abs(got.astype(int) - want.astype(int)).max()) <= 1
+        got = png_pixels(results[i][1]["images"][0]["b64_png"])
+        assert max_diff(got, want) <= 1
 
 
 def test_more_images_than_a_flight_holds_is_a_400_naming_the_field(server):
@@ -103,9 +90,11 @@ def test_a_client_that_leaves_frees_its_rows(server, library):
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=1)
+    execs_before = metric(server, "sd_inference_exec_count_total")
     conn.request("POST", "/v1/generate", json.dumps({"prompt": "gone", "steps": 200, "images": 4}),
                  {"Content-Type": "application/json"})
-    time.sleep(1.0)
+    wait_until(lambda: metric(server, "sd_inference_exec_count_total") >= execs_before + 2, 60,
+               "the 200-step flight never started")
     conn.close()  # the client goes away mid-flight
     t0 = time.perf_counter()
     status, doc = post(server, {"prompt": "next", "steps": 3, "seed": 5, "images": 4})
@@ -114,4 +103,4 @@ def test_a_client_that_leaves_frees_its_rows(server, library):
     assert time.perf_counter() - t0 < 60
     want = library.run(Request(prompt="next", steps=3, seed=5, images=4), progress=False)
     for g, img in zip(want, doc["images"]):
-        assert int(np.abs(pixels(img["b64_png"]).astype(int) - g.pixels.astype(int)).max()) <= 1
+        assert max_diff(png_pixels(img["b64_png"]), g.pixels) <= 1

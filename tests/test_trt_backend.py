@@ -18,7 +18,7 @@ from engine.backends import tensorrt as tb
 from engine.backends.base import get_backend
 from engine.config import BuildConfig, Profile
 from export.specs import Dims, Shape, get_spec
-from tests.test_trt_inspect import ENV, built_manifest
+from tests.helpers import TRT_ENV, built_manifest, write_kohya
 
 # The tiny preset's dims: 4 latent channels, CLIP width 32, 77 tokens, VAE /8 (4 blocks), UNet /2 (2 blocks).
 TINY = Dims(latent_channels=4, text_dim=32, text_len=77, vae_scale=8, unet_scale=2)
@@ -96,8 +96,8 @@ def test_default_attention_and_precision():
 
 def test_timing_cache_path(tmp_path):
     cfg = BuildConfig(engine_dir=tmp_path)
-    assert tb.timing_cache_path(cfg, ENV) == tmp_path / "timing-trt10.13.0.35-sm90.cache"
-    assert tb.timing_cache_path(replace(cfg, timing_cache=tmp_path / "t.cache"), ENV) == tmp_path / "t.cache"
+    assert tb.timing_cache_path(cfg, TRT_ENV) == tmp_path / "timing-trt10.13.0.35-sm90.cache"
+    assert tb.timing_cache_path(replace(cfg, timing_cache=tmp_path / "t.cache"), TRT_ENV) == tmp_path / "t.cache"
 
 
 def test_torch_dtypes_of_tensorrt_types():
@@ -392,9 +392,8 @@ def test_refit_applies_a_lora_and_restores_the_built_weights(tmp_path, tiny_fold
     """A refittable UNet engine takes merged weights by their ONNX names and goes back exactly; an engine built
     without refit refuses, naming the flag."""
     from engine.lora import load_lora, merged_tensors, parts_for
-    from tests.test_lora import _write_kohya
 
-    lora = load_lora(_write_kohya(tmp_path, 31, r=4, alpha=2.0))
+    lora = load_lora(write_kohya(tmp_path, 31, r=4, alpha=2.0))
     refit = _build(tmp_path / "refit", backend="tensorrt", components=("unet",), build_enable_refit=True)
     runner, _ = _runner(tmp_path / "refit", refit, "unet")
     feeds = {k: v.cuda() for k, v in _inputs(refit, "unet", refit.record["precision"]).items()}

@@ -13,60 +13,52 @@ from engine.backends import tensorrt as tb
 from engine.backends.tensorrt import build as trt_build
 from engine.backends.tensorrt import inspect as trt_inspect
 from kernels import contract
+from tests.helpers import TRT_ENV, built_manifest
 
 DATA = Path(__file__).parent / "data"
-
-# the environment an engine was built in (also used by tests/test_trt_backend.py)
-ENV = {"version": "10.13.0.35", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
-       "plugin_ptx_sha256": "a" * 64}
-
 
 # ---- engine compatibility -------------------------------------------------------------------------------
 
 
-def built_manifest(**changes):
-    return {"key": "abc", tb.MANIFEST_KEY: {**ENV, "engine": tb.ENGINE_FILE, **changes}}
-
-
 def test_same_environment_is_compatible():
-    assert tb.check_compat(built_manifest(), dict(ENV)) is None
+    assert tb.check_compat(built_manifest(), dict(TRT_ENV)) is None
 
 
 def test_other_tensorrt_version_is_refused_with_both_versions():
-    msg = tb.check_compat(built_manifest(), {**ENV, "version": "10.14.1.48"})
+    msg = tb.check_compat(built_manifest(), {**TRT_ENV, "version": "10.14.1.48"})
     assert msg and "10.13.0.35" in msg and "10.14.1.48" in msg and "--force-rebuild" in msg
 
 
 def test_other_compute_capability_is_refused_with_both_values():
-    msg = tb.check_compat(built_manifest(), {**ENV, "compute_capability": "8.9", "gpu": "NVIDIA L4"})
+    msg = tb.check_compat(built_manifest(), {**TRT_ENV, "compute_capability": "8.9", "gpu": "NVIDIA L4"})
     assert msg and "9.0" in msg and "8.9" in msg and "NVIDIA L4" in msg and "rebuild" in msg
 
 
 def test_other_plugin_ptx_is_refused_with_both_hashes():
-    msg = tb.check_compat(built_manifest(), {**ENV, "plugin_ptx_sha256": "b" * 64})
+    msg = tb.check_compat(built_manifest(), {**TRT_ENV, "plugin_ptx_sha256": "b" * 64})
     assert msg and "a" * 64 in msg and "b" * 64 in msg and "rebuild" in msg
 
 
 def test_engine_with_plugin_loads_when_the_plugin_module_is_absent():
     # AOT plugin engines embed their PTX: without kernels.trt_plugin there is nothing to compare against.
-    assert tb.check_compat(built_manifest(), {**ENV, "plugin_ptx_sha256": None}) is None
+    assert tb.check_compat(built_manifest(), {**TRT_ENV, "plugin_ptx_sha256": None}) is None
 
 
 def test_engine_without_plugin_ignores_the_plugin_hash():
-    assert tb.check_compat(built_manifest(plugin_ptx_sha256=None), {**ENV, "plugin_ptx_sha256": "c" * 64}) is None
+    assert tb.check_compat(built_manifest(plugin_ptx_sha256=None), {**TRT_ENV, "plugin_ptx_sha256": "c" * 64}) is None
 
 
 def test_same_gpu_arch_with_another_name_is_compatible():
-    assert tb.check_compat(built_manifest(), {**ENV, "gpu": "NVIDIA H100 PCIe"}) is None
+    assert tb.check_compat(built_manifest(), {**TRT_ENV, "gpu": "NVIDIA H100 PCIe"}) is None
 
 
 def test_manifest_without_build_record_is_refused():
-    msg = tb.check_compat({"key": "abc"}, dict(ENV))
+    msg = tb.check_compat({"key": "abc"}, dict(TRT_ENV))
     assert msg and "rebuild" in msg
 
 
 def test_all_problems_are_listed_in_one_message():
-    msg = tb.check_compat(built_manifest(), {**ENV, "version": "11.0.0", "compute_capability": "10.0"})
+    msg = tb.check_compat(built_manifest(), {**TRT_ENV, "version": "11.0.0", "compute_capability": "10.0"})
     assert msg and "11.0.0" in msg and "10.0" in msg and msg.count("\n") == 0
 
 
