@@ -25,9 +25,10 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
+from export.specs import VAE_SCALE  # every SD VAE downsamples by 8; diffusers floors sizes to it
+
 ImageSource = str | pathlib.Path | PIL.Image.Image | np.ndarray  # ndarray: uint8 [H, W, 3] or [H, W]
 
-VAE_SCALE = 8  # every Stable Diffusion VAE downsamples by 8; diffusers floors sizes to this multiple
 RESAMPLE = PIL.Image.Resampling.LANCZOS  # VaeImageProcessor's default resample ("lanczos")
 
 

@@ -16,6 +16,7 @@ returning an object with `input_ids` (a list, a list of lists, or an int64 tenso
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ _BPE = {"type": "BPE", "dropout": None, "continuing_subword_prefix": "", "end_of
         "fuse_unk": False, "byte_fallback": False, "ignore_merges": False}
 _DEFAULTS = {"unk_token": "<|endoftext|>", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
              "pad_token": "<|endoftext|>"}
+
+log = logging.getLogger("engine.tokenizer")
 
 
 @dataclass
@@ -145,7 +148,9 @@ class ClipTokenizer:
                 tok = _from_vocab(folder, tokens)
             else:
                 return None
-        except Exception:  # not a tokenizers file (the library raises its own exception type), unreadable
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library raises its own types; any means "not ours"
+            log.info("%s: not loadable with the tokenizers library (%s: %s); transformers will load it", folder,
+                     type(exc).__name__, exc)
             return None
         if not _only_known_added_tokens(config, tok, tokens):
             return None

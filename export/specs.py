@@ -44,6 +44,7 @@ COMPONENTS = ("clip", "unet", "vae_decoder", "vae_encoder")
 TXT2IMG_COMPONENTS = ("clip", "unet", "vae_decoder")
 EXPORT_MAX_BATCH = 63  # component batch the ONNX graphs take (diffusers' Upsample2D changes path at 64)
 EXPORT_MAX_UNITS = 1024  # height and width the ONNX graphs take, in units of Dims.size_multiple
+VAE_SCALE = 8  # pixels per latent of every Stable Diffusion VAE (the default of Dims.vae_scale)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Dims:
     unet_in_channels: int = 4  # UNet input channels: latent_channels, or 2 * latent_channels + 1 (inpainting)
     text_dim: int = 768
     text_len: int = 77
-    vae_scale: int = 8  # pixels per latent
+    vae_scale: int = VAE_SCALE  # pixels per latent
     unet_scale: int = 8  # latent size must be a multiple of this (2 ** UNet down-samplers)
     # SDXL only (0 for SD 1/2): text_dim is then the concatenated width of both text encoders
     text2_dim: int = 0  # hidden width of the second text encoder (clip2); the first's is text_dim - text2_dim

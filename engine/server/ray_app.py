@@ -69,10 +69,11 @@ READY_POLL_S = 0.05
 
 def _replica_tag() -> str:
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
     try:
         return serve.get_replica_context().replica_tag
-    except Exception:  # not in a replica (e.g. serve's local testing mode)
+    except RayServeException:  # not in a replica (e.g. serve's local testing mode)
         return f"pid{os.getpid()}"
 
 
@@ -236,7 +237,8 @@ def _deploy_failure(exc: Exception) -> str:
 
     try:
         message = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME].message
-    except Exception:
+    except (KeyError, AttributeError, RuntimeError, ConnectionError) as status_error:  # Serve has no status for it
+        log.debug("no deployment status to explain %r: %r", exc, status_error)
         message = ""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     last = lines[-1] if lines else str(exc)  # the replica's traceback ends with its exception
