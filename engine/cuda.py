@@ -3,8 +3,9 @@
 cuda-python (`cuda.bindings`) is imported inside each function, never at module top, so CPU code paths
 can import this module without a driver. Every binding call returns a tuple `(err, *values)`;
 `check()` turns a non-success `err` (runtime `cudaError_t` or driver `CUresult`) into a `CudaError`
-carrying the error's name and CUDA's description. It is the one error checker: kernels.launcher (driver
-API) uses it too. CUDA graphs are engine/graphs.py's (torch.cuda.CUDAGraph).
+carrying the error's name and CUDA's description. It is the one error checker and lives in
+kernels/cuda_check.py (the lowest layer: kernels.launcher's driver calls use it too); it is re-exported
+here. CUDA graphs are engine/graphs.py's (torch.cuda.CUDAGraph).
 
 Only the runtime API is used here (`cuda.bindings.runtime`): it works on the primary context
 that PyTorch also uses, so pointers and streams made here are valid in torch and in TensorRT.
@@ -16,13 +17,11 @@ import logging
 import weakref
 from typing import Any
 
+from kernels.cuda_check import CudaError, check  # the one checker (re-exported: engine.cuda.check)
+
 log = logging.getLogger(__name__)
 
 ALIGNMENT = 256  # bytes: what TensorRT asks of user-managed activation memory (set_device_memory)
-
-
-class CudaError(RuntimeError):
-    """A CUDA runtime/driver call failed; the message names the call and the CUDA error."""
 
 
 def _runtime() -> Any:
@@ -32,44 +31,6 @@ def _runtime() -> Any:
         return importlib.import_module("cuda.bindings.runtime")
     except ImportError as e:  # pragma: no cover - cuda-python is a declared dependency of the gpu extra
         raise CudaError("cuda-python is not installed: pip install 'sd-engine[gpu]'") from e
-
-
-def error_name(err: Any) -> str:
-    """`cudaErrorInvalidValue`-style name of a runtime (cudaError_t) or driver (CUresult) status."""
-    return str(getattr(err, "name", err))
-
-
-def error_string(err: Any) -> str:
-    """CUDA's description of a runtime or driver status ("out of memory"); "" where none can be had
-    (the driver's strings need the driver library)."""
-    kind = type(err).__name__
-    try:
-        if kind == "cudaError_t":
-            status, text = _runtime().cudaGetErrorString(err)
-        elif kind == "CUresult":
-            status, text = importlib.import_module("cuda.bindings.driver").cuGetErrorString(err)
-        else:
-            return ""
-    except Exception:  # noqa: BLE001 - a description is best effort
-        return ""
-    if int(status) != 0 or not text:
-        return ""
-    return bytes(text).decode(errors="replace") if isinstance(text, (bytes, bytearray)) else str(text)
-
-
-def check(result: Any, what: str = "CUDA call") -> Any:
-    """Unpack a cuda-python `(err, *values)` result (runtime or driver API): raise CudaError on failure,
-    else return the values. Returns None for no value, the value itself for one, and a tuple for several."""
-    if isinstance(result, tuple):
-        err, values = result[0], result[1:]
-    else:
-        err, values = result, ()
-    if int(err) != 0:
-        text = error_string(err)
-        raise CudaError(f"{what} failed: {error_name(err)}" + (f": {text}" if text else ""))
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
 
 
 def align_up(nbytes: int, alignment: int = ALIGNMENT) -> int:

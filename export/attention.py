@@ -1,8 +1,8 @@
 """The single attention function used by the UNet and the VAE, and how it is written to ONNX.
 
-`attention(q, k, v, num_heads, scale)` takes packed heads, q [B, Sq, H*D], k/v [B, Sk, H*D], and
-returns [B, Sq, H*D]. In eager PyTorch it runs SDPA (or our fused kernel on CUDA when enabled); while
-exporting it is emitted in one of three modes, chosen with `emission(mode)`:
+`attention(q, k, v, num_heads, scale, mode=..., eager=...)` takes packed heads, q [B, Sq, H*D],
+k/v [B, Sk, H*D], and returns [B, Sq, H*D]. With `mode=None` it runs eagerly: SDPA, or our fused kernel on
+CUDA with `eager="kernel"`. While exporting it is emitted in one of three modes:
 
 - `decomposed`: MatMul(Q*scale, K^T) -> Softmax -> MatMul(., V). Q is pre-scaled, the pattern
   TensorRT >= 8.6 fuses into one MHA kernel.
@@ -10,49 +10,38 @@ exporting it is emitted in one of three modes, chosen with `emission(mode)`:
 - `plugin`: one custom node per call for our kernel (kernels/contract.py defines it). Calls whose head
   dim has no specialised kernel fall back to `decomposed`, as do fp32 graphs (the kernel is fp16/bf16).
 
-It is inserted into diffusers models through `EngineAttnProcessor`, never by patching graphs. The fp32
-reference implementation sits beside our kernel: kernels.torch_op.attention_reference.
+It is inserted into diffusers models through `EngineAttnProcessor`, never by patching graphs. The mode and
+the eager implementation are the processor instance's own (no process-global state): `install(module, ...)`
+sets them, `emission(module, mode)` switches one module to an export mode for the duration of its export,
+`set_eager(module, impl)` picks the eager implementation of one loaded module. Two modules (a server
+warming one up while serving another) never see each other's choice. The fp32 reference implementation
+sits beside our kernel: kernels.torch_op.attention_reference.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kernels import contract
 
-MODES = ("decomposed", "onnx", "plugin")
-_mode: str | None = None  # None: eager execution
-_eager_impl = "sdpa"  # "sdpa" | "kernel" (our fused kernel, CUDA fp16/bf16 only)
+MODES = ("decomposed", "onnx", "plugin")  # ONNX emission modes; None is eager execution
+EAGER = ("sdpa", "kernel")  # eager implementations: torch SDPA, our fused kernel (CUDA fp16/bf16 only)
 
 
-@contextmanager
-def emission(mode: str) -> Iterator[None]:
-    """Emit attention in `mode` while exporting."""
-    global _mode
-    if mode not in MODES:
+def _check_mode(mode: str | None) -> None:
+    if mode is not None and mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; choose from {', '.join(MODES)}")
-    prev, _mode = _mode, mode
-    try:
-        yield
-    finally:
-        _mode = prev
 
 
-@contextmanager
-def eager_impl(impl: str) -> Iterator[None]:
-    """Run eager attention with `sdpa` or our fused `kernel`."""
-    global _eager_impl
-    if impl not in ("sdpa", "kernel"):
-        raise ValueError(f"unknown eager attention {impl!r}; choose 'sdpa' or 'kernel'")
-    prev, _eager_impl = _eager_impl, impl
-    try:
-        yield
-    finally:
-        _eager_impl = prev
+def _check_eager(eager: str) -> None:
+    if eager not in EAGER:
+        raise ValueError(f"unknown eager attention {eager!r}; choose from {', '.join(EAGER)}")
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -104,8 +93,8 @@ def _plugin(q, k, v, num_heads: int) -> torch.Tensor:
     return out if out.device == q.device else out.to(q.device)
 
 
-def _eager(q, k, v, num_heads: int, scale: float, upcast: bool) -> torch.Tensor:
-    if _eager_impl == "kernel" and q.is_cuda and kernel_supported(q, num_heads):
+def _eager(q, k, v, num_heads: int, scale: float, upcast: bool, eager: str) -> torch.Tensor:
+    if eager == "kernel" and q.is_cuda and kernel_supported(q, num_heads):
         from kernels import torch_op  # registers torch.ops.sd_engine.fused_attention
 
         return torch_op.fused_attention(q, k, v, num_heads, scale)
@@ -115,20 +104,31 @@ def _eager(q, k, v, num_heads: int, scale: float, upcast: bool) -> torch.Tensor:
     return _packed(F.scaled_dot_product_attention(qh, kh, vh, scale=scale))
 
 
-def attention(q, k, v, num_heads: int, scale: float | None = None, upcast: bool = False) -> torch.Tensor:
-    """softmax(Q K^T * scale) V over packed heads: q [B, Sq, H*D], k/v [B, Sk, H*D] -> [B, Sq, H*D]."""
+def attention(q, k, v, num_heads: int, scale: float | None = None, upcast: bool = False, *,
+              mode: str | None = None, eager: str = "sdpa") -> torch.Tensor:
+    """softmax(Q K^T * scale) V over packed heads: q [B, Sq, H*D], k/v [B, Sk, H*D] -> [B, Sq, H*D].
+    `mode`: None runs eagerly (`eager` picks the implementation), else the ONNX emission mode (MODES)."""
     scale = 1.0 / math.sqrt(q.shape[-1] // num_heads) if scale is None else scale
-    if _mode is None:
-        return _eager(q, k, v, num_heads, scale, upcast)
-    if _mode == "onnx":
+    if mode is None:
+        return _eager(q, k, v, num_heads, scale, upcast, eager)
+    if mode == "onnx":
         return _onnx_attention(q, k, v, num_heads, scale)
-    if _mode == "plugin" and plugin_supported(q, num_heads, scale):
+    if mode == "plugin" and plugin_supported(q, num_heads, scale):
         return _plugin(q, k, v, num_heads)
     return _decomposed(q, k, v, num_heads, scale, upcast)
 
 
+@dataclasses.dataclass(frozen=True)
 class EngineAttnProcessor:
-    """A diffusers attention processor that routes every attention call through `attention`."""
+    """A diffusers attention processor that routes every attention call through `attention`, in its own
+    `mode` (None: eager; else an ONNX emission mode) with its own eager implementation."""
+
+    mode: str | None = None
+    eager: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        _check_mode(self.mode)
+        _check_eager(self.eager)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         if attention_mask is not None:
@@ -148,7 +148,8 @@ class EngineAttnProcessor:
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)  # [B, S, H*D]
-        out = attention(q, k, v, attn.heads, attn.scale, upcast=bool(attn.upcast_attention))
+        out = attention(q, k, v, attn.heads, attn.scale, upcast=bool(attn.upcast_attention),
+                        mode=self.mode, eager=self.eager)
         out = attn.to_out[1](attn.to_out[0](out))
         if spatial:
             out = out.transpose(1, 2).reshape(b, c, h, w)
@@ -157,8 +158,36 @@ class EngineAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def install(module: torch.nn.Module) -> torch.nn.Module:
-    """Route every diffusers `Attention` in `module` (UNet, VAE) through the engine's op."""
+def install(module: torch.nn.Module, mode: str | None = None, eager: str = "sdpa") -> torch.nn.Module:
+    """Route every diffusers `Attention` in `module` (UNet, VAE) through the engine's op, in `mode` / `eager`."""
     if hasattr(module, "set_attn_processor"):
-        module.set_attn_processor(EngineAttnProcessor())
+        module.set_attn_processor(EngineAttnProcessor(mode, eager))
     return module
+
+
+def _replace(module: torch.nn.Module, **changes: str | None) -> dict[Any, EngineAttnProcessor]:
+    """Give every engine processor inside `module` (wrappers included) `changes`; return the ones replaced,
+    by their diffusers `Attention` block."""
+    blocks: list[Any] = [m for m in module.modules() if isinstance(getattr(m, "processor", None), EngineAttnProcessor)]
+    replaced = {block: block.processor for block in blocks}
+    for block, proc in replaced.items():
+        block.set_processor(dataclasses.replace(proc, **changes))
+    return replaced
+
+
+def set_eager(module: torch.nn.Module, impl: str) -> None:
+    """Run `module`'s attention eagerly with `impl` ("sdpa" or "kernel"), this module only."""
+    _check_eager(impl)
+    _replace(module, eager=impl)
+
+
+@contextmanager
+def emission(module: torch.nn.Module, mode: str) -> Iterator[torch.nn.Module]:
+    """Emit `module`'s attention in `mode` while exporting it; its processors are put back afterwards."""
+    _check_mode(mode)
+    previous = _replace(module, mode=mode)
+    try:
+        yield module
+    finally:
+        for block, proc in previous.items():
+            block.set_processor(proc)

@@ -120,7 +120,7 @@ def export_component(model: LoadedModel | Path, name: str, path: Path, opts: Exp
                example_inputs(spec, dims, Shape(2, shape.height, shape.width), opts.precision).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with torch.no_grad(), attention.emission(opts.attention):
+    with torch.no_grad(), attention.emission(module, opts.attention):  # this module's processors only
         program = torch.onnx.export(
             module,
             kwargs=example,

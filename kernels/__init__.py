@@ -10,21 +10,32 @@ Lazy on purpose: importing `kernels` (or kernels.contract / .build / .launcher /
 """
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 __all__ = ["is_available"]  # plus lazy attributes: fused_attention, attention_reference
 
+log = logging.getLogger(__name__)
+
 
 def is_available() -> bool:
     """True only when a CUDA GPU and its driver are present and the kernel module loads (building the
-    kernels first if their artifacts are missing)."""
+    kernels first if their artifacts are missing). False says why in one warning (once per reason):
+    attention then runs SDPA, and a kernel build that failed is never hidden."""
     from kernels import launcher
 
     try:
         launcher.load_module()
-        return True
-    except Exception:
+    except (launcher.KernelUnavailable, launcher.CudaError, OSError) as e:
+        _warn_unavailable(f"{type(e).__name__}: {e}")
         return False
+    return True
+
+
+@functools.cache  # each distinct reason is logged once per process
+def _warn_unavailable(reason: str) -> None:
+    log.warning("the fused attention kernel is unavailable, attention falls back to SDPA: %s", reason)
 
 
 def __getattr__(name: str) -> Any:  # fused_attention / attention_reference import torch only when used

@@ -11,17 +11,18 @@ per context.
 
 q/out are [B, Sq, H*D], k/v [B, Sk, H*D] device pointers (contiguous, 16-byte aligned). `scale=None`
 launches the baked 1/sqrt(D) entry (the same kernel TensorRT runs); a float launches `_scaled`.
-Driver results are checked by engine.cuda.check (the one cuda-python error checker): a failed call
-raises engine.cuda.CudaError (also importable from here) naming the call, the error and its description.
+Driver results are checked by kernels.cuda_check.check (the one cuda-python error checker, which
+engine.cuda re-exports): a failed call raises CudaError (also importable from here) naming the call, the
+error and its description.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Any
 
-from engine.cuda import CudaError, check, error_name  # noqa: F401  (CudaError: what failed calls raise)
 from kernels import contract
 from kernels.build import (
     BUILD_HINT,
@@ -30,6 +31,7 @@ from kernels.build import (
     ensure_built,
     kernel_configs,
 )
+from kernels.cuda_check import CudaError, check, error_name  # noqa: F401  (CudaError: what failed calls raise)
 
 MAX_GRID_Y = 65535
 
@@ -49,19 +51,16 @@ def _driver() -> Any:
 
 
 _lock = threading.Lock()
-_initialized = False
 
 
+@functools.cache  # done once per process; a failure is not cached (the next call tries again)
 def init() -> None:
     """Initialise the driver, or raise KernelUnavailable naming what is missing."""
-    global _initialized
-    if _initialized:
-        return
     drv = _driver()
     with _lock:
         try:
             (err,) = drv.cuInit(0)
-        except Exception as e:  # cuda-bindings raises when libcuda.so cannot be found
+        except (RuntimeError, OSError) as e:  # cuda-bindings raises (a RuntimeError) when libcuda.so cannot be found
             raise KernelUnavailable(
                 "the fused attention kernel needs an NVIDIA GPU and its driver, but the CUDA driver "
                 f"library (libcuda.so) was not found: {e}"
@@ -72,7 +71,6 @@ def init() -> None:
             )
         if check(drv.cuDeviceGetCount(), "cuDeviceGetCount") < 1:
             raise KernelUnavailable("the fused attention kernel needs an NVIDIA GPU: none was found")
-        _initialized = True
 
 
 @dataclass

@@ -18,6 +18,8 @@ Needs TensorRT >= 10.9 (aot_impl). The PTX's ISA version is that of the nvcc tha
 for CUDA 13): the driver that JIT-compiles it must be at least as new (set CUDA_HOME to an older
 toolkit to emit older PTX). Importing this module without TensorRT raises ImportError.
 """
+import functools
+
 from kernels import contract
 from kernels.build import KernelConfig, ensure_built, kernel_configs, ptx_for_entry
 
@@ -39,7 +41,6 @@ if not hasattr(trtp, "aot_impl"):
     )
 
 AUTOTUNE_TYPES = "FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16"  # q, k, v, out: all fp16 or all bf16
-_registered = False
 
 
 def _dtype_name(dtype) -> str:
@@ -76,11 +77,9 @@ def aot_kernel(q, k, num_heads: int, head_dim: int, ptx: str, configs: dict[int,
     return name, ptx_for_entry(ptx, name), launch, extra
 
 
+@functools.cache  # registered once per process (a failed registration is tried again)
 def register_plugin() -> None:
     """Register sd_engine::FusedAttention with TensorRT (idempotent). Builds the PTX if it is missing."""
-    global _registered
-    if _registered:
-        return
     ptx = ensure_built(ptx_only=True).ptx.read_text()
     configs = kernel_configs(ptx)
 
@@ -100,5 +99,3 @@ def register_plugin() -> None:
                   outputs: tuple[trtp.TensorDesc], tactic: int
                   ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
         return aot_kernel(q, k, num_heads, head_dim, ptx, configs)
-
-    _registered = True

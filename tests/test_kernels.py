@@ -262,6 +262,31 @@ def test_imports_without_gpu():
         assert kernels.is_available() is False
 
 
+def test_is_available_says_why_it_falls_back_once(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    """A kernel that cannot load (here: a failed build) is a logged warning, once per reason; an unexpected
+    error is not swallowed."""
+    import kernels
+    from kernels import launcher
+
+    def failed_build(device: int | None = None) -> None:
+        raise launcher.KernelUnavailable("the fused attention kernels are not built and could not be built: nvcc died")
+
+    monkeypatch.setattr(launcher, "load_module", failed_build)
+    kernels._warn_unavailable.cache_clear()
+    with caplog.at_level("WARNING", logger="kernels"):
+        assert kernels.is_available() is False and kernels.is_available() is False
+    assert [r.getMessage() for r in caplog.records] == [
+        "the fused attention kernel is unavailable, attention falls back to SDPA: KernelUnavailable: "
+        "the fused attention kernels are not built and could not be built: nvcc died"]
+
+    def bug(device: int | None = None) -> None:
+        raise TypeError("a bug, not a missing GPU")
+
+    monkeypatch.setattr(launcher, "load_module", bug)
+    with pytest.raises(TypeError, match="a bug"):
+        kernels.is_available()
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU error")
 def test_op_without_gpu_raises_clear_error():
     from kernels.launcher import KernelUnavailable, launch_attention

@@ -63,7 +63,8 @@ def test_unet_traces_as_one_graph(tiny_folder):
     from export.models import load_component
 
     module = load_component(tiny_folder, "unet", torch.float32, "cpu")
-    with torch.inference_mode(), attention.eager_impl("sdpa"):
+    attention.set_eager(module, "sdpa")  # the processors carry it (read inside the traced code)
+    with torch.inference_mode():
         explained = torch._dynamo.explain(module)(**_unet_inputs(tiny_folder))
     torch._dynamo.reset()
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
@@ -73,14 +74,13 @@ def test_unet_traces_as_one_graph(tiny_folder):
 def test_compiled_unet_matches_eager(tiny_folder):
     """The runner's compile (channels_last too, as on CUDA) against the eager module, on the same inputs."""
     from engine.backends.torch_backend import compile_module
-    from export import attention
     from export.models import load_component
 
     inputs = _unet_inputs(tiny_folder)
     eager = load_component(tiny_folder, "unet", torch.float32, "cpu")
     compiled = compile_module(load_component(tiny_folder, "unet", torch.float32, "cpu"), channels_last=True)
     try:
-        with torch.inference_mode(), attention.eager_impl("sdpa"):
+        with torch.inference_mode():  # both run SDPA: load_component installs it
             want = eager(**inputs)
             got = compiled(**inputs)
             again = compiled(**inputs)  # the compiled code, no recompilation
