@@ -259,7 +259,7 @@ def plots(run: Run, out: Path) -> list[Path]:
                 else:
                     vals.append(run.value("pipeline", stage + "_p50", backend=b) or 0)
             ax.barh(backends, vals, left=left, label=stage.removesuffix("_ms"))
-            left = [x + v for x, v in zip(left, vals)]
+            left = [x + v for x, v in zip(left, vals, strict=True)]
         ax.set_xlabel("ms (p50), batch 1")
         ax.set_title(f"latency breakdown: {title}", fontsize=9)
         ax.legend(fontsize=7)

@@ -61,8 +61,3 @@ def all_entry_names() -> list[str]:
         for d in SUPPORTED_HEAD_DIMS
         for scaled in (False, True)
     ]
-
-
-def config_symbol(head_dim: int) -> str:
-    """Name of the `.global` int[4] {block_m, block_n, threads, smem_bytes} the .cu file exports per head dim."""
-    return f"sd_attention_cfg_d{head_dim}"
