@@ -8,6 +8,9 @@
   replays, with no new capture and no warm-up step. Capture needs every runner to be graph-safe (no host
   sync, stream-ordered work on torch's current stream); when capture fails we fall back to eager steps
   and say so once.
+- `StepGraphCache`: the bounded cache of step graphs per key that the static batch (pipeline) and the
+  continuous flight share: a miss captures (`try_capture`), a failed capture is cached as None (eager,
+  warned once for that key), the least recently used key goes first when full.
 - `GraphCache`: one runner's own graphs of an enqueue function per key (the TensorRT UNet per input
   shape, on the runner's stream): first call eager, second captured, later ones replayed.
 """
@@ -15,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -68,6 +72,42 @@ def try_capture(step: StepFn, buffers: Buffers) -> StepGraph | None:
     except RuntimeError as e:  # capture refused (a host sync or an uncapturable call inside the step)
         warnings.warn(f"CUDA graph capture of the denoise step failed, running eagerly: {e}", stacklevel=2)
         return None
+
+
+class StepGraphCache:
+    """At most `max_graphs` step graphs (each owns its static buffers), by key: the shapes, sampler, steps,
+    guidance on/off ... of what the step reads. Least recently used goes first. A key whose capture failed
+    (or that cannot be captured here: CPU) holds None, so it runs eagerly without trying (and warning) again.
+    `clear()` when the captured steps would read stale memory (the UNet's weights moved)."""
+
+    def __init__(self, max_graphs: int):
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[Hashable, StepGraph | None] = OrderedDict()  # oldest use first
+
+    def get_or_capture(self, key: Hashable, step: StepFn, buffers: Buffers) -> StepGraph | None:
+        """The graph of `key` (captured from `step` on `buffers` on a miss), or None: run `step` eagerly."""
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            return self._graphs[key]
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        graph = self._graphs[key] = try_capture(step, buffers)
+        return graph
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._graphs
+
+    def values(self) -> list[StepGraph | None]:
+        """The cached entries, least recently used first (None: a key that runs eagerly)."""
+        return list(self._graphs.values())
 
 
 # ---- a runner's own graphs, per key ---------------------------------------------------------------------
