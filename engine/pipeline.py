@@ -290,7 +290,7 @@ class Pipeline:
         for name, tokenizer in zip(self.family.roles.text_encoders, self.tokenizers, strict=True):
             out = self.runners[name](input_ids=self.tokenize(texts, tokenizer).to(self.device))
             outs[name] = {k: v.clone() for k, v in out.items()}  # outputs are valid until the runner's next call
-        cond = self.family.denoiser_inputs(outs, [x.request for x in rows], negative)
+        cond = self.family.denoiser_inputs(outs, rows, negative)
         return {COND + k: v.to(self.device) for k, v in cond.items()}
 
     def start_latents(self, rows: list[Row], schedule: samplers.Schedule, cfg: bool) -> Buffers:

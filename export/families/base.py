@@ -21,8 +21,8 @@ from export.specs import TXT2IMG_COMPONENTS, ComponentSpec, Dims
 
 Outputs = dict[str, dict[str, Any]]  # text encoder -> its output tensors by name
 TextConditioning = Callable[[Outputs], dict[str, Any]]  # text encoders' outputs -> denoiser inputs
-# (the batch's resolved requests, guidance on) -> denoiser inputs from the request itself: SDXL's time ids; later
-# families: a concatenated low-resolution image, class labels
+# (the batch's rows: each a resolved `.request` and its loaded `.image` / `.mask`, guidance on) -> denoiser inputs
+# from the requests themselves: SDXL's time ids; later families: a concatenated low-resolution image, class labels
 RequestConditioning = Callable[[Sequence[Any], bool], dict[str, Any]]
 RequestDefaults = Callable[[Any], dict[str, Any]]  # a resolved request -> its family fields, defaults filled in
 AddedDims = Callable[[Path, dict, list[dict]], dict[str, int]]  # (folder, unet config, text configs) -> Dims fields
@@ -104,19 +104,19 @@ class Family:
     def can_inpaint(self, dims: Dims) -> bool:
         return dims.inpainting_unet or (self.blend_inpainting and dims.unet_in_channels == dims.latent_channels)
 
-    def denoiser_inputs(self, text: Outputs, requests: Sequence[Any], negative: Sequence[str] | None) -> dict[str, Any]:
+    def denoiser_inputs(self, text: Outputs, rows: Sequence[Any], negative: Sequence[str] | None) -> dict[str, Any]:
         """The denoiser's conditioning inputs for one batch: from its text encoders' outputs (with guidance
-        [uncond; cond] rows, 2B) and from the batch's resolved requests (one per image)."""
+        [uncond; cond] rows, 2B) and from the batch's rows (one per image: `.request` resolved, `.image`)."""
         import torch
 
         cond = self.conditioning(text)
         if negative is not None and self.zero_empty_negative:  # no negative prompt = zero unconditional rows
             first = next(iter(cond.values()))
-            empty = torch.tensor([not n for n in negative] + [False] * len(requests), device=first.device)
+            empty = torch.tensor([not n for n in negative] + [False] * len(rows), device=first.device)
             cond = {k: torch.where(empty.view(-1, *[1] * (v.dim() - 1)), torch.zeros_like(v), v)
                     for k, v in cond.items()}
         if self.request_conditioning is not None:
-            cond.update(self.request_conditioning(requests, negative is not None))
+            cond.update(self.request_conditioning(rows, negative is not None))
         return cond
 
 

@@ -137,12 +137,12 @@ def sdxl_time_ids(batch: int, height: int, width: int, crop_top_left: tuple[int,
     return base_time_ids([row] * batch, cfg=False)
 
 
-def _base_request_conditioning(requests: Sequence[Any], cfg: bool) -> dict[str, Any]:
-    return base_time_ids([time_ids_of(r) for r in requests], cfg)
+def _base_request_conditioning(rows: Sequence[Any], cfg: bool) -> dict[str, Any]:
+    return base_time_ids([time_ids_of(row.request) for row in rows], cfg)
 
 
-def _refiner_request_conditioning(requests: Sequence[Any], cfg: bool) -> dict[str, Any]:
-    return refiner_time_ids([time_ids_of(r) for r in requests], cfg)
+def _refiner_request_conditioning(rows: Sequence[Any], cfg: bool) -> dict[str, Any]:
+    return refiner_time_ids([time_ids_of(row.request) for row in rows], cfg)
 
 
 # ---- request fields ----
