@@ -144,7 +144,7 @@ def bench_backend(results: Results, cfg: PipelineBench, spec: str, engine_dir: P
             for key, name in (("clip_ms", "clip"), ("unet_step_ms", "unet_per_step"), ("vae_ms", "vae"),
                               ("e2e_ms", "total")):
                 stages[key].append(t[name])
-            stages["png_ms"].append(_timed(lambda: png_bytes(g.pixels, g.params), "cpu"))
+            stages["png_ms"].append(_timed(lambda g=g: png_bytes(g.pixels, g.params), "cpu"))
             stages["tokenize_ms"].append(_timed(lambda: [tok([PROMPT, ""], padding="max_length", truncation=True,
                                                              max_length=tok.model_max_length)
                                                          for tok in pipe.tokenizers], "cpu"))
@@ -156,7 +156,7 @@ def bench_backend(results: Results, cfg: PipelineBench, spec: str, engine_dir: P
         for b in cfg.batch_sizes:
             reqs = Request(**{**asdict(req), "images": b})
             pipe.run(reqs, progress=False, batch_size=b)  # warm-up at this batch
-            walls = [_timed(lambda: pipe.run(reqs, progress=False, batch_size=b), cfg.device)
+            walls = [_timed(lambda reqs=reqs, b=b: pipe.run(reqs, progress=False, batch_size=b), cfg.device)
                      for _ in range(cfg.batch_runs)]
             results.add("pipeline", {**base, "batch": b}, "images_per_s", b * 1e3 / sorted(walls)[len(walls) // 2],
                         "img/s", n=len(walls))

@@ -15,9 +15,9 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 from benchmarks import RESULTS
 from benchmarks.schema import Results
@@ -86,14 +86,14 @@ def run(suite: Suite, backends: tuple[str, ...], device: str, out: Path) -> Path
         if sizes:
             ucfg = unet_step.UnetStepBench(model=model, sizes=sizes, variants=variants, runs=suite.unet_runs,
                                            device=device, isolated=model != "tiny")
-            _step(f"unet step {model} {sizes}", lambda: unet_step.measure(results, ucfg, engine_dir))
+            _step(f"unet step {model} {sizes}", lambda ucfg=ucfg: unet_step.measure(results, ucfg, engine_dir))
     _step("attention", lambda: attention.measure(results, iters=50))
     for model in suite.build_models:
         if model in suite.models:
             # a full-size model's components are built with the first backend only (minutes each)
             chosen = backends if model == "tiny" else backends[:1]
-            _step(f"build cost {model}", lambda: build_cost.measure(results, model=model, backends=chosen,
-                                                                    device=device))
+            _step(f"build cost {model}", lambda model=model, chosen=chosen: build_cost.measure(
+                results, model=model, backends=chosen, device=device))
     _step("cold start", lambda: cold_start.measure(results, runs=suite.cold_start_runs))
     if suite.serve_load and not device.startswith("cuda"):  # the reduced-precision CPU paths' image quality
         _step("quality tiny", lambda: quality.measure(results, model="tiny"))

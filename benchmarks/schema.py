@@ -19,10 +19,11 @@ import os
 import platform
 import statistics
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 SCHEMA = 1
 ROW_KEYS = ("bench", "config", "device", "env", "metric", "value", "unit", "ts")

@@ -29,11 +29,11 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator
 
 from benchmarks import RESULTS
 from benchmarks.serve_process import Server, running_server
@@ -264,7 +264,7 @@ def serve_phases(cfg: LoadConfig, engine_dir: Path, log_dir: Path, report: dict,
         report.setdefault("server_info", srv.info)
         warm_up(srv.url, cfg, warm_n, report["ids"])
         for name, fn, extra in phases:
-            report["phases"].append(run_phase(srv, name, lambda: fn(srv.url), **extra))
+            report["phases"].append(run_phase(srv, name, lambda fn=fn: fn(srv.url), **extra))
     report["servers"].append({"flags": list(flags), "exit_code": srv.exit_code})
 
 

@@ -127,8 +127,12 @@ def load_lora(path: Path | str) -> LoraWeights:
 
 def _to_peft(target: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers-format keys of one sub-model -> PEFT keys (`<module>.lora_A.weight`), as diffusers loads them."""
-    from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_diffusers, \
-        convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import (
+        StateDictType,
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
 
     if target == "unet":
         return sd if any("lora_A" in k for k in sd) else convert_unet_state_dict_to_peft(sd)

@@ -71,7 +71,7 @@ class Pipeline:
 
     @classmethod
     def load(cls, engine_dir: str | Path, model: str | None = None, device: str = "auto",
-             batch_size: int | None = None, verify: bool = False) -> "Pipeline":
+             batch_size: int | None = None, verify: bool = False) -> Pipeline:
         """The pipeline of one model in an engine dir (`model` may be omitted when it holds one).
 
         Every artifact is checked against its manifest (sizes; hashes of files whose mtime changed) and
@@ -173,7 +173,7 @@ class Pipeline:
         for j, p in enumerate(prepared):
             groups.setdefault(p.batch_key, []).extend(p.rows(j))
         results: dict[tuple[int, int], Generated] = {}
-        for key, members in groups.items():
+        for members in groups.values():
             self.use_adapters(members[0].request.loras)
             cfg = prepared[members[0].req].cfg
             for start in range(0, len(members), size):

@@ -69,7 +69,7 @@ class Request:
             return "inpaint"
         return "img2img" if self.init_image is not None else "txt2img"
 
-    def resolved(self, default_strength: tuple[float, float]) -> "Request":
+    def resolved(self, default_strength: tuple[float, float]) -> Request:
         """A copy with the random seed drawn and the strength default ((img2img, inpaint): the model family's,
         e.g. SDXL's (0.3, 0.9999), as its diffusers pipelines) filled in."""
         seed = secrets.randbelow(MAX_SEED - self.images + 2) if self.seed == RANDOM_SEED else self.seed

@@ -54,7 +54,7 @@ class Schedule:
         """Steps the caller actually runs: i = start .. N-1."""
         return self.num_steps - self.start
 
-    def to(self, device, dtype=torch.float32) -> "Schedule":
+    def to(self, device, dtype=torch.float32) -> Schedule:
         """Move tables (as ``dtype``) and timesteps (kept float32) to ``device`` once."""
         tables = {k: v.to(device=device, dtype=dtype) for k, v in self.tables.items()}
         return dataclasses.replace(self, timesteps=self.timesteps.to(device), tables=tables)

@@ -123,7 +123,7 @@ class ClipTokenizer:
         self.model_max_length = model_max_length
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "ClipTokenizer | None":
+    def from_folder(cls, folder: str | Path) -> ClipTokenizer | None:
         """The fast tokenizer of a CLIP tokenizer folder (tokenizer.json holding CLIP's pipeline, or vocab.json +
         merges.txt); None for any other folder (left to transformers)."""
         folder = Path(folder)

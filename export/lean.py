@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import onnx_ir as ir
 import torch
@@ -67,6 +68,16 @@ def stored_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _entry_ir(source: dict, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> ir.Tensor:
+    """`source[name]` as an initializer, read when the exporter writes it."""
+    return _to_ir(source[name], dtype, name, shape)
+
+
+def _file_ir(path, key: str, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> ir.Tensor:
+    """Tensor `key` of a safetensors file as initializer `name`, read when the exporter writes it."""
+    return _to_ir(read_tensor(path, key), dtype, name, shape)
+
+
 def _to_ir(t: torch.Tensor, dtype: torch.dtype, name: str, shape: tuple[int, ...]) -> ir.Tensor:
     if tuple(t.shape) != shape:
         raise ValueError(f"weight {name}: stored shape {tuple(t.shape)} != the model's {shape}")
@@ -93,7 +104,7 @@ def init_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             owner._buffers[b] = torch.full_like(t, -1 if not t.is_floating_point() else float("nan"), device="cpu")
         try:
             model._init_weights(owner)
-            for b, t in metas.items():
+            for b in metas:
                 value = owner._buffers[b]
                 assert value is not None
                 unset = (value == -1).all() if not value.is_floating_point() else value.isnan().any()
@@ -123,16 +134,16 @@ def attach_weights(model: ir.Model, module: torch.nn.Module, prefix: str, files:
         key = name.removeprefix(prefix)
         shape, dtype = tuple(meta.shape), meta.dtype
         if loaded is not None:
-            func = (lambda n=name, s=shape, d=dtype: _to_ir(held[n], d, n, s))
+            func = partial(_entry_ir, held, name, dtype, shape)
             sources[name] = "module"
         elif key in files:
             if stored[key] != shape:
                 raise ValueError(f"weight {name}: stored shape {stored[key]} != the model's {shape} "
                                  f"(in {files[key]}); is this checkpoint for another architecture?")
-            func = (lambda f=files[key], k=key, n=name, s=shape, d=dtype: _to_ir(read_tensor(f, k), d, n, s))
+            func = partial(_file_ir, files[key], key, name, dtype, shape)
             sources[name] = "file"
         elif name in computed:
-            func = (lambda n=name, s=shape, d=dtype: _to_ir(computed[n], d, n, s))
+            func = partial(_entry_ir, computed, name, dtype, shape)
             sources[name] = "init"
         else:
             where = sorted({str(f.parent) for f in files.values()}) or ["(no safetensors weights found)"]

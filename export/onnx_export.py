@@ -174,7 +174,7 @@ def run_onnx(path: Path, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarra
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, {k: v.numpy() for k, v in inputs.items()})))
+    return dict(zip(names, sess.run(names, {k: v.numpy() for k, v in inputs.items()}), strict=True))
 
 
 def validate(module: torch.nn.Module, spec: ComponentSpec, dims: Dims, path: Path, shape: Shape,

@@ -28,7 +28,7 @@ def quiet(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    pattern = r"(%s)(\.|$)" % "|".join(LIBRARIES + ("copyreg",))
+    pattern = rf"({'|'.join(LIBRARIES + ('copyreg',))})(\.|$)"
     warnings.filterwarnings("ignore", category=UserWarning, module=pattern)
     warnings.formatwarning = _one_line  # ours: "warning: ..." instead of file, line and source
 

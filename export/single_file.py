@@ -56,7 +56,7 @@ WEIGHT_FILES = {
     "text_encoder": "model.safetensors",
     "text_encoder_2": "model.safetensors",
 }
-FAMILIES = (
+SUPPORTED = (
     "SD 1.x / SD 2.x checkpoints (text-to-image or 9-channel inpainting) in the original LDM layout "
     "(model.diffusion_model.*, first_stage_model.*, cond_stage_model.*); SDXL base checkpoints in the original "
     "sgm layout (model.diffusion_model.*, first_stage_model.*, conditioner.embedders.0.transformer.* and "
@@ -229,7 +229,7 @@ def choose_preset(path: Path, ckpt: dict[str, torch.Tensor], preset: str | None)
     why = "\n".join(f"  {name}: {text}" for name, text in report.items())
     raise ValueError(
         f"{path.name} does not match {'preset ' + repr(preset) if preset else 'any supported model family'}.\n"
-        f"Found {describe(ckpt)}.\nSupported: {FAMILIES}, with the architecture of a preset "
+        f"Found {describe(ckpt)}.\nSupported: {SUPPORTED}, with the architecture of a preset "
         f"({', '.join(CANDIDATES)}).\nPer preset:\n{why}{refiner_hint(ckpt)}"
     )
 

@@ -20,9 +20,10 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 HASH_MEMO = "file-hashes.json"  # under the cache root: stat-keyed sha256 of weight files
 KEY_LEN = 16

@@ -17,8 +17,8 @@ The runner contract (what the pipeline relies on):
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch

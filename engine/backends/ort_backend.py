@@ -100,7 +100,7 @@ class OrtRunner:
         if self.device.type == "cuda":
             return self._run_cuda(feeds)
         outs = self.session.run(self.spec.output_names, {n: t.numpy() for n, t in feeds.items()})
-        return {n: torch.from_numpy(o) for n, o in zip(self.spec.output_names, outs)}
+        return {n: torch.from_numpy(o) for n, o in zip(self.spec.output_names, outs, strict=True)}
 
     def _run_cuda(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         binding = self.session.io_binding()
@@ -110,7 +110,7 @@ class OrtRunner:
         for n in self.spec.output_names:
             binding.bind_output(n, "cuda", idx)
         self.session.run_with_iobinding(binding)
-        return {n: _ortvalue_to_torch(v) for n, v in zip(self.spec.output_names, binding.get_outputs())}
+        return {n: _ortvalue_to_torch(v) for n, v in zip(self.spec.output_names, binding.get_outputs(), strict=True)}
 
 
 def _onnx_type_to_torch(t: str) -> torch.dtype:

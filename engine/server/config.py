@@ -1,7 +1,7 @@
 """Server defaults, in one place: `python -m engine.serve` and the Ray Serve builder read `ServeConfig`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -23,6 +23,15 @@ class ServeConfig:
     warmup: bool = True  # one small generation before /readyz says ready
     lora_dir: Path | None = None  # LoRA .safetensors a request may name (`loras: [{name, scale}]`); None = none
     log_level: str = "info"
+    # who may talk to the server (engine/server/access.py)
+    api_key: str | None = field(default=None, repr=False)  # Authorization: Bearer <key> on all but health; or env
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed cross-site (CORS and POST); () = none
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides the loopback ones (when on loopback); "*" = any
+    # connections (uvicorn): an idle or slow client cannot hold a socket, and their number is capped
+    limit_concurrency: int = 1024  # open connections + running requests; past it uvicorn answers 503
+    timeout_keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
+    header_timeout_s: float = 10.0  # a connection that has not sent a whole request head by then is closed
+    max_header_kb: int = 16  # request line + headers (h11's incomplete event size); over it: 400
     # Ray Serve (python -m engine.serve --ray)
     ray: bool = False
     replicas: int = 1  # fixed replica count; ignored when autoscaling (max_replicas > replicas)
@@ -35,3 +44,4 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         self.engine_dir = Path(self.engine_dir)
+        self.cors_origins, self.allowed_hosts = tuple(self.cors_origins), tuple(self.allowed_hosts)  # Ray: lists

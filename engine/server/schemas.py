@@ -168,7 +168,12 @@ def parse_size(size: str) -> tuple[int, int]:
 def decode_image(data: str | bytes, field: str) -> PIL.Image.Image:
     """A decoded image from base64 text (a data URL is fine) or raw file bytes; ApiError 400 naming `field`."""
     if isinstance(data, str):
-        text = data.split(",", 1)[1] if data.startswith("data:") else data
+        text = data
+        if data.startswith("data:"):
+            header, comma, text = data.partition(",")
+            if not comma:
+                raise ApiError(400, f"{field} is a data URL without data: expected 'data:image/png;base64,<base64>'",
+                               field)
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):

@@ -116,7 +116,9 @@ class StepBatcher:
         try:
             return await job.future
         finally:
-            if not job.future.done():  # cancelled: leave the queue now, or the flight at the next boundary
+            # cancelled (timeout, disconnect): asyncio has cancelled job.future too by now, so "not done" alone
+            # would miss it. Leave the queue now, or the flight at the next step boundary.
+            if job.future.cancelled() or not job.future.done():
                 with self._cond:
                     job.cancelled = True
                     if job in self._queue:

@@ -136,7 +136,7 @@ def input_profiles(spec: ComponentSpec, dims: Dims, profile: Profile) -> dict[st
     """(min, opt, max) shape per input of one component, from the spec; checks min <= opt <= max."""
     ranges = spec.profile(dims, profile.lo, profile.opt, profile.hi)
     for name, (lo, opt, hi) in ranges.items():
-        if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+        if not all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)):
             raise ValueError(f"{spec.name} input {name!r}: profile min {lo} <= opt {opt} <= max {hi} does not hold")
     return ranges
 

@@ -49,9 +49,9 @@ class EngineIncompatible(RuntimeError):
 def check_input_shape(component: str, name: str, shape: tuple[int, ...], lo: tuple[int, ...],
                       hi: tuple[int, ...]) -> None:
     """ValueError naming the value and the built range when `shape` is outside [lo, hi]."""
-    if len(shape) == len(lo) and all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+    if len(shape) == len(lo) and all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True)):
         return
-    span = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in zip(lo, hi))
+    span = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in zip(lo, hi, strict=True))
     raise ValueError(
         f"{component} input {name!r} has shape {tuple(shape)} but the TensorRT engine was built for ({span}); "
         "rebuild with matching --batch-size/--height/--width or with --build-dynamic-shape"
@@ -188,17 +188,17 @@ class TrtRunner:
         self._graphs.clear()
 
     def _set_shapes(self, key: tuple) -> None:
-        for name, shape in zip(self.input_names, key):
+        for name, shape in zip(self.input_names, key, strict=True):
             if not self._context.set_input_shape(name, shape):
                 raise ValueError(f"{self.spec.name}: TensorRT rejected shape {shape} for input {name!r}")
         self._current = key
 
     def _views_for(self, key: tuple) -> dict[str, torch.Tensor]:
         if key not in self._views:
-            for name, shape in zip(self.input_names, key):
+            for name, shape in zip(self.input_names, key, strict=True):
                 check_input_shape(self.spec.name, name, shape, *self._ranges[name])
             self._set_shapes(key)
-            shapes = dict(zip(self.input_names, key))
+            shapes = dict(zip(self.input_names, key, strict=True))
             shapes.update({n: _dims(self._context.get_tensor_shape(n)) for n in self.output_names})
             self._views[key] = {n: self._buffers[n][: math.prod(s)].view(s) for n, s in shapes.items()}
         return self._views[key]
