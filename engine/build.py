@@ -244,6 +244,30 @@ def _prepare(cfg: BuildConfig) -> _Job:
     return _Job(cfg, model_id, folder, family, dims, backend, plan, fingerprint, why=why)
 
 
+def _components(cfg: BuildConfig, job: _Job, record_path: Path) -> tuple[tuple[str, ...], str | None]:
+    """What to build, and a note: --components as given (a note says when that cannot generate, and what it
+    dropped); else what the last build of this model and backend had, so a plain rebuild keeps an added
+    vae_encoder (and a note says so); else the family's default."""
+    needed = job.family.default_components(job.dims)
+    try:
+        before = cache.read_record(record_path)
+    except (FileNotFoundError, ValueError, OSError):  # none yet, or one this build rewrites anyway
+        before = {}
+    had = tuple(c for c in before.get("components", {}) if c in job.family.specs)
+    if cfg.components:
+        dropped = [c for c in had if c not in cfg.components]
+        missing = [c for c in needed if c not in cfg.components]
+        said = [f"dropped {', '.join(dropped)}, which the last build had"] if dropped else []
+        said += [f"--components {','.join(cfg.components)} lacks {', '.join(missing)}: these engines cannot "
+                 f"generate until a build adds it (every generation with this model needs {','.join(needed)})"
+                 ] if missing else []
+        return tuple(cfg.components), "; ".join(said) or None
+    if before.get("backend") != job.backend.name or set(had) <= set(needed):
+        return needed, None
+    return tuple(dict.fromkeys(needed + had)), (f"kept the components of the last build ({','.join(had)}); pass "
+                                                "--components to change them")
+
+
 def _record(job: _Job, model_files: Path, entries: dict[str, Any]) -> dict[str, Any]:
     """What build.json holds: everything the runtime needs, paths relative to <engine_dir>/<model_id>."""
     model_dir, plan = job.cfg.engine_dir / job.model_id, job.plan
@@ -274,13 +298,14 @@ def build_all(cfg: BuildConfig, progress: bool = True) -> BuildResult:
 
     t0 = time.perf_counter()
     job = replace(_prepare(cfg), progress=progress)
-    components = cfg.components or job.family.default_components(job.dims)
     model_dir = cfg.engine_dir / job.model_id
+    components, kept = _components(cfg, job, model_dir / cache.BUILD_RECORD)
     built: list[str] = []
     reused: list[str] = []
     entries: dict[str, Any] = {}
     with cache.model_lock(model_dir, job.model_id):
         notes = [job.why] if job.why else []
+        notes += [kept] if kept else []
         notes += [f"removed the leftover of an interrupted build: {p}" for p in cache.remove_orphans(model_dir)]
         model_files = _model_files_stage(cfg, job.model_id, job.folder, job.family, built, notes)
         bar = tqdm(components, desc=f"build {job.backend.name}", unit="component", disable=not progress)

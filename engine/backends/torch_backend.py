@@ -29,9 +29,15 @@ WEIGHT_SUFFIXES = (".json", ".safetensors")
 
 
 def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """auto -> cuda where torch sees a GPU, else cpu; ValueError for a CUDA device this torch cannot use (a CPU
+    build of torch, or no GPU), before anything is built for it."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch {torch.__version__} sees no GPU"
+        raise ValueError(f"device {device!r}: {build}; build with --device cpu (or auto), or install a CUDA torch "
+                         "on a machine with a GPU")
+    return device
 
 
 def compile_module(module: torch.nn.Module, channels_last: bool = False) -> Callable[..., Any]:
