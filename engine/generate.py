@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--verify", action="store_true", default=d.verify, help="re-hash every engine file before loading")
     p.add_argument("--lora", action="append", default=list(d.lora), metavar="PATH[:SCALE]",
                    help="a LoRA .safetensors (diffusers/PEFT or kohya) merged at SCALE (default 1); repeatable, "
-                        "no rebuild (onnxruntime and torch engines)")
+                        "no rebuild (TensorRT: engines built with --build-enable-refit)")
     add_verbose_flag(p)
     args = p.parse_args(argv)
     if not (args.seed == RANDOM_SEED or 0 <= args.seed <= MAX_SEED):
@@ -203,8 +203,9 @@ def run(cfg: GenerateConfig) -> list[Path]:
     t = results[0].timings_ms
     print(f"timings (ms): clip {t['clip']:.1f} | unet {t['unet']:.1f} ({t['unet_per_step']:.2f}/step) | "
           f"vae {t['vae']:.1f} | total {t['total']:.1f}")
-    for p in paths:
-        print(f"wrote {p}")
+    for p, result in zip(paths, results, strict=True):  # a drawn seed is said: it is the way back to the image
+        drawn = f" (seed {result.params['seed']}, drawn for --seed -1)" if cfg.seed == RANDOM_SEED else ""
+        print(f"wrote {p}{drawn}")
     return paths
 
 

@@ -39,7 +39,9 @@ def parse_adapter(text: str) -> Adapter:
             scale = float(tail)
             path_text = head
         except ValueError:
-            pass
+            if head.lower().endswith(".safetensors"):  # a file, then something that is not a scale
+                raise ValueError(f"LoRA {text!r}: scale {tail!r} is not a number (PATH[:SCALE], e.g. "
+                                 f"{head}:0.8)") from None
     if not math.isfinite(scale):
         raise ValueError(f"LoRA {text!r}: scale {tail!r} is not a finite number")
     if not path_text:

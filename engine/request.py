@@ -83,7 +83,11 @@ class Request:
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise RequestError(name, "prompt and negative prompt must be strings")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
+        for name in ("steps", "images", "seed", "height", "width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise RequestError(name, f"{name} must be an integer, not {type(value).__name__} {value!r}")
+        if not 1 <= self.steps <= MAX_STEPS:
             raise RequestError("steps", f"steps {self.steps} must be in [1, {MAX_STEPS}]")
         if (isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float))
                 or not math.isfinite(self.guidance_scale) or self.guidance_scale < 0):

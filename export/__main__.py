@@ -9,7 +9,7 @@ from pathlib import Path
 
 from export.attention import MODES
 from export.onnx_export import ExportOptions
-from export.presets import PRESETS
+from export.presets import ALL_PRESETS
 from export.quiet import add_verbose_flag, quiet_cli
 
 DEFAULTS = ExportOptions()
@@ -27,7 +27,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="tiny",
-                   help=f"preset ({', '.join(PRESETS)}) or a local diffusers folder / .safetensors")
+                   help=f"preset ({', '.join(ALL_PRESETS)}) or a local diffusers folder / .safetensors")
     p.add_argument("--out", type=Path, required=True, help="output folder: <component>.onnx (+ .data) and export.json")
     p.add_argument("--precision", choices=("fp32", "fp16"), default=DEFAULTS.precision,
                    help="weights and activations of the exported graphs")

@@ -47,3 +47,36 @@ def test_a_cuda_torch_build_is_refused_on_a_torch_without_cuda(tmp_path, tiny_fo
     with pytest.raises(ValueError, match=r"device 'cuda': (a CPU-only build of torch|torch .* sees no GPU)"):
         build_all(BuildConfig(model="tiny", backend="torch", device="cuda", engine_dir=tmp_path), progress=False)
     assert not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.parametrize("field, value", [("steps", "5"), ("images", 2.0), ("seed", "7"), ("height", 64.0)])
+def test_a_wrong_type_is_named_as_such(field, value):
+    from engine.request import Request, RequestError
+
+    with pytest.raises(RequestError, match=rf"^{field} must be an integer, not \w+ {value!r}$".replace(".", r"\.")):
+        Request(**{field: value}).check()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("style.safetensors:abc", r"scale 'abc' is not a number \(PATH\[:SCALE\], e.g. style.safetensors:0.8\)"),
+    ("style.safetensors:nan", r"scale 'nan' is not a finite number"),
+])
+def test_a_bad_lora_scale_is_named(text, message):
+    from engine.lora import parse_adapter
+
+    with pytest.raises(ValueError, match=message):
+        parse_adapter(text)
+
+
+def test_a_drawn_seed_is_printed(ort_engines, tmp_path, capsys):
+    from engine.generate import main
+
+    out = tmp_path / "x.png"
+    assert main(["--engine-dir", str(ort_engines), "--steps", "1", "--seed", "-1", "--output", str(out)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"wrote {out} (seed ") and line.endswith(", drawn for --seed -1)")
+    import PIL.Image
+
+    seed = int(line.split("(seed ")[1].split(",")[0])
+    with PIL.Image.open(out) as image:
+        assert f"Seed: {seed}," in image.text["parameters"]  # the printed seed is the image's (A1111 infotext)
