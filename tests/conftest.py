@@ -7,6 +7,16 @@ from pathlib import Path
 
 import pytest
 
+TINY_SD_COMPONENTS = ("clip", "unet", "vae_decoder", "vae_encoder")  # with the VAE encoder: img2img, inpainting
+
+
+def _build(engine_dir: Path, **config):
+    """engine.build.build_all on `config` (BuildConfig fields) into `engine_dir`; its BuildResult."""
+    from engine.build import build_all
+    from engine.config import BuildConfig
+
+    return build_all(BuildConfig(engine_dir=engine_dir, **config), progress=False)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def engine_cache(tmp_path_factory) -> Path:
@@ -40,13 +50,9 @@ def tiny_fp32(tiny_folder):
 def ort_engines(tmp_path_factory, tiny_folder) -> Path:
     """tiny built for ONNX Runtime fp32 with the VAE encoder (img2img), default 64x64 (the e2e and CLI tests
     share it; ONNX Runtime takes any exported batch and size, the default only fills in what a request omits)."""
-    from engine.build import build_all
-    from engine.config import BuildConfig
-
     engine_dir = tmp_path_factory.mktemp("engines")
-    cfg = BuildConfig(model="tiny", backend="onnxruntime", precision="fp32", engine_dir=engine_dir, height=64, width=64,
-                      components=("clip", "unet", "vae_decoder", "vae_encoder"))
-    build_all(cfg, progress=False)
+    _build(engine_dir, model="tiny", backend="onnxruntime", precision="fp32", height=64, width=64,
+           components=TINY_SD_COMPONENTS)
     return engine_dir
 
 
@@ -63,12 +69,8 @@ def ort_pipeline(ort_engines):
 @pytest.fixture(scope="session")
 def torch_engines(tmp_path_factory, tiny_folder) -> Path:
     """tiny built for the torch backend on the CPU (fp32), default components (no VAE encoder), default 64x64."""
-    from engine.build import build_all
-    from engine.config import BuildConfig
-
     engine_dir = tmp_path_factory.mktemp("torch_engines")
-    build_all(BuildConfig(model="tiny", backend="torch", precision="fp32", engine_dir=engine_dir, height=64, width=64),
-              progress=False)
+    _build(engine_dir, model="tiny", backend="torch", precision="fp32", height=64, width=64)
     return engine_dir
 
 
@@ -81,15 +83,10 @@ def ov_build(tmp_path_factory, ort_engines):
 
     if importlib.util.find_spec("openvino") is None:  # not importorskip: a bare `import openvino` phones home
         pytest.skip("OpenVINO is not installed (a dependency on x86_64 and ARM64 only)")
-    from engine.build import build_all
-    from engine.config import BuildConfig
-
     engine_dir = tmp_path_factory.mktemp("ov") / "engines"
     shutil.copytree(ort_engines, engine_dir)
-    result = build_all(BuildConfig(model="tiny", backend="openvino", precision="fp32", engine_dir=engine_dir,
-                                   height=64, width=64, components=("clip", "unet", "vae_decoder", "vae_encoder")),
-                       progress=False)
-    return engine_dir, result
+    return engine_dir, _build(engine_dir, model="tiny", backend="openvino", precision="fp32", height=64, width=64,
+                              components=TINY_SD_COMPONENTS)
 
 
 @pytest.fixture(scope="session")
@@ -110,13 +107,9 @@ def xl_folder(engine_cache) -> Path:
 def xl_engines(tmp_path_factory, xl_folder) -> Path:
     """tiny-xl built for ONNX Runtime fp32 with the VAE encoder, batch 2, 64x64 (txt2img, img2img, inpainting
     and LoRA tests share it)."""
-    from engine.build import build_all
-    from engine.config import BuildConfig
-
     engine_dir = tmp_path_factory.mktemp("xl_engines")
-    build_all(BuildConfig(model="tiny-xl", backend="onnxruntime", precision="fp32", engine_dir=engine_dir,
-                          batch_size=2, height=64, width=64,
-                          components=("clip", "clip2", "unet", "vae_decoder", "vae_encoder")), progress=False)
+    _build(engine_dir, model="tiny-xl", backend="onnxruntime", precision="fp32", batch_size=2, height=64, width=64,
+           components=("clip", "clip2", "unet", "vae_decoder", "vae_encoder"))
     return engine_dir
 
 
@@ -133,11 +126,8 @@ def xl_pipeline(xl_engines):
 @pytest.fixture(scope="module")
 def cuda_pipe(tmp_path_factory, tiny_folder):
     """tiny on the torch backend on CUDA, fp16 (GPU tests only: they skip before asking for it)."""
-    from engine.build import build_all
-    from engine.config import BuildConfig
     from engine.pipeline import Pipeline
 
     d = tmp_path_factory.mktemp("cuda_engines")
-    build_all(BuildConfig(model="tiny", backend="torch", device="cuda", precision="fp16", engine_dir=d,
-                          batch_size=2), progress=False)
+    _build(d, model="tiny", backend="torch", device="cuda", precision="fp16", batch_size=2)
     return Pipeline.load(d)

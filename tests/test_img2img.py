@@ -26,8 +26,8 @@ def diffusers_inpaint(ref_pipe, sampler, config, image, mask, strength) -> np.nd
 
 
 @pytest.fixture(scope="module")
-def ours(ort_engines) -> Pipeline:
-    return Pipeline.load(ort_engines)
+def ours(ort_pipeline) -> Pipeline:
+    return ort_pipeline  # tiny on ONNX Runtime with the VAE encoder, shared by the session
 
 
 @pytest.fixture(scope="module")
@@ -91,23 +91,30 @@ def inpaint_engines(tmp_path_factory, engine_cache):
     return engine_dir, folder
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.7])
-@pytest.mark.parametrize("sampler", ["ddim", "euler_a", "dpmpp_2m"])
-def test_inpainting_unet_matches_diffusers(inpaint_engines, sampler, strength):
+@pytest.fixture(scope="module")
+def inpaint_pipes(inpaint_engines):
+    """(our tiny-inpaint pipeline, diffusers' StableDiffusionInpaintPipeline on its folder), loaded once."""
     from diffusers import StableDiffusionInpaintPipeline
 
     engine_dir, folder = inpaint_engines
     pipe = Pipeline.load(engine_dir)
+    yield pipe, StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
+    pipe.close()
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a", "dpmpp_2m"])
+def test_inpainting_unet_matches_diffusers(inpaint_pipes, sampler, strength):
+    pipe, ref_pipe = inpaint_pipes
     assert pipe.dims.unet_in_channels == 9 and "vae_encoder" in pipe.runners  # built by default for inpainting
-    ref_pipe = StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
     image, mask = init_image(seed=2), mask_image()
     ref = diffusers_inpaint(ref_pipe, sampler, pipe.scheduler_config, image, mask, strength)
     got = ours_images(pipe, sampler, 8, 7.5, strength, image, mask)
     assert max_diff(got, ref) <= 2, f"{sampler} strength {strength}"
 
 
-def test_inpainting_model_refuses_txt2img(inpaint_engines):
-    pipe = Pipeline.load(inpaint_engines[0])
+def test_inpainting_model_refuses_txt2img(inpaint_pipes):
+    pipe, _ = inpaint_pipes
     with pytest.raises(ValueError, match="inpainting model .*give an init image and a mask"):
         pipe.run(Request(prompt="x", steps=2), progress=False)
 
