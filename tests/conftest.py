@@ -18,6 +18,15 @@ def _build(engine_dir: Path, **config):
     return build_all(BuildConfig(engine_dir=engine_dir, **config), progress=False)
 
 
+def _loaded(engine_dir: Path):
+    """The library's Pipeline on `engine_dir`, closed when the fixture that yields from this ends."""
+    from engine.pipeline import Pipeline
+
+    pipe = Pipeline.load(engine_dir)
+    yield pipe
+    pipe.close()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def engine_cache(tmp_path_factory) -> Path:
     """Keep presets and conversions out of the user's ~/.cache for the whole session."""
@@ -59,11 +68,7 @@ def ort_engines(tmp_path_factory, tiny_folder) -> Path:
 @pytest.fixture(scope="session")
 def ort_pipeline(ort_engines):
     """The library's Pipeline on `ort_engines`: the oracle the server and batching tests compare pixels with."""
-    from engine.pipeline import Pipeline
-
-    pipe = Pipeline.load(ort_engines)
-    yield pipe
-    pipe.close()
+    yield from _loaded(ort_engines)
 
 
 @pytest.fixture(scope="session")
@@ -116,11 +121,7 @@ def xl_engines(tmp_path_factory, xl_folder) -> Path:
 @pytest.fixture(scope="session")
 def xl_pipeline(xl_engines):
     """The library's Pipeline on `xl_engines` (tests that change its adapters or runners load their own)."""
-    from engine.pipeline import Pipeline
-
-    pipe = Pipeline.load(xl_engines)
-    yield pipe
-    pipe.close()
+    yield from _loaded(xl_engines)
 
 
 @pytest.fixture(scope="module")
