@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -18,6 +19,7 @@ from types import FrameType
 from engine.server.config import ServeConfig
 
 log = logging.getLogger("engine.serve")
+API_KEY_ENV = "SD_ENGINE_API_KEY"  # the API key without putting it on the command line (ps shows argv)
 
 
 def parse_args(argv: list[str] | None = None) -> ServeConfig:
@@ -48,6 +50,25 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     p.add_argument("--lora-dir", type=Path, default=d.lora_dir,
                    help="folder of LoRA .safetensors that requests may name (by file stem) in `loras`")
     p.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"))
+    access = p.add_argument_group("access (engine/server/access.py)")
+    access.add_argument("--api-key", default=argparse.SUPPRESS,
+                        help=f"require 'Authorization: Bearer KEY' on every route but /healthz and /readyz "
+                        f"(or set {API_KEY_ENV}); default: no key")
+    access.add_argument("--cors-origin", dest="cors_origins", action="append", default=list(d.cors_origins),
+                        metavar="ORIGIN", help="a browser origin (https://app.example) allowed to call the server "
+                        "cross-site; repeatable; none = CORS off and cross-site POSTs refused")
+    access.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=list(d.allowed_hosts),
+                        metavar="NAME", help="a Host header name to answer besides the loopback names (which alone "
+                        "are allowed when --host is loopback); repeatable; '*' = any")
+    conn = p.add_argument_group("connections (uvicorn)")
+    conn.add_argument("--limit-concurrency", type=int, default=d.limit_concurrency,
+                      help="open connections + running requests; past it new requests get 503")
+    conn.add_argument("--timeout-keep-alive-s", type=int, default=d.timeout_keep_alive_s,
+                      help="an idle keep-alive connection is closed after this")
+    conn.add_argument("--header-timeout-s", type=float, default=d.header_timeout_s,
+                      help="a connection whose request line and headers are not complete by then is closed")
+    conn.add_argument("--max-header-kb", type=int, default=d.max_header_kb,
+                      help="largest request line + headers; larger gets 400")
     ray = p.add_argument_group("Ray Serve")
     ray.add_argument("--ray", action="store_true", default=d.ray, help="deploy on Ray Serve (local instance)")
     ray.add_argument("--replicas", type=int, default=d.replicas, help="replicas (the minimum when autoscaling)")
@@ -59,14 +80,18 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     ray.add_argument("--max-ongoing-requests", type=int, default=d.max_ongoing_requests,
                      help="requests Ray's router sends one replica at a time")
     args = p.parse_args(argv)
-    for name in ("max_batch", "max_queue", "max_images", "max_size", "replicas", "max_ongoing_requests"):
+    for name in ("max_batch", "max_queue", "max_images", "max_size", "replicas", "max_ongoing_requests",
+                 "limit_concurrency", "timeout_keep_alive_s", "max_header_kb"):
         if getattr(args, name) < 1:
             p.error(f"argument --{name.replace('_', '-')}: {getattr(args, name)} must be >= 1")
-    for name in ("max_wait_ms", "timeout_s", "max_body_mb"):
+    for name in ("max_wait_ms", "timeout_s", "max_body_mb", "header_timeout_s"):
         if not getattr(args, name) > 0 and not (name == "max_wait_ms" and args.max_wait_ms == 0):
             p.error(f"argument --{name.replace('_', '-')}: {getattr(args, name)} must be > 0")
     if not 0 < args.port < 65536:
         p.error(f"argument --port: {args.port} must be in [1, 65535]")
+    args.api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or d.api_key
+    if args.api_key is not None and not args.api_key.strip():
+        p.error("argument --api-key: the key is empty")
     return ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})
 
 
@@ -127,10 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from engine.server.app import create_app
+    from engine.server.connections import uvicorn_options
 
     app = create_app(cfg)
     server = _make_server_class()(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                                                 timeout_graceful_shutdown=None, access_log=False),
+                                                 timeout_graceful_shutdown=None, access_log=False,
+                                                 **uvicorn_options(cfg)),
                                   app.state.server)
     server.run()
     if app.state.server.status == "failed" or not server.started:

@@ -19,7 +19,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -27,11 +28,13 @@ from starlette.requests import Request as HttpRequest
 
 from engine.png import png_bytes
 from engine.request import Generated, PreparedRequest, Request, RequestError
+from engine.server.access import Access, allowed_hosts
 from engine.server.batcher import Batcher, BatchFailed, Draining, Outcome, QueueFull
-from engine.server.step_batcher import StepBatcher
 from engine.server.config import ServeConfig
 from engine.server.metrics import Metrics
+from engine.server.openapi import ROUTE_ERRORS, generate_request_body, openapi_document
 from engine.server.schemas import ApiError, GenerateBody, ImagesBody, decode_image, validation_error
+from engine.server.step_batcher import StepBatcher
 
 log = logging.getLogger("engine.serve")
 PLAYGROUND = Path(__file__).with_name("playground.html")
@@ -41,6 +44,8 @@ IMAGE_FIELDS = ("init_image", "mask")
 DRAIN_FACTOR = 4  # a body over the limit is still read (and dropped) up to this many times the limit
 RETRY_UNAVAILABLE_S = 5  # Retry-After when draining or failed
 RETRY_NOT_READY_S = 1  # Retry-After while loading or warming up
+METRIC_PATHS = ("/", "/healthz", "/readyz", "/metrics", "/v1/info", "/v1/generate", "/v1/images/generations", "/docs",
+                "/openapi.json")
 OPENAI_PARAMS = {"images": "n", "height": "size", "width": "size", "sampler": "scheduler"}  # Request field -> body
 
 
@@ -226,7 +231,7 @@ async def _read_generate_body(http: HttpRequest) -> tuple[GenerateBody, dict[str
                     files[name] = await value.read()
                 elif value != "":
                     fields[name] = value
-            body = GenerateBody.model_validate(fields)
+            body = GenerateBody.model_validate(fields, strict=False)  # form fields are text: "7" is a number
         elif ctype == "application/json":
             body = GenerateBody.model_validate_json(await http.body())
         else:
@@ -236,6 +241,10 @@ async def _read_generate_body(http: HttpRequest) -> tuple[GenerateBody, dict[str
         raise validation_error(err) from None
     except HTTPException as err:  # multipart parser limits (too many fields / files)
         raise ApiError(400, f"multipart body: {err.detail}") from None
+    except OSError as exc:  # the upload's spool file could not be written (a full disk): never the path
+        log.error("multipart upload not stored: %s", exc)
+        raise ApiError(503, f"cannot store the upload now ({exc.strerror or type(exc).__name__}); retry later",
+                       kind="unavailable", headers={"Retry-After": str(RETRY_UNAVAILABLE_S)}) from None
     for name in IMAGE_FIELDS:
         source = files.get(name, getattr(body, name))
         files[name] = await asyncio.to_thread(decode_image, source, name) if source is not None else None
@@ -255,6 +264,14 @@ def create_app(config: ServeConfig) -> FastAPI:
                   description="Stable Diffusion generation: OpenAI Images API and the full Request API")
     app.state.server = state
     app.add_middleware(Guard, max_bytes=int(config.max_body_mb * 2**20), metrics=state.metrics)
+    if config.cors_origins:  # off by default: no cross-site browser page may read our answers
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(Access, hosts=allowed_hosts(config.host, config.allowed_hosts),
+                       cors_origins=config.cors_origins, api_key=config.api_key,
+                       on_refused=lambda path, status: state.metrics.http_requests.labels(
+                           _path_label(path), str(status)).inc())
+    app.openapi = lambda: openapi_document(app)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: HttpRequest, err: ApiError) -> JSONResponse:
@@ -266,18 +283,24 @@ def create_app(config: ServeConfig) -> FastAPI:
         return JSONResponse(api.body(), api.status)
 
     @app.exception_handler(HTTPException)
-    async def _http(_: HttpRequest, err: HTTPException) -> JSONResponse:
-        return JSONResponse(ApiError(err.status_code, str(err.detail), kind="http_error").body(), err.status_code)
+    async def _http(_: HttpRequest, err: HTTPException) -> JSONResponse:  # 404, 405 (with its Allow header), ...
+        return JSONResponse(ApiError(err.status_code, str(err.detail), kind="http_error").body(), err.status_code,
+                            headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(_: HttpRequest, err: Exception) -> JSONResponse:  # logged with its traceback, never sent
+        log.error("unhandled %s while answering: %s", type(err).__name__, err)  # uvicorn logs the traceback
+        return JSONResponse(ApiError(500, "internal server error", kind="server_error").body(), 500)
 
     @app.exception_handler(ClientGone)
     async def _gone(_: HttpRequest, err: ClientGone) -> Response:
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=ROUTE_ERRORS["health"])
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=ROUTE_ERRORS["ready"])
     async def readyz() -> JSONResponse:
         if not state.ready:
             body = {"status": state.status} | ({"error": state.error} if state.error else {})
@@ -285,15 +308,16 @@ def create_app(config: ServeConfig) -> FastAPI:
         return JSONResponse({"status": "ready", "model": state.pipeline.info.get("model"),
                              "backend": state.pipeline.info.get("backend")})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=ROUTE_ERRORS["read"])
     async def metrics() -> Response:
-        return Response(state.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        """Prometheus text exposition format."""
+        return PlainTextResponse(state.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, responses=ROUTE_ERRORS["read"])
     async def playground() -> HTMLResponse:
         return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
 
-    @app.get("/v1/info")
+    @app.get("/v1/info", responses=ROUTE_ERRORS["info"])
     async def info() -> dict:
         from engine.sampler_registry import SAMPLERS
 
@@ -309,8 +333,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                 "defaults": {"steps": d.steps, "guidance_scale": d.guidance_scale, "sampler": d.sampler,
                              "seed": d.seed, "negative_prompt": d.negative_prompt}}
 
-    @app.post("/v1/generate", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": GenerateBody.model_json_schema()}}}})
+    @app.post("/v1/generate", openapi_extra={"requestBody": generate_request_body()},
+              responses=ROUTE_ERRORS["generate"])
     async def generate(http: HttpRequest) -> Response:
         """Every Request field; init_image / mask as base64 (JSON) or file parts (multipart)."""
         t0 = time.perf_counter()
@@ -335,7 +359,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                        for b, g in zip(pngs, outcome.images, strict=True)],
             "timings_ms": timings, "batch_images": outcome.batch_images})
 
-    @app.post("/v1/images/generations")
+    @app.post("/v1/images/generations", responses=ROUTE_ERRORS["generate"])
     async def images_generations(body: ImagesBody, http: HttpRequest) -> JSONResponse:
         """OpenAI's Images API (b64_json only); negative_prompt, steps, guidance_scale, scheduler, seed extra."""
         outcome = await state.generate(http, body.to_request(), OPENAI_PARAMS)
@@ -344,6 +368,11 @@ def create_app(config: ServeConfig) -> FastAPI:
                              "data": [{"b64_json": base64.b64encode(b).decode()} for b in pngs]})
 
     return app
+
+
+def _path_label(path: str) -> str:
+    """The metrics label of a request path: a route's path, or "other" (no label per random path)."""
+    return path if path in METRIC_PATHS else "other"
 
 
 class Guard:
@@ -355,9 +384,7 @@ class Guard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope.get("path", "")
-        label = path if path in ("/", "/healthz", "/readyz", "/metrics", "/v1/info", "/v1/generate",
-                                 "/v1/images/generations", "/docs", "/openapi.json") else "other"
+        label = _path_label(scope.get("path", ""))
 
         async def counted_send(message) -> None:
             if message["type"] == "http.response.start":

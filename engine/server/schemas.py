@@ -32,6 +32,19 @@ MAX_INPUT_PIXELS = 4096 * 4096  # decoded init image / mask
 ALLOWED_CONTROL = "\t\n\r"
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every answer other than 200 (OpenAI's error shape); the OpenAPI document's error schema."""
+
+    error: ErrorDetail
+
+
 class ApiError(Exception):
     """An answer other than 200: status, message, the field at fault (OpenAI's error shape)."""
 
@@ -58,8 +71,11 @@ def _sampler(value: str) -> str:
     return value
 
 
+STRICT = ConfigDict(extra="forbid", strict=True)  # JSON types as sent: "seed": "7" or false is a 400, not 7 / 0
+
+
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field(_R.negative_prompt, max_length=MAX_PROMPT_CHARS)
@@ -72,6 +88,8 @@ class _Common(BaseModel):
 
 class LoraRef(BaseModel):
     """One adapter of the server's --lora-dir, by file stem, and its scale."""
+
+    model_config = STRICT
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=200,
                       description="file stem of a .safetensors in the server's --lora-dir")
