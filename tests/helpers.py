@@ -16,10 +16,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from benchmarks.serve_process import Server, free_port, http, running_server, wait_ready
+from benchmarks.serve_process import (  # noqa: F401 (re-exported: the server tests' launcher)
+    Server,
+    free_port,
+    http,
+    running_server,
+    wait_ready,
+)
 from export.specs import Shape
-
-__all__ = ["Server", "free_port", "http", "running_server", "wait_ready"]  # and everything defined below
 
 T = TypeVar("T")
 
