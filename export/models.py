@@ -18,7 +18,7 @@ import torch
 
 from export import attention
 from export.families import SD, SDXL, Family, detect_family, get_family
-from export.families.sdxl import CastOutput
+from export.families.sdxl_wrappers import CastOutput
 from export.presets import ALL_PRESETS, Preset
 from export.single_file import convert_single_file
 from export.specs import Dims
@@ -232,7 +232,7 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: st
 def _wrapper(name: str, family: Family = SD):
     """(model sub-folder, wrapper) of one component of a family."""
     spec = family.spec(name)  # ValueError naming the family's components
-    return spec.model_folder, family.wrappers[name]
+    return spec.model_folder, family.wrapper(name)
 
 
 def component_module(model: LoadedModel, name: str) -> torch.nn.Module:

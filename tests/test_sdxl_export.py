@@ -138,7 +138,7 @@ def test_conditioning_matches_diffusers_encode_prompt(tiny_xl, tiny_xl_pipe):
 
 
 def test_load_component_reads_the_family(tiny_xl):
-    from export.families.sdxl import XLClip2Wrapper, XLUNetWrapper
+    from export.families.sdxl_wrappers import XLClip2Wrapper, XLUNetWrapper
     from export.models import load_component
 
     assert isinstance(load_component(tiny_xl.path, "clip2"), XLClip2Wrapper)

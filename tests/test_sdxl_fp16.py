@@ -56,7 +56,7 @@ def test_fp16_sdxl_build_runs_the_vae_in_fp32(xl_folder, tmp_path):
 def test_fp16_unet_wrapper_equals_diffusers_unet(xl_folder):
     from diffusers import UNet2DConditionModel
 
-    from export.families.sdxl import XLUNetWrapper
+    from export.families.sdxl_wrappers import XLUNetWrapper
 
     ours = XLUNetWrapper(UNet2DConditionModel.from_pretrained(xl_folder / "unet", torch_dtype=torch.float16))
     theirs = UNet2DConditionModel.from_pretrained(xl_folder / "unet", torch_dtype=torch.float16)

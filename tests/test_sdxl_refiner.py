@@ -14,6 +14,7 @@ from engine.pipeline import Pipeline
 from engine.request import Request
 from engine.samplers import diffusers_scheduler
 from export.families import SDXL_REFINER, detect_family, get_family
+from export.families.sdxl import REFINER_TIME_IDS
 from export.specs import Dims
 from tests.helpers import PROMPTS, gens, init_image, max_diff, to_uint8
 
@@ -55,7 +56,7 @@ def test_refiner_folder_and_family(refiner):
     assert not (folder / "text_encoder").exists() and (folder / "text_encoder_2").is_dir()
     assert detect_family(folder) is SDXL_REFINER is get_family("sdxl-refiner") and pipe.family is SDXL_REFINER
     preset = SDXL_PRESETS["tiny-xl-refiner"]
-    assert preset.family == "sdxl-refiner" and preset.time_ids == SDXL_REFINER.time_ids == 5
+    assert preset.family == "sdxl-refiner" and preset.time_ids == REFINER_TIME_IDS == 5
     assert folder_dims(folder) == pipe.dims == Dims(text_dim=32, text2_dim=32, pooled_dim=32, time_ids=5,
                                                     vae_scale=8, unet_scale=2)
     assert set(pipe.runners) == {"clip2", "unet", "vae_decoder", "vae_encoder"}  # the default components

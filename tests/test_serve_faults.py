@@ -66,7 +66,7 @@ def test_client_that_disconnects_while_queued_is_dropped(server):
     body = json.dumps({"prompt": "gone", "steps": 7}).encode()
     port = int(server.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         wait_for_metric(server, "sd_inference_pending_request_count", 1, timeout_s=5)
     wait_for_metric(server, 'sd_inference_request_failure_total{reason="client_disconnected"}', 1, timeout_s=10)

@@ -11,6 +11,7 @@ a line in `export/families/__init__.py`, not an `if` elsewhere.
 """
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,6 @@ TextConditioning = Callable[[Outputs], dict[str, Any]]  # text encoders' outputs
 RequestConditioning = Callable[[Sequence[Any], bool], dict[str, Any]]
 RequestDefaults = Callable[[Any], dict[str, Any]]  # a resolved request -> its family fields, defaults filled in
 AddedDims = Callable[[Path, dict, list[dict]], dict[str, int]]  # (folder, unet config, text configs) -> Dims fields
-Wrapper = Callable[[Any], Any]  # a loaded torch sub-model -> the component's module with the spec's conventions
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ class Family:
     roles: Roles
     tokenizers: tuple[str, ...]  # model sub-folder of each text encoder's tokenizer (roles.text_encoders order)
     pipeline_classes: tuple[str, ...]  # diffusers model_index.json `_class_name`s of this family
-    wrappers: Mapping[str, Wrapper]  # component -> export wrapper (weights: the spec's model_folder)
+    wrappers: Mapping[str, str]  # component -> "module:Class" of its export wrapper (weights: the spec's
+    # model_folder); a name, not the class, so that reading a family does not load torch
     model_classes: Mapping[str, tuple[str, str]]  # model sub-folder -> (library, class name) it loads with
     conditioning: TextConditioning  # text encoder outputs -> denoiser conditioning inputs
     request_conditioning: RequestConditioning | None = None  # per-request extra denoiser inputs
@@ -94,6 +95,11 @@ class Family:
             raise ValueError(f"unknown component {name!r} for family {self.name!r}; "
                              f"choose from {', '.join(self.specs)}")
         return self.specs[name]
+
+    def wrapper(self, name: str) -> Callable[[Any], Any]:
+        """The export wrapper of a component: a loaded torch sub-model -> the module with the spec's conventions."""
+        module, _, cls = self.wrappers[self.spec(name).name].partition(":")
+        return getattr(importlib.import_module(module), cls)
 
     def default_components(self, dims: Dims) -> tuple[str, ...]:
         """What `engine.build` builds by default: txt2img, plus the latent encoder that a 9-channel inpainting

@@ -19,8 +19,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from export.errors import RequestError
 from export.families.base import Family, Outputs, Roles
 from export.families.sd import SD_MODEL_CLASSES, VAE_WRAPPERS
@@ -29,6 +27,8 @@ from export.specs import SDXL_SPECS, SDXL_TXT2IMG_COMPONENTS
 BASE_TIME_IDS = 6  # original size, crop top-left, target size
 REFINER_TIME_IDS = 5  # original size, crop top-left, aesthetic score
 AESTHETIC_SCORES = (6.0, 2.5)  # diffusers' aesthetic_score / negative_aesthetic_score defaults (the refiner)
+
+_W = "export.families.sdxl_wrappers"  # torch modules, imported when export needs them
 
 
 @dataclass(frozen=True)
@@ -42,63 +42,14 @@ class TimeIds:
     negative_aesthetic_score: float = 0.0  # refiner only
 
 
-class XLClipWrapper(torch.nn.Module):
-    """SDXL's first text encoder: the penultimate hidden state, as StableDiffusionXLPipeline.encode_prompt."""
-
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids):  # [B, 77] int32 -> [B, 77, C1]
-        return self.text_encoder(input_ids.long(), output_hidden_states=True).hidden_states[-2]
-
-
-class XLClip2Wrapper(torch.nn.Module):
-    """SDXL's second text encoder (with projection): penultimate hidden state and pooled projection."""
-
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids):  # [B, 77] int32 -> [B, 77, C2], [B, P]
-        out = self.text_encoder(input_ids.long(), output_hidden_states=True)
-        return out.hidden_states[-2], out.text_embeds
-
-
-class CastOutput(torch.nn.Module):
-    """`module` with its output cast to `dtype` (set per call by the wrapper that owns it)."""
-
-    def __init__(self, module: torch.nn.Module):
-        super().__init__()
-        self.module, self.dtype = module, torch.float32
-
-    def forward(self, x):
-        return self.module(x).to(self.dtype)
-
-
-class XLUNetWrapper(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-        # diffusers concatenates the float32 time-id embedding with text_embeds; in an fp16 model torch promotes
-        # and casts the result to fp16, but the exported ONNX Concat gets mixed types (invalid). Casting the
-        # embedding to text_embeds' dtype first gives the same values and a valid graph.
-        if not isinstance(unet.add_time_proj, CastOutput):
-            unet.add_time_proj = CastOutput(unet.add_time_proj)
-
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
-        # [2B, 4, h, w], [2B], [2B, 77, C1+C2], [2B, P], [2B, 6] float32
-        self.unet.add_time_proj.dtype = text_embeds.dtype
-        added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
-
-
 # ---- conditioning ----
 
 
 def sdxl_conditioning(text: Outputs) -> dict[str, Any]:
     """The text encoders' penultimate hidden states concatenated on the last axis (clip, clip2; the refiner has
     clip2 only), and clip2's pooled projection, as diffusers' StableDiffusionXLPipeline.encode_prompt makes them."""
+    import torch
+
     hidden = torch.cat([out["text_embeddings"] for out in text.values()], dim=-1)
     return {"encoder_hidden_states": hidden,  # [2B, 77, C1 + C2] (refiner: [2B, 77, C2])
             "text_embeds": text["clip2"]["text_embeds"]}  # [2B, P]
@@ -111,6 +62,8 @@ def time_ids_of(r: Any) -> TimeIds:
 
 
 def _time_id_rows(rows: list[list[float]], negative: list[list[float]] | None) -> dict[str, Any]:
+    import torch
+
     return {"time_ids": torch.tensor((negative or []) + rows, dtype=torch.float32)}
 
 
@@ -195,7 +148,8 @@ SDXL = Family(
     tokenizers=("tokenizer", "tokenizer_2"),
     pipeline_classes=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                       "StableDiffusionXLInpaintPipeline"),
-    wrappers={"clip": XLClipWrapper, "clip2": XLClip2Wrapper, "unet": XLUNetWrapper, **VAE_WRAPPERS},
+    wrappers={"clip": f"{_W}:XLClipWrapper", "clip2": f"{_W}:XLClip2Wrapper", "unet": f"{_W}:XLUNetWrapper",
+              **VAE_WRAPPERS},
     model_classes={**SD_MODEL_CLASSES, "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")},
     conditioning=sdxl_conditioning,
     request_conditioning=_base_request_conditioning,

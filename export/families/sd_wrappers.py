@@ -1,0 +1,45 @@
+"""The torch wrappers export puts around Stable Diffusion 1.x / 2.x sub-models: each gives a component the
+input/output conventions of export/specs.py. Kept apart from export/families/sd.py so that reading a family
+(the CLI, the server's request checks) does not load torch."""
+from __future__ import annotations
+
+import torch
+
+
+class ClipWrapper(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):  # [B, 77] int32 -> [B, 77, C]
+        return self.text_encoder(input_ids.long()).last_hidden_state
+
+
+class UNetWrapper(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):  # [2B, 4, h, w], [2B], [2B, 77, C]
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoderWrapper(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.inv_scale = 1.0 / vae.config.scaling_factor
+
+    def forward(self, latent):  # raw latents [B, 4, h, w] -> images [B, 3, H, W] in [-1, 1]
+        return self.vae.decode(latent * self.inv_scale, return_dict=False)[0]
+
+
+class VaeEncoderWrapper(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scale = vae.config.scaling_factor
+
+    def forward(self, images):  # [B, 3, H, W] in [-1, 1] -> scaled latent mean and std [B, 4, h, w] each
+        dist = self.vae.encode(images).latent_dist
+        return dist.mean * self.scale, dist.std * self.scale
