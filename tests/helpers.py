@@ -9,8 +9,9 @@ from __future__ import annotations
 import base64
 import io
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -178,7 +179,7 @@ def check_parity(model, name: str, path, precision: str = "fp32", atol: float = 
         onnx_out = run_onnx(path, inputs)
         expected = spec.output_shapes(model.dims, shape.batch * spec.batch_factor, shape.height, shape.width)
         assert len(refs) == len(spec.output_names)
-        for out_name, want in zip(spec.output_names, refs):
+        for out_name, want in zip(spec.output_names, refs, strict=True):
             got = torch.from_numpy(onnx_out[out_name])
             assert tuple(got.shape) == expected[out_name] == tuple(want.shape)
             torch.testing.assert_close(got, want, atol=atol, rtol=0)
@@ -191,7 +192,7 @@ def check_graph(path, spec) -> None:
     graph = onnx.load(str(path))
     assert [i.name for i in graph.graph.input] == spec.input_names
     assert [o.name for o in graph.graph.output] == spec.output_names
-    for t, vi in zip(spec.inputs, graph.graph.input):
+    for t, vi in zip(spec.inputs, graph.graph.input, strict=True):
         dims = vi.type.tensor_type.shape.dim
         for axis in t.dynamic_axes:
             assert dims[axis].dim_param, f"{spec.name}.{t.name} axis {axis} should be dynamic"
@@ -272,7 +273,7 @@ def fused_pipe(folder: Path, adapters: list[tuple[Path, float]]):
     """diffusers' answer: load_lora_weights + set_adapters + fuse_lora, adapters unloaded (fused weights kept)."""
     pipe = sd_pipe(folder)
     names = [f"a{i}" for i in range(len(adapters))]
-    for name, (path, _) in zip(names, adapters):
+    for name, (path, _) in zip(names, adapters, strict=True):
         pipe.load_lora_weights(str(path), adapter_name=name)
     pipe.set_adapters(names, [s for _, s in adapters])
     pipe.fuse_lora(adapter_names=names)

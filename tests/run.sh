@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install everything into ./.venv (CPU torch) and run the checks: pyright on the TensorRT code, then pytest.
+# Install everything into ./.venv (CPU torch) and run the checks: ruff, pyright on the TensorRT code, then pytest.
 # Usage: bash tests/run.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,7 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
     || echo "tests/run.sh: could not install chromium with apt-get; the playground test will skip" >&2
 fi
+.venv/bin/ruff check .  # lint: the rules in pyproject.toml's [tool.ruff]
 if [ -f pyrightconfig.json ]; then
   .venv/bin/pyright
 fi

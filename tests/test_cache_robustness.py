@@ -131,7 +131,7 @@ def test_damaged_manifest_is_named_and_rebuilt(engines, damage):
 
 @pytest.mark.parametrize("damage", [
     lambda text: text[: len(text) // 2],
-    lambda text: re.sub(r'"sha256": "([0-9a-f])', lambda m: f'"sha256": "{"0" if m[1] != "0" else "1"}', text, 1),
+    lambda text: re.sub(r'"sha256": "([0-9a-f])', lambda m: f'"sha256": "{"0" if m[1] != "0" else "1"}', text, count=1),
 ], ids=["truncated", "hash-altered"])
 def test_damaged_hash_memo_is_named_ignored_and_rewritten(tmp_path, damage):
     weights, memo = tmp_path / "w.safetensors", tmp_path / "cache" / store.HASH_MEMO
@@ -210,10 +210,10 @@ def test_concurrent_builds_do_the_work_once(tmp_path, tiny_folder):
     args = [sys.executable, "-m", "engine.build", *_cli_args(engines, "--components", "clip")]
     procs, outs, errs = [], [tmp_path / f"{k}.out" for k in "ab"], [tmp_path / f"{k}.err" for k in "ab"]
     with cache.model_lock(engines / "tiny", "tiny"):  # both start while the lock is taken, so both must wait
-        for out, err in zip(outs, errs):
+        for out, err in zip(outs, errs, strict=True):
             with open(out, "w") as fout, open(err, "w") as ferr:
                 procs.append(subprocess.Popen(args, stdout=fout, stderr=ferr, env=_env(), cwd=ROOT))
-        for proc, err in zip(procs, errs):
+        for proc, err in zip(procs, errs, strict=True):
             _wait_for(err, "waiting for another build of tiny (lock ", proc)
     for proc in procs:
         assert proc.wait(timeout=300) == 0

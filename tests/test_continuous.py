@@ -31,7 +31,7 @@ def test_rows_joining_at_different_steps_match_each_request_alone(pipe, sampler)
         want = alone(pipe, req)
         got = sorted(images[owner], key=lambda kp: kp[0])
         assert [k for k, _ in got] == list(range(req.images))
-        for (_, px), ref in zip(got, want):
+        for (_, px), ref in zip(got, want, strict=True):
             assert_same_pixels(px, ref)
 
 

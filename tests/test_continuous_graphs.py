@@ -113,7 +113,7 @@ def test_padded_buckets_not_a_power_of_two_with_img2img_strengths(pipe):
     for owner, req in reqs.items():
         want = alone(pipe, req)
         assert len(got[owner]) == req.images
-        for px, ref in zip(got[owner], want):
+        for px, ref in zip(got[owner], want, strict=True):
             assert_same_pixels(px, ref)
 
 
@@ -132,7 +132,7 @@ def test_padded_inpainting_blend_reads_the_last_table_column(pipe):
     got = by_owner(images)
     for owner, req in reqs.items():
         assert len(got[owner]) == req.images
-        for px, want in zip(got[owner], alone(pipe, req)):
+        for px, want in zip(got[owner], alone(pipe, req), strict=True):
             assert_same_pixels(px, want)
 
 
@@ -153,7 +153,7 @@ def test_cpu_defaults_to_unpadded_eager_and_says_no_graph(pipe):
     out = finished(padded, pipe, Request(prompt="p", steps=3, seed=1, images=3))  # bucket 4: one padded row
     assert not padded.graphs  # CPU: nothing captured, eager
     assert len(out) == 3 and all(f.image is not None and f.image.params["cuda_graph"] is False for f in out)
-    for f, want in zip(sorted(out, key=lambda f: f.row.k), alone(pipe, Request(prompt="p", steps=3, seed=1, images=3))):
+    for f, want in zip(sorted(out, key=lambda f: f.row.k), alone(pipe, Request(prompt="p", steps=3, seed=1, images=3)), strict=True):
         assert_same_pixels(f.image.pixels, want)
 
 
@@ -184,7 +184,7 @@ def test_graphed_flight_matches_eager_flight(cuda_pipe, sampler):
     assert len(graphed.graphs) <= len(seen)  # one capture per bucket (the table width stays 16: a runs 8 steps)
     assert len(spy.calls) == 2 * len(graphed.graphs)  # warm-up + capture per graph, replays after that
     for owner in reqs:
-        for g, w in zip(by_owner(got)[owner], by_owner(want)[owner]):
+        for g, w in zip(by_owner(got)[owner], by_owner(want)[owner], strict=True):
             assert_same_pixels(g, w)
 
 
@@ -206,5 +206,5 @@ def test_graphs_are_reused_across_flights_and_report_cuda_graph(cuda_pipe):
     eager = finished(Flight(cuda_pipe, max_batch=4, cuda_graph=False), cuda_pipe,
                      Request(prompt="p", steps=4, seed=2, images=2))
     assert not eager[0].image.params["cuda_graph"]
-    for f, e in zip(sorted(second, key=lambda f: f.row.k), sorted(eager, key=lambda f: f.row.k)):
+    for f, e in zip(sorted(second, key=lambda f: f.row.k), sorted(eager, key=lambda f: f.row.k), strict=True):
         assert_same_pixels(f.image.pixels, e.image.pixels)

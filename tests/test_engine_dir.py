@@ -88,7 +88,7 @@ def test_torch_backend_matches_onnxruntime(torch_engines, ort_engines):
     reqs = [Request(prompt=p, steps=6, sampler="dpmpp_2m", seed=5, height=64, width=64) for p in ("a", "b")]
     a = Pipeline.load(torch_engines).run(reqs, progress=False)
     b = Pipeline.load(ort_engines).run(reqs, progress=False)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert max_diff(x.pixels, y.pixels) <= 1
 
 

@@ -39,7 +39,7 @@ def test_cuda_graph_replay_equals_eager(cuda_pipe, scheduler):
     eager = cuda_pipe.run(reqs, progress=False, cuda_graph=False)
     graphed = cuda_pipe.run(reqs, progress=False, cuda_graph=True)
     assert graphed[0].params["cuda_graph"] and not eager[0].params["cuda_graph"]
-    for e, g in zip(eager, graphed):
+    for e, g in zip(eager, graphed, strict=True):
         assert max_diff(e.pixels, g.pixels) <= 1
 
 
@@ -65,7 +65,7 @@ def test_fp16_cuda_matches_cpu_fp32(cuda_pipe, ort_engines):
 
     cpu = Pipeline.load(ort_engines)
     reqs = two(("a lighthouse", "a boat"), steps=8, sampler="ddim", height=128, width=128)
-    for a, b in zip(cuda_pipe.run(reqs, progress=False), cpu.run(reqs, progress=False)):
+    for a, b in zip(cuda_pipe.run(reqs, progress=False), cpu.run(reqs, progress=False), strict=True):
         d = np.abs(a.pixels.astype(int) - b.pixels.astype(int))
         assert d.mean() < 2 and d.max() <= 16  # fp16 vs fp32 over 8 steps
 
@@ -77,6 +77,6 @@ def test_compiled_fast_path_matches_eager(cuda_pipe, compiled_pipe, scheduler):
     eager = cuda_pipe.run(reqs, progress=False, cuda_graph=False)
     fast = compiled_pipe.run(reqs, progress=False, cuda_graph=True)
     assert compiled_pipe.runners["unet"].compiled and fast[0].params["cuda_graph"]
-    for e, f in zip(eager, fast):
+    for e, f in zip(eager, fast, strict=True):
         d = np.abs(e.pixels.astype(int) - f.pixels.astype(int))
         assert d.mean() < 1 and d.max() <= 8  # fp16: inductor's fusions round differently from eager

@@ -40,7 +40,7 @@ def components(ours):
 
 def ours_images(pipe, sampler, steps, guidance, strength, image, mask=None):
     reqs = [Request(prompt=p, steps=steps, guidance_scale=guidance, sampler=sampler, seed=s, init_image=image,
-                    mask=mask, strength=strength, height=SIZE, width=SIZE) for p, s in zip(PROMPTS, SEEDS)]
+                    mask=mask, strength=strength, height=SIZE, width=SIZE) for p, s in zip(PROMPTS, SEEDS, strict=True)]
     return np.stack([r.pixels for r in pipe.run(reqs, progress=False, batch_size=2)])
 
 

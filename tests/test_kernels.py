@@ -159,7 +159,8 @@ def _lowp_sdpa_err(q, k, v, heads, scale, ref) -> tuple[float, float]:
     On CUDA the math backend upcasts fp16/bf16 to fp32 unless fp16/bf16 reductions are allowed; we
     allow them, so the baseline really is "plain fp16 PyTorch"."""
     b, sq, e = q.shape
-    hv = lambda x: x.view(b, x.shape[1], heads, e // heads).transpose(1, 2)
+    def hv(x):
+        return x.view(b, x.shape[1], heads, e // heads).transpose(1, 2)
     allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
     torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
     try:
@@ -349,7 +350,8 @@ def test_reference_matches_sdpa_cpu():
     g = torch.Generator().manual_seed(0)
     b, sq, sk, h, d = 2, 33, 17, 3, 40
     q, k, v = (torch.randn(b, s, h * d, generator=g) for s in (sq, sk, sk))
-    hv = lambda x: x.view(b, x.shape[1], h, d).transpose(1, 2)
+    def hv(x):
+        return x.view(b, x.shape[1], h, d).transpose(1, 2)
     for scale in (None, 0.2):
         expect = F.scaled_dot_product_attention(hv(q), hv(k), hv(v), scale=scale).transpose(1, 2).reshape(b, sq, h * d)
         torch.testing.assert_close(attention_reference(q, k, v, h, scale), expect, rtol=1e-5, atol=1e-5)

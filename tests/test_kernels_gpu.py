@@ -169,7 +169,7 @@ def test_gpu_non_default_stream_without_synchronize():
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         torch.cuda._sleep(100_000_000)  # tens of ms of spinning on the side stream
-        for dst, val in zip((q, k, v), src):
+        for dst, val in zip((q, k, v), src, strict=True):
             dst.copy_(val)
         out = fused_attention(q, k, v, h)
         err = (out.float() - ref).abs().max()

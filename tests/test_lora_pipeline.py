@@ -32,7 +32,7 @@ ENGINES = {"onnxruntime": "ort_engines", "torch": "torch_engines", "openvino": "
 
 def _requests(sampler: str, loras: tuple[Adapter, ...] = ()) -> list[Request]:
     return [Request(prompt=p, steps=STEPS, guidance_scale=6.0, sampler=sampler, seed=s, height=SIZE, width=SIZE,
-                    loras=loras) for p, s in zip(PROMPTS, SEEDS)]
+                    loras=loras) for p, s in zip(PROMPTS, SEEDS, strict=True)]
 
 
 def _run(pipe: Pipeline, reqs: list[Request]) -> tuple[np.ndarray, list[dict]]:

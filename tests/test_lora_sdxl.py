@@ -53,7 +53,7 @@ def test_sdxl_lora_matches_diffusers(tmp_path, xl_folder, xl_engines):
     pipe = Pipeline.load(xl_engines)  # its own: the adapters are merged into this one's runners
     try:
         reqs = [Request(prompt=p, steps=STEPS, guidance_scale=6.0, sampler="euler", seed=s, height=SIZE, width=SIZE,
-                        loras=(adapter,)) for p, s in zip(PROMPTS, SEEDS)]
+                        loras=(adapter,)) for p, s in zip(PROMPTS, SEEDS, strict=True)]
         got = np.stack([g.pixels for g in pipe.run(reqs, progress=False, batch_size=2)])
         ref_pipe = _xl_pipe(folder)
         ref_pipe.load_lora_weights(str(adapter.path), adapter_name="a")

@@ -64,7 +64,7 @@ def test_component_matches_torch_fp32(ov_engines, tiny_fp32, name):
             refs = ref if isinstance(ref, tuple) else (ref,)
             got = runner(**inputs)
             assert list(got) == spec.output_names
-            for out_name, want in zip(spec.output_names, refs):
+            for out_name, want in zip(spec.output_names, refs, strict=True):
                 assert got[out_name].dtype == torch.float32 and got[out_name].shape == want.shape
                 torch.testing.assert_close(got[out_name], want, atol=1e-4, rtol=0)
     finally:

@@ -42,7 +42,7 @@ def diffusers_images(pipe, scheduler: str, config: dict, steps: int, guidance: f
 def test_matches_diffusers_pipeline(ours, reference, scheduler):
     ref = diffusers_images(reference, scheduler, ours.scheduler_config, 12, 7.5, [1234, 77], 128, "low quality")
     reqs = [Request(prompt=p, negative_prompt="low quality", steps=12, sampler=scheduler, seed=s, height=128, width=128)
-            for p, s in zip(PROMPTS, [1234, 77])]
+            for p, s in zip(PROMPTS, [1234, 77], strict=True)]
     got = stack_pixels(ours.run(reqs, progress=False, batch_size=2))
     assert got.shape == ref.shape == (2, 128, 128, 3) and got.dtype == np.uint8
     assert ref.std() > 10  # a real image, not a constant
@@ -52,7 +52,7 @@ def test_matches_diffusers_pipeline(ours, reference, scheduler):
 def test_ancestral_sampler_matches_with_same_noise(ours, reference):
     ref = diffusers_images(reference, "euler_a", ours.scheduler_config, 8, 5.0, [99, 100], 64)
     got = ours.run([Request(prompt=p, steps=8, guidance_scale=5.0, sampler="euler_a", seed=s, height=64, width=64)
-                    for p, s in zip(PROMPTS, [99, 100])], progress=False, batch_size=2)
+                    for p, s in zip(PROMPTS, [99, 100], strict=True)], progress=False, batch_size=2)
     assert max_diff(stack_pixels(got), ref) <= 2
 
 

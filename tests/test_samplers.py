@@ -117,10 +117,10 @@ def _check_parity(name: str, config: dict, steps: int) -> None:
     torch.testing.assert_close(sch.timesteps, ref_t, atol=0, rtol=0)
     assert sch.init_noise_sigma == pytest.approx(ref_sigma, rel=1e-7)
     assert len(our_out) == len(ref_out) == steps
-    for k, (a, b, c, d) in enumerate(zip(our_in, ref_in, our_out, ref_out)):
+    for k, (a, b, c, d) in enumerate(zip(our_in, ref_in, our_out, ref_out, strict=True)):
         assert c.dtype == torch.float32 and torch.isfinite(c).all(), f"step {k}"
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m: f"model input, step {k}: {m}")
-        torch.testing.assert_close(c, d, atol=ATOL, rtol=RTOL, msg=lambda m: f"latents after step {k}: {m}")
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"model input, step {k}: {m}")
+        torch.testing.assert_close(c, d, atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"latents after step {k}: {m}")
     # the sampler really moved the latents (the comparison is not between two trivial tensors)
     assert (ref_out[-1] - ref_in[0]).abs().max() > 1e-3
 
@@ -291,7 +291,7 @@ def test_step_is_pure_and_keeps_dtype(name: str) -> None:
     a = step(sch, i, x, m, st, z)
     b = step(sch, i, x, m, st, z)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
-    for t, c in zip((x, m, z, st), copies):
+    for t, c in zip((x, m, z, st), copies, strict=True):
         torch.testing.assert_close(t, c, atol=0, rtol=0)
     half, _ = step(sch, i, x.half(), m.half(), st, z.half())
     assert half.dtype == torch.float16

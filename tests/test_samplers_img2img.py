@@ -16,7 +16,17 @@ import torch
 
 from engine.samplers import SAMPLERS, add_noise, init_state, make_schedule, scale_model_input, step
 from tests.test_samplers import (  # shared fixtures of the txt2img parity tests
-    ATOL, CONFIGS, EDGE_CASES, EXTRA_CONFIGS, REFERENCE, RTOL, SD15, SD21_V, SHAPE, _bias, _model,
+    ATOL,
+    CONFIGS,
+    EDGE_CASES,
+    EXTRA_CONFIGS,
+    REFERENCE,
+    RTOL,
+    SD15,
+    SD21_V,
+    SHAPE,
+    _bias,
+    _model,
 )
 
 # ----------------------------------------------------------------------------- img2img / inpainting (strength)
@@ -118,11 +128,11 @@ def _check_img2img(name: str, config: dict, steps: int, strength: float, inpaint
     first, out, prop = _run_ours_img2img(name, config, steps, strength, inpaint)
     assert len(out) == len(ref_out) >= 1 and len(prop) == len(ref_prop)
     torch.testing.assert_close(first, ref_first, atol=ATOL, rtol=RTOL, msg=lambda m: f"initial latents: {m}")
-    for k, (a, b) in enumerate(zip(prop, ref_prop)):
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m: f"blend latents after step {k}: {m}")
-    for k, (a, b) in enumerate(zip(out, ref_out)):
+    for k, (a, b) in enumerate(zip(prop, ref_prop, strict=True)):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"blend latents after step {k}: {m}")
+    for k, (a, b) in enumerate(zip(out, ref_out, strict=True)):
         assert torch.isfinite(a).all(), f"step {k}"
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m: f"latents after step {k}: {m}")
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"latents after step {k}: {m}")
     assert (ref_out[-1] - ref_first).abs().max() > 1e-3  # the loop really moved the latents
 
 
@@ -188,7 +198,7 @@ def test_add_noise_tables_every_index(name: str, steps: int) -> None:
     expected.append(x0)
     for j, ref in enumerate(expected):
         got = add_noise(sch, x0, noise, torch.tensor(j))
-        torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL, msg=lambda m: f"j={j}: {m}")
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL, msg=lambda m, j=j: f"j={j}: {m}")
     assert sch.tables["noise_a"][-1] == 1 and sch.tables["noise_b"][-1] == 0
     assert add_noise(sch, x0.half(), noise.half(), torch.tensor(0)).dtype == torch.float16
 

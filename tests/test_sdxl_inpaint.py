@@ -58,7 +58,7 @@ def _check_inpaint_parity(pipe, reference, sampler: str, strength: float, image_
                              num_inference_steps=STEPS, guidance_scale=6.0, generator=gens(SEEDS), height=SIZE,
                              width=SIZE, output_type="np").images)
     reqs = [Request(prompt=p, steps=STEPS, guidance_scale=6.0, sampler=sampler, seed=s, init_image=image, mask=mask,
-                    strength=strength, height=SIZE, width=SIZE) for p, s in zip(PROMPTS, SEEDS)]
+                    strength=strength, height=SIZE, width=SIZE) for p, s in zip(PROMPTS, SEEDS, strict=True)]
     got = np.stack([r.pixels for r in pipe.run(reqs, progress=False, batch_size=2)])
     assert got.shape == ref.shape == (2, SIZE, SIZE, 3) and ref.std() > 5
     assert max_diff(got, ref) <= 2, f"{sampler} strength {strength}"
@@ -80,7 +80,7 @@ def test_default_strength_is_diffusers_sdxl_default(xl_inpaint, kind):
                             generator=gens(SEEDS), height=SIZE, width=SIZE, output_type="np", **extra).images)
     reqs = [Request(prompt=p, steps=STEPS, guidance_scale=6.0, sampler="ddim", seed=s, init_image=image,
                     mask=mask if kind == "inpaint" else None, height=SIZE, width=SIZE)
-            for p, s in zip(PROMPTS, SEEDS)]
+            for p, s in zip(PROMPTS, SEEDS, strict=True)]
     out = pipe.run(reqs, progress=False, batch_size=2)
     assert out[0].params["strength"] == (0.9999 if kind == "inpaint" else 0.3)
     assert max_diff(np.stack([r.pixels for r in out]), ref) <= 2

@@ -41,7 +41,7 @@ def test_sdxl_matches_diffusers(xl, reference, sampler, negative):
                     generator=gens(SEEDS)).images
     ref = to_uint8(ref)
     got = pipe.run([Request(prompt=p, negative_prompt=negative, steps=8, guidance_scale=6.0, sampler=sampler, seed=s,
-                            height=SIZE, width=SIZE) for p, s in zip(PROMPTS, SEEDS)], progress=False, batch_size=2)
+                            height=SIZE, width=SIZE) for p, s in zip(PROMPTS, SEEDS, strict=True)], progress=False, batch_size=2)
     got = np.stack([g.pixels for g in got])
     assert ref.std() > 5 and got.shape == ref.shape == (2, SIZE, SIZE, 3)
     assert max_diff(got, ref) <= 2, sampler
@@ -63,7 +63,7 @@ def test_sdxl_img2img_matches_diffusers(xl, reference, sampler, strength):
                    output_type="np", generator=gens(SEEDS)).images
     ref = to_uint8(ref)
     got = pipe.run([Request(prompt=p, steps=10, guidance_scale=6.0, sampler=sampler, seed=s, init_image=image,
-                            strength=strength, height=SIZE, width=SIZE) for p, s in zip(PROMPTS, SEEDS)],
+                            strength=strength, height=SIZE, width=SIZE) for p, s in zip(PROMPTS, SEEDS, strict=True)],
                    progress=False, batch_size=2)
     got = np.stack([g.pixels for g in got])
     assert max_diff(got, ref) <= 2, (sampler, strength)
@@ -96,7 +96,7 @@ def test_sdxl_time_ids_match_diffusers(xl, reference):
                     **sizes).images
     ref = to_uint8(ref)
     got = pipe.run([Request(prompt=p, steps=8, guidance_scale=6.0, sampler="euler_a", seed=s, height=SIZE, width=SIZE,
-                            crop=(32, 16), **sizes) for p, s in zip(PROMPTS, SEEDS)], progress=False, batch_size=2)
+                            crop=(32, 16), **sizes) for p, s in zip(PROMPTS, SEEDS, strict=True)], progress=False, batch_size=2)
     assert got[0].params["original_size"] == [256, 192] and got[0].params["crop"] == [32, 16]
     assert got[0].params["target_size"] == [96, 128] and "aesthetic_score" not in got[0].params
     default = pipe.run(Request(prompt=PROMPTS[0], steps=8, guidance_scale=6.0, sampler="euler_a", seed=SEEDS[0],
@@ -181,7 +181,7 @@ def test_sdxl_on_the_torch_backend_matches_diffusers(tmp_path, reference, xl):
                     generator=gens(SEEDS)).images
     ref = to_uint8(ref)
     got = pipe.run([Request(prompt=p, steps=6, guidance_scale=6.0, sampler="dpmpp_2m", seed=s, height=SIZE,
-                            width=SIZE) for p, s in zip(PROMPTS, SEEDS)], progress=False, batch_size=2)
+                            width=SIZE) for p, s in zip(PROMPTS, SEEDS, strict=True)], progress=False, batch_size=2)
     got = np.stack([g.pixels for g in got])
     assert ref.std() > 5 and max_diff(got, ref) <= 2
     pipe.close()

@@ -73,7 +73,7 @@ def test_refiner_matches_diffusers(refiner, reference, sampler, strength):
                     output_type="np", generator=gens(SEEDS)).images
     ref = to_uint8(ref)
     got = pipe.run([Request(prompt=p, steps=STEPS, guidance_scale=6.0, sampler=sampler, seed=s, init_image=image,
-                            strength=strength, height=SIZE, width=SIZE) for p, s in zip(PROMPTS, SEEDS)],
+                            strength=strength, height=SIZE, width=SIZE) for p, s in zip(PROMPTS, SEEDS, strict=True)],
                    progress=False, batch_size=2)
     assert got[0].params["aesthetic_score"] == 6.0 and got[0].params["negative_aesthetic_score"] == 2.5
     assert got[0].params["original_size"] == [SIZE, SIZE] and "target_size" not in got[0].params
@@ -93,7 +93,7 @@ def test_refiner_time_ids_match_diffusers(refiner, reference):
     ref = to_uint8(ref)
     got = pipe.run([Request(prompt=p, steps=STEPS, guidance_scale=6.0, sampler="ddim", seed=s, init_image=image,
                             strength=0.7, height=SIZE, width=SIZE, original_size=(160, 96), crop=(16, 8), **kw)
-                    for p, s in zip(PROMPTS, SEEDS)], progress=False, batch_size=2)
+                    for p, s in zip(PROMPTS, SEEDS, strict=True)], progress=False, batch_size=2)
     assert got[1].params["crop"] == [16, 8] and got[1].params["aesthetic_score"] == 8.0
     got = np.stack([g.pixels for g in got])
     assert max_diff(got, ref) <= 2

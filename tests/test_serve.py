@@ -60,7 +60,7 @@ def test_openai_client_generates_the_library_images(server, library):
     want = library.run(Request(prompt="a red fox in snow", negative_prompt="blurry", steps=5, seed=11,
                                guidance_scale=5.0, sampler="euler_a", images=2), progress=False)
     assert len(got) == 2
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert_same_pixels(g, w.pixels)
 
 

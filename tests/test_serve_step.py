@@ -102,5 +102,5 @@ def test_a_client_that_leaves_frees_its_rows(server, library):
     # had the 4 abandoned rows kept their slots for 200 steps, this 4-image request could not have joined
     assert time.perf_counter() - t0 < 60
     want = library.run(Request(prompt="next", steps=3, seed=5, images=4), progress=False)
-    for g, img in zip(want, doc["images"]):
+    for g, img in zip(want, doc["images"], strict=True):
         assert max_diff(png_pixels(img["b64_png"]), g.pixels) <= 1

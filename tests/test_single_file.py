@@ -53,7 +53,7 @@ def _assert_outputs_identical(reference, converted, name: str) -> None:
     inputs = example_inputs(spec, reference.dims, Shape(1, 128, 128), "fp32")
     want, got = _outputs(reference, name, inputs), _outputs(converted, name, inputs)
     assert len(want) == len(got) == len(spec.output_names)
-    for w, g in zip(want, got):
+    for w, g in zip(want, got, strict=True):
         assert w.shape == g.shape
         torch.testing.assert_close(g, w, atol=0, rtol=0)
 
@@ -232,12 +232,12 @@ def test_mapping_is_general():
     )
     vae = AutoencoderKL(block_out_channels=(8, 16, 16), layers_per_block=2, norm_num_groups=8,
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
-    for model, to_ldm, convert, arg in (
+    for model, to_ldm_keys, convert, arg in (
         (unet, unet_to_ldm, convert_ldm_unet_checkpoint, 2),
         (vae, vae_to_ldm, convert_ldm_vae_checkpoint, 3),
     ):
         sd = model.state_dict()
-        back = convert(to_ldm(sd, arg), dict(model.config))
+        back = convert(to_ldm_keys(sd, arg), dict(model.config))
         assert back.keys() == sd.keys()
         for k in sd:
             torch.testing.assert_close(back[k], sd[k], atol=0, rtol=0, msg=k)

@@ -56,7 +56,8 @@ def test_sgm_file_has_original_layout(xl_round_trip):
     _, _, ckpt = xl_round_trip
     with safe_open(str(ckpt), framework="pt") as f:
         keys = set(f.keys())
-        shape = lambda k: f.get_slice(k).get_shape()
+        def shape(k):
+            return f.get_slice(k).get_shape()
         assert shape("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight") == [96, 32]
         assert shape("conditioner.embedders.1.model.text_projection") == [32, 32]
         assert shape("model.diffusion_model.label_emb.0.0.weight")[1] == 6 * 8 + 32  # time ids + pooled text
@@ -99,7 +100,7 @@ def test_outputs_identical(xl_round_trip, name):
         want, got = (component_module(m, name)(**inputs) for m in (reference, converted))
     want, got = (x if isinstance(x, tuple) else (x,) for x in (want, got))
     assert len(want) == len(got) == len(spec.output_names)
-    for w, g in zip(want, got):
+    for w, g in zip(want, got, strict=True):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 

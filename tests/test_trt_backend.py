@@ -169,7 +169,8 @@ def test_graph_cache_warms_captures_then_replays(monkeypatch):
 
     monkeypatch.setattr(graphs, "capture", lambda stream, fn: (FakeGraph(), ""))
     cache = graphs.GraphCache(stream=None, label="unet")
-    eager = lambda: launched.append("eager")
+    def eager():
+        return launched.append("eager")
     for _ in range(3):
         cache.run((2, 4, 16, 16), eager)
     assert launched == ["eager", "graph", "graph"] and cache.keys == [(2, 4, 16, 16)]
