@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 from types import FrameType
 
-from engine.server.config import ServeConfig
+from engine.server.config import STATE_DIR, ServeConfig, image_hosting_problem
 
 log = logging.getLogger("engine.serve")
 API_KEY_ENV = "SD_ENGINE_API_KEY"  # the API key without putting it on the command line (ps shows argv)
@@ -60,6 +60,16 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     access.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=list(d.allowed_hosts),
                         metavar="NAME", help="a Host header name to answer besides the loopback names (which alone "
                         "are allowed when --host is loopback); repeatable; '*' = any")
+    hosted = p.add_argument_group("OpenAI url answers (engine/server/image_files.py)")
+    hosted.add_argument("--image-dir", type=Path, default=d.image_dir,
+                        help=f"folder of the hosted images; None = <engine-dir>/{STATE_DIR}/images")
+    hosted.add_argument("--image-ttl-s", type=float, default=d.image_ttl_s,
+                        help="a hosted image is deleted (its URL answers 404) this long after it was generated")
+    hosted.add_argument("--image-dir-mb", type=float, default=d.image_dir_mb,
+                        help="past this size the oldest hosted images are deleted")
+    hosted.add_argument("--public-url", default=d.public_url,
+                        help="base of the image URLs (https://host[/prefix] of a proxy); None = the scheme and "
+                        "Host of each request")
     conn = p.add_argument_group("connections (uvicorn)")
     conn.add_argument("--limit-concurrency", type=int, default=d.limit_concurrency,
                       help="open connections + running requests; past it new requests get 503")
@@ -92,7 +102,15 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     args.api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or d.api_key
     if args.api_key is not None and not args.api_key.strip():
         p.error("argument --api-key: the key is empty")
-    return ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})
+    cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})
+    problem = image_hosting_problem(cfg)
+    if problem is None and cfg.image_dir is not None:
+        from engine.server.image_files import folder_problem
+
+        problem = ("--image-dir", reason) if (reason := folder_problem(cfg.image_dir)) else None
+    if problem is not None:
+        p.error(f"argument {problem[0]}: {problem[1]}")
+    return cfg
 
 
 def _make_server_class():

@@ -73,7 +73,7 @@ def test_openai_client_sees_errors_as_bad_request(server):
     with pytest.raises(openai.BadRequestError, match="n 5 is over"):
         client.images.generate(prompt="x", n=MAX_IMAGES + 1)
     with pytest.raises(openai.BadRequestError, match="response_format"):
-        client.images.generate(prompt="x", response_format="url")
+        client.images.generate(prompt="x", extra_body={"response_format": "jpeg"})
 
 
 def test_generate_returns_pngs_with_metadata_and_seeds(server, library):

@@ -5,8 +5,9 @@
    loopback address: a web page cannot reach it through DNS rebinding); otherwise 400.
 2. Origin: a browser's cross-site POST (a form or fetch from another site) is refused 403 unless its origin is a
    `--cors-origin`; same-origin requests (the playground page) and clients that send no Origin pass.
-3. API key: with `--api-key`, every route but /healthz and /readyz needs `Authorization: Bearer <key>`; otherwise
-   401. CORS preflights (OPTIONS with Access-Control-Request-Method) carry no credentials and are let through
+3. API key: with `--api-key`, every route but /healthz, /readyz and the hosted images of `url` answers
+   (/v1/images/files/<name>: like OpenAI's image URLs, fetchable without credentials; the 192-bit random name is
+   the credential, and it expires) needs `Authorization: Bearer <key>`; otherwise 401. CORS preflights (OPTIONS with Access-Control-Request-Method) carry no credentials and are let through
    to Starlette's CORSMiddleware.
 Every refusal has OpenAI's error shape. Starlette's TrustedHostMiddleware is not used: it answers in plain text.
 """
@@ -17,11 +18,13 @@ import ipaddress
 import json
 from collections.abc import Iterable
 
+from engine.server.image_files import ROUTE as IMAGE_ROUTE
 from engine.server.schemas import ApiError
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 ANY_HOST = "*"
 OPEN_PATHS = ("/healthz", "/readyz")  # never need the API key: orchestrators probe them
+OPEN_PREFIXES = (IMAGE_ROUTE,)  # nor do hosted images: their unguessable names are the credential
 STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 
 
@@ -97,7 +100,9 @@ class Access:
         if origin is not None and (method in STATE_CHANGING or preflight) and not self._origin_ok(origin, host):
             return ApiError(403, f"cross-site request from origin {origin!r} refused (allowed origins: this server's "
                                  "own, and --cors-origin)", kind="forbidden_origin")
-        if self.api_key is not None and not preflight and scope.get("path", "") not in OPEN_PATHS:
+        path = scope.get("path", "")
+        keyless = path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+        if self.api_key is not None and not preflight and not keyless:
             if not self._key_ok(headers.get("authorization", "")):
                 return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' (--api-key)",
                                 kind="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})

@@ -4,7 +4,9 @@
 starts the batcher and runs one small warm-up generation in the background; /readyz answers 200 only
 after it. Each generation request is checked against the loaded engines before it is queued (bad input
 is a 400 naming the field, never a 500), then waits for its batch, its timeout (504) or its client's
-disconnect (dropped from the queue). Every non-200 answer has OpenAI's error shape.
+disconnect (dropped from the queue). Every non-200 answer has OpenAI's error shape. OpenAI `url` answers
+are PNGs written under --image-dir and served at GET /v1/images/files/{name} until they expire
+(engine/server/image_files.py); a background task sweeps the folder while the app runs.
 """
 from __future__ import annotations
 
@@ -31,9 +33,11 @@ from engine.request import Generated, PreparedRequest, Request, RequestError
 from engine.server.access import Access, allowed_hosts
 from engine.server.batcher import Batcher, BatchFailed, Draining, Outcome, QueueFull
 from engine.server.config import ServeConfig
+from engine.server.image_files import ROUTE as IMAGE_ROUTE
+from engine.server.image_files import ImageStore
 from engine.server.metrics import Metrics
 from engine.server.openapi import ROUTE_ERRORS, generate_request_body, openapi_document
-from engine.server.schemas import ApiError, GenerateBody, ImagesBody, decode_image, validation_error
+from engine.server.schemas import ApiError, GenerateBody, ImagesAnswer, ImagesBody, decode_image, validation_error
 from engine.server.step_batcher import StepBatcher
 
 log = logging.getLogger("engine.serve")
@@ -46,6 +50,7 @@ RETRY_UNAVAILABLE_S = 5  # Retry-After when draining or failed
 RETRY_NOT_READY_S = 1  # Retry-After while loading or warming up
 METRIC_PATHS = ("/", "/healthz", "/readyz", "/metrics", "/v1/info", "/v1/generate", "/v1/images/generations", "/docs",
                 "/openapi.json")
+SWEEP_EVERY_S = (0.5, 60.0)  # the periodic sweep of hosted images: every ttl/4, within these bounds
 OPENAI_PARAMS = {"images": "n", "height": "size", "width": "size", "sampler": "scheduler"}  # Request field -> body
 
 
@@ -64,6 +69,10 @@ class ServerState:
         self.status = "loading"  # loading | warming | ready | draining | failed
         self.error: str | None = None
         self._warmup: asyncio.Task | None = None
+        self.images = ImageStore(config.image_folder, config.image_ttl_s, int(config.image_dir_mb * 2**20),
+                                 self.metrics)
+        self.images_error: str | None = None  # why `url` answers cannot be given (the folder is unusable)
+        self._sweeper: asyncio.Task | None = None
 
     @property
     def ready(self) -> bool:
@@ -80,6 +89,7 @@ class ServerState:
             self.status, self.error = "failed", str(exc)
             log.error("cannot load engines from %s: %s", cfg.engine_dir, exc)
             raise
+        await self._open_images()
         max_batch = max(1, min(cfg.max_batch, self.pipeline.profile.hi.batch))
         if cfg.batching == "step":
             self.batcher = StepBatcher(self.pipeline, max_batch, cfg.max_queue, self.metrics)
@@ -104,6 +114,43 @@ class ServerState:
             self.status = "ready"
             log.info("ready: model %s on %s", self.pipeline.info.get("model"), self.pipeline.info.get("backend"))
 
+    async def _open_images(self) -> None:
+        """The hosted-image folder, created and swept, and the periodic sweep started; if the folder cannot be
+        used (a read-only engine directory), `url` answers are 503 naming the cause and b64_json still works."""
+        try:
+            swept = await asyncio.to_thread(self.images.open)
+        except OSError as exc:
+            self.images_error = f"cannot write hosted images ({exc.strerror or type(exc).__name__}); start the " \
+                                "server with a writable --image-dir, or ask for response_format b64_json"
+            log.error("image folder %s: %s", self.images.folder, exc)
+            return
+        log.info("hosting url images in %s (%d left from earlier runs)", self.images.folder, swept.files)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_periodically())
+
+    async def _sweep_periodically(self) -> None:
+        """Expire hosted images while the app runs (reads refuse expired ones anyway: this frees the disk)."""
+        low, high = SWEEP_EVERY_S
+        every = min(high, max(low, self.config.image_ttl_s / 4))
+        while True:  # until stop() cancels it
+            await asyncio.sleep(every)
+            try:
+                await asyncio.to_thread(self.images.sweep)
+            except OSError as exc:
+                log.warning("sweeping hosted images in %s failed (retrying in %g s): %s", self.images.folder,
+                            every, exc)
+
+    async def save_images(self, pngs: list[bytes]) -> list[str]:
+        """Hosted names of `pngs`; ApiError 503 (never a path) if they cannot be written."""
+        if self.images_error is not None:
+            raise ApiError(503, self.images_error, "response_format", kind="unavailable")
+        try:
+            return await asyncio.to_thread(self.images.save, pngs)
+        except OSError as exc:
+            log.error("hosted images not written to %s: %s", self.images.folder, exc)
+            raise ApiError(503, f"cannot store the images now ({exc.strerror or type(exc).__name__}); retry later "
+                                "or ask for response_format b64_json", kind="unavailable",
+                           headers={"Retry-After": str(RETRY_UNAVAILABLE_S)}) from None
+
     def _run(self, requests: list[PreparedRequest], batch_size: int) -> list[Generated]:
         return self.pipeline.run(requests, progress=False, batch_size=batch_size)
 
@@ -115,6 +162,8 @@ class ServerState:
             self.batcher.close()
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self.drain()
         if self.batcher is not None:
             await self.batcher.drained.wait()
@@ -359,19 +408,46 @@ def create_app(config: ServeConfig) -> FastAPI:
                        for b, g in zip(pngs, outcome.images, strict=True)],
             "timings_ms": timings, "batch_images": outcome.batch_images})
 
-    @app.post("/v1/images/generations", responses=ROUTE_ERRORS["generate"])
+    @app.post("/v1/images/generations", responses={200: {"model": ImagesAnswer, "description": "the images"},
+                                                   **ROUTE_ERRORS["generate"]})
     async def images_generations(body: ImagesBody, http: HttpRequest) -> JSONResponse:
-        """OpenAI's Images API (b64_json only); negative_prompt, steps, guidance_scale, scheduler, seed extra."""
+        """OpenAI's Images API: `url` (the default) or `b64_json`; negative_prompt, steps, guidance_scale,
+        scheduler, seed as extra fields. A url is <the request's scheme and Host, or --public-url>/v1/images/files/
+        <random name>, fetchable without the API key until --image-ttl-s passes."""
+        if body.response_format != "b64_json" and state.images_error is not None:  # before the generation
+            raise ApiError(503, state.images_error, "response_format", kind="unavailable")
         outcome = await state.generate(http, body.to_request(), OPENAI_PARAMS)
         pngs = await asyncio.to_thread(_encode, outcome.images)
-        return JSONResponse({"created": int(time.time()),
-                             "data": [{"b64_json": base64.b64encode(b).decode()} for b in pngs]})
+        if body.response_format == "b64_json":
+            data = [{"b64_json": base64.b64encode(b).decode()} for b in pngs]
+        else:
+            base = config.public_url or str(http.base_url).rstrip("/")
+            data = [{"url": f"{base}{IMAGE_ROUTE}{name}"} for name in await state.save_images(pngs)]
+        return JSONResponse({"created": int(time.time()), "data": data})
+
+    @app.get(IMAGE_ROUTE + "{name}", response_class=Response, responses=ROUTE_ERRORS["file"])
+    async def image_file(name: str) -> Response:
+        """A hosted image of a `url` answer (no API key: its random name is the credential); 404 once expired."""
+        try:
+            found = await asyncio.to_thread(state.images.read, name)
+        except OSError as exc:
+            log.error("hosted image not read from %s: %s", state.images.folder, exc)
+            raise ApiError(503, f"cannot read the image now ({exc.strerror or type(exc).__name__})",
+                           kind="unavailable", headers={"Retry-After": str(RETRY_UNAVAILABLE_S)}) from None
+        if found is None:
+            raise ApiError(404, "no such image: it expired (--image-ttl-s), was deleted for room (--image-dir-mb) "
+                                "or never existed", kind="not_found")
+        data, left_s = found
+        return Response(data, media_type="image/png", headers={
+            "Cache-Control": f"private, max-age={int(left_s)}", "X-Content-Type-Options": "nosniff"})
 
     return app
 
 
 def _path_label(path: str) -> str:
     """The metrics label of a request path: a route's path, or "other" (no label per random path)."""
+    if path.startswith(IMAGE_ROUTE):
+        return IMAGE_ROUTE + "{name}"
     return path if path in METRIC_PATHS else "other"
 
 

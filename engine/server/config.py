@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
+
+STATE_DIR = ".serve"  # <engine_dir>/.serve/: what the server writes (no build.json: never taken for a model)
 
 
 @dataclass
@@ -32,6 +35,11 @@ class ServeConfig:
     timeout_keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
     header_timeout_s: float = 10.0  # a connection that has not sent a whole request head by then is closed
     max_header_kb: int = 16  # request line + headers (h11's incomplete event size); over it: 400
+    # OpenAI `url` answers: PNGs hosted at GET /v1/images/files/<name> (engine/server/image_files.py)
+    image_dir: Path | None = None  # None = <engine_dir>/.serve/images; never a path from a request
+    image_ttl_s: float = 3600.0  # a hosted image is deleted (404) this long after it was written
+    image_dir_mb: float = 1024.0  # past it, the oldest hosted images are deleted
+    public_url: str | None = None  # base of the image URLs (a proxy's https://host/prefix); None = the request's
     # Ray Serve (python -m engine.serve --ray)
     ray: bool = False
     replicas: int = 1  # fixed replica count; ignored when autoscaling (max_replicas > replicas)
@@ -45,3 +53,25 @@ class ServeConfig:
     def __post_init__(self) -> None:
         self.engine_dir = Path(self.engine_dir)
         self.cors_origins, self.allowed_hosts = tuple(self.cors_origins), tuple(self.allowed_hosts)  # Ray: lists
+        self.image_dir = Path(self.image_dir) if self.image_dir is not None else None
+        if self.public_url is not None:
+            self.public_url = self.public_url.rstrip("/")
+
+    @property
+    def image_folder(self) -> Path:
+        """Where hosted images are written: --image-dir, or the engine directory's state folder."""
+        return self.image_dir if self.image_dir is not None else self.engine_dir / STATE_DIR / "images"
+
+
+def image_hosting_problem(config: ServeConfig) -> tuple[str, str] | None:
+    """(flag, why) when the image hosting settings cannot work, else None: checked by the CLI (exit 2) and by the
+    Ray builder (ValueError) before anything starts."""
+    if not config.image_ttl_s > 0:
+        return "--image-ttl-s", f"{config.image_ttl_s} must be > 0"
+    if not config.image_dir_mb > 0:
+        return "--image-dir-mb", f"{config.image_dir_mb} must be > 0"
+    if config.public_url is not None:
+        url = urlsplit(config.public_url)
+        if url.scheme not in ("http", "https") or not url.netloc or url.query or url.fragment:
+            return "--public-url", f"{config.public_url!r} must be http(s)://host[:port][/prefix], without a query"
+    return None

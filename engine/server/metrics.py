@@ -35,6 +35,12 @@ class Metrics:
                                       "arrival to answer of a generation request", buckets=LATENCY_BUCKETS, registry=r)
         self.stage_time = Histogram("sd_inference_stage_duration_seconds", "per-batch time of a pipeline stage",
                                     ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        # images hosted for OpenAI `url` answers (--image-dir), as of the last sweep
+        self.hosted_files = Gauge("sd_hosted_images", "images hosted under --image-dir", registry=r)
+        self.hosted_bytes = Gauge("sd_hosted_image_bytes", "bytes of the images hosted under --image-dir",
+                                  registry=r)
+        self.hosted_removed = Counter("sd_hosted_images_removed", "hosted images deleted, by reason "
+                                      "(expired: --image-ttl-s; over_size: --image-dir-mb)", ["reason"], registry=r)
 
     def observe_batch(self, images: int, timings_ms: dict[str, float]) -> None:
         self.executions.inc()

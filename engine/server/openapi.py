@@ -19,6 +19,7 @@ ERROR_TEXT = {
     400: "bad request: a field, the body or the Host header (the message names it)",
     401: "missing or wrong API key (--api-key): send Authorization: Bearer <key>",
     403: "cross-site request from an origin not in --cors-origin",
+    404: "no such image: expired (--image-ttl-s), deleted for room (--image-dir-mb), or never generated",
     413: "body over --max-body-mb",
     415: "content type other than application/json or multipart/form-data",
     429: "queue full (--max-queue); Retry-After says when to retry",
@@ -26,6 +27,7 @@ ERROR_TEXT = {
     503: "loading, warming up, draining or failed; Retry-After says when to retry",
     504: "no answer within --timeout-s",
 }
+PNG_SCHEMA = {"type": "string", "format": "binary"}
 READY_503 = {"description": "not ready: loading, warming, draining or failed", "content": {"application/json": {
     "schema": {"type": "object", "required": ["status"],
                "properties": {"status": {"type": "string"}, "error": {"type": "string"}}}}}}
@@ -41,6 +43,8 @@ ROUTE_ERRORS: dict[str, dict[int | str, dict[str, Any]]] = {  # `responses=` of 
     "read": _errors(400, 401),
     "info": _errors(400, 401, 503),
     "generate": _errors(400, 401, 403, 413, 415, 429, 500, 503, 504),
+    "file": {200: {"description": "the PNG", "content": {"image/png": {"schema": PNG_SCHEMA}}},
+             **_errors(400, 404, 503)},  # no 401: the name is the credential (engine/server/image_files.py)
 }
 
 

@@ -56,7 +56,7 @@ import signal
 import threading
 from typing import Any
 
-from engine.server.config import ServeConfig
+from engine.server.config import ServeConfig, image_hosting_problem
 
 log = logging.getLogger("engine.server.ray_app")
 
@@ -202,6 +202,9 @@ def _validate(config: ServeConfig) -> None:
         raise ValueError("gpus_per_replica and cpus_per_replica must be >= 0")
     if config.max_ongoing_requests < 1:
         raise ValueError(f"max_ongoing_requests must be >= 1, got {config.max_ongoing_requests}")
+    problem = image_hosting_problem(config)
+    if problem is not None:
+        raise ValueError(f"{problem[0].removeprefix('--').replace('-', '_')}: {problem[1]}")
 
 
 def _config_dict(config: ServeConfig) -> dict[str, Any]:

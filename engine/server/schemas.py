@@ -149,7 +149,9 @@ class ImagesBody(_Common):
     model: str | None = None
     n: int = Field(1, ge=1)
     size: str | None = Field(None, description='"WIDTHxHEIGHT"; null or "auto" = the engines\' default size')
-    response_format: Literal["b64_json"] | None = Field(None, description="only b64_json: images are not hosted")
+    response_format: Literal["url", "b64_json"] | None = Field(
+        None, description="url (the default, as OpenAI's): a link to GET /v1/images/files/{name}, deleted after the "
+        "server's --image-ttl-s; b64_json: the PNG in the answer")
     output_format: Literal["png"] | None = None
     quality: str | None = None
     style: str | None = None
@@ -170,6 +172,20 @@ class ImagesBody(_Common):
         return Request(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
                        guidance_scale=self.guidance_scale, sampler=self.scheduler, seed=self.seed, height=height,
                        width=width, images=self.n)
+
+
+class ImageData(BaseModel):
+    """One image of an Images API answer: `url` or `b64_json`, as the request's response_format asked."""
+
+    url: str | None = Field(None, description="PNG at GET /v1/images/files/{name}; gone after --image-ttl-s")
+    b64_json: str | None = Field(None, description="the PNG, base64")
+
+
+class ImagesAnswer(BaseModel):
+    """POST /v1/images/generations' answer (OpenAI's shape)."""
+
+    created: int
+    data: list[ImageData]
 
 
 def parse_size(size: str) -> tuple[int, int]:
