@@ -1,6 +1,6 @@
 """`python -m engine.serve` as a subprocess on a free loopback port: started, waited for, stopped with SIGTERM.
 
-Shared by the load test (benchmarks/serve_load.py) and the server tests (tests/serve_util.py).
+Shared by the load test (benchmarks/serve_load.py) and the server tests (through tests/helpers.py).
 """
 from __future__ import annotations
 

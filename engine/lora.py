@@ -291,21 +291,6 @@ def adapter_params(loras: Sequence[tuple[LoraWeights, float]]) -> list[dict]:
     return [{"name": w.name, "hash": w.digest, "scale": s} for w, s in loras]
 
 
-def apply_to_models(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeights, float]]) -> AppliedLora:
-    """Merge whole adapters into sub-models by name ("unet", "text_encoder", ...); one handle undoes all."""
-    merged: dict[str, dict[str, torch.Tensor]] = {}
-    for target in TARGETS:
-        parts = parts_for(loras, target)
-        if parts and target not in models:
-            raise ValueError(f"LoRA {parts[0][0].adapter!r} has {target} weights but the model has no {target}")
-        if parts:
-            merged[target] = merged_weights(models[target], parts)  # all checks before any swap
-    handle = AppliedLora()
-    for target, tensors in merged.items():
-        handle.swap(models[target], tensors)
-    return handle
-
-
 class OnnxWeights(Mapping[str, torch.Tensor]):
     """An exported graph's weights by the sub-model's parameter names: export names each initializer after its torch
     parameter under the wrapper's attribute (`unet.conv_in.weight`), and `prefix` is that attribute."""

@@ -290,12 +290,3 @@ def get(name: str) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
     return REGISTRY[name]
-
-
-def by_a1111_name(a1111_name: str) -> Sampler:
-    """The record whose A1111 infotext name is `a1111_name` (reading an A1111 `Sampler:` value back)."""
-    for sampler in REGISTRY.values():
-        if sampler.a1111_name == a1111_name:
-            return sampler
-    raise ValueError(f"unknown A1111 sampler {a1111_name!r}; "
-                     f"choose one of: {', '.join(s.a1111_name for s in REGISTRY.values())}")

@@ -18,7 +18,6 @@ image latents with ``add_noise`` at ``j = start`` (and at ``j = i + 1`` for the 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import numbers
 from dataclasses import dataclass
@@ -77,20 +76,6 @@ def _first_step(strength, steps: int) -> int:
             f"allowed: strength >= {s_min!r} (1/steps)"
         )
     return t_start
-
-
-def diffusers_scheduler(name: str, scheduler_config: dict):
-    """The diffusers scheduler object our sampler ``name`` reproduces: what the tests compare with (generating
-    never calls this; engine/schedulers.py computes the same tables)."""
-    import diffusers  # heavy import: tests and tools only
-
-    sampler = sampler_registry.get(name)
-    cls = getattr(diffusers, sampler.scheduler)
-    # keys the class does not know are ignored by from_config anyway; dropping them first only
-    # silences its "not expected and will be ignored" warning for e.g. PNDM's skip_prk_steps
-    known = inspect.signature(cls.__init__).parameters
-    config = {k: v for k, v in scheduler_config.items() if k in known or k.startswith("_")}
-    return cls.from_config(config, **sampler.overrides)
 
 
 def _steps_error(name: str, cfg: schedulers.Config, steps: int, err: ValueError) -> str:

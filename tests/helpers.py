@@ -1,21 +1,25 @@
-"""What several test modules share, written once: prompts, seeded generators and images, pixel comparisons,
-bounded waits, the server launcher and its metrics, runner wrappers, ONNX graph checks, LoRA files, the
-continuous-batching driver and TensorRT manifests. No test module imports another test module.
+"""What several test modules share, and test-only helpers that product code does not need, written once:
+prompts, seeded generators and images, pixel comparisons, bounded waits, the server launcher and its metrics, runner
+wrappers, ONNX graph checks and op counts, LoRA files and their merge into torch modules, the continuous-batching
+driver and TensorRT manifests. No test module imports another test module.
 
-(tests/ldm_layout.py, the LDM single-file writer of the single-file tests, is a helper module of its own.)
+Helper modules of their own: tests/ldm_layout.py (the LDM single-file writer of the single-file tests),
+tests/sampler_cases.py (the sampler parity cases and the diffusers reference scheduler), tests/a1111.py (A1111's
+infotext parsing) and tests/kernel_cases.py (the attention kernel cases shared by the CPU and GPU tests).
 """
 from __future__ import annotations
 
 import base64
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch import nn
 
 from benchmarks.serve_process import (  # noqa: F401 (re-exported: the server tests' launcher)
     Server,
@@ -24,6 +28,7 @@ from benchmarks.serve_process import (  # noqa: F401 (re-exported: the server te
     running_server,
     wait_ready,
 )
+from engine.lora import TARGETS, AppliedLora, LoraWeights, merged_weights, parts_for
 from export.specs import Shape
 
 T = TypeVar("T")
@@ -198,6 +203,18 @@ def check_graph(path, spec) -> None:
             assert dims[axis].dim_param, f"{spec.name}.{t.name} axis {axis} should be dynamic"
 
 
+def count_ops(path: Path) -> dict[str, int]:
+    """op_type (prefixed by its domain when custom) -> count, over the main graph."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        key = f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 # ---- LoRA files on `tiny` (seeded, random) ------------------------------------------------------------------
 
 KOHYA_UNET = [f"down_blocks_0_attentions_0_transformer_blocks_0_attn{i}_{p}" for i in (1, 2)
@@ -279,6 +296,21 @@ def fused_pipe(folder: Path, adapters: list[tuple[Path, float]]):
     pipe.fuse_lora(adapter_names=names)
     pipe.unload_lora_weights()
     return pipe
+
+
+def apply_to_models(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeights, float]]) -> AppliedLora:
+    """Merge whole adapters into sub-models by name ("unet", "text_encoder", ...); one handle undoes all."""
+    merged: dict[str, dict[str, torch.Tensor]] = {}
+    for target in TARGETS:
+        parts = parts_for(loras, target)
+        if parts and target not in models:
+            raise ValueError(f"LoRA {parts[0][0].adapter!r} has {target} weights but the model has no {target}")
+        if parts:
+            merged[target] = merged_weights(models[target], parts)  # all checks before any swap
+    handle = AppliedLora()
+    for target, tensors in merged.items():
+        handle.swap(models[target], tensors)
+    return handle
 
 
 # ---- step-level continuous batching (engine/continuous.py) --------------------------------------------------

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from export.onnx_export import ExportOptions, example_inputs, export_component, run_onnx
-from export.optimize import count_ops
 from export.specs import COMPONENTS, get_spec
 from kernels import contract
-from tests.helpers import EXPORT_SHAPES, check_graph, check_parity
+from tests.helpers import EXPORT_SHAPES, check_graph, check_parity, count_ops
 
 
 def _attention_modules(module: torch.nn.Module) -> list:

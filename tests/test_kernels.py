@@ -29,12 +29,9 @@ import torch.nn.functional as F
 
 from kernels import build as kbuild
 from kernels import contract
+from tests.kernel_cases import DTYPES, EDGE_CASES, HAS_GPU, assert_within_lowp, check_edge, edge_inputs
 
 REPO = Path(__file__).resolve().parents[1]
-HAS_GPU = torch.cuda.is_available()
-gpu = pytest.mark.gpu
-needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU")
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _nvcc() -> str:
@@ -154,24 +151,6 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return exe
 
 
-def _lowp_sdpa_err(q, k, v, heads, scale, ref) -> tuple[float, float]:
-    """max / mean abs error of plain low-precision torch (SDPA math in q's dtype) vs the fp32 reference.
-    On CUDA the math backend upcasts fp16/bf16 to fp32 unless fp16/bf16 reductions are allowed; we
-    allow them, so the baseline really is "plain fp16 PyTorch"."""
-    b, sq, e = q.shape
-    def hv(x):
-        return x.view(b, x.shape[1], heads, e // heads).transpose(1, 2)
-    allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
-    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
-    try:
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            out = F.scaled_dot_product_attention(hv(q), hv(k), hv(v), scale=scale)
-    finally:
-        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
-    diff = (out.transpose(1, 2).reshape(b, sq, e).float() - ref).abs()
-    return diff.max().item(), diff.mean().item()
-
-
 EMU_CASES = [  # dtype, D, B, Sq, Sk, H, scale (None = baked 1/sqrt(D))
     ("float16", 40, 1, 77, 77, 2, None), ("bfloat16", 40, 2, 130, 200, 1, None),
     ("float16", 64, 1, 200, 77, 2, None), ("bfloat16", 64, 1, 16, 129, 1, 0.3),
@@ -195,51 +174,17 @@ def _emulate(emulator: Path, tmp_path: Path, dtype: str, q: torch.Tensor, k: tor
     return out
 
 
-def _assert_within_lowp(out: torch.Tensor, q, k, v, heads: int, scale: float | None, atol: float = 1e-4) -> None:
-    """max and mean abs error vs the fp32 reference at most 2x plain low-precision PyTorch's."""
-    from kernels.torch_op import attention_reference
-
-    q, k, v = (t.cpu() for t in (q, k, v))
-    ref = attention_reference(q, k, v, heads, scale)
-    err = (out.cpu().float() - ref).abs()
-    assert err.isfinite().all(), "non-finite outputs"
-    lowp_max, lowp_mean = _lowp_sdpa_err(q, k, v, heads, scale, ref)
-    assert err.max().item() <= 2 * lowp_max + atol, (err.max().item(), lowp_max)
-    assert err.mean().item() <= 2 * lowp_mean + atol / 100, (err.mean().item(), lowp_mean)
-
-
 @pytest.mark.parametrize("dtype,d,b,sq,sk,h,scale", EMU_CASES)
 def test_emulated_kernel_matches_reference(emulator: Path, tmp_path: Path, dtype, d, b, sq, sk, h, scale):
     g = torch.Generator().manual_seed(d * 1000 + sq)
     q, k, v = (torch.randn(b, s, h * d, generator=g).to(DTYPES[dtype]) for s in (sq, sk, sk))
-    _assert_within_lowp(_emulate(emulator, tmp_path, dtype, q, k, v, h, scale), q, k, v, h, scale)
-
-
-EDGE_CASES = [  # id, dtype, D, B, Sq, Sk, H, q multiplier: huge logits, a single key, a single query
-    ("logits_x30_f16_d40", "float16", 40, 1, 77, 77, 2, 30.0), ("logits_x30_bf16_d80", "bfloat16", 80, 1, 70, 100, 1, 30.0),
-    ("logits_x30_f16_d160", "float16", 160, 1, 33, 77, 1, 30.0),
-    ("sk1_f16_d64", "float16", 64, 1, 70, 1, 2, 1.0), ("sk1_bf16_d160", "bfloat16", 160, 1, 33, 1, 1, 1.0),
-    ("sq1_f16_d40", "float16", 40, 2, 1, 77, 2, 1.0), ("sq1_bf16_d128", "bfloat16", 128, 1, 1, 200, 1, 1.0),
-]
-
-
-def _edge_inputs(dtype: str, d: int, b: int, sq: int, sk: int, h: int, q_mult: float, device: str = "cpu"):
-    """q scaled by q_mult in float32 before rounding (logits |s| in the hundreds for q x 30), k, v ~ N(0, 1)."""
-    g = torch.Generator().manual_seed(d * 31 + sq * 7 + sk)
-    q, k, v = (torch.randn(b, s, h * d, generator=g) for s in (sq, sk, sk))
-    return [t.to(device=device, dtype=DTYPES[dtype]) for t in (q * q_mult, k, v)]
-
-
-def _check_edge(out: torch.Tensor, q, k, v, h: int, sk: int) -> None:
-    if sk == 1:  # softmax over one key is exactly 1: the output is v, bit for bit
-        assert torch.equal(out.cpu().to(v.dtype), v.cpu().expand_as(out)), "Sk = 1 must return v exactly"
-    _assert_within_lowp(out, q, k, v, h, None)
+    assert_within_lowp(_emulate(emulator, tmp_path, dtype, q, k, v, h, scale), q, k, v, h, scale)
 
 
 @pytest.mark.parametrize("dtype,d,b,sq,sk,h,q_mult", [c[1:] for c in EDGE_CASES], ids=[c[0] for c in EDGE_CASES])
 def test_emulated_kernel_edge_cases(emulator: Path, tmp_path: Path, dtype, d, b, sq, sk, h, q_mult):
-    q, k, v = _edge_inputs(dtype, d, b, sq, sk, h, q_mult)
-    _check_edge(_emulate(emulator, tmp_path, dtype, q, k, v, h, None), q, k, v, h, sk)
+    q, k, v = edge_inputs(dtype, d, b, sq, sk, h, q_mult)
+    check_edge(_emulate(emulator, tmp_path, dtype, q, k, v, h, None), q, k, v, h, sk)
 
 
 def test_emulated_kernel_empty_keys(emulator: Path, tmp_path: Path):

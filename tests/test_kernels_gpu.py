@@ -12,15 +12,7 @@ import math
 import pytest
 import torch
 
-from tests.test_kernels import (
-    DTYPES,
-    EDGE_CASES,
-    _check_edge,
-    _edge_inputs,
-    _lowp_sdpa_err,
-    gpu,
-    needs_gpu,
-)
+from tests.kernel_cases import DTYPES, EDGE_CASES, check_edge, edge_inputs, gpu, lowp_sdpa_err, needs_gpu
 
 SD_SHAPES = [  # (Sq, H, D): SD 1.5 (8 heads, D = 40/80/160) and SD 2.x (D = 64, 5/10/20 heads)
     (4096, 8, 40), (1024, 8, 80), (256, 8, 160), (4096, 5, 64), (1024, 10, 64), (256, 20, 64),
@@ -44,7 +36,7 @@ def test_gpu_correct_on_sd_shapes(dtype, cross, sq, h, d):
     sk = 77 if cross else sq
     q, k, v = _gpu_case(DTYPES[dtype], 2, sq, sk, h, d)
     ref = attention_reference(q, k, v, h)
-    lowp, _ = _lowp_sdpa_err(q, k, v, h, None, ref)
+    lowp, _ = lowp_sdpa_err(q, k, v, h, None, ref)
     stream = torch.cuda.current_stream().cuda_stream
     for scale in (None, 1.0 / math.sqrt(d)):  # baked entry (TensorRT's) and the runtime-scale entry
         out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
@@ -80,7 +72,7 @@ def test_gpu_cuda_graph_replay():
         graph.replay()
         torch.cuda.synchronize()
         ref = attention_reference(nq, nk, nv, 8)
-        lowp, _ = _lowp_sdpa_err(nq, nk, nv, 8, None, ref)
+        lowp, _ = lowp_sdpa_err(nq, nk, nv, 8, None, ref)
         assert (out.float() - ref).abs().max().item() <= 2 * lowp + 1e-5
 
 
@@ -105,15 +97,15 @@ def test_gpu_edge_cases(dtype, d, b, sq, sk, h, q_mult):
     from kernels.launcher import launch_attention
     from kernels.torch_op import fused_attention
 
-    q, k, v = _edge_inputs(dtype, d, b, sq, sk, h, q_mult, device="cuda")
-    _check_edge(fused_attention(q, k, v, h), q, k, v, h, sk)
+    q, k, v = edge_inputs(dtype, d, b, sq, sk, h, q_mult, device="cuda")
+    check_edge(fused_attention(q, k, v, h), q, k, v, h, sk)
     out = torch.full_like(q, float("nan"))
     launch_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), batch=b, seq_q=sq, seq_k=sk,
                      num_heads=h, head_dim=d, dtype=dtype, stream=torch.cuda.current_stream().cuda_stream,
                      scale=1.0 / math.sqrt(d))
     torch.cuda.synchronize()
     assert not out.isnan().any()
-    _check_edge(out, q, k, v, h, sk)
+    check_edge(out, q, k, v, h, sk)
 
 
 @gpu
@@ -163,7 +155,7 @@ def test_gpu_non_default_stream_without_synchronize():
     b, sq, sk, h, d = 2, 1024, 77, 8, 80
     src = _gpu_case(torch.float16, b, sq, sk, h, d)
     ref = attention_reference(*src, h)
-    bound = 2 * _lowp_sdpa_err(*src, h, None, ref)[0] + 1e-5
+    bound = 2 * lowp_sdpa_err(*src, h, None, ref)[0] + 1e-5
     q, k, v = (torch.full_like(t, float("nan")) for t in src)
     torch.cuda.synchronize()  # set-up done: from here on only stream order
     side = torch.cuda.Stream()

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 pytest.importorskip("peft")
 
-from engine.lora import Adapter, apply, apply_to_models, delta, load_lora, merged_weights, parse_adapter  # noqa: E402
-from tests.helpers import fused_pipe, kohya_pair, sd_pipe, write_kohya, write_peft  # noqa: E402
+from engine.lora import Adapter, apply, delta, load_lora, merged_weights, parse_adapter  # noqa: E402
+from tests.helpers import apply_to_models, fused_pipe, kohya_pair, sd_pipe, write_kohya, write_peft  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from engine.lora import Adapter
 from engine.pipeline import Pipeline
 from engine.png import parameters_text
 from engine.request import Request
-from engine.samplers import diffusers_scheduler
 from tests.helpers import PROMPTS, fused_pipe, gens, max_diff, to_uint8, write_kohya, write_peft
+from tests.sampler_cases import diffusers_scheduler
 
 SEEDS = [5, 17]
 SIZE, STEPS = 64, 4

@@ -11,8 +11,8 @@ pytest.importorskip("peft")
 from engine.lora import Adapter  # noqa: E402
 from engine.pipeline import Pipeline  # noqa: E402
 from engine.request import Request  # noqa: E402
-from engine.samplers import diffusers_scheduler  # noqa: E402
 from tests.helpers import PROMPTS, gens, max_diff, to_uint8  # noqa: E402
+from tests.sampler_cases import diffusers_scheduler  # noqa: E402
 
 SEEDS, SIZE, STEPS = [3, 41], 64, 4
 

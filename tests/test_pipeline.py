@@ -11,9 +11,9 @@ from engine import samplers
 from engine.config import Profile
 from engine.pipeline import Pipeline
 from engine.request import Request
-from engine.samplers import diffusers_scheduler
 from export.specs import Shape
 from tests.helpers import PROMPTS, Wrapped, gens, max_diff, stack_pixels, to_uint8
+from tests.sampler_cases import diffusers_scheduler
 
 
 @pytest.fixture(scope="module")

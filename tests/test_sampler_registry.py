@@ -16,10 +16,10 @@ from pydantic import ValidationError
 
 from engine import png, sampler_registry, samplers, schedulers
 from engine.generate import parse_args
-from engine.sampler_registry import REGISTRY, SAMPLERS, by_a1111_name, get
+from engine.sampler_registry import REGISTRY, SAMPLERS, get
 from engine.server.schemas import GenerateBody, ImagesBody
-from tests.test_png import TXT2IMG, parse_a1111
-from tests.test_samplers import SD15
+from tests.a1111 import TXT2IMG, by_a1111_name, parse_a1111
+from tests.sampler_cases import SD15
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,69 +11,26 @@ import textwrap
 
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LCMScheduler,
-)
+from diffusers import EulerAncestralDiscreteScheduler
 
 from engine import sampler_registry, samplers
-from engine.samplers import SAMPLERS, add_noise, diffusers_scheduler, init_state, make_schedule, scale_model_input, step
+from engine.samplers import SAMPLERS, add_noise, init_state, make_schedule, scale_model_input, step
+from tests.sampler_cases import (
+    ATOL,
+    CONFIGS,
+    EDGE_CASES,
+    EXTRA_CONFIGS,
+    REFERENCE,
+    RTOL,
+    SD15,
+    SD21_V,
+    SHAPE,
+    diffusers_scheduler,
+    seeded_bias,
+    stand_in_model,
+)
 
-ATOL = RTOL = 1e-5
-SHAPE = (2, 4, 8, 8)  # [B, 4, H/8, W/8]
-
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "prediction_type": "epsilon",
-}
-SD21_V = {**SD15, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
-CONFIGS = {"sd15_eps": SD15, "sd21_v": SD21_V}
-# extra coverage: zero-SNR + trailing (v-pred), x0-prediction with clipping, sigma_min final, other knobs
-EXTRA_CONFIGS = {
-    "zsnr_trailing_v": {**SD21_V, "timestep_spacing": "trailing", "rescale_betas_zero_snr": True},
-    "sample_clip": {**SD15, "_class_name": "DDIMScheduler", "prediction_type": "sample", "clip_sample": True,
-                    "clip_sample_range": 0.8},
-    "leading_sigma_min": {**SD15, "timestep_spacing": "leading", "final_sigmas_type": "sigma_min"},
-    # DPM++: heun solver; LCM: another distillation grid, small boundary scaling. (Not with sigma_min:
-    # karras + sigma_min repeats the last sigma, h = 0, and diffusers' heun update is NaN there.)
-    "knobs": {**SD15, "_class_name": "DPMSolverMultistepScheduler", "solver_type": "heun",
-              "lower_order_final": False, "timestep_spacing": "trailing",
-              "original_inference_steps": 100, "timestep_scaling": 0.01},
-}
-
-# Written out independently of engine.samplers: the scheduler each sampler must reproduce.
-REFERENCE = {
-    "ddim": (DDIMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "lcm": (LCMScheduler, {}),
-}
 NOISY = {"euler_a", "lcm"}
-
-
-def _bias() -> torch.Tensor:
-    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
-
-
-def _model(x: torch.Tensor, t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Deterministic stand-in for the guided UNet output: depends on the current input and timestep."""
-    return 0.5 * x + 0.1 * t.float() / 1000 + 0.3 * bias
 
 
 def _run_reference(name: str, config: dict, steps: int):
@@ -81,21 +38,21 @@ def _run_reference(name: str, config: dict, steps: int):
     cls, overrides = REFERENCE[name]
     sched = cls.from_config(dict(config), **overrides)
     sched.set_timesteps(steps)
-    bias = _bias()
+    bias = seeded_bias()
     gen = torch.Generator().manual_seed(123)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
     inputs, outs = [], []
     for t in sched.timesteps:
         x_in = sched.scale_model_input(x, t)
         inputs.append(x_in)
-        x = sched.step(_model(x_in, t, bias), t, x, generator=gen).prev_sample
+        x = sched.step(stand_in_model(x_in, t, bias), t, x, generator=gen).prev_sample
         outs.append(x)
     return sched.timesteps.float(), float(sched.init_noise_sigma), inputs, outs
 
 
 def _run_ours(name: str, config: dict, steps: int):
     sch = make_schedule(name, config, steps)
-    bias = _bias()
+    bias = seeded_bias()
     gen = torch.Generator().manual_seed(123)  # same draws, same order as diffusers' randn_tensor
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * sch.init_noise_sigma
     state = init_state(sch, x)
@@ -105,7 +62,7 @@ def _run_ours(name: str, config: dict, steps: int):
         x_in = scale_model_input(sch, x, i)
         inputs.append(x_in)
         noise = torch.randn(SHAPE, generator=gen) if sch.needs_noise else None
-        x, state = step(sch, i, x, _model(x_in, sch.timesteps[k], bias), state, noise)
+        x, state = step(sch, i, x, stand_in_model(x_in, sch.timesteps[k], bias), state, noise)
         outs.append(x)
     return sch, inputs, outs
 
@@ -130,11 +87,6 @@ def _check_parity(name: str, config: dict, steps: int) -> None:
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_parity_with_diffusers(name: str, config: str, steps: int) -> None:
     _check_parity(name, CONFIGS[config], steps)
-
-
-# diffusers' Euler-a has no x0 ("sample") prediction; that pair is checked against the closed form below
-EDGE_CASES = [(n, c) for n in SAMPLERS for c in EXTRA_CONFIGS
-              if not (n == "euler_a" and EXTRA_CONFIGS[c]["prediction_type"] == "sample")]
 
 
 @pytest.mark.parametrize("steps", [1, 3, 14, 15, 20])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from engine.samplers import SAMPLERS, add_noise, init_state, make_schedule, scale_model_input, step
-from tests.test_samplers import (  # shared fixtures of the txt2img parity tests
+from tests.sampler_cases import (  # shared with the txt2img parity tests
     ATOL,
     CONFIGS,
     EDGE_CASES,
@@ -25,8 +25,8 @@ from tests.test_samplers import (  # shared fixtures of the txt2img parity tests
     SD15,
     SD21_V,
     SHAPE,
-    _bias,
-    _model,
+    seeded_bias,
+    stand_in_model,
 )
 
 # ----------------------------------------------------------------------------- img2img / inpainting (strength)
@@ -78,7 +78,7 @@ def _run_reference_img2img(name: str, config: dict, steps: int, strength: float,
     """Drive diffusers like StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline (4-channel UNet)."""
     sched, _, timesteps, _ = _ref_scheduler(name, config, steps, strength)
     x0, noise, mask = _image_latents()
-    bias = _bias()
+    bias = seeded_bias()
     gen = torch.Generator().manual_seed(123)
     latent_timestep = timesteps[:1].repeat(SHAPE[0])
     if inpaint and strength == 1.0:  # the inpainting pipeline's is_strength_max: pure noise, like txt2img
@@ -88,7 +88,7 @@ def _run_reference_img2img(name: str, config: dict, steps: int, strength: float,
     first, outs, propers = x, [], []
     for k, t in enumerate(timesteps):
         x_in = sched.scale_model_input(x, t)
-        x = sched.step(_model(x_in, t, bias), t, x, generator=gen).prev_sample
+        x = sched.step(stand_in_model(x_in, t, bias), t, x, generator=gen).prev_sample
         if inpaint:
             proper = x0
             if k < len(timesteps) - 1:
@@ -102,7 +102,7 @@ def _run_reference_img2img(name: str, config: dict, steps: int, strength: float,
 def _run_ours_img2img(name: str, config: dict, steps: int, strength: float, inpaint: bool):
     sch = make_schedule(name, config, steps, strength)
     x0, noise, mask = _image_latents()
-    bias = _bias()
+    bias = seeded_bias()
     gen = torch.Generator().manual_seed(123)
     if inpaint and strength == 1.0:
         x = noise * sch.init_noise_sigma
@@ -114,7 +114,7 @@ def _run_ours_img2img(name: str, config: dict, steps: int, strength: float, inpa
         i = torch.tensor(k, dtype=torch.int64)
         x_in = scale_model_input(sch, x, i)
         z = torch.randn(SHAPE, generator=gen) if sch.needs_noise else None
-        x, state = step(sch, i, x, _model(x_in, sch.timesteps[k], bias), state, z)
+        x, state = step(sch, i, x, stand_in_model(x_in, sch.timesteps[k], bias), state, z)
         if inpaint:
             proper = add_noise(sch, x0, noise, i + 1)  # j = N after the last step: x0 itself
             propers.append(proper)

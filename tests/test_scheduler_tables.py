@@ -1,7 +1,7 @@
 """engine/schedulers.py (our own scheduler setup, no diffusers at run time) against diffusers' schedulers.
 
 For every sampler, several step counts and many configs (the presets' config, SD 1.5 / 2.1 / SDXL model
-folders' configs, and the edge configs of test_samplers.py), the state a diffusers scheduler holds after
+folders' configs, and the edge configs of tests/sampler_cases.py), the state a diffusers scheduler holds after
 ``from_config(config, **overrides).set_timesteps(steps)`` must equal ours bit for bit: alphas_cumprod,
 final_alpha_cumprod, timesteps (values and dtype), sigmas, init_noise_sigma, and the scalars ``add_noise``
 multiplies by at each step. Then every coefficient table `make_schedule` returns must equal, bit for bit,
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from engine import sampler_registry, samplers, schedulers
-from engine.samplers import SAMPLERS, diffusers_scheduler, make_schedule
+from engine.samplers import SAMPLERS, make_schedule
 from export.presets import PRESETS
-from tests.test_samplers import CONFIGS, EXTRA_CONFIGS, SD15
+from tests.sampler_cases import CONFIGS, EXTRA_CONFIGS, SD15, diffusers_scheduler
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -9,8 +9,8 @@ from engine.build import build_all
 from engine.config import BuildConfig
 from engine.pipeline import Pipeline
 from engine.request import Request
-from engine.samplers import diffusers_scheduler
 from tests.helpers import PROMPTS, gens, init_image, mask_image, max_diff, to_uint8
+from tests.sampler_cases import diffusers_scheduler
 
 SEEDS = [21, 8]
 SIZE = 64

@@ -8,8 +8,9 @@ from engine.build import build_all
 from engine.config import BuildConfig
 from engine.pipeline import Pipeline
 from engine.request import Request
-from engine.samplers import SAMPLERS, diffusers_scheduler
+from engine.samplers import SAMPLERS
 from tests.helpers import PROMPTS, gens, max_diff, to_uint8
+from tests.sampler_cases import diffusers_scheduler
 
 SEEDS = [3, 41]
 SIZE = 64

@@ -12,11 +12,11 @@ from engine.build import build_all
 from engine.config import BuildConfig
 from engine.pipeline import Pipeline
 from engine.request import Request
-from engine.samplers import diffusers_scheduler
 from export.families import SDXL_REFINER, detect_family, get_family
 from export.families.sdxl import REFINER_TIME_IDS
 from export.specs import Dims
 from tests.helpers import PROMPTS, gens, init_image, max_diff, to_uint8
+from tests.sampler_cases import diffusers_scheduler
 
 SEEDS = [11, 29]
 SIZE = 64
