@@ -1,11 +1,13 @@
 """python -m benchmarks.run: the benchmark suite in one process, one results file in the common schema.
 
-    python -m benchmarks.run [--suite quick|full] [--backends onnxruntime,torch] [--models tiny,sd15]
+    python -m benchmarks.run [--suite smoke|quick|full] [--backends onnxruntime,torch] [--models tiny,sd15]
                              [--device cpu|cuda] [--out DIR]
 
-`quick` (CI, a few minutes on 2 cores): the `tiny` pipeline per backend (stages, batch 1..8, memory),
+`quick` (a few minutes on 2 cores): the `tiny` pipeline per backend (stages, batch 1..8, memory),
 its UNet step interleaved across backends, the attention kernel (GPU; a skipped row on CPU), tiny's
-export/build cost, cold start. `full` adds more runs and the `sd15` UNet step at 256² and 512², sd15's
+export/build cost, cold start. `smoke` is every stage of `quick` with the fewest runs and the build cost of
+one component (the test suite's run: it checks the benchmarks work, its figures are not worth reporting).
+`full` adds more runs and the `sd15` UNet step at 256² and 512², sd15's
 build cost, the server load test and request- vs step-level batching. Rows go to
 <out>/<UTC time>-<suite>-<device>.json (a new file every run); `python -m benchmarks.report` renders it.
 """
@@ -35,18 +37,24 @@ class Suite:
     name: str
     models: tuple[str, ...]
     pipeline_runs: int
+    batch_runs: int  # timed pipeline runs per batch size
     batch_sizes: tuple[int, ...]
     unet_sizes: dict[str, tuple[int, ...]]  # model -> sizes of the interleaved UNet step
     unet_runs: int
     build_models: tuple[str, ...]
     cold_start_runs: int
     serve_load: bool
+    build_components: tuple[str, ...] | None = None  # None: each model's default components
 
 
 SUITES = {
-    "quick": Suite("quick", ("tiny",), pipeline_runs=10, batch_sizes=(1, 2, 4, 8), unet_sizes={"tiny": (128,)},
-                   unet_runs=5, build_models=("tiny",), cold_start_runs=3, serve_load=False),
-    "full": Suite("full", ("tiny", "sd15"), pipeline_runs=20, batch_sizes=(1, 2, 4, 8),
+    "smoke": Suite("smoke", ("tiny",), pipeline_runs=3, batch_runs=1, batch_sizes=(1, 2, 4, 8),
+                   unet_sizes={"tiny": (128,)}, unet_runs=2, build_models=("tiny",), cold_start_runs=1,
+                   serve_load=False, build_components=("vae_decoder",)),
+    "quick": Suite("quick", ("tiny",), pipeline_runs=10, batch_runs=3, batch_sizes=(1, 2, 4, 8),
+                   unet_sizes={"tiny": (128,)}, unet_runs=5, build_models=("tiny",), cold_start_runs=3,
+                   serve_load=False),
+    "full": Suite("full", ("tiny", "sd15"), pipeline_runs=20, batch_runs=3, batch_sizes=(1, 2, 4, 8),
                   unet_sizes={"tiny": (128, 256), "sd15": (256, 512)}, unet_runs=5, build_models=("tiny", "sd15"),
                   cold_start_runs=5, serve_load=True),
 }
@@ -79,7 +87,7 @@ def run(suite: Suite, backends: tuple[str, ...], device: str, out: Path) -> Path
         variants = tuple(v for v in CPU_VARIANTS if v[0] in backends)
     if "tiny" in suite.models:  # the pipeline as a user runs it: the small default model
         cfg = pipeline.PipelineBench(model="tiny", backends=backends, batch_sizes=suite.batch_sizes,
-                                     runs=suite.pipeline_runs, device=device)
+                                     runs=suite.pipeline_runs, batch_runs=suite.batch_runs, device=device)
         _step("pipeline tiny", lambda: pipeline.measure(results, cfg, engine_dir))
     for model in suite.models:
         sizes = suite.unet_sizes.get(model, ())
@@ -93,8 +101,9 @@ def run(suite: Suite, backends: tuple[str, ...], device: str, out: Path) -> Path
             # a full-size model's components are built with the first backend only (minutes each)
             chosen = backends if model == "tiny" else backends[:1]
             _step(f"build cost {model}", lambda model=model, chosen=chosen: build_cost.measure(
-                results, model=model, backends=chosen, device=device))
-    _step("cold start", lambda: cold_start.measure(results, runs=suite.cold_start_runs))
+                results, model=model, backends=chosen, components=suite.build_components, device=device))
+    # the generate processes run on tiny's default build: the pipeline bench's when it built one (cached)
+    _step("cold start", lambda: cold_start.measure(results, runs=suite.cold_start_runs, engine_dir=engine_dir))
     if suite.serve_load and not device.startswith("cuda"):  # the reduced-precision CPU paths' image quality
         _step("quality tiny", lambda: quality.measure(results, model="tiny"))
     if suite.serve_load:

@@ -113,6 +113,9 @@ def export_component(model: LoadedModel | Path, name: str, path: Path, opts: Exp
     module, prefix = meta_component(folder, name, dtype, family)
     family = family or detect_family(folder)
     spec, dims = family.spec(name), folder_dims(folder)
+    files = {} if isinstance(model, LoadedModel) else lean.tensor_index(folder / spec.model_folder)
+    if not isinstance(model, LoadedModel):
+        lean.check_files(module, prefix, files)  # a missing or misshapen weight is named before the trace
     size = default_size(folder)
     shape = opts.shape or Shape(1, size, size)
     # example batch 2 (not 1) keeps torch.export from specialising the batch axis to 1
@@ -136,7 +139,7 @@ def export_component(model: LoadedModel | Path, name: str, path: Path, opts: Exp
     if isinstance(model, LoadedModel):
         sources = lean.attach_weights(program.model, module, prefix, {}, loaded=component_module(model, name))
     else:
-        sources = lean.attach_weights(program.model, module, prefix, lean.tensor_index(folder / spec.model_folder))
+        sources = lean.attach_weights(program.model, module, prefix, files)
     if opts.optimize:
         lean.optimize(program.model)
     trace_s = time.perf_counter() - t0

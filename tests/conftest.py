@@ -1,8 +1,15 @@
 """Shared fixtures: one private cache, and each preset materialised and each engine set built once per test
-session (tiny on ONNX Runtime, torch and OpenVINO; tiny-xl on ONNX Runtime). Helpers: tests/helpers.py."""
+run (tiny on ONNX Runtime, torch and OpenVINO; tiny-xl on ONNX Runtime). Helpers: tests/helpers.py.
+
+Under pytest-xdist (tests/run.sh runs `-n 2`) every worker is its own session: the cache and the engine dirs
+live in one folder of the run that all workers share (pytest-xdist's documented pattern), and each is made
+under a lock, so the first worker builds and the others find the build cached."""
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +25,29 @@ def _build(engine_dir: Path, **config):
     return build_all(BuildConfig(engine_dir=engine_dir, **config), progress=False)
 
 
+def _run_root(tmp_path_factory) -> Path:
+    """The folder every worker of this test run shares: the basetemp's parent under xdist, else the basetemp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextmanager
+def _shared(tmp_path_factory, name: str) -> Iterator[Path]:
+    """`<run root>/<name>`, held under an exclusive lock for the block (one worker makes it at a time)."""
+    from export.store import file_lock
+
+    root = _run_root(tmp_path_factory)
+    with file_lock(root / f".{name}.lock", f"the test fixture {name}"):
+        yield root / name
+
+
+def _shared_build(tmp_path_factory, name: str, **config) -> Path:
+    """engine.build into the run's shared `name` dir; the first worker builds, the others find it cached."""
+    with _shared(tmp_path_factory, name) as engine_dir:
+        _build(engine_dir, **config)
+    return engine_dir
+
+
 def _loaded(engine_dir: Path):
     """The library's Pipeline on `engine_dir`, closed when the fixture that yields from this ends."""
     from engine.pipeline import Pipeline
@@ -30,7 +60,8 @@ def _loaded(engine_dir: Path):
 @pytest.fixture(scope="session", autouse=True)
 def engine_cache(tmp_path_factory) -> Path:
     """Keep presets and conversions out of the user's ~/.cache for the whole session."""
-    root = tmp_path_factory.mktemp("sd_engine_cache")
+    with _shared(tmp_path_factory, "sd_engine_cache") as root:
+        root.mkdir(exist_ok=True)
     old = os.environ.get("SD_ENGINE_CACHE")
     os.environ["SD_ENGINE_CACHE"] = str(root)
     yield root
@@ -45,7 +76,7 @@ def tiny_folder(engine_cache) -> Path:
     from export.models import materialize_preset
     from export.presets import PRESETS
 
-    return materialize_preset(PRESETS["tiny"])
+    return materialize_preset(PRESETS["tiny"])  # concurrent workers wait for one another (its own lock)
 
 
 @pytest.fixture(scope="session")
@@ -59,10 +90,8 @@ def tiny_fp32(tiny_folder):
 def ort_engines(tmp_path_factory, tiny_folder) -> Path:
     """tiny built for ONNX Runtime fp32 with the VAE encoder (img2img), default 64x64 (the e2e and CLI tests
     share it; ONNX Runtime takes any exported batch and size, the default only fills in what a request omits)."""
-    engine_dir = tmp_path_factory.mktemp("engines")
-    _build(engine_dir, model="tiny", backend="onnxruntime", precision="fp32", height=64, width=64,
-           components=TINY_SD_COMPONENTS)
-    return engine_dir
+    return _shared_build(tmp_path_factory, "engines", model="tiny", backend="onnxruntime", precision="fp32",
+                         height=64, width=64, components=TINY_SD_COMPONENTS)
 
 
 @pytest.fixture(scope="session")
@@ -74,9 +103,8 @@ def ort_pipeline(ort_engines):
 @pytest.fixture(scope="session")
 def torch_engines(tmp_path_factory, tiny_folder) -> Path:
     """tiny built for the torch backend on the CPU (fp32), default components (no VAE encoder), default 64x64."""
-    engine_dir = tmp_path_factory.mktemp("torch_engines")
-    _build(engine_dir, model="tiny", backend="torch", precision="fp32", height=64, width=64)
-    return engine_dir
+    return _shared_build(tmp_path_factory, "torch_engines", model="tiny", backend="torch", precision="fp32",
+                         height=64, width=64)
 
 
 @pytest.fixture(scope="session")
@@ -84,14 +112,14 @@ def ov_build(tmp_path_factory, ort_engines):
     """(engine dir, BuildResult) of tiny built for OpenVINO fp32 with the VAE encoder, 64x64, in a copy of
     `ort_engines` (so its fp32 ONNX exports are reused); skips where OpenVINO is not installed."""
     import importlib.util
-    import shutil
 
     if importlib.util.find_spec("openvino") is None:  # not importorskip: a bare `import openvino` phones home
         pytest.skip("OpenVINO is not installed (a dependency on x86_64 and ARM64 only)")
-    engine_dir = tmp_path_factory.mktemp("ov") / "engines"
-    shutil.copytree(ort_engines, engine_dir)
-    return engine_dir, _build(engine_dir, model="tiny", backend="openvino", precision="fp32", height=64, width=64,
-                              components=TINY_SD_COMPONENTS)
+    with _shared(tmp_path_factory, "ov_engines") as engine_dir:
+        if not engine_dir.exists():
+            shutil.copytree(ort_engines, engine_dir)
+        return engine_dir, _build(engine_dir, model="tiny", backend="openvino", precision="fp32", height=64,
+                                  width=64, components=TINY_SD_COMPONENTS)
 
 
 @pytest.fixture(scope="session")
@@ -112,10 +140,9 @@ def xl_folder(engine_cache) -> Path:
 def xl_engines(tmp_path_factory, xl_folder) -> Path:
     """tiny-xl built for ONNX Runtime fp32 with the VAE encoder, batch 2, 64x64 (txt2img, img2img, inpainting
     and LoRA tests share it)."""
-    engine_dir = tmp_path_factory.mktemp("xl_engines")
-    _build(engine_dir, model="tiny-xl", backend="onnxruntime", precision="fp32", batch_size=2, height=64, width=64,
-           components=("clip", "clip2", "unet", "vae_decoder", "vae_encoder"))
-    return engine_dir
+    return _shared_build(tmp_path_factory, "xl_engines", model="tiny-xl", backend="onnxruntime", precision="fp32",
+                         batch_size=2, height=64, width=64,
+                         components=("clip", "clip2", "unet", "vae_decoder", "vae_encoder"))
 
 
 @pytest.fixture(scope="session")

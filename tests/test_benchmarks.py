@@ -60,9 +60,9 @@ def test_compare_shows_ratios(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_suite_runs_on_tiny_and_its_report_renders(tmp_path):
+def test_smoke_suite_runs_on_tiny_and_its_report_renders(tmp_path):
     out = tmp_path / "results"
-    r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "quick", "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "smoke", "--out", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     (path,) = out.glob("*.json")

@@ -31,12 +31,26 @@ def _no_model_loads(monkeypatch) -> None:
     monkeypatch.setattr(models, "load_submodel", refuse)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_unet_weights_are_the_files_tensors_under_their_torch_names(tiny_folder, tmp_path, monkeypatch, precision):
-    _no_model_loads(monkeypatch)  # every UNet tensor is in the safetensors file: nothing is loaded
-    path = tmp_path / "unet.onnx"
-    info = export_component(tiny_folder, "unet", path, ExportOptions(precision=precision))
-    stored = load_file(str(tiny_folder / "unet" / "diffusion_pytorch_model.safetensors"))
+@pytest.fixture(scope="module")
+def unet_fp32(tiny_folder, tmp_path_factory):
+    """(path, info, progress calls) of tiny's UNet exported once in fp32 for the tests below (a trace is the
+    slow part): every weight written as external data (limit 0, progress reported) and any model load refused.
+    What they check of it holds at any limit."""
+    from export import onnx_export
+
+    path = tmp_path_factory.mktemp("unet_fp32") / "unet.onnx"
+    done: list[tuple[int, int]] = []
+    with pytest.MonkeyPatch.context() as mp:
+        _no_model_loads(mp)  # every UNet tensor is in the safetensors file: nothing is loaded
+        mp.setattr(onnx_export, "EXTERNAL_DATA_LIMIT", 0)
+        mp.setattr(onnx_export, "PROGRESS_BYTES", 0)  # tiny: no bar unless asked
+        info = export_component(tiny_folder, "unet", path, ExportOptions(),
+                                progress=lambda d, t: done.append((d, t)))
+    return path, info, done
+
+
+def _assert_weights_are_the_files(folder, path, info, precision: str) -> None:
+    stored = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
     got = {n: v for n, v in _initializers(path).items() if n.startswith("unet.")}  # the rest: folded shapes
     assert info["weights_from"] == {"file": len(stored)}
     # every weight kept, by its torch name, unfolded (a LoRA swap and TensorRT refit address them by name)
@@ -47,9 +61,20 @@ def test_unet_weights_are_the_files_tensors_under_their_torch_names(tiny_folder,
     assert info["weight_bytes"] == sum(v.nbytes for v in got.values())
 
 
-def test_folder_export_matches_the_torch_module(tiny_folder, tmp_path, monkeypatch):
+def test_unet_weights_are_the_files_tensors_under_their_torch_names(tiny_folder, unet_fp32):
+    path, info, _ = unet_fp32
+    _assert_weights_are_the_files(tiny_folder, path, info, "fp32")
+
+
+def test_fp16_unet_weights_are_the_files_tensors_cast(tiny_folder, tmp_path, monkeypatch):
+    _no_model_loads(monkeypatch)
     path = tmp_path / "unet.onnx"
-    export_component(tiny_folder, "unet", path, ExportOptions())
+    info = export_component(tiny_folder, "unet", path, ExportOptions(precision="fp16"))
+    _assert_weights_are_the_files(tiny_folder, path, info, "fp16")
+
+
+def test_folder_export_matches_the_torch_module(tiny_folder, unet_fp32):
+    path, _, _ = unet_fp32
     module = models.load_component(tiny_folder, "unet")
     spec = models.detect_family(tiny_folder).spec("unet")
     inputs = example_inputs(spec, models.folder_dims(tiny_folder), Shape(2, 64, 96), "fp32", seed=5)
@@ -124,14 +149,8 @@ def test_wrong_shape_in_the_file_is_named(tiny_folder, tmp_path):
         export_component(folder, "vae_decoder", tmp_path / "vae_decoder.onnx", ExportOptions())
 
 
-def test_large_weights_are_written_as_external_data(tiny_folder, tmp_path, monkeypatch):
-    from export import onnx_export
-
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_LIMIT", 0)
-    monkeypatch.setattr(onnx_export, "PROGRESS_BYTES", 0)  # tiny: no bar unless asked
-    path = tmp_path / "unet.onnx"
-    done: list[tuple[int, int]] = []
-    info = export_component(tiny_folder, "unet", path, ExportOptions(), progress=lambda d, t: done.append((d, t)))
+def test_large_weights_are_written_as_external_data(unet_fp32):
+    path, info, done = unet_fp32  # exported with the limit at 0
     assert set(info["files"]) == {"unet.onnx", "unet.onnx.data"}
     proto = onnx.load(str(path), load_external_data=False)
     external = [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
