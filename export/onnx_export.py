@@ -113,9 +113,10 @@ def export_component(model: LoadedModel | Path, name: str, path: Path, opts: Exp
     module, prefix = meta_component(folder, name, dtype, family)
     family = family or detect_family(folder)
     spec, dims = family.spec(name), folder_dims(folder)
-    files = {} if isinstance(model, LoadedModel) else lean.tensor_index(folder / spec.model_folder)
-    if not isinstance(model, LoadedModel):
-        lean.check_files(module, prefix, files)  # a missing or misshapen weight is named before the trace
+    files: dict[str, Path] = {}
+    if not isinstance(model, LoadedModel):  # a missing or misshapen weight is named before the trace
+        files = lean.tensor_index(folder / spec.model_folder)
+        lean.check_files(module, prefix, files)
     size = default_size(folder)
     shape = opts.shape or Shape(1, size, size)
     # example batch 2 (not 1) keeps torch.export from specialising the batch axis to 1
