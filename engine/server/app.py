@@ -33,6 +33,7 @@ from engine.request import Generated, PreparedRequest, Request, RequestError
 from engine.server.access import Access, allowed_hosts
 from engine.server.batcher import Batcher, BatchFailed, Draining, Outcome, QueueFull
 from engine.server.config import ServeConfig
+from engine.server.guard import Guard, path_label
 from engine.server.image_files import ROUTE as IMAGE_ROUTE
 from engine.server.image_files import ImageStore
 from engine.server.metrics import Metrics
@@ -45,11 +46,8 @@ PLAYGROUND = Path(__file__).with_name("playground.html")
 WARMUP_STEPS = 2
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
 IMAGE_FIELDS = ("init_image", "mask")
-DRAIN_FACTOR = 4  # a body over the limit is still read (and dropped) up to this many times the limit
 RETRY_UNAVAILABLE_S = 5  # Retry-After when draining or failed
 RETRY_NOT_READY_S = 1  # Retry-After while loading or warming up
-METRIC_PATHS = ("/", "/healthz", "/readyz", "/metrics", "/v1/info", "/v1/generate", "/v1/images/generations", "/docs",
-                "/openapi.json")
 SWEEP_EVERY_S = (0.5, 60.0)  # the periodic sweep of hosted images: every ttl/4, within these bounds
 OPENAI_PARAMS = {"images": "n", "height": "size", "width": "size", "sampler": "scheduler"}  # Request field -> body
 
@@ -319,7 +317,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.add_middleware(Access, hosts=allowed_hosts(config.host, config.allowed_hosts),
                        cors_origins=config.cors_origins, api_key=config.api_key,
                        on_refused=lambda path, status: state.metrics.http_requests.labels(
-                           _path_label(path), str(status)).inc())
+                           path_label(path), str(status)).inc())
     app.openapi = lambda: openapi_document(app)
 
     @app.exception_handler(ApiError)
@@ -442,64 +440,3 @@ def create_app(config: ServeConfig) -> FastAPI:
             "Cache-Control": f"private, max-age={int(left_s)}", "X-Content-Type-Options": "nosniff"})
 
     return app
-
-
-def _path_label(path: str) -> str:
-    """The metrics label of a request path: a route's path, or "other" (no label per random path)."""
-    if path.startswith(IMAGE_ROUTE):
-        return IMAGE_ROUTE + "{name}"
-    return path if path in METRIC_PATHS else "other"
-
-
-class Guard:
-    """ASGI middleware: bodies over `max_bytes` get 413 before the app sees them; every answer is counted."""
-
-    def __init__(self, app, max_bytes: int, metrics: Metrics):
-        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        label = _path_label(scope.get("path", ""))
-
-        async def counted_send(message) -> None:
-            if message["type"] == "http.response.start":
-                self.metrics.http_requests.labels(label, str(message["status"])).inc()
-            await send(message)
-
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > DRAIN_FACTOR * self.max_bytes:
-            return await self._too_large(counted_send)  # far too large: answer now, the connection closes
-        chunks, size = [], 0
-        while True:  # read (a too-large body up to DRAIN_FACTOR x the limit is read and dropped: a client that
-            message = await receive()  # sends its whole body before reading then sees the 413, not a reset)
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > DRAIN_FACTOR * self.max_bytes:
-                return await self._too_large(counted_send)
-            if size <= self.max_bytes:
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        if size > self.max_bytes:
-            return await self._too_large(counted_send)
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: the real channel (disconnects)
-
-        await self.app(scope, replay, counted_send)
-
-    async def _too_large(self, send) -> None:
-        err = ApiError(413, f"request body over --max-body-mb {self.max_bytes / 2**20:g}", kind="request_too_large")
-        data = json.dumps(err.body()).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": data})
