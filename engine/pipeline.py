@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from engine import cache, graphs, images, samplers
-from engine import request as T  # the timing keys
+from engine import request as T  # the timing keys, StopFn, Stopped
 from engine.backends.base import Runner, get_backend
 from engine.config import Profile
 from engine.denoise import COND, Buffers, denoise_step, randn_rows, sample_latents, step_noise
@@ -159,9 +159,10 @@ class Pipeline:
     # ---- the static batch: the first driver ----
 
     def run(self, requests: Request | PreparedRequest | list[Request | PreparedRequest], progress: bool = True,
-            cuda_graph: bool = True, batch_size: int | None = None) -> list[Generated]:
+            cuda_graph: bool = True, batch_size: int | None = None, stop: T.StopFn | None = None) -> list[Generated]:
         """One `Generated` per image, in request order (image k of request j after image k-1). Every request is
-        prepared (checked) before any work; prepared ones are taken as they are."""
+        prepared (checked) before any work; prepared ones are taken as they are. `stop`, asked on the host before
+        every step (no device sync), ends the run with `Stopped` when it answers True."""
         reqs = requests if isinstance(requests, list) else [requests]
         prepared = [r if isinstance(r, PreparedRequest) else self.prepare(r) for r in reqs]
         size = batch_size or self.batch_size
@@ -178,13 +179,13 @@ class Pipeline:
             cfg = prepared[members[0].req].cfg
             for start in range(0, len(members), size):
                 chunk = members[start:start + size]
-                pixels, timings, graphed = self._run_batch(chunk, cfg, progress, cuda_graph)
+                pixels, timings, graphed = self._run_batch(chunk, cfg, progress, cuda_graph, stop)
                 for row, px in zip(chunk, pixels, strict=True):
                     results[(row.req, row.k)] = self.result(row, px, graphed, timings)
         return [results[(j, k)] for j, p in enumerate(prepared) for k in range(p.request.images)]
 
-    def _run_batch(self, rows: list[Row], cfg: bool, progress: bool,
-                   cuda_graph: bool) -> tuple[np.ndarray, dict[str, float], bool]:
+    def _run_batch(self, rows: list[Row], cfg: bool, progress: bool, cuda_graph: bool,
+                   stop: T.StopFn | None = None) -> tuple[np.ndarray, dict[str, float], bool]:
         from tqdm import tqdm
 
         n_real = len(rows)
@@ -200,7 +201,7 @@ class Pipeline:
         buffers = {k: v.to(self.device) for k, v in buffers.items()}
         t = self._lap(timings, T.TIMING_START, t)
         step_key = (len(rows), r.height, r.width, r.sampler, r.steps, r.strength, cfg, r.kind)
-        latents, graphed = self._denoise(step_key, schedule, cfg, buffers, cuda_graph, progress and tqdm)
+        latents, graphed = self._denoise(step_key, schedule, cfg, buffers, cuda_graph, progress and tqdm, stop)
         t = self._lap(timings, T.TIMING_DENOISE, t)
         timings[T.TIMING_STEP] = timings[T.TIMING_DENOISE] / schedule.run_steps
         pixels = self.decode(latents)[:n_real]
@@ -209,8 +210,9 @@ class Pipeline:
         return pixels, timings, graphed
 
     def _denoise(self, key: tuple, schedule: samplers.Schedule, cfg: bool, buffers: Buffers, cuda_graph: bool,
-                 bar) -> tuple[torch.Tensor, bool]:
-        """The final latents, and whether a (new or cached) CUDA graph ran the steps."""
+                 bar, stop: T.StopFn | None = None) -> tuple[torch.Tensor, bool]:
+        """The final latents, and whether a (new or cached) CUDA graph ran the steps; `Stopped` when `stop` says so
+        before a step."""
 
         def step(b: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
             return self.step(schedule, cfg, b)
@@ -223,11 +225,13 @@ class Pipeline:
             steps = bar(steps, desc=f"denoise ({schedule.name})", unit="step")
         if graph is not None:
             graph.load(buffers)
-            for _ in steps:
+            for i in steps:
+                _check_stop(stop, i)
                 graph.replay()  # updates latents, state and idx in place
             return graph.buffers["latents"].clone(), True
         b = dict(buffers)
-        for _ in steps:
+        for i in steps:
+            _check_stop(stop, i)
             b["latents"], b["state"] = step(b)
             b["idx"] = b["idx"] + 1
         return b["latents"], False
@@ -367,6 +371,11 @@ class Pipeline:
         now = self._now()
         timings[name] = (now - t) * 1e3
         return now
+
+
+def _check_stop(stop: T.StopFn | None, i: int) -> None:
+    if stop is not None and stop():
+        raise T.Stopped(f"stopped before step {i}: nobody waits for this batch")
 
 
 def _load(loader, field: str, source, height: int, width: int, resize: bool) -> torch.Tensor | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,13 @@ if TYPE_CHECKING:  # torch and PIL load when an image or a LoRA is first used, n
     from engine.lora import Adapter
 
 __all__ = ["RequestError"]  # re-exported: the request's error type
+
+StopFn = Callable[[], bool]  # asked by a run between steps: True = nobody waits for this batch any more
+
+
+class Stopped(Exception):
+    """A run stopped between two steps because its `stop` said nobody waits for the batch (timeout, disconnect)."""
+
 
 MAX_SEED = 2**64 - 1  # torch.Generator takes 64-bit seeds
 MAX_STEPS = 1000

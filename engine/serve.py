@@ -1,7 +1,8 @@
 """python -m engine.serve: a long-lived server that keeps the engines loaded and batches concurrent requests.
 
 Loads the engine directory once, warms up, then serves until SIGTERM/SIGINT. The first signal drains:
-/readyz answers 503, new generations 503, every accepted request is finished, then the process exits 0.
+/readyz answers 503, new generations 503, every accepted request is finished (those left after --drain-timeout-s
+are answered 503 and their batch stops at its next step), then the process exits 0.
 A second signal stops at once (uvicorn's graceful shutdown, then forced). --ray deploys the same app on
 Ray Serve instead (engine/server/ray_app.py).
 """
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     p.add_argument("--max-size", type=int, default=d.max_size,
                    help="largest height or width a request may ask for, in pixels (within the engines' profile)")
     p.add_argument("--timeout-s", type=float, default=d.timeout_s, help="per request, queue + compute; then 504")
+    p.add_argument("--drain-timeout-s", type=float, default=d.drain_timeout_s,
+                   help="on SIGTERM, how long accepted requests may still run; then they get 503 and the server exits")
     p.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="larger request bodies get 413")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=d.warmup,
                    help="one small generation before /readyz says ready")
@@ -94,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
                  "limit_concurrency", "timeout_keep_alive_s", "max_header_kb"):
         if getattr(args, name) < 1:
             p.error(f"argument --{name.replace('_', '-')}: {getattr(args, name)} must be >= 1")
-    for name in ("max_wait_ms", "timeout_s", "max_body_mb", "header_timeout_s"):
+    for name in ("max_wait_ms", "timeout_s", "drain_timeout_s", "max_body_mb", "header_timeout_s"):
         if not getattr(args, name) > 0 and not (name == "max_wait_ms" and args.max_wait_ms == 0):
             p.error(f"argument --{name.replace('_', '-')}: {getattr(args, name)} must be > 0")
     if not 0 < args.port < 65536:
@@ -143,10 +146,8 @@ def _make_server_class():
 
         def _drain(self) -> None:
             async def drain_then_exit() -> None:
-                self.state.drain()
-                if self.state.batcher is not None:
-                    await self.state.batcher.drained.wait()
-                log.info("drained: every accepted request answered or running out; shutting down")
+                await self.state.drain_within(self.state.config.drain_timeout_s)
+                log.info("drained: every accepted request answered; shutting down")
                 self.should_exit = True
 
             assert self.loop is not None

@@ -17,9 +17,9 @@ import pytest
 
 from tests.helpers import Wrapped, free_port, http, metric, running_server, wait_for_metric, wait_until
 
-TIMEOUT_S = 1.0
+TIMEOUT_S = 3.0  # 1.0 let a FAST request queued behind two others time out on a contended machine
 FAST = {"steps": 10}  # ~0.1 s on tiny at 64x64 on this CPU
-SLOW = {"steps": 400, "sampler": "ddim"}  # seconds
+SLOW = {"steps": 1000, "sampler": "euler"}  # ~10 s: far past TIMEOUT_S
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_client_that_disconnects_while_queued_is_dropped(server):
     images_before = metric(server, "sd_inference_count_total")
     batches_before = metric(server, "sd_inference_exec_count_total")
     blocker = threading.Thread(target=server.post, args=("/v1/generate", {"prompt": "blocker", "steps": 150}))
-    blocker.start()  # its answer may be a 504 (--timeout-s 1): its batch still runs to the end
+    blocker.start()  # 150 steps: it is still running when the second client comes and goes
     wait_for_metric(server, "sd_inference_pending_request_count", 0)
     time.sleep(0.1)  # the blocker is running now
     body = json.dumps({"prompt": "gone", "steps": 7}).encode()
@@ -81,13 +81,39 @@ def test_client_that_disconnects_while_queued_is_dropped(server):
     assert metric(server, "sd_inference_count_total") == images_before + 2
 
 
-def test_request_past_its_timeout_is_504_and_the_server_goes_on(server):
+def test_request_past_its_timeout_is_504_and_its_batch_stops(server):
     batches = metric(server, "sd_inference_exec_count_total")
+    stopped = metric(server, "sd_inference_stopped_count_total")
     status, body, _ = server.post("/v1/generate", {"prompt": "long", **SLOW})
     assert status == 504 and "--timeout-s" in json.loads(body)["error"]["message"]
-    wait_for_metric(server, "sd_inference_exec_count_total", batches + 1)  # its batch ran out, discarded
+    # nobody waits for it any more: its batch stops at the next step instead of running out its 1000 steps
+    wait_for_metric(server, "sd_inference_stopped_count_total", stopped + 1, timeout_s=10)
+    assert metric(server, "sd_inference_exec_count_total") == batches + 1
     status, _, _ = server.post("/v1/generate", {"prompt": "after", **FAST})
     assert status == 200
+
+
+@pytest.mark.parametrize("batching", ["request", "step"])
+def test_drain_past_its_timeout_answers_503_and_exits_without_finishing(ort_engines, tmp_path, batching):
+    """A 1000-step request (about 10 s alone here) running at SIGTERM: past --drain-timeout-s 1 its client gets 503
+    and the process exits 0 well before the request could have finished (before the fix it waited it out)."""
+    flags = ("--max-batch", "1", "--max-wait-ms", "0", "--drain-timeout-s", "1", "--batching", batching)
+    with running_server(ort_engines, tmp_path, *flags) as s:
+        answer: list = []
+        sender = threading.Thread(target=lambda: answer.append(s.post(
+            "/v1/generate", {"prompt": "long", "steps": 1000, "sampler": "euler"})))
+        sender.start()
+        wait_for_metric(s, "sd_inference_pending_request_count", 0)
+        time.sleep(0.3)  # running now
+        t0 = time.perf_counter()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=60) == 0, s.output()
+        exit_s = time.perf_counter() - t0
+        sender.join(timeout=30)
+    assert answer and answer[0][0] == 503, answer
+    assert "--drain-timeout-s 1" in json.loads(answer[0][1])["error"]["message"]
+    assert exit_s < 6, f"the drain took {exit_s:.1f} s with --drain-timeout-s 1"
+    assert "drain passed --drain-timeout-s 1" in s.output()
 
 
 def test_nan_fails_only_its_batch_with_a_500_naming_the_cause(ort_engines):

@@ -134,6 +134,39 @@ async def _cancel_in_flight(pipe) -> None:
     await asyncio.wait_for(batcher.drained.wait(), DEADLINE_S)
 
 
+def test_request_batching_stops_a_batch_nobody_waits_for_at_the_next_step(ort_pipeline):
+    """Before the fix a running batch ran all its steps after its only caller went away (a 504 or a disconnect
+    held the engine for the rest of a 1000-step request)."""
+    asyncio.run(_cancel_running_batch(ort_pipeline))
+
+
+async def _cancel_running_batch(pipe) -> None:
+    steps: list[float] = []
+    real_step = pipe.step
+
+    def counting_step(*args):
+        steps.append(time.perf_counter())
+        return real_step(*args)
+
+    def run(requests, batch_size, stop):
+        return pipe.run(requests, progress=False, batch_size=batch_size, stop=stop)
+
+    batcher = Batcher(run, max_batch=1, max_wait_s=0.0, max_queue=4)
+    pipe.step = counting_step  # an instance attribute over the method; removed below
+    try:
+        batcher.start()
+        prepared = pipe.prepare(Request(prompt="a long one", steps=LONG_STEPS, sampler="euler", seed=1))
+        task = asyncio.ensure_future(batcher.submit(prepared))
+        await _until(lambda: len(steps) >= 2, "the request never started stepping")
+        cancelled_at = len(steps)
+        task.cancel()
+        batcher.close()  # the worker sets `drained` once the running batch has returned
+        await asyncio.wait_for(batcher.drained.wait(), DEADLINE_S)
+    finally:
+        del pipe.step
+    assert len(steps) - cancelled_at <= 2, f"the batch ran {len(steps) - cancelled_at} steps after its cancel"
+
+
 def test_request_batching_never_runs_a_request_cancelled_while_queued():
     """Request batching already held this (a cancelled job leaves the queue at once); kept as a regression test."""
     asyncio.run(_cancel_queued())
@@ -143,7 +176,7 @@ async def _cancel_queued() -> None:
     ran: list[str] = []
     gate = threading.Event()
 
-    def run(requests, _batch_size):
+    def run(requests, _batch_size, _stop):
         ran.extend(r.request.prompt for r in requests)
         gate.wait(DEADLINE_S)  # the first batch holds the worker while the second request is cancelled
         return [object()] * sum(r.request.images for r in requests)

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 
 from engine.png import png_bytes
-from engine.request import Generated, PreparedRequest, Request, RequestError
+from engine.request import Generated, PreparedRequest, Request, RequestError, StopFn
 from engine.server.access import Access, allowed_hosts
 from engine.server.batcher import Batcher, BatchFailed, Draining, Outcome, QueueFull
 from engine.server.config import ServeConfig
@@ -149,8 +149,8 @@ class ServerState:
                                 "or ask for response_format b64_json", kind="unavailable",
                            headers={"Retry-After": str(RETRY_UNAVAILABLE_S)}) from None
 
-    def _run(self, requests: list[PreparedRequest], batch_size: int) -> list[Generated]:
-        return self.pipeline.run(requests, progress=False, batch_size=batch_size)
+    def _run(self, requests: list[PreparedRequest], batch_size: int, stop: StopFn) -> list[Generated]:
+        return self.pipeline.run(requests, progress=False, batch_size=batch_size, stop=stop)
 
     def drain(self) -> None:
         """Stop taking work (readyz 503, new generations 503); what was accepted still runs."""
@@ -159,12 +159,24 @@ class ServerState:
         if self.batcher is not None:
             self.batcher.close()
 
+    async def drain_within(self, timeout_s: float) -> None:
+        """Drain; past `timeout_s`, abandon what is left (its clients get 503) and stop the running batch at its
+        next step, so a shutdown never waits on a long request."""
+        self.drain()
+        if self.batcher is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self.batcher.drained.wait()), timeout_s)
+        except TimeoutError:
+            n = self.batcher.abandon(f"server shut down: the drain passed --drain-timeout-s {timeout_s:g}")
+            log.warning("drain passed --drain-timeout-s %g: %d request(s) answered 503, the running batch stops at "
+                        "its next step", timeout_s, n)
+            await self.batcher.drained.wait()
+
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        self.drain()
-        if self.batcher is not None:
-            await self.batcher.drained.wait()
+        await self.drain_within(self.config.drain_timeout_s)
         if self.pipeline is not None:
             self.pipeline.close()
 
@@ -212,9 +224,9 @@ class ServerState:
             raise ApiError(429, f"server busy: {self.batcher.depth} requests queued (--max-queue "
                                 f"{self.config.max_queue}); retry after {exc.retry_after_s} s",
                            kind="rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after_s)}) from None
-        except Draining:
+        except Draining as exc:
             self._failed("draining")
-            raise ApiError(503, "server is draining", kind="unavailable",
+            raise ApiError(503, str(exc), kind="unavailable",
                            headers={"Retry-After": str(RETRY_UNAVAILABLE_S)}) from None
         except TimeoutError:
             self._failed("timeout")

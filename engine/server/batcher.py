@@ -10,8 +10,10 @@ reject). One batch runs at a time: the engines are one device's.
 
 Backpressure is a bound, never a wait: `submit` raises QueueFull when `max_queue` requests wait. A
 request whose caller goes away (cancelled: client disconnect, timeout) leaves the queue at once; if it is
-already running, its rows are computed and discarded. A failing batch fails only its own requests.
-`close` stops intake; the worker finishes everything accepted, then sets `drained`.
+already running, its batch stops at the next step once no request in it is waited for (a batch-mate still
+waited for keeps it running, and the gone rows are discarded). A failing batch fails only its own requests.
+`close` stops intake; the worker finishes everything accepted, then sets `drained`. `abandon` (a drain past
+its deadline) answers every accepted request `Draining` and stops the running batch at its next step.
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.request import Generated, PreparedRequest
+from engine.request import Generated, PreparedRequest, StopFn, Stopped
 from engine.server.metrics import Metrics
 
 log = logging.getLogger("engine.serve")
-RunFn = Callable[[list[PreparedRequest], int], list[Generated]]  # (requests, batch size) -> images in order
+# (requests, batch size, stop) -> images in order; `stop` is asked between steps, `Stopped` raised when it says so
+RunFn = Callable[[list[PreparedRequest], int, StopFn], list[Generated]]
 BATCH_TIME_WEIGHT = 0.2  # weight of the newest batch in the moving average of batch time (Retry-After)
 
 
@@ -59,6 +62,7 @@ class Job:
     future: asyncio.Future = field(repr=False)
     arrived: float
     started: float | None = None
+    gone: bool = False  # nobody waits for it (its caller went away, or a drain abandoned it)
 
     @property
     def images(self) -> int:
@@ -82,6 +86,7 @@ class Batcher:
         self._batch_s = 1.0  # moving average of a batch's run time, for Retry-After
         self._task: asyncio.Task | None = None
         self._idle_since = 0.0  # perf_counter when the last batch ended
+        self._jobs: set[Job] = set()  # accepted and not yet answered (queued or running)
 
     @property
     def depth(self) -> int:
@@ -96,6 +101,20 @@ class Batcher:
         self.accepting = False
         self._wake.set()
 
+    def abandon(self, reason: str) -> int:
+        """Answer every accepted request `Draining(reason)` now: the queue empties and the running batch stops
+        at its next step. The number of requests abandoned."""
+        self.accepting = False
+        jobs = list(self._jobs)
+        for job in jobs:
+            job.gone = True
+            if not job.future.done():
+                job.future.set_exception(Draining(reason))
+        self._queue.clear()
+        self._set_depth()
+        self._wake.set()
+        return len(jobs)
+
     def retry_after_s(self) -> int:
         return max(1, math.ceil(self._batch_s * (1 + len(self._queue) / self.max_batch)))
 
@@ -107,11 +126,15 @@ class Batcher:
             raise QueueFull(self.retry_after_s())
         job = Job(prepared, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._queue.append(job)
+        self._jobs.add(job)
         self._set_depth()
         self._wake.set()
         try:
             return await job.future
         finally:
+            self._jobs.discard(job)
+            if job.future.cancelled():  # its caller went away: its batch may stop (read by the run's thread)
+                job.gone = True
             if job.started is None and job in self._queue:  # cancelled while waiting: leave the queue
                 self._queue.remove(job)
                 self._set_depth()
@@ -168,8 +191,19 @@ class Batcher:
         requests = [j.prepared for j in jobs]
         n = sum(j.images for j in jobs)
         t0 = time.perf_counter()
+
+        def nobody_waits() -> bool:  # asked from the run's thread between steps: reads only plain flags
+            return all(j.gone for j in jobs)
+
         try:
-            images = await asyncio.to_thread(self.run, requests, min(n, self.max_batch))
+            images = await asyncio.to_thread(self.run, requests, min(n, self.max_batch), nobody_waits)
+        except Stopped as exc:
+            self._idle_since = time.perf_counter()
+            log.info("batch of %d request(s) %s", len(jobs), exc)
+            if self.metrics is not None:
+                self.metrics.executions.inc()
+                self.metrics.stopped.inc()
+            return
         except Exception as exc:
             self._idle_since = time.perf_counter()  # the batch's requests fail; the server keeps serving
             log.error("batch of %d request(s) failed: %s: %s", len(jobs), type(exc).__name__, exc)

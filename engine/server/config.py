@@ -22,6 +22,7 @@ class ServeConfig:
     max_images: int = 8  # images per request (OpenAI's n)
     max_size: int = 2048  # pixels per side a request may ask for (the engines' profile may allow more)
     timeout_s: float = 300.0  # per request, queue + compute; past it the answer is 504
+    drain_timeout_s: float = 25.0  # SIGTERM: past it, what is left is answered 503 (k8s' grace period is 30 s)
     max_body_mb: float = 20.0  # larger bodies are answered 413
     warmup: bool = True  # one small generation before /readyz says ready
     lora_dir: Path | None = None  # LoRA .safetensors a request may name (`loras: [{name, scale}]`); None = none

@@ -24,6 +24,8 @@ class Metrics:
                                ["reason"], registry=r)
         self.images = Counter("sd_inference_count", "images generated", registry=r)
         self.executions = Counter("sd_inference_exec_count", "batches run (one UNet batch size each)", registry=r)
+        self.stopped = Counter("sd_inference_stopped_count", "batches stopped between steps: nobody waited for "
+                               "them any more (timeout, disconnect, drain past --drain-timeout-s)", registry=r)
         self.pending = Gauge("sd_inference_pending_request_count", "requests queued, not yet running", registry=r)
         self.batch_size = Histogram("sd_inference_batch_size", "images per batch run", buckets=BATCH_BUCKETS,
                                     registry=r)

@@ -13,7 +13,8 @@ drives an `engine.continuous.Flight`; at each step boundary, in a worker thread:
 4. rows that ran their last step leave and are decoded together; a request is answered when all its
    images are done. A row whose latents are not finite fails only its request.
 Backpressure, drain and cancellation are those of `Batcher`: `submit` raises QueueFull past `max_queue`
-waiting requests, `close` stops intake and everything accepted still runs, then `drained` is set.
+waiting requests, `close` stops intake and everything accepted still runs, then `drained` is set; `abandon`
+answers every accepted request `Draining` and their rows leave at the next step boundary.
 
 The step loop runs in its own thread and goes from one step to the next without returning to the event
 loop: handing each step to the loop (`await to_thread(step)`) made the next step wait for whatever HTTP
@@ -68,6 +69,7 @@ class StepBatcher:
         self._step_s = 0.1  # moving average of one step's time, for Retry-After
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._jobs: set[StepJob] = set()  # accepted and not yet answered (the event loop's own)
 
     @property
     def depth(self) -> int:
@@ -82,6 +84,21 @@ class StepBatcher:
         with self._cond:
             self.accepting = False
             self._cond.notify()
+
+    def abandon(self, reason: str) -> int:
+        """Answer every accepted request `Draining(reason)` now; their rows leave the flight at the next step
+        boundary. The number of requests abandoned."""
+        jobs = list(self._jobs)
+        with self._cond:
+            self.accepting = False
+            for job in jobs:
+                job.cancelled = True
+            self._queue.clear()
+            self._cond.notify()
+        for job in jobs:
+            _set(job.future, None, Draining(reason))
+        self._set_depth()
+        return len(jobs)
 
     def retry_after_s(self) -> int:
         with self._cond:
@@ -112,10 +129,12 @@ class StepBatcher:
                 self._cond.notify()
         if full:
             raise QueueFull(self.retry_after_s())
+        self._jobs.add(job)
         self._set_depth()
         try:
             return await job.future
         finally:
+            self._jobs.discard(job)
             # cancelled (timeout, disconnect): asyncio has cancelled job.future too by now, so "not done" alone
             # would miss it. Leave the queue now, or the flight at the next step boundary.
             if job.future.cancelled() or not job.future.done():
