@@ -79,6 +79,25 @@ def test_data_url_without_a_comma_is_a_400_naming_the_field(server):
     assert "data URL" in assert_error(answer, 400, "init_image")["message"]
 
 
+@pytest.mark.parametrize("fmt", ["TIFF", "BMP", "GIF"])
+def test_an_image_format_the_message_does_not_list_is_a_400(fmt):
+    """The 400 says PNG, JPEG or WebP; before the fix TIFF and BMP (any format PIL reads) were decoded."""
+    import io
+
+    import PIL.Image
+
+    buf = io.BytesIO()
+    PIL.Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format=fmt)
+    with pytest.raises(ApiError) as err:
+        decode_image(buf.getvalue(), "init_image")
+    assert err.value.status == 400 and err.value.param == "init_image"
+    assert "PNG, JPEG or WebP" in err.value.message
+    for ok in ("PNG", "JPEG", "WEBP"):
+        buf = io.BytesIO()
+        PIL.Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format=ok)
+        assert decode_image(buf.getvalue(), "init_image").size == (8, 8)
+
+
 def test_405_is_json_and_names_the_allowed_methods(server):
     status, doc, headers = call(server, "GET", "/v1/generate", headers=AUTH)
     assert_error((status, doc, headers), 405)

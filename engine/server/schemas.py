@@ -199,6 +199,9 @@ def parse_size(size: str) -> tuple[int, int]:
     return width, height
 
 
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what uploads may be (PIL's format names); the 400 names them
+
+
 def decode_image(data: str | bytes, field: str) -> PIL.Image.Image:
     """A decoded image from base64 text (a data URL is fine) or raw file bytes; ApiError 400 naming `field`."""
     if isinstance(data, str):
@@ -213,7 +216,7 @@ def decode_image(data: str | bytes, field: str) -> PIL.Image.Image:
         except (binascii.Error, ValueError):
             raise ApiError(400, f"{field} is not valid base64", field) from None
     try:
-        with PIL.Image.open(io.BytesIO(data)) as img:
+        with PIL.Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:  # TIFF, BMP, GIF, ...: refused
             if img.width * img.height > MAX_INPUT_PIXELS:
                 raise ApiError(400, f"{field} is {img.width}x{img.height}; at most {MAX_INPUT_PIXELS} pixels", field)
             img.load()
