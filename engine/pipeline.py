@@ -21,8 +21,10 @@ key (shape, sampler, steps, strength, guidance on/off, kind) in the session's bo
 """
 from __future__ import annotations
 
+import threading
 import time
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from engine.request import Generated, PreparedRequest, Request, RequestError, Ro
 from export.families import Family, get_family
 from export.specs import Dims, check_size
 
+MAX_SCHEDULES = 64  # sampler tables kept on the device, least recently used out (a client's strength is any float)
 MAX_GRAPHS = 8  # captured step graphs kept (each holds its static buffers); the least recently used goes first
 ENGINE_PARAMS = ("model", "backend", "precision")  # what every image records of the engines that made it
 
@@ -55,7 +58,8 @@ class Pipeline:
         self.batch_size = batch_size or profile.opt.batch  # images denoised together
         self.device = self.role("denoiser").device
         self.graphs = graphs.StepGraphCache(MAX_GRAPHS)  # both drivers' captured steps
-        self._schedules: dict[tuple, samplers.Schedule] = {}
+        self._schedules: OrderedDict[tuple, samplers.Schedule] = OrderedDict()  # bounded: MAX_SCHEDULES
+        self._schedules_lock = threading.Lock()  # prepare (a server thread) and run (the batch thread) both read it
         self._loras: dict[tuple[str, float], Any] = {}  # (path, mtime) -> engine.lora.LoraWeights, loaded once
         self._applied: tuple = ()  # the adapters merged into the runners now
         self.adapter_params: list[dict] = []  # what images record of them; a new list at every change
@@ -109,12 +113,22 @@ class Pipeline:
     # ---- checks (before any work) ----
 
     def schedule(self, sampler: str, steps: int, strength: float | None) -> samplers.Schedule:
-        """The sampler's device tables, built once per (sampler, steps, strength) and kept."""
+        """The sampler's device tables for (sampler, steps, strength), kept in a bounded LRU (MAX_SCHEDULES)."""
         key = (sampler, steps, strength)
-        if key not in self._schedules:
-            s = samplers.make_schedule(sampler, self.scheduler_config, steps, 1.0 if strength is None else strength)
-            self._schedules[key] = s.to(self.device)
-        return self._schedules[key]
+        with self._schedules_lock:
+            found = self._schedules.get(key)
+            if found is not None:
+                self._schedules.move_to_end(key)
+                return found
+        made = self._make_schedule(sampler, steps, strength).to(self.device)
+        with self._schedules_lock:
+            self._schedules[key] = made
+            while len(self._schedules) > MAX_SCHEDULES:
+                self._schedules.popitem(last=False)
+        return made
+
+    def _make_schedule(self, sampler: str, steps: int, strength: float | None) -> samplers.Schedule:
+        return samplers.make_schedule(sampler, self.scheduler_config, steps, 1.0 if strength is None else strength)
 
     def prepare(self, request: Request) -> PreparedRequest:
         """Check one request against this engine and load its images, once; RequestError names the field."""
@@ -148,8 +162,11 @@ class Pipeline:
 
     def _check_schedule(self, r: Request) -> None:
         """RequestError naming `sampler` for an unknown one, else `steps` (or `strength`) the sampler refuses."""
-        try:
-            self.schedule(r.sampler, r.steps, r.strength)
+        with self._schedules_lock:
+            if (r.sampler, r.steps, r.strength) in self._schedules:  # built before, so valid
+                return
+        try:  # built to be checked, not kept: a request refused later (queue full, a limit) leaves nothing cached
+            self._make_schedule(r.sampler, r.steps, r.strength)
         except ValueError as exc:
             if isinstance(exc, RequestError):
                 raise

@@ -234,6 +234,28 @@ async def _until(pred, message: str, timeout_s: float = DEADLINE_S) -> None:
         await asyncio.sleep(0.01)
 
 
+# ---- item 2: memory that only grew ----
+
+
+def test_sampler_tables_are_kept_in_a_bounded_lru_filled_only_by_runs(ort_pipeline):
+    """Before the fix every distinct (sampler, steps, strength) a client sent stayed cached, even when the request
+    was then refused (prepare built and kept its tables)."""
+    from engine.pipeline import MAX_SCHEDULES
+
+    pipe = ort_pipeline
+    before = dict(pipe._schedules)
+    for steps in range(2, 2 + MAX_SCHEDULES + 20):  # checked, never run: nothing kept
+        pipe.prepare(Request(prompt="x", steps=steps, sampler="euler"))
+    assert dict(pipe._schedules) == before
+    keys = [("euler", steps, None) for steps in range(2, 2 + MAX_SCHEDULES + 20)]
+    for sampler, steps, strength in keys:  # what runs build: at most MAX_SCHEDULES kept, the newest ones
+        pipe.schedule(sampler, steps, strength)
+    assert len(pipe._schedules) == MAX_SCHEDULES
+    assert list(pipe._schedules)[-MAX_SCHEDULES:] == keys[-MAX_SCHEDULES:]
+    first = pipe.schedule(*keys[-1])
+    assert pipe.schedule(*keys[-1]) is first  # a hit returns the kept tables
+
+
 # ---- item 5: API key, CORS, Host, Origin ----
 
 
