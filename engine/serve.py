@@ -130,7 +130,17 @@ def _make_server_class():
 
         async def serve(self, sockets=None) -> None:
             self.loop = asyncio.get_running_loop()
-            await super().serve(sockets)
+            watch = self.loop.create_task(self._exit_if_load_fails())
+            try:
+                await super().serve(sockets)
+            finally:
+                watch.cancel()
+
+        async def _exit_if_load_fails(self) -> None:
+            """The engines load after the port opened (engine/server/app.py); a load that fails ends the process."""
+            await self.state.settled.wait()
+            if self.state.status == "failed":
+                self.should_exit = True
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             # Not uvicorn's handler: that one re-raises the signal after shutdown, so a drained exit would
@@ -168,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
+    from engine.pipeline import find_model_dir
+    from engine.server.connections import listen_socket
+
+    try:  # what can be told before anything loads: one line, exit 2 (as engine.generate)
+        find_model_dir(cfg.engine_dir, cfg.model)
+        sock = listen_socket(cfg.host, cfg.port)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     import uvicorn
 
     from engine.server.app import create_app
@@ -178,9 +197,13 @@ def main(argv: list[str] | None = None) -> int:
                                                  timeout_graceful_shutdown=None, access_log=False,
                                                  **uvicorn_options(cfg)),
                                   app.state.server)
-    server.run()
-    if app.state.server.status == "failed" or not server.started:
-        print(f"error: {app.state.server.error or 'the server did not start'}", file=sys.stderr)
+    with sock:
+        server.run(sockets=[sock])
+    if app.state.server.status == "failed" and app.state.server.pipeline is None:  # the engines did not load
+        print(f"error: {app.state.server.error}", file=sys.stderr)
+        return 2
+    if not server.started:
+        print("error: the server did not start (see the log above)", file=sys.stderr)
         return 1
     return 0
 

@@ -71,22 +71,36 @@ class ServerState:
                                  self.metrics)
         self.images_error: str | None = None  # why `url` answers cannot be given (the folder is unusable)
         self._sweeper: asyncio.Task | None = None
+        self._loading: asyncio.Task | None = None
+        self.settled = asyncio.Event()  # set once loading ended: warming (then ready) or failed
 
     @property
     def ready(self) -> bool:
         return self.status == "ready"
 
+    def begin(self) -> None:
+        """Load in the background: the port already answers (/healthz 200, /readyz 503 "loading") meanwhile, so an
+        orchestrator can tell a server that is starting from one that is dead."""
+        self._loading = asyncio.get_running_loop().create_task(self.start(), name="load")
+
     async def start(self) -> None:
-        """Load the engines (raises if they cannot be loaded), start the batcher, warm up in the background."""
+        """Load the engines, start the batcher, warm up in the background; a load that fails sets status "failed"
+        and `error` (logged, one line)."""
+        try:
+            await self._load()
+        finally:
+            self.settled.set()
+
+    async def _load(self) -> None:
         from engine.pipeline import Pipeline
 
         cfg = self.config
         try:
             self.pipeline = await asyncio.to_thread(Pipeline.load, cfg.engine_dir, cfg.model, cfg.device)
         except (ValueError, OSError, RuntimeError) as exc:
-            self.status, self.error = "failed", str(exc)
-            log.error("cannot load engines from %s: %s", cfg.engine_dir, exc)
-            raise
+            self.status, self.error = "failed", f"cannot load engines from {cfg.engine_dir}: {exc}"
+            log.error(self.error)
+            return
         await self._open_images()
         max_batch = max(1, min(cfg.max_batch, self.pipeline.profile.hi.batch))
         if cfg.batching == "step":
@@ -174,6 +188,8 @@ class ServerState:
             await self.batcher.drained.wait()
 
     async def stop(self) -> None:
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()  # shut down while loading: the load's thread ends with the process
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self.drain_within(self.config.drain_timeout_s)
@@ -315,7 +331,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await state.start()
+        state.begin()
         yield
         await state.stop()
 

@@ -9,6 +9,7 @@ complete `header_timeout_s` after it opened, or after its previous response was 
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -67,3 +68,18 @@ def uvicorn_options(cfg: ServeConfig) -> dict[str, Any]:
     """uvicorn.Config keyword arguments for the connection limits of `cfg`."""
     return {"http": protocol_for(cfg.header_timeout_s), "limit_concurrency": cfg.limit_concurrency,
             "timeout_keep_alive": cfg.timeout_keep_alive_s, "h11_max_incomplete_event_size": cfg.max_header_kb * KB}
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the engines load: a busy port or a bad address is an OSError naming them
+    at once, not after minutes of loading."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: rebinding after a restart
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
