@@ -30,6 +30,7 @@ from starlette.requests import Request as HttpRequest
 
 from engine.png import png_bytes
 from engine.request import Generated, PreparedRequest, Request, RequestError, StopFn
+from engine.server.a1111 import add_a1111_routes
 from engine.server.access import Access, allowed_hosts
 from engine.server.batcher import Batcher, BatchFailed, Draining, Outcome, QueueFull
 from engine.server.config import ServeConfig
@@ -467,4 +468,5 @@ def create_app(config: ServeConfig) -> FastAPI:
         return Response(data, media_type="image/png", headers={
             "Cache-Control": f"private, max-age={int(left_s)}", "X-Content-Type-Options": "nosniff"})
 
+    add_a1111_routes(app, state)  # AUTOMATIC1111's /sdapi/v1 routes
     return app

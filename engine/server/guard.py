@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 
+from engine.server.a1111 import PREFIX as A1111_PREFIX
+from engine.server.a1111 import ROUTES as A1111_ROUTES
 from engine.server.image_files import ROUTE as IMAGE_ROUTE
 from engine.server.metrics import Metrics
 from engine.server.schemas import ApiError
 
 DRAIN_FACTOR = 4  # a body over the limit is still read (and dropped) up to this many times the limit
 METRIC_PATHS = ("/", "/healthz", "/readyz", "/metrics", "/v1/info", "/v1/generate", "/v1/images/generations", "/docs",
-                "/openapi.json")
+                "/openapi.json", *(A1111_PREFIX + route for route in A1111_ROUTES))
 
 
 def path_label(path: str) -> str:
