@@ -18,6 +18,7 @@ from engine import cache
 from engine.backends.base import Backend, get_backend
 from engine.config import ATTENTION_MODES, BACKENDS, BuildConfig, BuildPlan, Profile
 from export.families import Family, detect_family
+from export.footprint import folder_footprint
 from export.quiet import add_verbose_flag, quiet_cli
 from export.specs import Dims, Shape, check_size, export_range, parse_components
 
@@ -284,6 +285,7 @@ def _record(job: _Job, model_files: Path, entries: dict[str, Any]) -> dict[str, 
         "static_shapes": job.backend.static_shapes,
         "profile": plan.profile.to_json(),
         "dims": vars(job.dims),
+        "footprint": vars(folder_footprint(job.folder)),  # activation memory facts (engine/memory.py)
         "model_files": model_files.relative_to(model_dir).as_posix(),
         "components": entries,
     }

@@ -31,13 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import cache, graphs, images, samplers
+from engine import cache, graphs, images, memory, samplers
 from engine import request as T  # the timing keys, StopFn, Stopped
 from engine.backends.base import Runner, get_backend
 from engine.config import Profile
 from engine.denoise import COND, Buffers, denoise_step, randn_rows, sample_latents, step_noise
 from engine.request import Generated, PreparedRequest, Request, RequestError, Row, image_params, with_family_fields
 from export.families import Family, get_family
+from export.footprint import Footprint
 from export.specs import Dims, check_size
 
 MAX_SCHEDULES = 64  # sampler tables kept on the device, least recently used out (a client's strength is any float)
@@ -137,6 +138,7 @@ class Pipeline:
         h, w = r.height or self.profile.opt.height, r.width or self.profile.opt.width
         check_size(self.dims, h, w, self.profile.lo, self.profile.hi)
         r.height, r.width = h, w
+        self.check_memory(h, w, r.images, r.guidance_scale > 1)
         r = with_family_fields(r, self.family)  # e.g. SDXL's time ids: diffusers' defaults filled in
         model = self.info.get("model")
         if r.kind == "txt2img" and not self.family.txt2img:
@@ -159,6 +161,13 @@ class Pipeline:
         image = _load(images.load_image, "init_image", r.init_image, h, w, r.resize)
         mask = _load(images.load_mask, "mask", r.mask, h, w, r.resize)
         return PreparedRequest(r, image, mask)
+
+    def check_memory(self, height: int, width: int, images: int, cfg: bool) -> memory.Estimate:
+        """RequestError naming `height` when the run's largest activations would not fit in the memory available
+        now (engine/memory.py: the CLI and the server refuse with this one estimate)."""
+        return memory.check(Footprint(**self.info.get("footprint", {})), height, width, images, cfg,
+                            self.info.get("precision", "fp32"), self.info.get("attention", "decomposed"),
+                            self.dims.vae_scale, str(self.device))
 
     def _check_schedule(self, r: Request) -> None:
         """RequestError naming `sampler` for an unknown one, else `steps` (or `strength`) the sampler refuses."""

@@ -164,6 +164,7 @@ def test_generate_img2img_and_inpainting(ort_engines, tmp_path):
         (["--init-image", "docs/none.png", "--strength", "0"], "strength 0.0 is outside (0, 1]"),
         (["--mask", "README.md"], "a mask needs an init image"),
         (["--model", "sd15"], "no engines for model 'sd15'"),
+        (["--height", "16384", "--width", "16384"], "16384x16384 x 1 image(s) needs at least"),
     ],
 )
 def test_generate_bad_input_is_one_line(ort_engines, tmp_path, args, message):
