@@ -45,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     p.add_argument("--max-size", type=int, default=d.max_size,
                    help="largest height or width a request may ask for, in pixels (within the engines' profile)")
     p.add_argument("--timeout-s", type=float, default=d.timeout_s, help="per request, queue + compute; then 504")
+    p.add_argument("--cost-admission", action=argparse.BooleanOptionalAction, default=d.cost_admission,
+                   help="refuse (400) a request whose denoising would take longer than --timeout-s at the speed this "
+                   "server measured (warm-up and every batch)")
+    p.add_argument("--max-cost", type=float, default=d.max_cost,
+                   help="megapixel-steps (steps x megapixels x images) one request may ask for; None = no cap")
     p.add_argument("--drain-timeout-s", type=float, default=d.drain_timeout_s,
                    help="on SIGTERM, how long accepted requests may still run; then they get 503 and the server exits")
     p.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="larger request bodies get 413")
@@ -97,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
                  "limit_concurrency", "timeout_keep_alive_s", "max_header_kb"):
         if getattr(args, name) < 1:
             p.error(f"argument --{name.replace('_', '-')}: {getattr(args, name)} must be >= 1")
+    if args.max_cost is not None and not args.max_cost > 0:
+        p.error(f"argument --max-cost: {args.max_cost} must be > 0")
     for name in ("max_wait_ms", "timeout_s", "drain_timeout_s", "max_body_mb", "header_timeout_s"):
         if not getattr(args, name) > 0 and not (name == "max_wait_ms" and args.max_wait_ms == 0):
             p.error(f"argument --{name.replace('_', '-')}: {getattr(args, name)} must be > 0")

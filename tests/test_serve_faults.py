@@ -24,7 +24,9 @@ SLOW = {"steps": 1000, "sampler": "euler"}  # ~10 s: far past TIMEOUT_S
 
 @pytest.fixture(scope="module")
 def server(ort_engines, tmp_path_factory):
-    flags = ("--max-batch", "1", "--max-queue", "2", "--max-wait-ms", "0", "--timeout-s", str(TIMEOUT_S))
+    # without cost admission, which would refuse SLOW up front: these tests need it to run into the timeout
+    flags = ("--max-batch", "1", "--max-queue", "2", "--max-wait-ms", "0", "--timeout-s", str(TIMEOUT_S),
+             "--no-cost-admission")
     with running_server(ort_engines, tmp_path_factory.mktemp("faults"), *flags) as s:
         yield s
 
@@ -91,6 +93,23 @@ def test_request_past_its_timeout_is_504_and_its_batch_stops(server):
     assert metric(server, "sd_inference_exec_count_total") == batches + 1
     status, _, _ = server.post("/v1/generate", {"prompt": "after", **FAST})
     assert status == 200
+
+
+def test_a_request_that_cannot_finish_in_time_is_refused_at_once(ort_engines, tmp_path):
+    """Cost admission (engine/server/admission.py): the warm-up measured this server's speed, so SLOW (about 10 s of
+    denoising) is a 400 naming steps at once under --timeout-s 3, not a 504 after 3 s; --max-cost caps the
+    megapixel-steps of a request whatever the speed."""
+    with running_server(ort_engines, tmp_path, "--timeout-s", str(TIMEOUT_S), "--max-cost", "50") as s:
+        t0 = time.perf_counter()
+        status, body, _ = s.post("/v1/generate", {"prompt": "long", **SLOW})
+        elapsed = time.perf_counter() - t0
+        error = json.loads(body)["error"]
+        assert status == 400 and error["param"] == "steps" and "would denoise for about" in error["message"], error
+        assert elapsed < TIMEOUT_S / 2, f"the refusal took {elapsed:.2f} s"
+        assert s.post("/v1/generate", {"prompt": "short", **FAST})[0] == 200
+        status, body, _ = s.post("/v1/generate", {"prompt": "big", "steps": 50, "height": 1024, "width": 1024})
+        error = json.loads(body)["error"]  # 1024 x 1024 x 50 steps = 52.4 megapixel-steps
+        assert status == 400 and error["param"] == "steps" and "--max-cost 50" in error["message"], error
 
 
 @pytest.mark.parametrize("batching", ["request", "step"])

@@ -32,6 +32,7 @@ from engine.png import png_bytes
 from engine.request import Generated, PreparedRequest, Request, RequestError, StopFn
 from engine.server.a1111 import add_a1111_routes
 from engine.server.access import Access, allowed_hosts
+from engine.server.admission import CostMeter
 from engine.server.batcher import Batcher, BatchFailed, Draining, Outcome, QueueFull
 from engine.server.config import ServeConfig
 from engine.server.guard import Guard, path_label
@@ -63,6 +64,7 @@ class ServerState:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.metrics = Metrics()
+        self.cost = CostMeter(config.timeout_s, config.max_cost, config.cost_admission)
         self.pipeline: Any = None
         self.batcher: Batcher | StepBatcher | None = None
         self.status = "loading"  # loading | warming | ready | draining | failed
@@ -117,11 +119,12 @@ class ServerState:
             t0 = time.perf_counter()
             prepared = self.pipeline.prepare(Request(prompt="warm-up", steps=WARMUP_STEPS))
             try:
-                await self.batcher.submit(prepared)
+                outcome = await self.batcher.submit(prepared)
             except (BatchFailed, Draining) as exc:
                 self.status, self.error = "failed", f"warm-up generation failed: {exc}"
                 log.error(self.error)
                 return
+            self.cost.observe(outcome.images, outcome.batch_images)  # the first measure of this server's speed
             log.info("warm-up generation took %.0f ms", (time.perf_counter() - t0) * 1e3)
         if self.status == "warming":
             self.status = "ready"
@@ -219,6 +222,8 @@ class ServerState:
             if value is not None and value > self.config.max_size:
                 raise ApiError(400, f"{side} {value} is over this server's limit (--max-size {self.config.max_size})",
                                params.get(side, side))
+        opt = self.pipeline.profile.opt
+        self.cost.check(request, opt.height, opt.width, params.get("steps", "steps"))
         try:
             return await asyncio.to_thread(self.pipeline.prepare, request)
         except RequestError as exc:
@@ -255,6 +260,7 @@ class ServerState:
             self._failed("client_disconnected")
             raise
         m = self.metrics
+        self.cost.observe(outcome.images, outcome.batch_images)
         m.success.inc()
         m.queue_time.observe(outcome.queue_s)
         m.compute_time.observe(outcome.compute_s)

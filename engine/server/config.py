@@ -22,6 +22,8 @@ class ServeConfig:
     max_images: int = 8  # images per request (OpenAI's n)
     max_size: int = 2048  # pixels per side a request may ask for (the engines' profile may allow more)
     timeout_s: float = 300.0  # per request, queue + compute; past it the answer is 504
+    cost_admission: bool = True  # refuse (400) what would denoise past timeout_s at this server's measured speed
+    max_cost: float | None = None  # megapixel-steps (steps x megapixels x images) a request may ask for; None = any
     drain_timeout_s: float = 25.0  # SIGTERM: past it, what is left is answered 503 (k8s' grace period is 30 s)
     max_body_mb: float = 20.0  # larger bodies are answered 413
     warmup: bool = True  # one small generation before /readyz says ready
