@@ -162,6 +162,18 @@ def test_ray_router_backpressure_is_429_with_retry_after(local_ray, ort_engines)
     assert len(replica_log_lines(local_ray.temp, "drained and stopped")) == drained + 1
 
 
+def test_the_http_proxy_listens_only_where_host_says(local_ray):
+    """Ray Serve's HTTP proxy, the one port that answers our API, is bound to the loopback address asked for, not
+    to every interface. (Ray's own gRPC ports, GCS, raylet and actor workers, listen on all interfaces in this Ray
+    whatever the node IP; measured with `ss`, they are Ray's to bind: see the README.)"""
+    import psutil
+
+    port = int(local_ray.url.rsplit(":", 1)[1])
+    listening = {c.laddr.ip for c in psutil.net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port}
+    assert listening == {"127.0.0.1"}, listening
+
+
 def test_serve_config_file_names_a_builder_that_builds(tmp_path):
     import yaml
     from ray.serve.deployment import Application
