@@ -19,7 +19,7 @@ from engine.backends.base import Backend, get_backend
 from engine.config import ATTENTION_MODES, BACKENDS, BuildConfig, BuildPlan, Profile
 from export.families import Family, detect_family
 from export.footprint import folder_footprint
-from export.quiet import add_verbose_flag, quiet_cli
+from export.quiet import add_verbose_flag, quiet_cli, quieted
 from export.specs import Dims, Shape, check_size, export_range, parse_components
 
 
@@ -291,11 +291,17 @@ def _record(job: _Job, model_files: Path, entries: dict[str, Any]) -> dict[str, 
     }
 
 
-def build_all(cfg: BuildConfig, progress: bool = True) -> BuildResult:
+def build_all(cfg: BuildConfig, progress: bool = True, verbose: bool = False) -> BuildResult:
     """Build (or reuse) every requested component; write <engine_dir>/<model_id>/build.json.
 
     The whole build of a model holds its lock (<engine_dir>/<model_id>/.lock): a concurrent build of the
-    same model waits, then reuses this one's work; the lock holder removes what killed builds left."""
+    same model waits, then reuses this one's work; the lock holder removes what killed builds left. The
+    libraries' warnings and logs are kept off the console during it (`verbose` shows them), and put back after."""
+    with quieted(verbose):
+        return _build_all(cfg, progress)
+
+
+def _build_all(cfg: BuildConfig, progress: bool) -> BuildResult:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
