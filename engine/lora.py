@@ -4,6 +4,9 @@ kohya-ss/A1111 keys, converted by diffusers' own converters), and merge it into 
 A merge is W' = W + sum_i scale_i * factor_i * (B_i @ A_i), computed in float32 and cast to W's dtype, where
 factor = alpha / r per module (alpha defaults to r when the file carries none, as PEFT does). `apply` keeps the
 original tensors themselves, so `unapply` restores the model bit for bit (nothing is recomputed by subtraction).
+
+`load_lora` parses a file once per version: parsed adapters are kept in a bounded LRU keyed by the file's resolved
+path, size and mtime (engine/lora_cache.py), so a rewritten file is read again and an unchanged one never is.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.lora_cache import FILE_BYTES, FILES, FileKey, LoraFileCache, Lru
+
 TARGETS = ("unet", "text_encoder", "text_encoder_2")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 
@@ -28,6 +33,7 @@ class Adapter:
 
     path: Path
     scale: float = 1.0
+    version: FileKey | None = None  # the file as it was checked (the server's): a rewritten file is another Adapter
 
 
 def parse_adapter(text: str) -> Adapter:
@@ -105,26 +111,72 @@ def file_digest(path: Path) -> str:
 
 
 def load_lora(path: Path | str) -> LoraWeights:
-    """Read a LoRA `.safetensors` through diffusers' converters (kohya/A1111 keys and alphas included)."""
-    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
-
+    """A LoRA `.safetensors` read through diffusers' converters (kohya/A1111 keys and alphas included), parsed once
+    per version of the file (FILE_CACHE); ValueError naming the path for anything that is not such a LoRA."""
     path = Path(path)
     check_lora_file(path)
-    out = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
-    raw, alphas = out[0], out[1] or {}
-    metadata = (out[2] if len(out) > 2 else None) or {}
-    parts: dict[str, LoraPart] = {}
-    for target in TARGETS:
-        sub = {k.removeprefix(f"{target}."): v for k, v in raw.items() if k.startswith(f"{target}.")}
-        if sub:
-            sub_alphas = {k.removeprefix(f"{target}."): float(v) for k, v in alphas.items()
-                          if k.split(".")[0] == target}
-            sub_meta = {k.removeprefix(f"{target}."): v for k, v in metadata.items() if k.startswith(f"{target}.")}
-            parts[target] = LoraPart(path.stem, target, _modules(target, sub, sub_alphas, sub_meta, path))
+    try:
+        weights = FILE_CACHE.get(path, read_lora)
+    except OSError as exc:  # gone or unreadable between the check and the read
+        raise ValueError(f"LoRA {str(path)!r}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    return weights if weights.name == path.stem else _renamed(weights, path)
+
+
+def read_lora(path: Path) -> LoraWeights:
+    """`load_lora` without the cache: the header checked by safetensors itself first, then diffusers' loader with
+    pickles off (a file it cannot read is an error, never a reason to try torch.load)."""
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):  # the header only: size, JSON, offsets
+            pass
+        out = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path), use_safetensors=True,
+                                                             return_lora_metadata=True)
+        raw, alphas = out[0], out[1] or {}
+        metadata = (out[2] if len(out) > 2 else None) or {}
+        parts: dict[str, LoraPart] = {}
+        for target in TARGETS:
+            sub = {k.removeprefix(f"{target}."): v for k, v in raw.items() if k.startswith(f"{target}.")}
+            if sub:
+                sub_alphas = {k.removeprefix(f"{target}."): float(v) for k, v in alphas.items()
+                              if k.split(".")[0] == target}
+                sub_meta = {k.removeprefix(f"{target}."): v for k, v in metadata.items()
+                            if k.startswith(f"{target}.")}
+                parts[target] = LoraPart(path.stem, target, _modules(target, sub, sub_alphas, sub_meta, path))
+    except (SafetensorError, OSError, KeyError, IndexError, TypeError, RuntimeError, AttributeError) as exc:
+        raise ValueError(f"LoRA {str(path)!r}: not a readable LoRA .safetensors ({_reason(exc)})") from None
     unknown = sorted({k.split(".")[0] for k in raw} - set(TARGETS))
     if unknown or not parts:
         raise ValueError(f"LoRA {str(path)!r}: no Stable Diffusion LoRA keys (found prefixes {unknown})")
     return LoraWeights(name=path.stem, digest=file_digest(path), path=path, parts=parts)
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause's message, on one line (diffusers wraps safetensors' header errors in an OSError)."""
+    for _ in range(8):  # a chain is short; bounded all the same
+        inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        if inner is None:
+            break
+        exc = inner
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def _renamed(weights: LoraWeights, path: Path) -> LoraWeights:
+    """The cached adapter under the name and path it was asked for (another name of the same file): the tensors
+    are shared."""
+    parts = {t: LoraPart(path.stem, t, p.modules) for t, p in weights.parts.items()}
+    return LoraWeights(name=path.stem, digest=weights.digest, path=path, parts=parts)
+
+
+def lora_bytes(weights: LoraWeights) -> int:
+    """The tensor bytes an adapter holds (what FILE_CACHE is bounded by)."""
+    return sum(m.down.numel() * m.down.element_size() + m.up.numel() * m.up.element_size()
+               for part in weights.parts.values() for m in part.modules.values())
+
+
+FILE_CACHE: LoraFileCache[LoraWeights] = LoraFileCache(Lru(max_entries=FILES, max_bytes=FILE_BYTES, size=lora_bytes))
 
 
 def _to_peft(target: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -160,8 +212,18 @@ def _modules(target: str, sd: dict[str, torch.Tensor], alphas: dict[str, float],
         if up_key not in peft:
             raise ValueError(f"LoRA {str(path)!r}: {target} key {key!r} has no matching lora_B")
         down, up = peft[key], peft[up_key]
+        _check_pair(target, key, down, up, path)
         modules[name] = LoraModule(down=down, up=up, factor=_factor(name, int(down.shape[0]), module_alpha, meta))
     return modules
+
+
+def _check_pair(target: str, key: str, down: torch.Tensor, up: torch.Tensor, path: Path) -> None:
+    """A and B of one module: floating point, 2-d (Linear) or 4-d (Conv2d, B 1x1), B's columns = A's rows (the rank)."""
+    fits = (down.dim() in (2, 4) and up.dim() in (2, 4) and down.is_floating_point() and up.is_floating_point()
+            and down.shape[0] > 0 and up.shape[1] == down.shape[0] and (up.dim() == 2 or up.shape[2:] == (1, 1)))
+    if not fits:
+        raise ValueError(f"LoRA {str(path)!r}: {target} key {key!r} is not a low-rank pair (A {tuple(down.shape)} "
+                         f"{down.dtype}, B {tuple(up.shape)} {up.dtype})")
 
 
 def _alphas_by_module(raw: dict[str, torch.Tensor], peft: dict[str, torch.Tensor], alphas: dict[str, float]

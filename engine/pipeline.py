@@ -61,7 +61,6 @@ class Pipeline:
         self.graphs = graphs.StepGraphCache(MAX_GRAPHS)  # both drivers' captured steps
         self._schedules: OrderedDict[tuple, samplers.Schedule] = OrderedDict()  # bounded: MAX_SCHEDULES
         self._schedules_lock = threading.Lock()  # prepare (a server thread) and run (the batch thread) both read it
-        self._loras: dict[tuple[str, float], Any] = {}  # (path, mtime) -> engine.lora.LoraWeights, loaded once
         self._applied: tuple = ()  # the adapters merged into the runners now
         self.adapter_params: list[dict] = []  # what images record of them; a new list at every change
 
@@ -294,12 +293,10 @@ class Pipeline:
         self._applied, self.adapter_params = tuple(adapters), lora.adapter_params(loaded)
 
     def _lora(self, path) -> Any:
+        """The parsed adapter: engine.lora's bounded cache, keyed by the file's version (a rewrite is read again)."""
         from engine import lora
 
-        key = (str(Path(path).resolve()), Path(path).stat().st_mtime)
-        if key not in self._loras:
-            self._loras[key] = lora.load_lora(path)
-        return self._loras[key]
+        return lora.load_lora(path)
 
     def tokenize(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
         tokenizer = tokenizer or self.tokenizers[0]

@@ -54,4 +54,5 @@ def test_server_lora_matches_the_library(server, ort_engines, lora_dir):
     assert np.array_equal(_image(server), base)  # no adapter after one: no residue
     status, data, _ = server.post("/v1/generate", {"prompt": "x", "loras": [{"name": "missing"}]})
     error = json.loads(data)["error"]
-    assert status == 400 and error["param"] == "loras" and "kohya_21" in error["message"], error
+    assert status == 400 and error["param"] == "loras" and "'missing'" in error["message"], error
+    assert "kohya_21" not in error["message"]  # the folder is not listed to a client

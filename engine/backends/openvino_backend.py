@@ -10,7 +10,9 @@ another OpenVINO version is refused at load, naming both. Any batch and size the
 
 LoRA: each weight is a `Constant` named after its ONNX initializer (`unet.conv_in.weight`); adapters are merged by
 re-reading the pristine IR, swapping the touched weight constants for merged ones and recompiling with the same
-config (the IR on disk is untouched; no weights => the pristine IR recompiled, the built weights exactly).
+config (the IR on disk is untouched; no weights => the pristine IR recompiled, the built weights exactly). A
+runner keeps its last few compiled models (engine.lora_cache.variants_limit(), the built one included) by the content of
+their merged weights, so alternating between a few adapter sets compiles each once; `compiles` counts compilations.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 
 from engine.backends.cpu import check_bf16, isa_flags, threads
 from engine.config import BuildPlan
+from engine.lora_cache import Lru, variants_limit, weights_key
 from export.specs import ComponentSpec, Dims
 
 IR_XML = "model.xml"  # + model.bin (the weights, memory-mapped on load)
@@ -163,8 +166,12 @@ class OpenVinoRunner:
             check_bf16("openvino")
         self.spec, self.path, self.precision = spec, xml, precision
         self._weights: IrWeights | None = None  # the IR's own weights, read on first use
+        self.compiles = 0  # compile_model calls: the first, then one per adapter set new to `variants`
         self.compiled = self._compile(read_ir(spec, xml))
         self.request = self.compiled.create_infer_request()
+        # (compiled model, its infer request) by weights_key of the merged weights; None = as built
+        self.variants: Lru[str | None, tuple[Any, Any]] = Lru(max_entries=variants_limit())
+        self.variants.put(None, (self.compiled, self.request))
         # by name: a compiled port may carry more names than the IR's (fused tensors), get_any_name() any of them
         self.dtypes = {n: _TORCH[self.compiled.input(n).get_element_type().get_type_name()]
                        for n in spec.input_names}
@@ -176,6 +183,7 @@ class OpenVinoRunner:
         return {n: torch.from_numpy(res[n]) for n in self.spec.output_names}
 
     def _compile(self, model: Any) -> Any:
+        self.compiles += 1
         return _ov().Core().compile_model(model, "CPU", _compile_config(self.precision))
 
     def base_weights(self) -> Mapping[str, torch.Tensor]:
@@ -186,19 +194,26 @@ class OpenVinoRunner:
 
     def set_weights(self, merged: Mapping[str, torch.Tensor] | None) -> None:
         """Recompile the pristine IR with `merged` (sub-model parameter names) replacing its weight constants, or
-        as built (None). Until the new model compiles the old one stays in place: a failure leaves the runner as
-        it was. The IR on disk is untouched."""
-        model = read_ir(self.spec, self.path)
-        if merged:
-            swap_weights(model, merged, self.path)
-        compiled = self._compile(model)
-        request = compiled.create_infer_request()
-        self.compiled, self.request = compiled, request
+        as built (None); a compiled model of the same weights kept in `variants` is taken instead. Until the new
+        model compiles the old one stays in place: a failure leaves the runner as it was. The IR on disk is
+        untouched."""
+        key = weights_key(merged) if merged else None
+        variant = self.variants.get(key)
+        if variant is None:
+            self.variants.reserve()
+            model = read_ir(self.spec, self.path)
+            if merged:
+                swap_weights(model, merged, self.path)
+            compiled = self._compile(model)
+            variant = (compiled, compiled.create_infer_request())
+            self.variants.put(key, variant)
+        self.compiled, self.request = variant
 
     def close(self) -> None:
         self.request = None
         self.compiled = None
         self._weights = None
+        self.variants.clear()
 
 
 class OpenVinoBackend:

@@ -3,6 +3,10 @@
 The artifact is a copy of the optimized ONNX graph (a regular file, so `onnx.load` and other tools
 accept its external data, and the engine directory can be moved or copied anywhere); the session is
 created at load time with full graph optimizations. Any batch and size the graph was exported for runs.
+
+LoRA: a session is made again with the merged weights as external initializers; a runner keeps its last few
+sessions (engine.lora_cache.variants_limit(), the built one included) by the content of their merged weights, so
+alternating between a few adapter sets makes each session once; `sessions_made` counts them.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 
 from engine.config import BuildPlan
 from engine.lora import OnnxWeights
+from engine.lora_cache import Lru, variants_limit, weights_key
 from export.specs import ComponentSpec, Dims
 
 MODEL_FILE = "model.onnx"
@@ -53,17 +58,23 @@ class OrtRunner:
         self.threads = threads
         self._overrides: dict[str, Any] = {}  # initializer name -> OrtValue the session was made with
         self._weights: OnnxWeights | None = None  # the graph's own weights, read on first use
-        self.session = self._session()
+        self.sessions_made = 0  # InferenceSession()s: the first, then one per adapter set new to `variants`
+        self.session: Any = self._session(self._overrides)  # None once closed
+        # (session, the OrtValues it was made with: they must outlive it) by weights_key of the merged weights
+        self.variants: Lru[str | None, tuple[Any, dict[str, Any]]] = Lru(max_entries=variants_limit())
+        self.variants.put(None, (self.session, self._overrides))
         self.dtypes = {i.name: _onnx_type_to_torch(i.type) for i in self.session.get_inputs()}
 
-    def _session(self):
+    def _session(self, overrides: dict[str, Any]):
+        """A session of the graph, `overrides` (initializer name -> OrtValue) replacing some of its weights."""
         ort = _ort()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
             opts.intra_op_num_threads = self.threads
-        if self._overrides:  # replace the graph's initializers as it is loaded, before any optimization folds them
-            opts.add_external_initializers(list(self._overrides), list(self._overrides.values()))
+        if overrides:  # replace the graph's initializers as it is loaded, before any optimization folds them
+            opts.add_external_initializers(list(overrides), list(overrides.values()))
+        self.sessions_made += 1
         return ort.InferenceSession(str(self.path), sess_options=opts, providers=_providers(str(self.device)))
 
     def base_weights(self) -> Mapping[str, torch.Tensor]:
@@ -78,22 +89,29 @@ class OrtRunner:
 
     def set_weights(self, merged: Mapping[str, torch.Tensor] | None) -> None:
         """Recreate the session with `merged` (sub-model parameter names) replacing the graph's initializers,
-        or with the graph's own (None). No re-export, no rebuild: the ONNX file is untouched."""
+        or with the graph's own (None); a session of the same weights kept in `variants` is taken instead. No
+        re-export, no rebuild: the ONNX file is untouched."""
         weights = self.base_weights()
         assert isinstance(weights, OnnxWeights)
         inline = [n for n in (merged or {}) if not weights.external(n)]
         if inline:
             raise ValueError(f"{self.path}: weight {inline[0]!r} is stored inside the graph, not as external data, "
                              "so ONNX Runtime cannot replace it; rebuild with python -m engine.build --force-rebuild")
-        prefix = weights.prefix
-        self.session = None
-        self._overrides = {prefix + name: _ort().OrtValue.ortvalue_from_numpy(t.detach().cpu().contiguous().numpy())
-                           for name, t in (merged or {}).items()}
-        self.session = self._session()
+        key = weights_key(merged) if merged else None
+        variant = self.variants.get(key)
+        if variant is None:
+            self.variants.reserve()
+            prefix = weights.prefix
+            overrides = {prefix + name: _ort().OrtValue.ortvalue_from_numpy(t.detach().cpu().contiguous().numpy())
+                         for name, t in (merged or {}).items()}
+            variant = (self._session(overrides), overrides)  # a failure leaves the runner as it was
+            self.variants.put(key, variant)
+        self.session, self._overrides = variant
 
     def close(self) -> None:
-        self.session = None  # the session frees its arena when dropped
+        self.session = None  # the session frees its arena when dropped (with the kept variants)
         self._overrides, self._weights = {}, None
+        self.variants.clear()
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         feeds = {n: inputs[n].to(self.dtypes[n]).contiguous() for n in self.spec.input_names}

@@ -40,7 +40,15 @@ from engine.server.image_files import ROUTE as IMAGE_ROUTE
 from engine.server.image_files import ImageStore
 from engine.server.metrics import Metrics
 from engine.server.openapi import ROUTE_ERRORS, generate_request_body, openapi_document
-from engine.server.schemas import ApiError, GenerateBody, ImagesAnswer, ImagesBody, decode_image, validation_error
+from engine.server.schemas import (
+    ApiError,
+    GenerateBody,
+    ImagesAnswer,
+    ImagesBody,
+    decode_image,
+    form_loras,
+    validation_error,
+)
 from engine.server.step_batcher import StepBatcher
 
 log = logging.getLogger("engine.serve")
@@ -311,6 +319,10 @@ async def _read_generate_body(http: HttpRequest) -> tuple[GenerateBody, dict[str
                     if name not in IMAGE_FIELDS:
                         raise ApiError(400, f"{name}: only {' and '.join(IMAGE_FIELDS)} may be files", name)
                     files[name] = await value.read()
+                elif name == "loras":  # JSON text: [{"name": ..., "scale": ...}], checked as the JSON body's
+                    if name in fields:
+                        raise ApiError(400, "loras: send one loras field, a JSON array of adapters", name)
+                    fields[name] = form_loras(value) if value.strip() else []
                 elif value != "":
                     fields[name] = value
             body = GenerateBody.model_validate(fields, strict=False)  # form fields are text: "7" is a number
@@ -425,8 +437,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             raise ApiError(400, f"response_format 'png' returns one image; images is {body.images} "
                                 "(use 'json' for several)", "response_format")
         try:
-            request = body.to_request(images["init_image"], images["mask"], state.config.lora_dir)
-        except ValueError as exc:
+            # off the event loop: a LoRA file new to the cache is read and parsed here
+            request = await asyncio.to_thread(body.to_request, images["init_image"], images["mask"],
+                                              state.config.lora_dir)
+        except ValueError as exc:  # loras (engine/server/lora_dir.py): a message without a path
             raise ApiError(400, str(exc), "loras") from None
         outcome = await state.generate(http, request)
         pngs = await asyncio.to_thread(_encode, outcome.images)

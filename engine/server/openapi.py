@@ -58,7 +58,10 @@ def generate_request_body() -> dict[str, Any]:
     """/v1/generate's requestBody: JSON, or multipart with the images as file parts."""
     schema, _ = _generate_schemas()
     form = {**schema, "properties": {**schema["properties"],
-                                     **{f: {"type": "string", "format": "binary"} for f in FILE_FIELDS}}}
+                                     **{f: {"type": "string", "format": "binary"} for f in FILE_FIELDS},
+                                     "loras": {"type": "string", "contentMediaType": "application/json",
+                                               "description": 'the JSON body\'s `loras` as JSON text: '
+                                                              '[{"name": "style", "scale": 0.8}]'}}}
     return {"required": True, "content": {"application/json": {"schema": schema},
                                           "multipart/form-data": {"schema": form}}}
 

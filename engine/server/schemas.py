@@ -13,14 +13,15 @@ import binascii
 import io
 import unicodedata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import PIL.Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from engine.lora import Adapter
 from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
 from engine.sampler_registry import get as sampler_record
+from engine.server.lora_dir import adapter_in_dir
 
 _R = Request()
 MAX_PROMPT_CHARS = 4000  # CLIP reads 77 tokens; longer text is truncated with a warning, far longer is refused
@@ -97,18 +98,30 @@ class LoraRef(BaseModel):
 
 
 def resolve_loras(refs: list[LoraRef], lora_dir: Path | None) -> tuple[Adapter, ...]:
-    """Adapters for a request's `loras`; ValueError naming the field when the server has no such adapter."""
-    if refs and lora_dir is None:
+    """Adapters for a request's `loras`, each file resolved inside `lora_dir` and parsed (engine/server/lora_dir.py);
+    ValueError starting `loras:` naming the adapter, never a path, when the server will not use one."""
+    if not refs:
+        return ()
+    if lora_dir is None:
         raise ValueError("loras: this server serves no LoRA adapters (start it with --lora-dir)")
-    out = []
-    for ref in refs:
-        assert lora_dir is not None
-        path = lora_dir / f"{ref.name}.safetensors"
-        if not path.is_file():
-            have = sorted(p.stem for p in lora_dir.glob("*.safetensors"))[:20]
-            raise ValueError(f"loras: no adapter {ref.name!r} in the server's --lora-dir (it has: {', '.join(have)})")
-        out.append(Adapter(path, ref.scale))
-    return tuple(out)
+    return tuple(adapter_in_dir(lora_dir, ref.name, ref.scale) for ref in refs)
+
+
+_FORM_LORAS: TypeAdapter[list[LoraRef]] = TypeAdapter(Annotated[list[LoraRef], Field(max_length=MAX_LORAS)])
+
+
+def form_loras(text: str) -> list[LoraRef]:
+    """A multipart body's `loras` field: JSON text (`[{"name": "style", "scale": 0.8}]`) validated by LoraRef as
+    strictly as the JSON body's `loras`; ApiError 400 naming `loras` (and the item's field) otherwise."""
+    try:
+        return _FORM_LORAS.validate_json(text)
+    except ValidationError as err:
+        errors = err.errors()
+        if errors and errors[0].get("type") == "json_invalid":
+            reason = errors[0].get("ctx", {}).get("error", errors[0].get("msg"))
+            raise ApiError(400, f"loras: the form field is not JSON ({reason}); send a JSON array such as "
+                                '[{"name": "style", "scale": 0.8}]', "loras") from None
+        raise validation_error([{**e, "loc": ("loras", *e.get("loc", ()))} for e in errors]) from None
 
 
 class GenerateBody(_Common):
