@@ -58,6 +58,24 @@ def test_full_queue_answers_429_with_retry_after_at_once(server):
     assert metric(server, 'sd_inference_request_failure_total{reason="queue_full"}') == statuses.count(429)
 
 
+def test_an_upload_is_not_decoded_while_the_queue_is_full(server):
+    """Admission before decoding: with the queue full, a request carrying an image is a 429 without its image being
+    decoded (an undecodable one shows it: before the fix it was a 400 for its image, decoded first)."""
+    blockers = [threading.Thread(target=server.post, args=("/v1/generate", {"prompt": f"b{i}", **SLOW}))
+                for i in range(3)]  # one running, two queued (--max-queue 2): each ends by its 504
+    blockers[0].start()
+    wait_for_metric(server, "sd_inference_pending_request_count", 0)
+    for blocker in blockers[1:]:
+        blocker.start()
+    wait_for_metric(server, "sd_inference_pending_request_count", 2, timeout_s=5)
+    status, body, headers = server.post("/v1/generate", {"prompt": "x", "init_image": "not base64 at all!", **FAST})
+    assert status == 429 and int(headers["retry-after"]) >= 1, body
+    for blocker in blockers:
+        blocker.join(timeout=60)
+    # a barrier (one batch at a time, in arrival order): the blockers' stopped batches are counted before the next test
+    assert server.post("/v1/generate", {"prompt": "after", **FAST})[0] == 200
+
+
 def test_client_that_disconnects_while_queued_is_dropped(server):
     images_before = metric(server, "sd_inference_count_total")
     batches_before = metric(server, "sd_inference_exec_count_total")

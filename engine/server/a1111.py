@@ -357,6 +357,7 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
         """AUTOMATIC1111's img2img: init_images[0] and denoising_strength, and with `mask` inpainting (mask_blur 0,
         inpainting_fill 1, inpaint_full_res false; inpainting_mask_invert 1 repaints the black area)."""
         check_off(body)
+        state.admit()  # before any decoding: 503 / 429 as the generation would answer
         init = await asyncio.to_thread(decode_image, body.init_images[0], "init_images")
         mask = await asyncio.to_thread(decode_image, body.mask, "mask") if body.mask is not None else None
         if mask is not None and body.inpainting_mask_invert:

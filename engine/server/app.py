@@ -15,6 +15,7 @@ import base64
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -250,10 +251,7 @@ class ServerState:
             work = asyncio.wait_for(self.batcher.submit(prepared), self.config.timeout_s)
             outcome = await _unless_client_leaves(http, work)
         except QueueFull as exc:
-            self._failed("queue_full")
-            raise ApiError(429, f"server busy: {self.batcher.depth} requests queued (--max-queue "
-                                f"{self.config.max_queue}); retry after {exc.retry_after_s} s",
-                           kind="rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after_s)}) from None
+            raise self._busy(exc.retry_after_s) from None
         except Draining as exc:
             self._failed("draining")
             raise ApiError(503, str(exc), kind="unavailable",
@@ -274,6 +272,23 @@ class ServerState:
         m.compute_time.observe(outcome.compute_s)
         m.request_time.observe(time.perf_counter() - t0)
         return outcome
+
+    def admit(self) -> None:
+        """What needs no image: 503 while the server takes no work, 429 while its queue is full. Run before an upload
+        is decoded, so a burst of large images costs no decoding (nor memory) while they could not be taken; the
+        batcher's own bound still decides at submit."""
+        if self.status != "ready" or self.batcher is None:
+            raise ApiError(503, f"server is {self.status}; retry when /readyz answers 200", kind="unavailable",
+                           headers={"Retry-After": str(RETRY_NOT_READY_S)})
+        if self.batcher.depth >= self.config.max_queue:
+            raise self._busy(self.batcher.retry_after_s())
+
+    def _busy(self, retry_after_s: int) -> ApiError:
+        self._failed("queue_full")
+        depth = self.batcher.depth if self.batcher is not None else 0
+        return ApiError(429, f"server busy: {depth} requests queued (--max-queue {self.config.max_queue}); retry "
+                             f"after {retry_after_s} s", kind="rate_limit_exceeded",
+                        headers={"Retry-After": str(retry_after_s)})
 
     def _failed(self, reason: str) -> None:
         self.metrics.failure.labels(reason).inc()
@@ -306,8 +321,10 @@ def _encode(images: list[Generated]) -> list[bytes]:
     return [png_bytes(g.pixels, g.params) for g in images]
 
 
-async def _read_generate_body(http: HttpRequest) -> tuple[GenerateBody, dict[str, Any]]:
-    """The /v1/generate body from JSON or multipart form data, and its decoded init image / mask."""
+async def _read_generate_body(http: HttpRequest, admit: Callable[[], None] | None = None,
+                              ) -> tuple[GenerateBody, dict[str, Any]]:
+    """The /v1/generate body from JSON or multipart form data, and its decoded init image / mask; `admit` is called
+    between the two (it raises what the request would get anyway: nothing is decoded for a request refused)."""
     ctype = http.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     files: dict[str, Any] = {}
     try:
@@ -339,8 +356,10 @@ async def _read_generate_body(http: HttpRequest) -> tuple[GenerateBody, dict[str
         log.error("multipart upload not stored: %s", exc)
         raise ApiError(503, f"cannot store the upload now ({exc.strerror or type(exc).__name__}); retry later",
                        kind="unavailable", headers={"Retry-After": str(RETRY_UNAVAILABLE_S)}) from None
-    for name in IMAGE_FIELDS:
-        source = files.get(name, getattr(body, name))
+    sources = {name: files.get(name, getattr(body, name)) for name in IMAGE_FIELDS}
+    if admit is not None and any(source is not None for source in sources.values()):
+        admit()
+    for name, source in sources.items():  # in a worker thread, with a pixel limit (engine/server/schemas.py)
         files[name] = await asyncio.to_thread(decode_image, source, name) if source is not None else None
     return body, files
 
@@ -432,7 +451,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def generate(http: HttpRequest) -> Response:
         """Every Request field; init_image / mask as base64 (JSON) or file parts (multipart)."""
         t0 = time.perf_counter()
-        body, images = await _read_generate_body(http)
+        body, images = await _read_generate_body(http, state.admit)
         if body.response_format == "png" and body.images != 1:
             raise ApiError(400, f"response_format 'png' returns one image; images is {body.images} "
                                 "(use 'json' for several)", "response_format")
