@@ -105,7 +105,7 @@ def test_405_is_json_and_names_the_allowed_methods(server):
 
 
 def test_an_upload_that_cannot_be_stored_is_a_json_503_without_the_path():
-    from engine.server.app import _read_generate_body
+    from engine.server.bodies import read_generate_body
 
     class FullDisk:  # what Starlette's multipart parser raises when its spool file cannot be written
         headers = {"content-type": "multipart/form-data; boundary=x"}
@@ -114,7 +114,7 @@ def test_an_upload_that_cannot_be_stored_is_a_json_503_without_the_path():
             raise OSError(errno.ENOSPC, "No space left on device", "/var/tmp/secret-spool")
 
     with pytest.raises(ApiError) as err:
-        asyncio.run(_read_generate_body(FullDisk()))
+        asyncio.run(read_generate_body(FullDisk()))
     assert err.value.status == 503 and "secret" not in err.value.message and err.value.headers["Retry-After"]
 
 

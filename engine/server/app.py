@@ -15,7 +15,6 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,6 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from pydantic import ValidationError
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 
@@ -35,6 +32,7 @@ from engine.server.a1111 import add_a1111_routes
 from engine.server.access import Access, allowed_hosts
 from engine.server.admission import CostMeter
 from engine.server.batcher import Batcher, BatchFailed, Draining, Outcome, QueueFull
+from engine.server.bodies import RETRY_UNAVAILABLE_S, read_generate_body
 from engine.server.config import ServeConfig
 from engine.server.guard import Guard, path_label
 from engine.server.image_files import ROUTE as IMAGE_ROUTE
@@ -43,11 +41,8 @@ from engine.server.metrics import Metrics
 from engine.server.openapi import ROUTE_ERRORS, generate_request_body, openapi_document
 from engine.server.schemas import (
     ApiError,
-    GenerateBody,
     ImagesAnswer,
     ImagesBody,
-    decode_image,
-    form_loras,
     validation_error,
 )
 from engine.server.step_batcher import StepBatcher
@@ -56,8 +51,6 @@ log = logging.getLogger("engine.serve")
 PLAYGROUND = Path(__file__).with_name("playground.html")
 WARMUP_STEPS = 2
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
-IMAGE_FIELDS = ("init_image", "mask")
-RETRY_UNAVAILABLE_S = 5  # Retry-After when draining or failed
 RETRY_NOT_READY_S = 1  # Retry-After while loading or warming up
 SWEEP_EVERY_S = (0.5, 60.0)  # the periodic sweep of hosted images: every ttl/4, within these bounds
 OPENAI_PARAMS = {"images": "n", "height": "size", "width": "size", "sampler": "scheduler"}  # Request field -> body
@@ -321,49 +314,6 @@ def _encode(images: list[Generated]) -> list[bytes]:
     return [png_bytes(g.pixels, g.params) for g in images]
 
 
-async def _read_generate_body(http: HttpRequest, admit: Callable[[], None] | None = None,
-                              ) -> tuple[GenerateBody, dict[str, Any]]:
-    """The /v1/generate body from JSON or multipart form data, and its decoded init image / mask; `admit` is called
-    between the two (it raises what the request would get anyway: nothing is decoded for a request refused)."""
-    ctype = http.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    files: dict[str, Any] = {}
-    try:
-        if ctype == "multipart/form-data":
-            form = await http.form(max_files=len(IMAGE_FIELDS), max_fields=32)
-            fields: dict[str, Any] = {}
-            for name, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    if name not in IMAGE_FIELDS:
-                        raise ApiError(400, f"{name}: only {' and '.join(IMAGE_FIELDS)} may be files", name)
-                    files[name] = await value.read()
-                elif name == "loras":  # JSON text: [{"name": ..., "scale": ...}], checked as the JSON body's
-                    if name in fields:
-                        raise ApiError(400, "loras: send one loras field, a JSON array of adapters", name)
-                    fields[name] = form_loras(value) if value.strip() else []
-                elif value != "":
-                    fields[name] = value
-            body = GenerateBody.model_validate(fields, strict=False)  # form fields are text: "7" is a number
-        elif ctype == "application/json":
-            body = GenerateBody.model_validate_json(await http.body())
-        else:
-            raise ApiError(415, f"content type {ctype!r} is not accepted; send application/json or "
-                                "multipart/form-data", kind="unsupported_media_type")
-    except ValidationError as err:
-        raise validation_error(err) from None
-    except HTTPException as err:  # multipart parser limits (too many fields / files)
-        raise ApiError(400, f"multipart body: {err.detail}") from None
-    except OSError as exc:  # the upload's spool file could not be written (a full disk): never the path
-        log.error("multipart upload not stored: %s", exc)
-        raise ApiError(503, f"cannot store the upload now ({exc.strerror or type(exc).__name__}); retry later",
-                       kind="unavailable", headers={"Retry-After": str(RETRY_UNAVAILABLE_S)}) from None
-    sources = {name: files.get(name, getattr(body, name)) for name in IMAGE_FIELDS}
-    if admit is not None and any(source is not None for source in sources.values()):
-        admit()
-    for name, source in sources.items():  # in a worker thread, with a pixel limit (engine/server/schemas.py)
-        files[name] = await asyncio.to_thread(decode_image, source, name) if source is not None else None
-    return body, files
-
-
 def create_app(config: ServeConfig) -> FastAPI:
     state = ServerState(config)
 
@@ -451,7 +401,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def generate(http: HttpRequest) -> Response:
         """Every Request field; init_image / mask as base64 (JSON) or file parts (multipart)."""
         t0 = time.perf_counter()
-        body, images = await _read_generate_body(http, state.admit)
+        body, images = await read_generate_body(http, state.admit)
         if body.response_format == "png" and body.images != 1:
             raise ApiError(400, f"response_format 'png' returns one image; images is {body.images} "
                                 "(use 'json' for several)", "response_format")

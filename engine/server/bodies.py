@@ -1,0 +1,63 @@
+"""The body of POST /v1/generate: JSON, or multipart with the init image and mask as file parts, read by hand (the
+route's OpenAPI body is engine/server/openapi.py's); the images are decoded last, in a worker thread, after the
+caller's admission check."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HttpRequest
+
+from engine.server.schemas import ApiError, GenerateBody, decode_image, form_loras, validation_error
+
+log = logging.getLogger("engine.serve")
+IMAGE_FIELDS = ("init_image", "mask")
+RETRY_UNAVAILABLE_S = 5  # Retry-After when the upload cannot be stored (as when draining or failed)
+
+
+async def read_generate_body(http: HttpRequest, admit: Callable[[], None] | None = None,
+                              ) -> tuple[GenerateBody, dict[str, Any]]:
+    """The /v1/generate body from JSON or multipart form data, and its decoded init image / mask; `admit` is called
+    between the two (it raises what the request would get anyway: nothing is decoded for a request refused)."""
+    ctype = http.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    files: dict[str, Any] = {}
+    try:
+        if ctype == "multipart/form-data":
+            form = await http.form(max_files=len(IMAGE_FIELDS), max_fields=32)
+            fields: dict[str, Any] = {}
+            for name, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    if name not in IMAGE_FIELDS:
+                        raise ApiError(400, f"{name}: only {' and '.join(IMAGE_FIELDS)} may be files", name)
+                    files[name] = await value.read()
+                elif name == "loras":  # JSON text: [{"name": ..., "scale": ...}], checked as the JSON body's
+                    if name in fields:
+                        raise ApiError(400, "loras: send one loras field, a JSON array of adapters", name)
+                    fields[name] = form_loras(value) if value.strip() else []
+                elif value != "":
+                    fields[name] = value
+            body = GenerateBody.model_validate(fields, strict=False)  # form fields are text: "7" is a number
+        elif ctype == "application/json":
+            body = GenerateBody.model_validate_json(await http.body())
+        else:
+            raise ApiError(415, f"content type {ctype!r} is not accepted; send application/json or "
+                                "multipart/form-data", kind="unsupported_media_type")
+    except ValidationError as err:
+        raise validation_error(err) from None
+    except HTTPException as err:  # multipart parser limits (too many fields / files)
+        raise ApiError(400, f"multipart body: {err.detail}") from None
+    except OSError as exc:  # the upload's spool file could not be written (a full disk): never the path
+        log.error("multipart upload not stored: %s", exc)
+        raise ApiError(503, f"cannot store the upload now ({exc.strerror or type(exc).__name__}); retry later",
+                       kind="unavailable", headers={"Retry-After": str(RETRY_UNAVAILABLE_S)}) from None
+    sources = {name: files.get(name, getattr(body, name)) for name in IMAGE_FIELDS}
+    if admit is not None and any(source is not None for source in sources.values()):
+        admit()
+    for name, source in sources.items():  # in a worker thread, with a pixel limit (engine/server/schemas.py)
+        files[name] = await asyncio.to_thread(decode_image, source, name) if source is not None else None
+    return body, files
