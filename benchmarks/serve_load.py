@@ -379,10 +379,19 @@ def default_out(doc: dict) -> Path:
     return RESULTS / f"serve_load_{model}_{device}.json"
 
 
+def out_path(out: Path | None, doc: dict) -> Path:
+    """Where the report goes: --out as a file, or the default name inside --out when it is a folder."""
+    if out is None:
+        return default_out(doc)
+    if out.is_dir():
+        return out / default_out(doc).name
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     doc = run(cfg)
-    write_json(out := cfg.out or default_out(doc), doc)
+    write_json(out := out_path(cfg.out, doc), doc)
     print(f"{table(doc)}\n{json.dumps(doc['summary'], indent=2)}\nwrote {out}")
     return 0
 

@@ -70,3 +70,15 @@ def test_summary_and_clean_shutdowns(load_report):
     assert s["batching_ratio_c8"] > 0
     assert s["closed_loop_lost"] == 0 and s["closed_loop_5xx"] == 0
     assert s["servers_exit_codes"] == [0, 0, 0]
+
+
+def test_out_may_name_a_folder(tmp_path):
+    """`--out DIR` crashed at the end (the report was renamed onto the folder) and lost the results."""
+    from benchmarks.serve_load import out_path, write_json
+
+    doc = {"machine": {"cuda": False}, "server_info": {"model": "tiny"}}
+    path = out_path(tmp_path, doc)
+    write_json(path, doc)
+    assert path == tmp_path / "serve_load_tiny_cpu.json" and json.loads(path.read_text()) == doc
+    assert out_path(tmp_path / "new" / "x.json", doc) == tmp_path / "new" / "x.json"
+
