@@ -62,6 +62,11 @@ def test_openai_client_generates_the_library_images(server, library):
     assert len(got) == 2
     for g, w in zip(got, want, strict=True):
         assert_same_pixels(g, w.pixels)
+    # `sampler`, as /v1/generate and /v1/info name it, is the same field (it was `scheduler` only here)
+    named = client.images.generate(prompt="a red fox in snow", n=1, size="64x64", response_format="b64_json",
+                                   extra_body={"steps": 5, "seed": 11, "guidance_scale": 5.0,
+                                               "negative_prompt": "blurry", "sampler": "euler_a"})
+    assert_same_pixels(png_pixels(named.data[0].b64_json), want[0].pixels)
 
 
 def test_openai_client_sees_errors_as_bad_request(server):
@@ -176,9 +181,12 @@ def test_bad_input_is_a_4xx_naming_the_field(server, body, status, param, words)
 
 def test_openai_route_bad_input(server):
     for body, param in [({"prompt": "x", "size": "big"}, "size"), ({"prompt": "x", "n": 0}, "n"),
-                        ({"prompt": "x", "scheduler": "nope"}, "scheduler"), ({"prompt": "x", "hd": True}, "hd")]:
+                        ({"prompt": "x", "scheduler": "nope"}, "scheduler"), ({"prompt": "x", "hd": True}, "hd"),
+                        ({"prompt": "x", "sampler": "nope"}, "sampler")]:
         status, answer, _ = server.post("/v1/images/generations", body)
         assert status == 400 and json.loads(answer)["error"]["param"] == param, answer
+    status, answer, _ = server.post("/v1/images/generations", {"prompt": "x", "sampler": "ddim", "scheduler": "euler"})
+    assert status == 400 and "disagree" in json.loads(answer)["error"]["message"], answer
 
 
 def test_oversized_body_is_413_and_unknown_routes_are_json(server):

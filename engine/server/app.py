@@ -53,7 +53,7 @@ WARMUP_STEPS = 2
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
 RETRY_NOT_READY_S = 1  # Retry-After while loading or warming up
 SWEEP_EVERY_S = (0.5, 60.0)  # the periodic sweep of hosted images: every ttl/4, within these bounds
-OPENAI_PARAMS = {"images": "n", "height": "size", "width": "size", "sampler": "scheduler"}  # Request field -> body
+OPENAI_PARAMS = {"images": "n", "height": "size", "width": "size"}  # Request field -> body field
 
 
 class ClientGone(Exception):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import PIL.Image
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from engine.lora import Adapter
 from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
@@ -70,6 +70,10 @@ def _text(value: str) -> str:
 def _sampler(value: str) -> str:
     sampler_record(value)  # ValueError naming the value and the registry's samplers
     return value
+
+
+def _optional_sampler(value: str | None) -> str | None:
+    return None if value is None else _sampler(value)
 
 
 STRICT = ConfigDict(extra="forbid", strict=True)  # JSON types as sent: "seed": "7" or false is a 400, not 7 / 0
@@ -169,9 +173,19 @@ class ImagesBody(_Common):
     quality: str | None = None
     style: str | None = None
     user: str | None = None
-    scheduler: str = _R.sampler  # extra body field (OpenAI has none)
+    sampler: str | None = Field(None, description="extra body field (OpenAI has none), as /v1/generate names it; "
+                                "null = `scheduler`, else the default sampler")
+    scheduler: str | None = Field(None, description="the same as `sampler` (its earlier name here); both given "
+                                  "must agree")
 
-    _check_sampler = field_validator("scheduler")(_sampler)
+    _check_sampler = field_validator("sampler", "scheduler")(_optional_sampler)
+
+    @model_validator(mode="after")
+    def _one_sampler(self) -> ImagesBody:
+        if self.sampler is not None and self.scheduler is not None and self.sampler != self.scheduler:
+            raise ValueError(f"sampler {self.sampler!r} and scheduler {self.scheduler!r} disagree: they are one "
+                             "field (scheduler is its other name); send one")
+        return self
 
     @field_validator("size")
     @classmethod
@@ -183,7 +197,8 @@ class ImagesBody(_Common):
     def to_request(self) -> Request:
         width, height = parse_size(self.size) if self.size not in (None, "auto") else (None, None)
         return Request(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
-                       guidance_scale=self.guidance_scale, sampler=self.scheduler, seed=self.seed, height=height,
+                       guidance_scale=self.guidance_scale, sampler=self.sampler or self.scheduler or _R.sampler,
+                       seed=self.seed, height=height,
                        width=width, images=self.n)
 
 
