@@ -67,7 +67,7 @@ def test_an_engine_that_does_not_load_is_one_line_and_exit_2(ort_engines, tmp_pa
                            "cannot load engines from")
 
 
-def test_the_port_answers_while_loading_and_readyz_says_so(ort_engines, tmp_path):
+def test_the_port_answers_while_loading_and_readyz_says_so_and_the_warm_up_is_not_counted(ort_engines, tmp_path):
     """Polled from before the process starts: the first answers come while the engines load (/readyz 503
     "loading", /healthz 200), then "ready". Before the fix the port refused connections until the load was done."""
     port = free_port()
@@ -96,10 +96,15 @@ def test_the_port_answers_while_loading_and_readyz_says_so(ort_engines, tmp_path
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
         poller.join(timeout=START_TIMEOUT_S)
+        _, text, _ = http("GET", f"http://127.0.0.1:{port}/metrics", None, 10.0)
     finally:
         stop.set()
         proc.terminate()
         proc.wait(timeout=60)
+    # ready means the warm-up generation ran; no client asked for it, so no metric counts it (they did)
+    counts = dict(line.rsplit(" ", 1) for line in text.decode().splitlines() if line.startswith("sd_inference_"))
+    for name in ("sd_inference_count_total", "sd_inference_exec_count_total", "sd_inference_batch_size_count"):
+        assert float(counts[name]) == 0, (name, counts[name])
     readyz = [s for route, _, s in seen if route == "readyz"]
     assert readyz and readyz[0] == "loading", (readyz[:5], log.read_text()[-2000:])
     assert readyz[-1] == "ready", readyz[-5:]

@@ -121,7 +121,7 @@ class ServerState:
             t0 = time.perf_counter()
             prepared = self.pipeline.prepare(Request(prompt="warm-up", steps=WARMUP_STEPS))
             try:
-                outcome = await self.batcher.submit(prepared)
+                outcome = await self.batcher.submit(prepared, counted=False)  # no client asked for it
             except (BatchFailed, Draining) as exc:
                 self.status, self.error = "failed", f"warm-up generation failed: {exc}"
                 log.error(self.error)

@@ -63,6 +63,7 @@ class Job:
     arrived: float
     started: float | None = None
     gone: bool = False  # nobody waits for it (its caller went away, or a drain abandoned it)
+    counted: bool = True  # in the metrics (the warm-up is not)
 
     @property
     def images(self) -> int:
@@ -118,13 +119,14 @@ class Batcher:
     def retry_after_s(self) -> int:
         return max(1, math.ceil(self._batch_s * (1 + len(self._queue) / self.max_batch)))
 
-    async def submit(self, prepared: PreparedRequest) -> Outcome:
-        """The request's images once its batch ran. QueueFull / Draining at once; BatchFailed if its batch raised."""
+    async def submit(self, prepared: PreparedRequest, counted: bool = True) -> Outcome:
+        """The request's images once its batch ran. QueueFull / Draining at once; BatchFailed if its batch raised.
+        `counted=False` (the warm-up) keeps its batch out of the metrics."""
         if not self.accepting:
             raise Draining("the server is draining")
         if len(self._queue) >= self.max_queue:
             raise QueueFull(self.retry_after_s())
-        job = Job(prepared, asyncio.get_running_loop().create_future(), time.perf_counter())
+        job = Job(prepared, asyncio.get_running_loop().create_future(), time.perf_counter(), counted=counted)
         self._queue.append(job)
         self._jobs.add(job)
         self._set_depth()
@@ -190,6 +192,7 @@ class Batcher:
     async def _execute(self, jobs: list[Job]) -> None:
         requests = [j.prepared for j in jobs]
         n = sum(j.images for j in jobs)
+        metrics = self.metrics if any(j.counted for j in jobs) else None
         t0 = time.perf_counter()
 
         def nobody_waits() -> bool:  # asked from the run's thread between steps: reads only plain flags
@@ -200,15 +203,15 @@ class Batcher:
         except Stopped as exc:
             self._idle_since = time.perf_counter()
             log.info("batch of %d request(s) %s", len(jobs), exc)
-            if self.metrics is not None:
-                self.metrics.executions.inc()
-                self.metrics.stopped.inc()
+            if metrics is not None:
+                metrics.executions.inc()
+                metrics.stopped.inc()
             return
         except Exception as exc:
             self._idle_since = time.perf_counter()  # the batch's requests fail; the server keeps serving
             log.error("batch of %d request(s) failed: %s: %s", len(jobs), type(exc).__name__, exc)
-            if self.metrics is not None:
-                self.metrics.executions.inc()
+            if metrics is not None:
+                metrics.executions.inc()
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(BatchFailed(f"{type(exc).__name__}: {exc}"))
@@ -216,8 +219,8 @@ class Batcher:
         self._idle_since = time.perf_counter()
         compute = self._idle_since - t0
         self._batch_s += BATCH_TIME_WEIGHT * (compute - self._batch_s)
-        if self.metrics is not None and images:
-            self.metrics.observe_batch(n, images[0].timings_ms)
+        if metrics is not None and images:
+            metrics.observe_batch(n, images[0].timings_ms)
         start = 0
         for job in jobs:
             mine = images[start:start + job.images]

@@ -51,6 +51,7 @@ class StepJob:
     images: dict[int, Generated] = field(default_factory=dict)
     peak_batch: int = 0  # most rows in flight during its life
     cancelled: bool = False
+    counted: bool = True  # in the metrics (the warm-up is not)
 
     @property
     def request(self) -> Request:
@@ -111,15 +112,16 @@ class StepBatcher:
         """Images one request may ask for: its rows run in one flight (the app answers 400 above it)."""
         return self.max_batch
 
-    async def submit(self, prepared: PreparedRequest) -> Outcome:
-        """The request's images once its last row finished."""
+    async def submit(self, prepared: PreparedRequest, counted: bool = True) -> Outcome:
+        """The request's images once its last row finished; `counted=False` (the warm-up) stays out of the
+        metrics."""
         request = prepared.request
         if not self.accepting:
             raise Draining("the server is draining")
         if request.images > self.max_batch:
             raise BatchFailed(f"{request.images} images is over --max-batch {self.max_batch} (step batching runs "
                               "all images of a request together)")
-        job = StepJob(prepared, asyncio.get_running_loop().create_future(), time.perf_counter())
+        job = StepJob(prepared, asyncio.get_running_loop().create_future(), time.perf_counter(), counted=counted)
         with self._cond:
             if len(self._queue) >= self.max_queue:
                 full = True
@@ -210,7 +212,7 @@ class StepBatcher:
         for job in self._running:
             job.peak_batch = max(job.peak_batch, n)
         self.flight.step()
-        if self.metrics is not None and n:
+        if self.metrics is not None and n and any(job.counted for job in self._running):
             self.metrics.executions.inc()
             self.metrics.batch_size.observe(n)
         return self.flight.finish()
@@ -224,7 +226,7 @@ class StepBatcher:
                 self._resolve(job, exc=BatchFailed(f.error or "generation failed"))
                 continue
             job.images[f.row.k] = f.image
-            if self.metrics is not None:
+            if self.metrics is not None and job.counted:
                 self.metrics.images.inc()
             if len(job.images) == job.request.images:
                 self._forget(job)
