@@ -121,11 +121,15 @@ class Pipeline:
                 self._schedules.move_to_end(key)
                 return found
         made = self._make_schedule(sampler, steps, strength).to(self.device)
+        self._keep_schedule(key, made)
+        return made
+
+    def _keep_schedule(self, key: tuple, schedule: samplers.Schedule) -> None:
         with self._schedules_lock:
-            self._schedules[key] = made
+            self._schedules[key] = schedule
+            self._schedules.move_to_end(key)
             while len(self._schedules) > MAX_SCHEDULES:
                 self._schedules.popitem(last=False)
-        return made
 
     def _make_schedule(self, sampler: str, steps: int, strength: float | None) -> samplers.Schedule:
         return samplers.make_schedule(sampler, self.scheduler_config, steps, 1.0 if strength is None else strength)
@@ -143,7 +147,7 @@ class Pipeline:
         if r.kind == "txt2img" and not self.family.txt2img:
             raise RequestError("init_image", f"model {model!r} ({self.family.name}) is img2img only: give an init "
                                              "image")
-        self._check_schedule(r)
+        schedule = self._check_schedule(r)
         if r.kind != "txt2img" and not self.has_role("latent_encoder"):
             model_dir = Path(self.info.get("engine_dir", "."))
             encoder = self.family.roles.latent_encoder
@@ -159,6 +163,8 @@ class Pipeline:
                                        "and a mask")
         image = _load(images.load_image, "init_image", r.init_image, h, w, r.resize)
         mask = _load(images.load_mask, "mask", r.mask, h, w, r.resize)
+        if schedule is not None:  # the request passed every check: its tables are worth keeping
+            self._keep_schedule((r.sampler, r.steps, r.strength), schedule.to(self.device))
         return PreparedRequest(r, image, mask)
 
     def check_memory(self, height: int, width: int, images: int, cfg: bool) -> memory.Estimate:
@@ -168,13 +174,14 @@ class Pipeline:
                             self.info.get("precision", "fp32"), self.info.get("attention", "decomposed"),
                             self.dims.vae_scale, str(self.device))
 
-    def _check_schedule(self, r: Request) -> None:
-        """RequestError naming `sampler` for an unknown one, else `steps` (or `strength`) the sampler refuses."""
+    def _check_schedule(self, r: Request) -> samplers.Schedule | None:
+        """RequestError naming `sampler` for an unknown one, else `steps` (or `strength`) the sampler refuses; the
+        tables built to check them (None when cached already), kept by `prepare` only once every check passed."""
         with self._schedules_lock:
             if (r.sampler, r.steps, r.strength) in self._schedules:  # built before, so valid
-                return
-        try:  # built to be checked, not kept: a request refused later (queue full, a limit) leaves nothing cached
-            self._make_schedule(r.sampler, r.steps, r.strength)
+                return None
+        try:
+            return self._make_schedule(r.sampler, r.steps, r.strength)
         except ValueError as exc:
             if isinstance(exc, RequestError):
                 raise

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from engine.request import Request
+from engine.request import Request, RequestError
 from engine.server.batcher import Batcher
 from engine.server.config import ServeConfig
 from engine.server.schemas import ApiError, GenerateBody, decode_image
@@ -237,19 +237,21 @@ async def _until(pred, message: str, timeout_s: float = DEADLINE_S) -> None:
 # ---- item 2: memory that only grew ----
 
 
-def test_sampler_tables_are_kept_in_a_bounded_lru_filled_only_by_runs(ort_pipeline):
+def test_sampler_tables_are_kept_in_a_bounded_lru_filled_only_by_valid_requests(ort_pipeline, tmp_path):
     """Before the fix every distinct (sampler, steps, strength) a client sent stayed cached, even when the request
-    was then refused (prepare built and kept its tables)."""
+    was then refused (prepare built and kept its tables first)."""
     from engine.pipeline import MAX_SCHEDULES
 
     pipe = ort_pipeline
     before = dict(pipe._schedules)
-    for steps in range(2, 2 + MAX_SCHEDULES + 20):  # checked, never run: nothing kept
-        pipe.prepare(Request(prompt="x", steps=steps, sampler="euler"))
+    steps_range = range(2, 2 + MAX_SCHEDULES + 20)
+    for steps in steps_range:  # refused after the schedule check (its init image does not exist): nothing kept
+        with pytest.raises(RequestError):
+            pipe.prepare(Request(prompt="x", steps=steps, sampler="euler", init_image=tmp_path / "none.png"))
     assert dict(pipe._schedules) == before
-    keys = [("euler", steps, None) for steps in range(2, 2 + MAX_SCHEDULES + 20)]
-    for sampler, steps, strength in keys:  # what runs build: at most MAX_SCHEDULES kept, the newest ones
-        pipe.schedule(sampler, steps, strength)
+    for steps in steps_range:  # valid: kept, at most MAX_SCHEDULES of them, the newest
+        pipe.prepare(Request(prompt="x", steps=steps, sampler="euler"))
+    keys = [("euler", steps, None) for steps in steps_range]
     assert len(pipe._schedules) == MAX_SCHEDULES
     assert list(pipe._schedules)[-MAX_SCHEDULES:] == keys[-MAX_SCHEDULES:]
     first = pipe.schedule(*keys[-1])
