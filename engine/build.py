@@ -384,10 +384,10 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_cli(argv)
+    verbose = quiet_cli(argv)
     try:
         cfg = parse_args(argv)
-        result = build_all(cfg)
+        result = build_all(cfg, verbose=verbose)
     except (ValueError, RuntimeError, OSError) as e:  # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

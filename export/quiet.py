@@ -77,8 +77,8 @@ def add_verbose_flag(parser) -> None:
                         help="show third-party warnings and logs too")
 
 
-def quiet_cli(argv: list[str] | None) -> None:
-    """First thing in a CLI's main: quiet the libraries unless -v/--verbose is among the arguments."""
+def quiet_cli(argv: list[str] | None) -> bool:
+    """First thing in a CLI's main: quiet the libraries unless -v/--verbose is among the arguments (returned)."""
     import argparse
     import sys
 
@@ -86,3 +86,4 @@ def quiet_cli(argv: list[str] | None) -> None:
     add_verbose_flag(early)
     known, _ = early.parse_known_args(sys.argv[1:] if argv is None else argv)
     quiet(known.verbose)
+    return known.verbose
