@@ -120,6 +120,22 @@ def test_every_flag_has_help_and_default(cmd):
         assert entries["--verify"] == "re-hash every engine file before loading (default: False)"
 
 
+def test_help_choices_come_from_the_registries():
+    """--help named stale choices (issue 32 item 4): every preset, sampler and backend registered is in the help of
+    the commands that take it."""
+    from engine.config import BACKENDS
+    from engine.sampler_registry import SAMPLERS
+    from export.presets import PRESETS
+
+    def unwrapped(cmd: str) -> str:
+        return " ".join(re.sub(r"-\n\s+", "-", run(cmd, "--help").stdout).split())
+
+    generate, build, export = unwrapped("engine.generate"), unwrapped("engine.build"), unwrapped("export")
+    assert [s for s in SAMPLERS if s not in generate] == []
+    assert [p for p in PRESETS if p not in build] == [] and [p for p in PRESETS if p not in export] == []
+    assert [b for b in BACKENDS if b not in build] == [] and [b for b in BACKENDS if b not in generate] == []
+
+
 def test_generate_batch_into_folder_never_overwrites(ort_engines, tmp_path):
     args = ("engine.generate", "--engine-dir", str(ort_engines), "--prompt", "a", "b", "--steps", "2",
             "--images-per-prompt", "2", "--batch-size", "2", "--height", "64", "--width", "64", "--output", str(tmp_path))
