@@ -30,7 +30,7 @@ from engine.png import model_name, parameters_text, png_bytes
 from engine.request import MAX_SEED, RANDOM_SEED, Generated
 from engine.sampler_registry import REGISTRY, Sampler
 from engine.server.openapi import ROUTE_ERRORS
-from engine.server.schemas import ApiError, GenerateBody, LoraRef, decode_image, validation_error
+from engine.server.schemas import ApiError, GenerateBody, LoraRef, validation_error
 
 if TYPE_CHECKING:
     from engine.server.app import ServerState
@@ -358,8 +358,8 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
         inpainting_fill 1, inpaint_full_res false; inpainting_mask_invert 1 repaints the black area)."""
         check_off(body)
         state.admit()  # before any decoding: 503 / 429 as the generation would answer
-        init = await asyncio.to_thread(decode_image, body.init_images[0], "init_images")
-        mask = await asyncio.to_thread(decode_image, body.mask, "mask") if body.mask is not None else None
+        init = await state.decode(body.init_images[0], "init_images")
+        mask = await state.decode(body.mask, "mask") if body.mask is not None else None
         if mask is not None and body.inpainting_mask_invert:
             mask = PIL.ImageOps.invert(mask.convert("L"))
         return await images(http, body, "img2img", init, mask, body.denoising_strength)

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -43,6 +44,7 @@ from engine.server.schemas import (
     ApiError,
     ImagesAnswer,
     ImagesBody,
+    decode_image,
     validation_error,
 )
 from engine.server.step_batcher import StepBatcher
@@ -50,6 +52,7 @@ from engine.server.step_batcher import StepBatcher
 log = logging.getLogger("engine.serve")
 PLAYGROUND = Path(__file__).with_name("playground.html")
 WARMUP_STEPS = 2
+DECODE_SLOTS = 1  # uploads decoded at once (ServerState.decode)
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
 RETRY_NOT_READY_S = 1  # Retry-After while loading or warming up
 SWEEP_EVERY_S = (0.5, 60.0)  # the periodic sweep of hosted images: every ttl/4, within these bounds
@@ -67,6 +70,9 @@ class ServerState:
         self.config = config
         self.metrics = Metrics()
         self.cost = CostMeter(config.timeout_s, config.max_cost, config.cost_admission)
+        # one upload decoded at a time: base64 and PNG decoding hold the GIL for tens of ms per large image, and a
+        # dozen at once starved the event loop (/healthz p90 387 ms during 12 uploads of 16 MB)
+        self._decoding = asyncio.Semaphore(DECODE_SLOTS)
         self.pipeline: Any = None
         self.batcher: Batcher | StepBatcher | None = None
         self.status = "loading"  # loading | warming | ready | draining | failed
@@ -266,6 +272,12 @@ class ServerState:
         m.request_time.observe(time.perf_counter() - t0)
         return outcome
 
+    async def decode(self, source: str | bytes, field: str) -> PIL.Image.Image:
+        """An uploaded image decoded in a worker thread, at most DECODE_SLOTS at a time (ApiError 400 naming
+        `field` when it is not an image)."""
+        async with self._decoding:
+            return await asyncio.to_thread(decode_image, source, field)
+
     def admit(self) -> None:
         """What needs no image: 503 while the server takes no work, 429 while its queue is full. Run before an upload
         is decoded, so a burst of large images costs no decoding (nor memory) while they could not be taken; the
@@ -401,7 +413,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def generate(http: HttpRequest) -> Response:
         """Every Request field; init_image / mask as base64 (JSON) or file parts (multipart)."""
         t0 = time.perf_counter()
-        body, images = await read_generate_body(http, state.admit)
+        body, images = await read_generate_body(http, state.admit, state.decode)
         if body.response_format == "png" and body.images != 1:
             raise ApiError(400, f"response_format 'png' returns one image; images is {body.images} "
                                 "(use 'json' for several)", "response_format")
