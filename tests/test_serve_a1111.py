@@ -167,3 +167,29 @@ def test_every_a1111_route_is_counted_under_its_own_path(server):
     server.get("/sdapi/v1/samplers")
     _, text, _ = server.get("/metrics")
     assert 'sd_http_requests_total{path="/sdapi/v1/samplers",status="200"}' in text.decode()
+
+
+def test_progress_reports_the_running_step(server, api):
+    """/progress names the running batch's step (request batching): polled during a 300-step txt2img, it is seen
+    strictly between 0 and the step count, with its fraction; afterwards all is back to zero."""
+    import threading
+    import time
+
+    answer: list = []
+    body = {**SMALL, "prompt": "a long one", "steps": 300, "sampler_name": "Euler", "seed": 3}
+    sender = threading.Thread(target=lambda: answer.append(server.post("/sdapi/v1/txt2img", body)))
+    sender.start()
+    seen: list[dict] = []
+    deadline = time.monotonic() + 60
+    while sender.is_alive() and time.monotonic() < deadline:
+        state = api.get_progress()
+        if 0 < state["state"]["sampling_step"] < state["state"]["sampling_steps"]:
+            seen.append(state)
+        time.sleep(0.02)
+    sender.join(timeout=120)
+    assert answer and answer[0][0] == 200, answer
+    assert seen, "no step was reported while the request ran"
+    assert all(s["state"]["sampling_steps"] == 300 and 0 < s["progress"] < 1 for s in seen), seen[:3]
+    steps = [s["state"]["sampling_step"] for s in seen]
+    assert steps == sorted(steps) and steps[-1] > steps[0], steps[:10]  # it moves forward
+    assert api.get_progress()["state"]["sampling_step"] == 0

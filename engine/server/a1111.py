@@ -191,7 +191,7 @@ class Info:
 
 @dataclass
 class Job:
-    """A txt2img / img2img in progress: iterations done of n_iter (steps are not tracked)."""
+    """A txt2img / img2img in progress: iterations done of n_iter (the step is the server state's)."""
 
     kind: str
     total: int
@@ -390,14 +390,16 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get(PREFIX + "/progress", responses=ROUTE_ERRORS["read"])
     async def progress() -> dict[str, Any]:
-        """The oldest txt2img / img2img in progress: its iterations done of n_iter (steps are not tracked, so
-        sampling_step stays 0 and there is no preview image); all zero when idle."""
+        """The oldest txt2img / img2img in progress: its iterations done of n_iter and the running batch's step
+        (request batching; step batching reports no step); no preview image; all zero when idle."""
         job = jobs[0] if jobs else None
+        step, steps = state.step_progress or (0, job.steps if job else 0)
         state_json = {"skipped": False, "interrupted": False, "job": job.kind if job else "",
                       "job_count": job.total if job else 0, "job_timestamp": job.timestamp if job else "0",
-                      "job_no": job.done if job else 0, "sampling_step": 0, "sampling_steps": job.steps if job else 0}
-        return {"progress": job.done / job.total if job else 0.0, "eta_relative": 0.0, "state": state_json,
-                "current_image": None, "textinfo": "per-step progress is not tracked" if job else None}
+                      "job_no": job.done if job else 0, "sampling_step": step, "sampling_steps": steps}
+        fraction = (job.done + (step / steps if steps else 0.0)) / job.total if job else 0.0
+        return {"progress": min(1.0, fraction), "eta_relative": 0.0, "state": state_json, "current_image": None,
+                "textinfo": None}
 
     @app.get(PREFIX + "/scripts", responses=ROUTE_ERRORS["read"])
     async def scripts() -> dict[str, list[str]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import logging
 import time
@@ -31,7 +32,7 @@ from engine.png import png_bytes
 from engine.request import Generated, PreparedRequest, Request, RequestError, StopFn
 from engine.server.a1111 import add_a1111_routes
 from engine.server.access import Access, allowed_hosts
-from engine.server.admission import CostMeter
+from engine.server.admission import CostMeter, run_steps
 from engine.server.batcher import Batcher, BatchFailed, Draining, Outcome, QueueFull
 from engine.server.bodies import RETRY_UNAVAILABLE_S, read_generate_body
 from engine.server.config import ServeConfig
@@ -70,6 +71,7 @@ class ServerState:
         self.config = config
         self.metrics = Metrics()
         self.cost = CostMeter(config.timeout_s, config.max_cost, config.cost_admission)
+        self.step_progress: tuple[int, int] | None = None  # (steps done, steps) of the running batch (request batching)
         # one upload decoded at a time: base64 and PNG decoding hold the GIL for tens of ms per large image, and a
         # dozen at once starved the event loop (/healthz p90 387 ms during 12 uploads of 16 MB)
         self._decoding = asyncio.Semaphore(DECODE_SLOTS)
@@ -176,7 +178,17 @@ class ServerState:
                            headers={"Retry-After": str(RETRY_UNAVAILABLE_S)}) from None
 
     def _run(self, requests: list[PreparedRequest], batch_size: int, stop: StopFn) -> list[Generated]:
-        return self.pipeline.run(requests, progress=False, batch_size=batch_size, stop=stop)
+        total = run_steps(requests[0].request)  # a batch's rows share steps and strength (its batch key)
+        done = itertools.count()
+
+        def step_then_stop() -> bool:  # asked before every step (the batch thread): count it, then ask `stop`
+            self.step_progress = (next(done), total)
+            return stop()
+
+        try:
+            return self.pipeline.run(requests, progress=False, batch_size=batch_size, stop=step_then_stop)
+        finally:
+            self.step_progress = None
 
     def drain(self) -> None:
         """Stop taking work (readyz 503, new generations 503); what was accepted still runs."""
