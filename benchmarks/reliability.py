@@ -111,7 +111,7 @@ def schema_phase(server: Server, cfg: ReliabilityConfig, work: Path) -> dict:
     cmd = [st, "run", server.url + "/openapi.json", "--checks", SCHEMA_CHECKS, "-n", str(cfg.schema_examples),
            "--generation-deterministic", "--report", "json", "--report-json-path", str(report), "-w", "1"]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=work)  # its .schemathesis/ there
     summary = {"command": " ".join(["st", *cmd[1:3], "..."]), "exit_code": done.returncode,
                "wall_s": round(time.perf_counter() - t0, 1), "output_tail": done.stdout[-3000:]}
     if report.exists():
