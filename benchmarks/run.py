@@ -45,12 +45,13 @@ class Suite:
     cold_start_runs: int
     serve_load: bool
     build_components: tuple[str, ...] | None = None  # None: each model's default components
+    build_backends: int | None = None  # how many of the run's backends build cost measures; None: all (tiny)
 
 
 SUITES = {
     "smoke": Suite("smoke", ("tiny",), pipeline_runs=3, batch_runs=1, batch_sizes=(1, 2, 4, 8),
                    unet_sizes={"tiny": (128,)}, unet_runs=2, build_models=("tiny",), cold_start_runs=1,
-                   serve_load=False, build_components=("vae_decoder",)),
+                   serve_load=False, build_components=("vae_decoder",), build_backends=1),
     "quick": Suite("quick", ("tiny",), pipeline_runs=10, batch_runs=3, batch_sizes=(1, 2, 4, 8),
                    unet_sizes={"tiny": (128,)}, unet_runs=5, build_models=("tiny",), cold_start_runs=3,
                    serve_load=False),
@@ -99,7 +100,7 @@ def run(suite: Suite, backends: tuple[str, ...], device: str, out: Path) -> Path
     for model in suite.build_models:
         if model in suite.models:
             # a full-size model's components are built with the first backend only (minutes each)
-            chosen = backends if model == "tiny" else backends[:1]
+            chosen = backends[:suite.build_backends] if model == "tiny" else backends[:1]
             _step(f"build cost {model}", lambda model=model, chosen=chosen: build_cost.measure(
                 results, model=model, backends=chosen, components=suite.build_components, device=device))
     # the generate processes run on tiny's default build: the pipeline bench's when it built one (cached)
