@@ -114,7 +114,7 @@ def test_an_upload_that_cannot_be_stored_is_a_json_503_without_the_path():
             raise OSError(errno.ENOSPC, "No space left on device", "/var/tmp/secret-spool")
 
     with pytest.raises(ApiError) as err:
-        asyncio.run(read_generate_body(FullDisk()))
+        asyncio.run(read_generate_body(FullDisk(), admit=lambda: None, decode=_never_decoded))
     assert err.value.status == 503 and "secret" not in err.value.message and err.value.headers["Retry-After"]
 
 
@@ -492,3 +492,7 @@ def test_connection_flags_reach_uvicorn():
     assert (opts["limit_concurrency"], opts["timeout_keep_alive"], opts["h11_max_incomplete_event_size"]) == \
         (50, 3, 8 * 1024)
     assert issubclass(opts["http"], HeadDeadlineH11) and opts["http"].header_timeout_s == 2.5
+
+
+async def _never_decoded(source, field):
+    raise AssertionError(f"{field} was decoded, though its upload could not be stored")

@@ -3,7 +3,6 @@ route's OpenAPI body is engine/server/openapi.py's); the images are decoded last
 caller's admission check."""
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,7 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 
-from engine.server.schemas import ApiError, GenerateBody, decode_image, form_loras, validation_error
+from engine.server.schemas import ApiError, GenerateBody, form_loras, validation_error
 
 log = logging.getLogger("engine.serve")
 Decoder = Callable[[str | bytes, str], Awaitable[PIL.Image.Image]]  # (base64 text or file bytes, field) -> image
@@ -22,8 +21,8 @@ IMAGE_FIELDS = ("init_image", "mask")
 RETRY_UNAVAILABLE_S = 5  # Retry-After when the upload cannot be stored (as when draining or failed)
 
 
-async def read_generate_body(http: HttpRequest, admit: Callable[[], None] | None = None,
-                            decode: Decoder | None = None) -> tuple[GenerateBody, dict[str, Any]]:
+async def read_generate_body(http: HttpRequest, admit: Callable[[], None],
+                            decode: Decoder) -> tuple[GenerateBody, dict[str, Any]]:
     """The /v1/generate body from JSON or multipart form data, and its decoded init image / mask; `admit` is called
     between the two (it raises what the request would get anyway: nothing is decoded for a request refused)."""
     ctype = http.headers.get("content-type", "application/json").split(";")[0].strip().lower()
@@ -58,13 +57,8 @@ async def read_generate_body(http: HttpRequest, admit: Callable[[], None] | None
         raise ApiError(503, f"cannot store the upload now ({exc.strerror or type(exc).__name__}); retry later",
                        kind="unavailable", headers={"Retry-After": str(RETRY_UNAVAILABLE_S)}) from None
     sources = {name: files.get(name, getattr(body, name)) for name in IMAGE_FIELDS}
-    if admit is not None and any(source is not None for source in sources.values()):
+    if any(source is not None for source in sources.values()):
         admit()
-    decode = decode or decode_in_thread
     for name, source in sources.items():  # off the event loop, with a pixel limit (engine/server/schemas.py)
         files[name] = await decode(source, name) if source is not None else None
     return body, files
-
-
-async def decode_in_thread(source: str | bytes, field: str) -> PIL.Image.Image:
-    return await asyncio.to_thread(decode_image, source, field)
