@@ -17,6 +17,7 @@ from typing import Any
 from engine import cache
 from engine.backends.base import Backend, get_backend
 from engine.config import ATTENTION_MODES, BACKENDS, BuildConfig, BuildPlan, Profile
+from export import control
 from export.families import Family, detect_family
 from export.footprint import folder_footprint
 from export.quiet import add_verbose_flag, quiet_cli, quieted
@@ -116,21 +117,22 @@ def export_precision(precision: str) -> str:
     return "fp16" if precision == "fp16" else "fp32"
 
 
-def _onnx_stage(cfg: BuildConfig, model_id: str, name: str, weights: str, plan: BuildPlan,
-                folder: Path, done: list[str], notes: list[str], progress: bool = False) -> tuple[Path, str]:
+def _onnx_stage(cfg: BuildConfig, model_id: str, name: str, weights: str, plan: BuildPlan, folder: Path,
+                family: Family, done: list[str], notes: list[str], progress: bool = False) -> tuple[Path, str]:
     """The component's exported ONNX (reused when cached) and its key. The export reads the weights from the
     model folder's files one tensor at a time (export/lean.py): no model is loaded for it."""
     from export.lean import bar_progress
     from export.onnx_export import ExportOptions, export_component
 
-    opts = ExportOptions(precision=export_precision(plan.precision), attention=plan.attention)
+    residuals = sum(t.name.startswith((control.DOWN, control.MID)) for t in family.spec(name).inputs)
+    opts = ExportOptions(precision=export_precision(plan.precision), attention=plan.attention, residuals=residuals)
     parts = {"component": name, "weights": weights, "export": opts.to_json()}
     key = cache.content_key(parts)
     art = cache.artifact_dir(cfg.engine_dir, model_id, "onnx", name, key)
     if _stale(cfg, art, f"{name}:onnx", notes):
         with cache.staging_dir(art) as tmp:
             info = export_component(folder, name, tmp / "model.onnx", opts,
-                                    progress=bar_progress(f"{name} weights", disable=not progress))
+                                    progress=bar_progress(f"{name} weights", disable=not progress), family=family)
             cache.write_manifest(tmp, key, parts, {"export": info})
         done.append(f"{name}:onnx")
     return art / "model.onnx", key
@@ -171,6 +173,7 @@ class _Job:
     fingerprint: dict[str, Any]
     progress: bool = False  # progress bars (the export's weights bar too)
     why: str = ""  # how `auto` was resolved (one line), if it was
+    source: Path | None = None  # the model folder as given (`folder` adds the ControlNets to it); None: `folder`
 
 
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
@@ -197,8 +200,8 @@ def _component(job: _Job, name: str, built: list[str], notes: list[str]) -> dict
     weights = cache.hash_files(component_files(job.folder, spec.model_folder), memo=cache_root() / cache.HASH_MEMO)
     onnx_path, onnx_key = None, None
     if backend.needs_onnx:
-        onnx_path, onnx_key = _onnx_stage(cfg, job.model_id, name, weights, plan, job.folder, built, notes,
-                                          job.progress)
+        onnx_path, onnx_key = _onnx_stage(cfg, job.model_id, name, weights, plan, job.folder, job.family, built,
+                                          notes, job.progress)
     parts = {"component": name, "weights": weights, "onnx": onnx_key, "backend": job.fingerprint,
              "precision": plan.precision, "attention": plan.attention,
              "profile": plan.profile.to_json() if backend.static_shapes else None}
@@ -233,16 +236,38 @@ def _prepare(cfg: BuildConfig) -> _Job:
     name, precision, why = resolve_backend(cfg)
     cfg = replace(cfg, backend=name, precision=precision)
     backend: Backend = get_backend(name)
-    folder, model_id = resolve_model(cfg.model)
-    family, dims = detect_family(folder), folder_dims(folder)
+    source, model_id = resolve_model(cfg.model)
+    family, dims = detect_family(source), folder_dims(source)
     for name in cfg.components or ():
         family.spec(name)
+    folder, family = _with_controlnets(cfg, source, family, dims)
     preset = ALL_PRESETS.get(str(cfg.model))
     profile = make_profile(cfg, dims, default_size(folder), preset.min_size if preset else 256,
                            preset.max_size if preset else 1024, static=backend.static_shapes)
     plan = make_plan(cfg, backend, profile)
     fingerprint = backend.fingerprint(plan)  # raises a clear error when the backend is unusable
-    return _Job(cfg, model_id, folder, family, dims, backend, plan, fingerprint, why=why)
+    return _Job(cfg, model_id, folder, family, dims, backend, plan, fingerprint, why=why, source=source)
+
+
+def _with_controlnets(cfg: BuildConfig, source: Path, family: Family, dims: Dims) -> tuple[Path, Family]:
+    """(the folder export reads, the family) with `cfg.controlnets` added as components (export/control.py);
+    ValueError naming a ControlNet that is not one, is named twice, or was made for another base model."""
+    if not cfg.controlnets:
+        return source, family
+    from export.store import cache_root
+
+    unet = cache.read_json(source / family.spec(family.roles.denoiser).model_folder / "config.json")
+    nets: dict[str, Path] = {}
+    for given in cfg.controlnets:
+        path = Path(given).expanduser()
+        name = control.controlnet_name(path)
+        if name in nets:
+            raise ValueError(f"two ControlNets are named {name!r} ({nets[name]} and {path}); each is used by its "
+                             "folder's name, so rename one")
+        control.check_controlnet(path, unet, str(cfg.model))
+        nets[name] = path
+    return (control.control_folder(source, nets, cache_root() / "controlled"),
+            control.with_controls(family, tuple(nets), dims))
 
 
 def _components(cfg: BuildConfig, job: _Job, record_path: Path) -> tuple[tuple[str, ...], str | None]:
@@ -254,7 +279,14 @@ def _components(cfg: BuildConfig, job: _Job, record_path: Path) -> tuple[tuple[s
         before = cache.read_record(record_path)
     except (FileNotFoundError, ValueError, OSError):  # none yet, or one this build rewrites anyway
         before = {}
-    had = tuple(c for c in before.get("components", {}) if c in job.family.specs)
+    nets = job.family.roles.conditions  # the ControlNets given: always built, never "kept"
+    chosen, note = _base_components(cfg, job, before, needed, nets)
+    return tuple(dict.fromkeys(chosen + nets)), note
+
+
+def _base_components(cfg: BuildConfig, job: _Job, before: dict, needed: tuple[str, ...],
+                     nets: tuple[str, ...]) -> tuple[tuple[str, ...], str | None]:
+    had = tuple(c for c in before.get("components", {}) if c in job.family.specs and c not in nets)
     if cfg.components:
         dropped = [c for c in had if c not in cfg.components]
         missing = [c for c in needed if c not in cfg.components]
@@ -276,7 +308,7 @@ def _record(job: _Job, model_files: Path, entries: dict[str, Any]) -> dict[str, 
         "format": cache.RECORD_FORMAT,
         "model": str(job.cfg.model),
         "model_id": job.model_id,
-        "source": str(job.folder.resolve()),  # for people; the runtime never reads it
+        "source": str((job.source or job.folder).resolve()),  # for people and find_model_dir
         "family": job.family.name,
         "backend": job.backend.name,
         "device": plan.device,
@@ -284,10 +316,12 @@ def _record(job: _Job, model_files: Path, entries: dict[str, Any]) -> dict[str, 
         "attention": plan.attention,
         "static_shapes": job.backend.static_shapes,
         "profile": plan.profile.to_json(),
-        "dims": vars(job.dims),
+        "dims": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(job.dims).items()},  # as JSON reads it
         "footprint": vars(folder_footprint(job.folder)),  # activation memory facts (engine/memory.py)
         "model_files": model_files.relative_to(model_dir).as_posix(),
         "components": entries,
+        **({"controls": [n[len(control.PREFIX):] for n in job.family.roles.conditions]}
+           if job.family.roles.conditions else {}),
     }
 
 
@@ -375,8 +409,12 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     p.add_argument("--compile", action="store_true", default=d.compile,
                    help="torch backend: torch.compile the UNet (inductor; channels_last on CUDA) when it is loaded; "
                         "with fp16, our attention kernel and the whole-step CUDA graph this is the torch fast path")
+    p.add_argument("--controlnet", dest="controlnets", action="append", default=list(d.controlnets), metavar="PATH",
+                   help="a diffusers ControlNetModel folder for this model, built as a component named by the "
+                        "folder's name (generate --controlnet NAME); repeatable")
     add_verbose_flag(p)
     a = vars(p.parse_args(argv))
+    a["controlnets"] = tuple(a["controlnets"])
     if a["batch_size"] < 1:
         p.error(f"argument --batch-size: {a['batch_size']} must be >= 1")
     a["components"] = parse_components(a["components"]) if a["components"] else None

@@ -182,6 +182,8 @@ class Flight:
             raise ValueError("admit: rows of another flex key than the batch in flight")
         if len(rows) > self.free:
             raise ValueError(f"admit: {len(rows)} rows, {self.free} free slots")
+        if rows[0].request.controls:
+            raise ValueError("admit: rows with ControlNets are not step-batched yet (run them with Pipeline.run)")
         if self.key is None:
             self.pipe.use_adapters(key[0])
             self.key = key

@@ -22,6 +22,8 @@ depend on its batch-mates, and a seed gives diffusers' image.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from engine import samplers
@@ -31,16 +33,22 @@ from engine.graphs import Buffers
 COND = "cond."
 
 
-def denoise_step(unet: Runner, schedule: samplers.Schedule, cfg: bool, b: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step at index b["idx"]: returns (next latents, next sampler state); no host sync."""
+Residuals = Callable[[torch.Tensor, torch.Tensor, dict, Buffers, bool], dict]  # engine/control.py's ControlStep
+
+
+def denoise_step(unet: Runner, schedule: samplers.Schedule, cfg: bool, b: Buffers,
+                 residuals: Residuals | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step at index b["idx"]: returns (next latents, next sampler state); no host sync. `residuals`: the
+    UNet's extra inputs from the scaled latents, timesteps and conditioning (ControlNets)."""
     i, latents = b["idx"], b["latents"]
     x = samplers.scale_model_input(schedule, latents, i)  # [B, 4, h, w]
     x = torch.cat([x, x]) if cfg else x  # [2B, 4, h, w]
-    if "concat" in b:
-        x = torch.cat([x, b["concat"]], dim=1)  # [2B, 9, h, w]
     t = _timesteps(schedule, i, x.shape[0])  # [2B]
     cond = {k[len(COND):]: v for k, v in b.items() if k.startswith(COND)}
-    out = unet(sample=x, timestep=t, **cond)["latent"].float()
+    extra = residuals(x, t, cond, b, cfg) if residuals is not None else {}
+    if "concat" in b:
+        x = torch.cat([x, b["concat"]], dim=1)  # [2B, 9, h, w]
+    out = unet(sample=x, timestep=t, **cond, **extra)["latent"].float()
     if cfg:
         uncond, text = out.chunk(2)
         out = uncond + b["guidance"] * (text - uncond)

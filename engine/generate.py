@@ -17,12 +17,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from engine.config import BACKENDS
+from engine.control import PREPROCESS, Control
 from engine.png import IMAGE_FORMATS
 from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request, RequestError, flag
 from engine.sampler_registry import SAMPLERS
 from export.quiet import add_verbose_flag, quiet_cli
 
 _R = Request()  # generation defaults live on Request
+_C = Control(name="", image="")  # and a ControlNet's on Control
 
 
 @dataclass
@@ -49,6 +51,15 @@ class GenerateConfig:
     aesthetic_score: float | None = _R.aesthetic_score  # SDXL refiner
     negative_aesthetic_score: float | None = _R.negative_aesthetic_score
     lora: list[str] = field(default_factory=list)  # "path[:scale]", repeatable (engine/lora.py)
+    controlnet: list[str] = field(default_factory=list)  # ControlNet names (engine/control.py), repeatable
+    control_image: list[Path] = field(default_factory=list)  # one per --controlnet
+    control_scale: list[float] = field(default_factory=list)  # one for all, or one per --controlnet; [] = 1.0
+    control_start: list[float] = field(default_factory=list)  # likewise; [] = 0.0
+    control_end: list[float] = field(default_factory=list)  # likewise; [] = 1.0
+    control_preprocess: str | None = None  # "canny": make the maps from ordinary images
+    canny_low: int = _C.low
+    canny_high: int = _C.high
+    guess_mode: bool = _R.guess_mode
     output: Path = Path("out")
     model: str | None = None  # None = the only model in the engine dir
     engine_dir: Path = Path("engines")
@@ -64,8 +75,28 @@ class GenerateConfig:
                         init_image=self.init_image, strength=self.strength, mask=self.mask, resize=self.resize,
                         original_size=self.original_size, crop=self.crop, target_size=self.target_size,
                         aesthetic_score=self.aesthetic_score, negative_aesthetic_score=self.negative_aesthetic_score,
-                        loras=tuple(parse_adapter(a) for a in self.lora))
+                        loras=tuple(parse_adapter(a) for a in self.lora), controls=self.controls(),
+                        guess_mode=self.guess_mode)
                 for p in self.prompt]
+
+    def controls(self) -> tuple[Control, ...]:
+        """One Control per --controlnet, its image, and its scale / start / end (one value given: for all)."""
+        n = len(self.controlnet)
+        per_net = {"--control-scale": (self.control_scale, _C.scale), "--control-start": (self.control_start, _C.start),
+                   "--control-end": (self.control_end, _C.end)}
+        values = {}
+        for flag_name, (given, default) in per_net.items():
+            if len(given) not in (0, 1, n) or (given and not n):
+                raise ValueError(f"argument {flag_name}: {len(given)} values for {n} --controlnet names; give one "
+                                 "for all or one per --controlnet")
+            values[flag_name] = given * n if len(given) == 1 else given or [default] * n
+        if len(self.control_image) != n:
+            raise ValueError(f"argument --control-image: {len(self.control_image)} images for {n} --controlnet "
+                             "names; give one image per --controlnet, in the same order")
+        return tuple(Control(name, image, scale, start, end, self.control_preprocess, self.canny_low, self.canny_high)
+                     for name, image, scale, start, end in zip(self.controlnet, self.control_image,
+                                                               values["--control-scale"], values["--control-start"],
+                                                               values["--control-end"], strict=True))
 
 
 def parse_args(argv: list[str] | None = None) -> GenerateConfig:
@@ -104,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--lora", action="append", default=list(d.lora), metavar="PATH[:SCALE]",
                    help="a LoRA .safetensors (diffusers/PEFT or kohya) merged at SCALE (default 1); repeatable, "
                         "no rebuild (TensorRT: engines built with --build-enable-refit)")
+    _add_control_flags(p, d)
     add_verbose_flag(p)
     args = p.parse_args(argv)
     if not (args.seed == RANDOM_SEED or 0 <= args.seed <= MAX_SEED):
@@ -113,7 +145,32 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     values = {f.name: getattr(args, f.name) for f in fields(GenerateConfig)}
     for name in ("original_size", "crop", "target_size"):
         values[name] = tuple(values[name]) if values[name] is not None else None
-    return GenerateConfig(**values)
+    cfg = GenerateConfig(**values)
+    try:
+        cfg.controls()  # counts of the per-net flags, before any work
+    except ValueError as e:
+        p.error(str(e))
+    return cfg
+
+
+def _add_control_flags(p: argparse.ArgumentParser, d: GenerateConfig) -> None:
+    """ControlNet: which nets (built with engine.build --controlnet), their images and how they apply."""
+    p.add_argument("--controlnet", action="append", default=list(d.controlnet), metavar="NAME",
+                   help="a ControlNet these engines were built with (the name of its folder); repeatable")
+    p.add_argument("--control-image", action="append", type=Path, default=list(d.control_image), metavar="PATH",
+                   help="the control image of each --controlnet, in order (its size: --height x --width, or --resize)")
+    for name, what in (("scale", "residual scale, 0..2"), ("start", "fraction of the steps where control starts"),
+                       ("end", "fraction of the steps where control ends")):
+        p.add_argument(f"--control-{name}", action="append", type=float, default=[], metavar="F",
+                       help=f"{what} (diffusers' controlnet_conditioning_scale / control_guidance_start / _end): one "
+                            f"for all nets or one per --controlnet; default {getattr(_C, name)}")
+    p.add_argument("--control-preprocess", choices=PREPROCESS, default=d.control_preprocess,
+                   help="make each control map from an ordinary image first (canny: OpenCV's Canny edges)")
+    p.add_argument("--canny-low", type=int, default=d.canny_low, help="--control-preprocess canny: low threshold")
+    p.add_argument("--canny-high", type=int, default=d.canny_high, help="--control-preprocess canny: high threshold")
+    p.add_argument("--guess-mode", action="store_true", default=d.guess_mode,
+                   help="ControlNet guess mode: the nets see the conditional rows only, their residuals weighted "
+                        "0.1..1 from the first to the last")
 
 
 def _add_time_id_flags(p: argparse.ArgumentParser, d: GenerateConfig) -> None:

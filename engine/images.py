@@ -112,6 +112,14 @@ def load_image(source: ImageSource, height: int, width: int, resize: bool = Fals
     return 2.0 * x - 1.0
 
 
+def load_control_image(source: ImageSource, height: int, width: int, resize: bool = False,
+                       what: str = "control image") -> torch.Tensor:
+    """ControlNet image -> [1, 3, H, W] float32 in [0, 1], as the ControlNet pipelines' control image processor
+    (VaeImageProcessor with do_convert_rgb, no normalisation)."""
+    x = _to_unit(_sized(source, what, height, width, resize))  # [H, W, 3]
+    return x.permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W]
+
+
 def load_mask(source: ImageSource, height: int, width: int, resize: bool = False) -> torch.Tensor:
     """Mask -> [1, 1, H, W] float32 in {0, 1} (1 = repaint), equal to diffusers' mask processor output."""
     img = _sized(source, "mask", height, width, resize).convert("L")

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from engine.lora_cache import FILE_BYTES, FILES, FileKey, LoraFileCache, Lru
+from export.errors import PICKLE_SUFFIXES
 
 TARGETS = ("unet", "text_encoder", "text_encoder_2")
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 
 
 @dataclass(frozen=True)

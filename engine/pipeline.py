@@ -31,12 +31,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import cache, graphs, images, memory, samplers
+from engine import cache, control, graphs, images, memory, samplers
 from engine import request as T  # the timing keys, StopFn, Stopped
 from engine.backends.base import Runner, get_backend
 from engine.config import Profile
 from engine.denoise import COND, Buffers, denoise_step, randn_rows, sample_latents, step_noise
-from engine.request import Generated, PreparedRequest, Request, RequestError, Row, image_params, with_family_fields
+from engine.request import (
+    Generated,
+    PreparedRequest,
+    Request,
+    RequestError,
+    Row,
+    control_key,
+    image_params,
+    with_family_fields,
+)
+from export.control import PREFIX, with_controls
 from export.families import Family, get_family
 from export.footprint import Footprint
 from export.specs import Dims, check_size
@@ -87,7 +97,8 @@ class Pipeline:
         model_dir = find_model_dir(Path(engine_dir), model)
         record_path = model_dir / cache.BUILD_RECORD
         record = cache.read_record(record_path)
-        family, dims = get_family(record["family"]), Dims(**record["dims"])
+        dims = Dims(**record["dims"])
+        family = with_controls(get_family(record["family"]), tuple(record.get("controls", ())), dims)
         backend = get_backend(record["backend"])
         runners = {}
         for name, entry in record["components"].items():
@@ -161,11 +172,14 @@ class Pipeline:
         if self.dims.inpainting_unet and r.kind != "inpaint":
             raise RequestError("mask", f"model {model!r} is an inpainting model (9-channel UNet): give an init image "
                                        "and a mask")
+        control.check_names(r.controls, self.family.roles.conditions, model)
         image = _load(images.load_image, "init_image", r.init_image, h, w, r.resize)
         mask = _load(images.load_mask, "mask", r.mask, h, w, r.resize)
+        controls = tuple(_loaded(images.load_control_image, control.FIELD, c.source, h, w, r.resize)
+                         for c in r.controls)
         if schedule is not None:  # the request passed every check: its tables are worth keeping
             self._keep_schedule((r.sampler, r.steps, r.strength), schedule.to(self.device))
-        return PreparedRequest(r, image, mask)
+        return PreparedRequest(r, image, mask, controls)
 
     def check_memory(self, height: int, width: int, images: int, cfg: bool) -> memory.Estimate:
         """RequestError naming `height` when the run's largest activations would not fit in the memory available
@@ -230,9 +244,10 @@ class Pipeline:
         buffers.update(self.encode(rows, cfg))
         t = self._lap(timings, T.TIMING_TEXT, t)
         buffers.update(self.start_latents(rows, schedule, cfg))
+        buffers.update(self.conditions(rows, schedule, cfg))
         buffers = {k: v.to(self.device) for k, v in buffers.items()}
         t = self._lap(timings, T.TIMING_START, t)
-        step_key = (len(rows), r.height, r.width, r.sampler, r.steps, r.strength, cfg, r.kind)
+        step_key = (len(rows), r.height, r.width, r.sampler, r.steps, r.strength, cfg, r.kind, control_key(r))
         latents, graphed = self._denoise(step_key, schedule, cfg, buffers, cuda_graph, progress and tqdm, stop)
         t = self._lap(timings, T.TIMING_DENOISE, t)
         timings[T.TIMING_STEP] = timings[T.TIMING_DENOISE] / schedule.run_steps
@@ -363,9 +378,24 @@ class Pipeline:
         out.update(latents=latents, state=samplers.init_state(schedule, latents))
         return out
 
+    def conditions(self, rows: list[Row], schedule: samplers.Schedule, cfg: bool) -> Buffers:
+        """The step buffers of the rows' condition components (ControlNets: images and scale tables)."""
+        r = rows[0].request
+        if not r.controls:
+            return {}
+        return control.buffers(rows, schedule.num_steps, schedule.start, cfg, r.guess_mode)
+
     def step(self, schedule: samplers.Schedule, cfg: bool, buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
         """One denoise step of the session's denoiser: (next latents, next sampler state); no host sync."""
-        return denoise_step(self.role("denoiser"), schedule, cfg, buffers)
+        return denoise_step(self.role("denoiser"), schedule, cfg, buffers, self._residuals(buffers))
+
+    def _residuals(self, buffers: Buffers) -> control.ControlStep | None:
+        """What gives the denoiser its ControlNet residuals for a step on `buffers` (None: built without)."""
+        if not self.family.roles.conditions:
+            return None
+        nets = tuple(self.runners[PREFIX + n] for n in control.names_in(buffers))
+        return control.ControlStep(nets, self.dims.residual_channels, self.dims.residual_scales,
+                                   guess=control.GUESS in buffers)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         self.check_latents(latents)
@@ -409,11 +439,16 @@ def _check_stop(stop: T.StopFn | None, i: int) -> None:
 
 
 def _load(loader, field: str, source, height: int, width: int, resize: bool) -> torch.Tensor | None:
-    """An init image or mask as a tensor of the request's size; RequestError naming the field."""
-    if source is None:
-        return None
+    """An init image or mask (None when not given) as a tensor of the request's size; RequestError naming the
+    field."""
+    return None if source is None else _loaded(loader, field, source, height, width, resize)
+
+
+def _loaded(loader, field: str, source, height: int, width: int, resize: bool) -> torch.Tensor:
+    """`_load` of a given image; `source` may be a function that makes it (a control image's preprocessor: its
+    errors are named too)."""
     try:
-        return loader(source, height, width, resize)
+        return loader(source() if callable(source) else source, height, width, resize)
     except ValueError as exc:
         raise RequestError(field, str(exc)) from None
 

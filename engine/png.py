@@ -75,6 +75,11 @@ def infotext_fields(params: dict[str, Any]) -> dict[str, Any]:
         # A1111's record of the adapters: `Lora hashes: "name: hash, name: hash"` (the prompt carries <lora:..>)
         "Lora hashes": ", ".join(f"{a['name']}: {a['hash']}" for a in params["loras"]) if params.get("loras") else None,
     }
+    for j, c in enumerate(params.get("controls") or ()):  # sd-webui-controlnet's record of each unit
+        mode = "ControlNet is more important" if params.get("guess_mode") else "Balanced"
+        fields[f"ControlNet {j}"] = (f"Module: {c.get('preprocess') or 'none'}, Model: {c['name']}, Weight: "
+                                     f"{c['scale']:g}, Guidance Start: {c['start']:g}, Guidance End: {c['end']:g}, "
+                                     f"Control Mode: {mode}")
     return {k: v for k, v in fields.items() if v is not None}
 
 

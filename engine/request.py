@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.control import Control
+from engine.control import check as check_controls
 from export.errors import RequestError
 from export.families import Family, takers
 
@@ -70,6 +72,8 @@ class Request:
     aesthetic_score: float | None = None  # SDXL refiner only; None = the family's default (6.0)
     negative_aesthetic_score: float | None = None  # SDXL refiner only; None = the family's default (2.5)
     loras: tuple[Adapter, ...] = ()  # LoRA adapters merged into the weights for this request (engine/lora.py)
+    controls: tuple[Control, ...] = ()  # ControlNets this request uses, each with its image (engine/control.py)
+    guess_mode: bool = False  # ControlNet guess mode: the nets see the conditional rows only, residuals weighted
 
     @property
     def kind(self) -> str:
@@ -122,6 +126,7 @@ class Request:
         self._check_family_fields()
         if self.loras:
             self._check_loras()
+        check_controls(self.controls, self.guess_mode)
 
     def _check_loras(self) -> None:
         from engine.lora import Adapter, check_lora_file
@@ -153,7 +158,8 @@ class Request:
 TIME_ID_FIELDS = ("original_size", "crop", "target_size")
 AESTHETIC_FIELDS = ("aesthetic_score", "negative_aesthetic_score")
 FAMILY_FIELDS = TIME_ID_FIELDS + AESTHETIC_FIELDS  # taken by some model families only (Family.request_fields)
-FLAGS = {"sampler": "--scheduler", "images": "--images-per-prompt", "loras": "--lora"}  # others: --field-name
+FLAGS = {"sampler": "--scheduler", "images": "--images-per-prompt", "loras": "--lora",
+         "controls": "--controlnet"}  # others: --field-name
 
 
 def flag(name: str) -> str:
@@ -187,7 +193,12 @@ def with_family_fields(r: Request, family: Family) -> Request:
 def flex_key(r: Request) -> tuple:
     """What the rows of resolved requests must share to run in one step-batched flight (steps and strength may
     differ): adapters, kind, size, sampler, guidance on/off."""
-    return (r.loras, r.kind, r.height, r.width, r.sampler, r.guidance_scale > 1.0)
+    return (r.loras, r.kind, r.height, r.width, r.sampler, r.guidance_scale > 1.0, control_key(r))
+
+
+def control_key(r: Request) -> tuple:
+    """What rows must share to run their ControlNets in one call each: the nets, in order, and guess mode."""
+    return (tuple(c.name for c in r.controls), r.guess_mode and bool(r.controls))
 
 
 def batch_key(r: Request) -> tuple:
@@ -205,6 +216,7 @@ class Row:
     request: Request  # resolved
     image: torch.Tensor | None  # [1, 3, H, W] in [-1, 1]
     mask: torch.Tensor | None  # [1, 1, H, W] in {0, 1}
+    controls: tuple[torch.Tensor, ...] = ()  # each control image [1, 3, H, W] in [0, 1], request.controls' order
 
     @property
     def seed(self) -> int:
@@ -219,6 +231,7 @@ class PreparedRequest:
     request: Request
     image: torch.Tensor | None = None  # [1, 3, H, W] in [-1, 1]
     mask: torch.Tensor | None = None  # [1, 1, H, W] in {0, 1}
+    controls: tuple[torch.Tensor, ...] = ()  # each control image [1, 3, H, W] in [0, 1]
 
     @property
     def cfg(self) -> bool:
@@ -234,7 +247,7 @@ class PreparedRequest:
         return batch_key(self.request)
 
     def rows(self, req: int = -1) -> list[Row]:
-        return [Row(req, k, self.request, self.image, self.mask) for k in range(self.request.images)]
+        return [Row(req, k, self.request, self.image, self.mask, self.controls) for k in range(self.request.images)]
 
 
 # the stage timings a static batch's `Generated` records, in ms; named as the first reports named them (their
@@ -261,8 +274,11 @@ class Generated:
 
 def image_params(request: Request, index: int) -> dict[str, Any]:
     """What a result records of its request: image `index` of it, with its own seed."""
-    skip = ("init_image", "mask", "images", "resize", "loras")  # loras: recorded by the pipeline (name, hash)
+    skip = ("init_image", "mask", "images", "resize", "loras", "controls", "guess_mode")  # loras: by the pipeline
     params = {f.name: getattr(request, f.name) for f in fields(request) if f.name not in skip}
+    if request.controls:
+        params["controls"] = [_control_params(c) for c in request.controls]
+        params["guess_mode"] = request.guess_mode
     params.update(seed=request.seed + index, index=index, kind=request.kind)
     if request.kind == "txt2img":
         params.pop("strength")
@@ -276,3 +292,13 @@ def image_params(request: Request, index: int) -> dict[str, Any]:
         elif isinstance(params[key], tuple):
             params[key] = list(params[key])
     return params
+
+
+def _control_params(c: Control) -> dict[str, Any]:
+    """What an image records of one ControlNet it used (its image: the path, when it was one)."""
+    out: dict[str, Any] = {"name": c.name, "scale": c.scale, "start": c.start, "end": c.end}
+    if c.preprocess is not None:
+        out.update(preprocess=c.preprocess, low=c.low, high=c.high)
+    if isinstance(c.image, (str, Path)):
+        out["image"] = str(c.image)
+    return out

@@ -9,3 +9,6 @@ class RequestError(ValueError):
     def __init__(self, field: str | None, message: str):
         super().__init__(message)
         self.field = field
+
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")  # files that run code when loaded: refused

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from export import attention
+from export.control import for_component, residual_layout
+from export.errors import PICKLE_SUFFIXES
 from export.families import SD, SDXL, Family, detect_family, get_family
 from export.families.sdxl_wrappers import CastOutput
 from export.presets import ALL_PRESETS, Preset
@@ -25,7 +27,6 @@ from export.specs import Dims
 from export.store import cache_root, content_key, exclusive, staging_dir  # cache_root: re-exported for engine/build.py
 from export.tokenizer import DATA_DIR, default_tokenizer, sdxl_tokenizer_2  # noqa: F401  (DATA_DIR: re-exported)
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 FORMAT_VERSION = 1  # bump when materialisation changes, so cached preset folders are remade
 SD_PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline")
 SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
@@ -161,6 +162,7 @@ def folder_dims(folder: Path) -> Dims:
     text_len = min(min(int(t.get("model_max_length") or x["max_position_embeddings"]), x["max_position_embeddings"])
                    for t, x in zip(toks, texts, strict=True))
     added = family.added_dims(folder, unet, texts) if family.added_dims else {}
+    residual_channels, residual_scales = residual_layout(unet)
     return Dims(**{
         "latent_channels": vae.get("latent_channels", 4),
         "unet_in_channels": unet["in_channels"],
@@ -168,6 +170,8 @@ def folder_dims(folder: Path) -> Dims:
         "text_len": text_len,
         "vae_scale": 2 ** (len(vae["block_out_channels"]) - 1),
         "unet_scale": 2 ** (len(unet["down_block_types"]) - 1),
+        "residual_channels": residual_channels,
+        "residual_scales": residual_scales,
         **added,
     })
 
@@ -251,7 +255,7 @@ def load_component(folder: Path, name: str, dtype: torch.dtype = torch.float32, 
                    family: Family | str | None = None) -> torch.nn.Module:
     """One component's wrapped torch module, loading only its own sub-folder of `folder`. The family is
     given, or read from the folder's model_index.json, or SD for a folder without one (an engine dir)."""
-    family = _family_of(folder, family)
+    family = for_component(_family_of(folder, family), name)  # a ControlNet's artifact: its own classes
     sub, wrap = _wrapper(name, family)
     return wrap(load_submodel(folder, sub, dtype, family).to(device)).eval()
 

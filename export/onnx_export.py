@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 import torch
 
-from export import attention
-from export.families import detect_family
+from export import attention, control
+from export.families import Family, detect_family
 from export.models import (
     LoadedModel,
     component_module,
@@ -45,15 +45,17 @@ class ExportOptions:
     attention: str = "decomposed"  # see export/attention.py
     shape: Shape | None = None  # example shape (batch is traced as 2); None = the model's default size
     optimize: bool = True  # constant folding + shape inference (export/optimize.py)
+    residuals: int = 0  # a UNet that takes this many ControlNet residuals (export/control.py); 0 = none
 
     @property
     def opset(self) -> int:
         return OPSET[self.attention]
 
     def to_json(self) -> dict:
+        residuals = {"residuals": self.residuals} if self.residuals else {}  # absent: earlier keys stay valid
         return {"precision": self.precision, "attention": self.attention, "opset": self.opset,
                 "optimize": self.optimize, "torch": torch.__version__, "onnx": onnx.__version__,
-                "weights": "named-external"}  # export/lean.py's layout (part of the cache key)
+                "weights": "named-external", **residuals}  # export/lean.py's layout (part of the cache key)
 
 
 def example_inputs(spec: ComponentSpec, dims: Dims, shape: Shape, precision: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -97,7 +99,7 @@ def dynamic_shapes(spec: ComponentSpec, dims: Dims) -> dict[str, dict[int, objec
 
 
 def export_component(model: LoadedModel | Path, name: str, path: Path, opts: ExportOptions,
-                     progress: Callable[[int, int], None] | None = None) -> dict:
+                     progress: Callable[[int, int], None] | None = None, family: Family | None = None) -> dict:
     """Export one component to `path` (+ `path`.data past EXTERNAL_DATA_LIMIT), optimized and checked; summarise.
 
     Memory-lean (export/lean.py): the graph is traced from the component built on the meta device and its
@@ -106,7 +108,7 @@ def export_component(model: LoadedModel | Path, name: str, path: Path, opts: Exp
     from export import lean
 
     folder = model.path if isinstance(model, LoadedModel) else Path(model)
-    family = model.family if isinstance(model, LoadedModel) else None
+    family = model.family if isinstance(model, LoadedModel) else family  # None: the folder's
     if opts.attention == "plugin" and opts.precision != "fp16":
         raise ValueError("attention 'plugin' needs --precision fp16 (the fused kernel is fp16/bf16)")
     dtype = precision_torch_dtype(opts.precision)
@@ -122,16 +124,17 @@ def export_component(model: LoadedModel | Path, name: str, path: Path, opts: Exp
     # example batch 2 (not 1) keeps torch.export from specialising the batch axis to 1
     example = {k: v.to("meta") for k, v in
                example_inputs(spec, dims, Shape(2, shape.height, shape.width), opts.precision).items()}
+    # ControlNet residuals reach the UNet wrappers as one tuple; the graph's inputs keep the spec's flat names
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with torch.no_grad(), attention.emission(module, opts.attention):  # this module's processors only
         program = torch.onnx.export(
             module,
-            kwargs=example,
+            kwargs=control.pack(example),
             input_names=spec.input_names,
             output_names=spec.output_names,
             opset_version=opts.opset,
-            dynamic_shapes=dynamic_shapes(spec, dims),
+            dynamic_shapes=control.pack(dynamic_shapes(spec, dims)),
             dynamo=True,
             optimize=False,  # lean.optimize below: the weights have no values yet
             verbose=False,
@@ -187,7 +190,7 @@ def validate(module: torch.nn.Module, spec: ComponentSpec, dims: Dims, path: Pat
     output."""
     inputs = example_inputs(spec, dims, shape, precision, seed=1)
     with torch.no_grad():
-        ref = module(**inputs)
+        ref = module(**control.pack(inputs))
     refs = ref if isinstance(ref, tuple) else (ref,)
     onnx_out = run_onnx(path, inputs)
     err = 0.0

@@ -61,6 +61,13 @@ class Dims:
     text2_dim: int = 0  # hidden width of the second text encoder (clip2); the first's is text_dim - text2_dim
     pooled_dim: int = 0  # clip2's pooled, projected `text_embeds` width (the UNet's added text conditioning)
     time_ids: int = 0  # the UNet's added size conditioning: 6 (original size, crop top-left, target size)
+    # the UNet's skip residuals, down path then mid (what a ControlNet adds to: export/control.py)
+    residual_channels: tuple[int, ...] = ()
+    residual_scales: tuple[int, ...] = ()  # each one's downscale from the latent size
+
+    def __post_init__(self):  # build.json stores tuples as lists
+        for name in ("residual_channels", "residual_scales"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def inpainting_unet(self) -> bool:

@@ -22,7 +22,7 @@ import torch
 
 from engine.backends.cpu import check_bf16
 from engine.config import BuildPlan
-from export import attention
+from export import attention, control
 from export.specs import ComponentSpec, Dims, precision_torch_dtype
 
 WEIGHT_SUFFIXES = (".json", ".safetensors")
@@ -69,7 +69,7 @@ class TorchRunner:
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         args = {t.name: inputs[t.name].to(self.device, self.dtype if t.dtype == "model" else None)
                 for t in self.spec.inputs}
-        out = self._forward(**args)
+        out = self._forward(**control.pack(args))  # ControlNet residuals: one tuple (export/control.py)
         outs = out if isinstance(out, tuple) else (out,)
         return dict(zip(self.spec.output_names, outs, strict=True))
 

@@ -34,7 +34,7 @@ from engine.server.a1111 import add_a1111_routes
 from engine.server.access import Access, allowed_hosts
 from engine.server.admission import CostMeter, run_steps
 from engine.server.batcher import Batcher, BatchFailed, Draining, Outcome, QueueFull
-from engine.server.bodies import RETRY_UNAVAILABLE_S, read_generate_body
+from engine.server.bodies import CONTROL_FILES, RETRY_UNAVAILABLE_S, read_generate_body
 from engine.server.config import ServeConfig
 from engine.server.guard import Guard, path_label
 from engine.server.image_files import ROUTE as IMAGE_ROUTE
@@ -237,6 +237,9 @@ class ServerState:
         if limit is not None and request.images > limit:
             raise ApiError(400, f"{images_field} {request.images} is over --max-batch {limit}: step batching runs "
                                 "all images of a request in one flight", images_field)
+        if request.controls and self.config.batching == "step":  # engine/continuous.py has no ControlNet rows yet
+            raise ApiError(400, "controls: ControlNet requests run with --batching request; this server step-batches",
+                           params.get("controls", "controls"))
         for side in ("height", "width"):
             value = getattr(request, side)
             if value is not None and value > self.config.max_size:
@@ -432,7 +435,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         try:
             # off the event loop: a LoRA file new to the cache is read and parsed here
             request = await asyncio.to_thread(body.to_request, images["init_image"], images["mask"],
-                                              state.config.lora_dir)
+                                              state.config.lora_dir, images[CONTROL_FILES])
         except ValueError as exc:  # loras (engine/server/lora_dir.py): a message without a path
             raise ApiError(400, str(exc), "loras") from None
         outcome = await state.generate(http, request)

@@ -13,33 +13,44 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 
-from engine.server.schemas import ApiError, GenerateBody, form_loras, validation_error
+from engine.server.schemas import MAX_CONTROLS, ApiError, GenerateBody, form_controls, form_loras, validation_error
 
 log = logging.getLogger("engine.serve")
 Decoder = Callable[[str | bytes, str], Awaitable[PIL.Image.Image]]  # (base64 text or file bytes, field) -> image
 IMAGE_FIELDS = ("init_image", "mask")
+CONTROL_FILES = "control_image"  # multipart: one file part per ControlNet, in the order of `controls`
 RETRY_UNAVAILABLE_S = 5  # Retry-After when the upload cannot be stored (as when draining or failed)
 
 
 async def read_generate_body(http: HttpRequest, admit: Callable[[], None],
                             decode: Decoder) -> tuple[GenerateBody, dict[str, Any]]:
-    """The /v1/generate body from JSON or multipart form data, and its decoded init image / mask; `admit` is called
-    between the two (it raises what the request would get anyway: nothing is decoded for a request refused)."""
+    """The /v1/generate body from JSON or multipart form data, and its decoded init image / mask and control images
+    (`control_image`: a list in the order of `controls`); `admit` is called between the two (it raises what the
+    request would get anyway: nothing is decoded for a request refused)."""
+    control_files: list[bytes] = []
     ctype = http.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     files: dict[str, Any] = {}
     try:
         if ctype == "multipart/form-data":
-            form = await http.form(max_files=len(IMAGE_FIELDS), max_fields=32)
+            form = await http.form(max_files=len(IMAGE_FIELDS) + MAX_CONTROLS, max_fields=32)
             fields: dict[str, Any] = {}
             for name, value in form.multi_items():
                 if isinstance(value, UploadFile):
+                    if name == CONTROL_FILES:
+                        control_files.append(await value.read())
+                        continue
                     if name not in IMAGE_FIELDS:
-                        raise ApiError(400, f"{name}: only {' and '.join(IMAGE_FIELDS)} may be files", name)
+                        raise ApiError(400, f"{name}: only {', '.join(IMAGE_FIELDS)} and {CONTROL_FILES} may be files",
+                                       name)
                     files[name] = await value.read()
                 elif name == "loras":  # JSON text: [{"name": ..., "scale": ...}], checked as the JSON body's
                     if name in fields:
                         raise ApiError(400, "loras: send one loras field, a JSON array of adapters", name)
                     fields[name] = form_loras(value) if value.strip() else []
+                elif name == "controls":  # JSON text, as loras; images as control_image file parts
+                    if name in fields:
+                        raise ApiError(400, "controls: send one controls field, a JSON array", name)
+                    fields[name] = form_controls(value) if value.strip() else []
                 elif value != "":
                     fields[name] = value
             body = GenerateBody.model_validate(fields, strict=False)  # form fields are text: "7" is a number
@@ -57,8 +68,26 @@ async def read_generate_body(http: HttpRequest, admit: Callable[[], None],
         raise ApiError(503, f"cannot store the upload now ({exc.strerror or type(exc).__name__}); retry later",
                        kind="unavailable", headers={"Retry-After": str(RETRY_UNAVAILABLE_S)}) from None
     sources = {name: files.get(name, getattr(body, name)) for name in IMAGE_FIELDS}
-    if any(source is not None for source in sources.values()):
+    controls = _control_sources(body, control_files)
+    if any(source is not None for source in sources.values()) or controls:
         admit()
     for name, source in sources.items():  # off the event loop, with a pixel limit (engine/server/schemas.py)
         files[name] = await decode(source, name) if source is not None else None
+    files[CONTROL_FILES] = [await decode(source, "controls") for source in controls]
     return body, files
+
+
+def _control_sources(body: GenerateBody, parts: list[bytes]) -> list[str | bytes]:
+    """Each control's image: its base64 `image`, or (multipart) the file part of its place; 400 naming `controls`
+    when the counts differ or a net has both or neither."""
+    if parts and len(parts) != len(body.controls):
+        raise ApiError(400, f"controls: {len(parts)} {CONTROL_FILES} file parts for {len(body.controls)} controls; "
+                            "send one per control, in order", "controls")
+    out: list[str | bytes] = []
+    for i, ref in enumerate(body.controls):
+        source = parts[i] if parts else ref.image
+        if source is None or (parts and ref.image is not None):
+            raise ApiError(400, f"controls: ControlNet {ref.name!r} needs exactly one image: its base64 `image`, or a "
+                                f"{CONTROL_FILES} file part (multipart)", "controls")
+        out.append(source)
+    return out

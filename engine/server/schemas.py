@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 import PIL.Image
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from engine.control import MAX_SCALE as MAX_CONTROL_SCALE
+from engine.control import Control
 from engine.lora import Adapter
 from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
 from engine.sampler_registry import get as sampler_record
@@ -28,6 +30,8 @@ MAX_PROMPT_CHARS = 4000  # CLIP reads 77 tokens; longer text is truncated with a
 MAX_GUIDANCE = 100.0
 MAX_LORAS = 8  # adapters per request
 MAX_LORA_SCALE = 10.0
+MAX_CONTROLS = 4  # ControlNets per request
+_CONTROL = Control(name="", image="")  # a ControlNet's defaults
 MAX_SIDE = 8192  # pixels; the built profile is usually far smaller and is checked by the app
 MAX_INPUT_PIXELS = 4096 * 4096  # decoded init image / mask
 ALLOWED_CONTROL = "\t\n\r"
@@ -114,6 +118,43 @@ def resolve_loras(refs: list[LoraRef], lora_dir: Path | None) -> tuple[Adapter, 
 _FORM_LORAS: TypeAdapter[list[LoraRef]] = TypeAdapter(Annotated[list[LoraRef], Field(max_length=MAX_LORAS)])
 
 
+class ControlRef(BaseModel):
+    """One ControlNet of the engines (built with engine.build --controlnet), its image and how it applies
+    (engine.control.Control)."""
+
+    model_config = STRICT
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64,
+                      description="the ControlNet's name: the folder name it was built from")
+    image: str | None = Field(None, description="the control image, base64 PNG/JPEG/WebP (or data URL); multipart: "
+                              "null here and a `control_image` file part per net, in order")
+    scale: float = Field(_CONTROL.scale, ge=0, le=MAX_CONTROL_SCALE, allow_inf_nan=False)
+    start: float = Field(_CONTROL.start, ge=0, le=1, allow_inf_nan=False, description="fraction of the steps")
+    end: float = Field(_CONTROL.end, ge=0, le=1, allow_inf_nan=False, description="fraction of the steps")
+    preprocess: Literal["canny"] | None = Field(None, description="canny: make the map from an ordinary image")
+    low: int = Field(_CONTROL.low, ge=0, le=255, description="canny low threshold")
+    high: int = Field(_CONTROL.high, ge=0, le=255, description="canny high threshold")
+
+    def to_control(self, image: PIL.Image.Image) -> Control:
+        return Control(self.name, image, self.scale, self.start, self.end, self.preprocess, self.low, self.high)
+
+
+_FORM_CONTROLS: TypeAdapter[list[ControlRef]] = TypeAdapter(
+    Annotated[list[ControlRef], Field(max_length=MAX_CONTROLS)])
+
+
+def form_controls(text: str) -> list[ControlRef]:
+    """A multipart body's `controls` field: JSON text validated by ControlRef as the JSON body's; 400 naming it."""
+    try:
+        return _FORM_CONTROLS.validate_json(text)
+    except ValidationError as err:
+        errors = err.errors()
+        if errors and errors[0].get("type") == "json_invalid":
+            raise ApiError(400, 'controls: the form field is not JSON; send a JSON array such as [{"name": '
+                                '"edges", "scale": 0.8}] with one control_image file part per net', "controls") from None
+        raise validation_error([{**e, "loc": ("controls", *e.get("loc", ()))} for e in errors]) from None
+
+
 def form_loras(text: str) -> list[LoraRef]:
     """A multipart body's `loras` field: JSON text (`[{"name": "style", "scale": 0.8}]`) validated by LoraRef as
     strictly as the JSON body's `loras`; ApiError 400 naming `loras` (and the item's field) otherwise."""
@@ -146,13 +187,18 @@ class GenerateBody(_Common):
     negative_aesthetic_score: float | None = Field(None, allow_inf_nan=False, description="SDXL refiner; null = 2.5")
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS,
                                  description="LoRA adapters of the server's --lora-dir, merged without a rebuild")
+    controls: list[ControlRef] = Field(default_factory=list, max_length=MAX_CONTROLS,
+                                       description="ControlNets of the engines, each with its control image")
+    guess_mode: bool = _R.guess_mode
     response_format: Literal["json", "png"] = "json"
 
     _check_sampler = field_validator("sampler")(_sampler)
 
     def to_request(self, init_image: PIL.Image.Image | None = None, mask: PIL.Image.Image | None = None,
-                   lora_dir: Path | None = None) -> Request:
-        return Request(loras=resolve_loras(self.loras, lora_dir), prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+                   lora_dir: Path | None = None, control_images: list[PIL.Image.Image] | None = None) -> Request:
+        controls = tuple(ref.to_control(img) for ref, img in zip(self.controls, control_images or [], strict=True))
+        return Request(loras=resolve_loras(self.loras, lora_dir), controls=controls, guess_mode=self.guess_mode,
+                       prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
                        guidance_scale=self.guidance_scale, sampler=self.sampler, seed=self.seed, height=self.height,
                        width=self.width, images=self.images, init_image=init_image, strength=self.strength,
                        mask=mask, resize=self.resize, original_size=self.original_size, crop=self.crop,

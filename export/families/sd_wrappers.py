@@ -20,8 +20,10 @@ class UNetWrapper(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):  # [2B, 4, h, w], [2B], [2B, 77, C]
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, down_residuals=None, mid_residual=None):
+        # [2B, 4, h, w], [2B], [2B, 77, C]; ControlNet residuals (export/control.py) when built with ControlNets
+        return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=down_residuals,
+                         mid_block_additional_residual=mid_residual, return_dict=False)[0]
 
 
 class VaeDecoderWrapper(torch.nn.Module):

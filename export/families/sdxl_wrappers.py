@@ -49,8 +49,11 @@ class XLUNetWrapper(torch.nn.Module):
         if not isinstance(unet.add_time_proj, CastOutput):
             unet.add_time_proj = CastOutput(unet.add_time_proj)
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
-        # [2B, 4, h, w], [2B], [2B, 77, C1+C2], [2B, P], [2B, 6] float32
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, down_residuals=None,
+                mid_residual=None):
+        # [2B, 4, h, w], [2B], [2B, 77, C1+C2], [2B, P], [2B, 6] float32; ControlNet residuals when built with them
         self.unet.add_time_proj.dtype = text_embeds.dtype
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                         down_block_additional_residuals=down_residuals, mid_block_additional_residual=mid_residual,
+                         return_dict=False)[0]
