@@ -131,9 +131,11 @@ def _onnx_stage(cfg: BuildConfig, model_id: str, name: str, weights: str, plan: 
     art = cache.artifact_dir(cfg.engine_dir, model_id, "onnx", name, key)
     if _stale(cfg, art, f"{name}:onnx", notes):
         with cache.staging_dir(art) as tmp:
-            info = export_component(folder, name, tmp / "model.onnx", opts,
-                                    progress=bar_progress(f"{name} weights", disable=not progress), family=family)
-            cache.write_manifest(tmp, key, parts, {"export": info})
+            if cfg.force_rebuild or not cache.fetch_export(key, tmp):  # another engine dir's export of this key
+                info = export_component(folder, name, tmp / "model.onnx", opts,
+                                        progress=bar_progress(f"{name} weights", disable=not progress), family=family)
+                cache.write_manifest(tmp, key, parts, {"export": info})
+                cache.publish_export(key, tmp)
         done.append(f"{name}:onnx")
     return art / "model.onnx", key
 

@@ -13,12 +13,17 @@ Layout under the engine dir:
     <engine_dir>/<model_id>/onnx/<component>-<key>/      exported + optimized ONNX (+ external data)
     <engine_dir>/<model_id>/<backend>/<component>-<key>/ backend artifact (engine plan, ORT model, ...)
     <engine_dir>/<model_id>/build.json                   the last build: which artifact per component
+and under the cache root (export/store.py), shared by every engine dir:
+    <cache root>/exports/<key>/                         each ONNX export once, copied into the engine dirs
+                                                        that build it (a new engine dir exports nothing twice)
 Dot-entries besides `.lock` (staging dirs, temp files) belong to a build in progress: the build that
 holds the lock removes those a killed build left (remove_orphans).
 """
 from __future__ import annotations
 
+import shutil
 import time
+import warnings
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -27,9 +32,11 @@ from export.store import (  # re-exported: engine code and tests use them as cac
     HASH_MEMO,
     KEY_LEN,
     DamagedFile,
+    cache_root,
     canonical,
     check_json,
     content_key,
+    exclusive,
     file_lock,
     hash_file,
     hash_file_memo,
@@ -51,6 +58,7 @@ MANIFEST = "manifest.json"
 BUILD_RECORD = "build.json"
 LOCK = ".lock"  # <engine_dir>/<model_id>/.lock
 RECORD_FORMAT = 2  # build.json layout: paths relative to <engine_dir>/<model_id>, model files copied in
+EXPORTS = "exports"  # <cache root>/exports/<key>/: every engine dir's ONNX exports, by content key (shared)
 REPAIR = "repair with python -m engine.build --verify (and the options of the original build)"
 
 
@@ -154,6 +162,34 @@ def lookup(art_dir: Path, full: bool = False) -> dict[str, Any] | None:
         return verify(art_dir, full)
     except CorruptArtifact:
         return None
+
+
+def fetch_export(key: str, dst: Path) -> bool:
+    """Copy the export store's ONNX artifact `key` into the empty dir `dst`, every file's hash checked first; False
+    when the store has no valid one. Copies, not hard links: ONNX refuses external data with several links."""
+    src = cache_root() / EXPORTS / key
+    if lookup(src, full=True) is None:
+        return False
+    for f in sorted(src.iterdir()):
+        shutil.copy2(f, dst / f.name)  # the mtime too: the manifest's stamps stay valid
+    return True
+
+
+def publish_export(key: str, src: Path) -> None:
+    """Copy the files of a finished ONNX artifact dir into the export store under `key` (atomically), unless a
+    valid entry is there already."""
+    final = cache_root() / EXPORTS / key
+    if lookup(final, full=True) is not None:  # full: an entry fetch would refuse is replaced
+        return
+    try:
+        with exclusive(final):
+            if lookup(final, full=True) is None:
+                with staging_dir(final) as tmp:
+                    for f in sorted(src.iterdir()):
+                        shutil.copy2(f, tmp / f.name)
+    except OSError as e:  # a read-only or full cache costs the next engine dir an export, never this build
+        warnings.warn(f"{final}: cannot keep this export in the store ({e}); another engine dir will export it "
+                      "again (make the cache writable or set SD_ENGINE_CACHE to a writable folder)", stacklevel=2)
 
 
 def model_lock(model_dir: Path, model_id: str) -> AbstractContextManager[None]:

@@ -36,7 +36,8 @@ class DamagedFile(ValueError):
 
 
 def cache_root() -> Path:
-    """Where presets, conversions and the hash memo live: $SD_ENGINE_CACHE, else ~/.cache/sd_engine."""
+    """Where presets, conversions, the hash memo and the export store live: $SD_ENGINE_CACHE, else
+    ~/.cache/sd_engine."""
     return Path(os.environ.get("SD_ENGINE_CACHE", Path.home() / ".cache" / "sd_engine"))
 
 
