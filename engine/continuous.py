@@ -44,6 +44,7 @@ from engine.denoise import COND
 from engine.graphs import Buffers, StepFn, StepGraph, StepGraphCache
 from engine.pipeline import Pipeline
 from engine.request import Generated, Row, flex_key
+from engine.tables import TABLE
 
 __all__ = ["Finished", "Flight", "Slot", "flex_key"]
 
@@ -182,8 +183,6 @@ class Flight:
             raise ValueError("admit: rows of another flex key than the batch in flight")
         if len(rows) > self.free:
             raise ValueError(f"admit: {len(rows)} rows, {self.free} free slots")
-        if rows[0].request.controls:
-            raise ValueError("admit: rows with ControlNets are not step-batched yet (run them with Pipeline.run)")
         if self.key is None:
             self.pipe.use_adapters(key[0])
             self.key = key
@@ -199,6 +198,7 @@ class Flight:
             r = rows[members[0]].request
             schedule = p.schedule(r.sampler, r.steps, r.strength)
             start = p.start_latents([rows[k] for k in members], schedule, cfg)
+            start.update(p.conditions([rows[k] for k in members], schedule, cfg))  # ControlNet images, tables
             noise = start.pop("noise", None)  # [N, b, 4, h, w]
             for j, k in enumerate(members):
                 bufs = {name: self._row_of(v, k, n, _paired(name, cfg)) for name, v in cond.items()}
@@ -244,7 +244,9 @@ class Flight:
         b: Buffers = {"idx": torch.tensor([s.idx for s in rows], dtype=torch.long, device=self.pipe.device)}
         for name in rows[0].bufs:
             parts = [s.bufs[name] for s in rows]
-            if _paired(name, cfg):  # [uncond rows; cond rows]
+            if name.startswith(TABLE):  # each row's value at its own step: [B]
+                b[name] = torch.cat([s.bufs[name][:, s.idx] for s in rows])
+            elif _paired(name, cfg):  # [uncond rows; cond rows]
                 b[name] = torch.cat([p[:1] for p in parts] + [p[1:] for p in parts])
             else:
                 b[name] = torch.cat(parts)

@@ -9,9 +9,9 @@ them (`controlnet_conditioning_scale`, `control_guidance_start` / `control_guida
     residual = sum over the request's nets of scale_ik * net(latents, t, text, image)_k
 
 In guess mode with guidance the nets see the conditional rows only and the unconditional rows get no residual.
-The scale table of each net is a device buffer [N, B] (per row: rows of one batch have their own scales and
-windows), read by the step index: no host sync, CUDA-graph safe. A request without control on engines built with
-ControlNets gives the UNet zero residuals.
+The scale table of each net is a device buffer [B, N] (per row: rows of one batch have their own scales and
+windows), read by the step index (engine/tables.py; step batching passes each row's own step): no host sync,
+CUDA-graph safe. A request without control on engines built with ControlNets gives the UNet zero residuals.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from engine.tables import TABLE, table_value
 from export.control import PREFIX, residual_names
 from export.errors import RequestError
 
@@ -32,8 +33,9 @@ if TYPE_CHECKING:
 FIELD = "controls"
 PREPROCESS = ("canny",)  # engine/preprocess.py's PREPROCESSORS (named here: checks need no OpenCV)
 MAX_SCALE = 2.0  # A1111's ControlNet weight range
-IMAGE, SCALE = "control.{}.image", "control.{}.scale"  # step buffers of one net, by its name
-GUESS = "control.guess"  # present (a 0-d tensor) in guess mode
+IMAGE = "control.{}.image"  # a net's images [B, 3, H, W] in [0, 1], by its name
+SCALE = TABLE + "control.{}.scale"  # its scale per row and step [B, N] (engine/denoise.py's tables)
+GUESS_SCALE = TABLE + "control.{}.guess_scale"  # the same, in guess mode (the name says the mode)
 
 
 @dataclass(frozen=True)
@@ -109,25 +111,25 @@ def keep_table(n: int, start: float, end: float) -> list[float]:
 
 
 def scale_table(controls: Sequence[Control], num_steps: int, first: int) -> torch.Tensor:
-    """[N, B] one net's scale per step and row (`controls`: that net's Control of each row), zero before `first`
+    """[B, N] one net's scale per row and step (`controls`: that net's Control of each row), zero before `first`
     (img2img's skipped steps) and outside each row's window."""
     import torch
 
     run = num_steps - first
-    cols = [[0.0] * first + [c.scale * k for k in keep_table(run, c.start, c.end)] for c in controls]
-    return torch.tensor(cols, dtype=torch.float32).T.contiguous()
+    rows = [[0.0] * first + [c.scale * k for k in keep_table(run, c.start, c.end)] for c in controls]
+    return torch.tensor(rows, dtype=torch.float32)
 
 
-def buffers(rows: Sequence[Any], num_steps: int, first: int, cfg: bool, guess: bool) -> dict[str, torch.Tensor]:
-    """The step buffers of a batch whose rows use the same nets in the same order: per net its image ([2B, 3, H, W]
-    with guidance outside guess mode, else [B, ...]) and its scale table [N, B]."""
+def buffers(rows: Sequence[Any], num_steps: int, first: int, guess: bool) -> dict[str, torch.Tensor]:
+    """The step buffers of a batch whose rows use the same nets in the same order: per net its images [B, 3, H, W]
+    and its scale table [B, N] (named for guess mode when it is on)."""
     import torch
 
-    out = {GUESS: torch.zeros(())} if guess else {}
+    out = {}
     for j, c in enumerate(rows[0].request.controls):
-        image = torch.cat([row.controls[j] for row in rows])  # [B, 3, H, W] in [0, 1]
-        out[IMAGE.format(c.name)] = torch.cat([image, image]) if cfg and not guess else image
-        out[SCALE.format(c.name)] = scale_table([row.request.controls[j] for row in rows], num_steps, first)
+        out[IMAGE.format(c.name)] = torch.cat([row.controls[j] for row in rows])  # [B, 3, H, W] in [0, 1]
+        table = (GUESS_SCALE if guess else SCALE).format(c.name)
+        out[table] = scale_table([row.request.controls[j] for row in rows], num_steps, first)
     return out
 
 
@@ -144,7 +146,6 @@ class ControlStep:
     nets: tuple[Runner, ...]
     channels: tuple[int, ...]  # each residual's channels and downscale (Dims.residual_channels / _scales)
     scales: tuple[int, ...]
-    guess: bool = False
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
                  cfg: bool) -> dict[str, torch.Tensor]:
@@ -156,15 +157,18 @@ class ControlStep:
             n, _, h, w = x.shape
             return {k: torch.zeros((n, c, h // s, w // s), dtype=x.dtype, device=x.device)
                     for k, c, s in zip(names, self.channels, self.scales, strict=True)}
-        half = self.guess and cfg  # guess mode: the nets see the conditional rows only
+        nets = names_in(b)
+        guess = GUESS_SCALE.format(nets[0]) in b
+        half = guess and cfg  # guess mode: the nets see the conditional rows only
         xs, ts = (x.chunk(2)[1], t.chunk(2)[1]) if half else (x, t)
         cs = {k: v.chunk(2)[1] for k, v in cond.items()} if half else cond
-        i = b["idx"]
-        factors = _guess_factors(len(names), x.device) if self.guess else None
+        factors = _guess_factors(len(names), x.device) if guess else None
         total: list[torch.Tensor] | None = None
-        for name, net in zip(names_in(b), self.nets, strict=True):
-            out = net(sample=xs, timestep=ts, controlnet_cond=b[IMAGE.format(name)], **cs)
-            scale = _row_scale(b[SCALE.format(name)], i)  # [B]
+        for name, net in zip(nets, self.nets, strict=True):
+            image = b[IMAGE.format(name)]  # [B, 3, H, W]
+            image = torch.cat([image, image]) if cfg and not half else image  # the [uncond; cond] rows
+            out = net(sample=xs, timestep=ts, controlnet_cond=image, **cs)
+            scale = table_value(b[(GUESS_SCALE if guess else SCALE).format(name)], b["idx"])  # [B]
             scale = torch.cat([scale, scale]) if cfg and not half else scale  # [2B] or [B]
             res = [out[k].float() * scale.view(-1, 1, 1, 1) * (factors[k2] if factors is not None else 1.0)
                    for k2, k in enumerate(names)]
@@ -173,13 +177,6 @@ class ControlStep:
         if half:  # no residual for the unconditional rows
             total = [torch.cat([torch.zeros_like(r), r]) for r in total]
         return dict(zip(names, total, strict=True))
-
-
-def _row_scale(table: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    """Each row's scale at step i: [B] from the [N, B] table, by a 0-d step index or each row's own [B]."""
-    if i.dim() == 0:
-        return table.index_select(0, i.view(1))[0]
-    return table.gather(0, i.view(1, -1))[0]
 
 
 def _guess_factors(n: int, device: Any) -> torch.Tensor:

@@ -14,6 +14,8 @@ CUDA graph (engine/graphs.py). Buffers:
     noise          [N, B, 4, h, w] per-step noise (ancestral samplers)
     concat         [2B, 5, h, w] mask + masked-image latents (9-channel inpainting UNets)
     image_latents, init_noise, mask   the latent blend of 4-channel inpainting, as diffusers does
+    table.<name>   [B, N] per-row, per-step tables of condition components (ControlNet scales: engine/tables.py)
+    control.*      condition components' other inputs (ControlNet images [B, 3, H, W])
 
 Randomness follows diffusers with one generator per image (`generator=[...]`): each row draws, from its
 own generator and in this order, the init image's latent sample, the initial noise, the masked image's

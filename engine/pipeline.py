@@ -383,7 +383,7 @@ class Pipeline:
         r = rows[0].request
         if not r.controls:
             return {}
-        return control.buffers(rows, schedule.num_steps, schedule.start, cfg, r.guess_mode)
+        return control.buffers(rows, schedule.num_steps, schedule.start, r.guess_mode)
 
     def step(self, schedule: samplers.Schedule, cfg: bool, buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
         """One denoise step of the session's denoiser: (next latents, next sampler state); no host sync."""
@@ -394,8 +394,7 @@ class Pipeline:
         if not self.family.roles.conditions:
             return None
         nets = tuple(self.runners[PREFIX + n] for n in control.names_in(buffers))
-        return control.ControlStep(nets, self.dims.residual_channels, self.dims.residual_scales,
-                                   guess=control.GUESS in buffers)
+        return control.ControlStep(nets, self.dims.residual_channels, self.dims.residual_scales)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         self.check_latents(latents)

@@ -35,7 +35,8 @@ PACKED = "down_residuals"  # the UNet wrappers' keyword for the down residuals, 
 WRAPPER = "export.families.control_wrappers:ControlNetWrapper"
 MODEL_CLASS = ("diffusers", "ControlNetModel")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-MATCHING = ("block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim")  # with the UNet
+MATCHING = ("block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",  # as the UNet's
+            "addition_embed_type", "projection_class_embeddings_input_dim")
 
 
 def residual_layout(unet: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -16,7 +16,7 @@ from engine.png import parameters_text
 from engine.request import Request, RequestError
 from export.control import random_controlnet
 from tests.a1111 import parse_a1111
-from tests.helpers import PROMPTS, gens, init_image, max_diff, stack_pixels, to_uint8
+from tests.helpers import PROMPTS, gens, init_image, mask_image, max_diff, stack_pixels, to_uint8
 from tests.sampler_cases import diffusers_scheduler
 
 SIZE = 64
@@ -63,8 +63,8 @@ def reference(folder: Path, nets: list[Path], kind: str = "txt2img"):
     import diffusers
     from diffusers import ControlNetModel
 
-    cls = {"txt2img": "StableDiffusionControlNetPipeline",
-           "img2img": "StableDiffusionControlNetImg2ImgPipeline"}[kind]
+    cls = {"txt2img": "StableDiffusionControlNetPipeline", "img2img": "StableDiffusionControlNetImg2ImgPipeline",
+           "inpaint": "StableDiffusionControlNetInpaintPipeline"}[kind]
     models = [ControlNetModel.from_pretrained(p) for p in nets]
     pipe = getattr(diffusers, cls).from_pretrained(folder, controlnet=models if len(models) > 1 else models[0],
                                                    safety_checker=None, requires_safety_checker=False,
@@ -126,6 +126,15 @@ def test_img2img_with_control_matches_diffusers(ours, tiny_folder, nets):
                            10, [9, 10], [image], 1.2, 0.0, 0.8, image=init, strength=0.6)
     got = our_images(ours, "dpmpp_2m", 10, [9, 10], (Control("edges", image, 1.2, 0.0, 0.8),), init_image=init,
                      strength=0.6)
+    assert max_diff(got, ref) <= 2
+
+
+def test_inpainting_with_control_matches_diffusers(ours, tiny_folder, nets):
+    image, init, mask = control_image(10), init_image(SIZE, seed=4), mask_image(SIZE)
+    # one init image and mask per prompt: given one, diffusers' inpainting encodes it with the first generator only
+    ref = diffusers_images(reference(tiny_folder, [nets["depth"]], "inpaint"), "ddim", ours.scheduler_config, 8,
+                           [11, 12], [image], 0.9, image=[init] * 2, mask_image=[mask] * 2)
+    got = our_images(ours, "ddim", 8, [11, 12], (Control("depth", image, 0.9),), init_image=init, mask=mask)
     assert max_diff(got, ref) <= 2
 
 
@@ -259,3 +268,20 @@ def test_server_takes_controls_as_json_and_multipart(ours, control_engines, tmp_
             status, data, _ = server.post("/v1/generate", {**body, "controls": [bad]})
             error = json.loads(data)["error"]
             assert status == 400 and error["param"].startswith("controls") and words in error["message"], data
+
+
+def test_step_batching_runs_control_rows_as_each_alone(ours):
+    """Rows with their own images, scales, windows and step counts join one flight at different step boundaries;
+    each image equals its request run alone."""
+    from engine.continuous import Flight
+    from tests.helpers import alone, drive
+
+    a = Request(prompt=PROMPTS[0], steps=5, sampler="euler", seed=1, height=SIZE, width=SIZE,
+                controls=(Control("edges", control_image(11), 1.0, 0.0, 0.6),))
+    b = dataclasses.replace(a, prompt=PROMPTS[1], steps=7, seed=2,
+                            controls=(Control("edges", control_image(12), 0.5, 0.2, 1.0),))
+    flight = Flight(ours, max_batch=4, buckets=True)
+    images, errors = drive(flight, {0: [(a, "a")], 2: [(b, "b")]}, ours)
+    assert not errors
+    for req, owner in ((a, "a"), (b, "b")):
+        assert max_diff(np.stack([px for _, px in images[owner]]), np.stack(alone(ours, req))) <= 1, owner

@@ -237,9 +237,6 @@ class ServerState:
         if limit is not None and request.images > limit:
             raise ApiError(400, f"{images_field} {request.images} is over --max-batch {limit}: step batching runs "
                                 "all images of a request in one flight", images_field)
-        if request.controls and self.config.batching == "step":  # engine/continuous.py has no ControlNet rows yet
-            raise ApiError(400, "controls: ControlNet requests run with --batching request; this server step-batches",
-                           params.get("controls", "controls"))
         for side in ("height", "width"):
             value = getattr(request, side)
             if value is not None and value > self.config.max_size:
