@@ -29,7 +29,8 @@ def child(model: str, backend: str, component: str, device: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="build-cost-") as tmp:
         t0 = time.perf_counter()
         result = build_all(BuildConfig(model=model, backend=backend, engine_dir=Path(tmp), components=(component,),
-                                       device=device), progress=False)
+                                       device=device, force_rebuild=True),  # a real export, not the store's copy
+                           progress=False)
         wall = time.perf_counter() - t0
         model_dir = Path(tmp) / result.record["model_id"]
         export_s = 0.0

@@ -167,9 +167,17 @@ def check_controlnet(path: Path, unet: dict[str, Any], model: str) -> dict[str, 
         raise ValueError(f"ControlNet {path}: cannot read config.json ({exc})") from None
     if config.get("_class_name") != MODEL_CLASS[1]:
         raise ValueError(f"ControlNet {path}: config.json is a {config.get('_class_name')!r}, not a ControlNetModel")
-    if not (path / "diffusion_pytorch_model.safetensors").is_file():
+    weights = path / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
         raise ValueError(f"ControlNet {path}: no diffusion_pytorch_model.safetensors (pickled .bin weights are "
                          "refused)")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            f.keys()
+    except SafetensorError as exc:
+        raise ValueError(f"ControlNet {path}: {weights.name} is not a readable safetensors file ({exc})") from None
     for key in MATCHING:
         mine, base = config.get(key), unet.get(key)
         if _norm(mine) != _norm(base):

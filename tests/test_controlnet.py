@@ -189,6 +189,13 @@ def test_a_controlnet_for_another_model_or_a_pickle_is_refused_at_build(tmp_path
     with pytest.raises(ValueError, match="pickled files"):
         build_all(BuildConfig(model="tiny", backend="onnxruntime", engine_dir=tmp_path / "e",
                               controlnets=(str(pickled),)), progress=False)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((nets["edges"] / "config.json").read_text())
+    (corrupt / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors is not a readable safetensors file"):
+        build_all(BuildConfig(model="tiny", backend="onnxruntime", engine_dir=tmp_path / "e",
+                              controlnets=(str(corrupt),)), progress=False)
     assert not (tmp_path / "e").exists()  # refused before any work
 
 
@@ -235,53 +242,89 @@ def test_canny_preprocess_gives_opencvs_edge_map(ours, tmp_path):
                                                                         high=100),)))
 
 
-def test_server_takes_controls_as_json_and_multipart(ours, control_engines, tmp_path):
+@pytest.fixture(scope="module")
+def control_server(control_engines, tmp_path_factory):
+    from tests.helpers import running_server
+
+    with running_server(control_engines, tmp_path_factory.mktemp("control_server")) as server:
+        yield server
+
+
+def test_server_takes_controls_as_json_and_multipart(ours, control_server):
     import base64
     import json
 
-    from tests.helpers import b64_png, png_pixels, running_server
+    from tests.helpers import b64_png, png_pixels
 
+    server = control_server
     image = control_image(9)
     body = {"prompt": PROMPTS[1], "steps": 3, "seed": 4, "height": SIZE, "width": SIZE}
     controls = [{"name": "edges", "scale": 0.9, "start": 0.0, "end": 0.8}]
     want = ours.run(Request(prompt=PROMPTS[1], steps=3, seed=4, height=SIZE, width=SIZE,
                             controls=(Control("edges", image, 0.9, 0.0, 0.8),)), progress=False)[0].pixels
-    with running_server(control_engines, tmp_path) as server:
-        status, data, _ = server.post("/v1/generate", {**body, "controls": [{**controls[0], "image": b64_png(image)}]})
-        assert status == 200, data
-        answer = json.loads(data)["images"][0]
-        np.testing.assert_array_equal(png_pixels(answer["b64_png"]), want)
-        assert answer["params"]["controls"] == [{"name": "edges", "scale": 0.9, "start": 0.0, "end": 0.8}]
-        boundary = "controlnettestboundary"
-        fields = {**body, "controls": json.dumps(controls)}
-        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-                 for k, v in fields.items()]
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="control_image"; filename="c.png"\r\n'
-                     f'Content-Type: image/png\r\n\r\n'.encode() + base64.b64decode(b64_png(image)) + b"\r\n")
-        status, data, _ = server.post("/v1/generate", b"".join(parts) + f"--{boundary}--\r\n".encode(),
-                                      content_type=f"multipart/form-data; boundary={boundary}")
-        assert status == 200, data
-        np.testing.assert_array_equal(png_pixels(json.loads(data)["images"][0]["b64_png"]), want)
-        for bad, words in (({"name": "nope", "image": b64_png(image)}, "unknown ControlNet 'nope'"),
-                           ({"name": "edges"}, "needs exactly one image"),
-                           ({"name": "edges", "image": b64_png(image), "scale": 5}, "controls.0.scale")):
-            status, data, _ = server.post("/v1/generate", {**body, "controls": [bad]})
-            error = json.loads(data)["error"]
-            assert status == 400 and error["param"].startswith("controls") and words in error["message"], data
+    status, data, _ = server.post("/v1/generate", {**body, "controls": [{**controls[0], "image": b64_png(image)}]})
+    assert status == 200, data
+    answer = json.loads(data)["images"][0]
+    np.testing.assert_array_equal(png_pixels(answer["b64_png"]), want)
+    assert answer["params"]["controls"] == [{"name": "edges", "scale": 0.9, "start": 0.0, "end": 0.8}]
+    boundary = "controlnettestboundary"
+    fields = {**body, "controls": json.dumps(controls)}
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="control_image"; filename="c.png"\r\n'
+                 f'Content-Type: image/png\r\n\r\n'.encode() + base64.b64decode(b64_png(image)) + b"\r\n")
+    status, data, _ = server.post("/v1/generate", b"".join(parts) + f"--{boundary}--\r\n".encode(),
+                                  content_type=f"multipart/form-data; boundary={boundary}")
+    assert status == 200, data
+    np.testing.assert_array_equal(png_pixels(json.loads(data)["images"][0]["b64_png"]), want)
+    for bad, words in (({"name": "nope", "image": b64_png(image)}, "unknown ControlNet 'nope'"),
+                       ({"name": "edges"}, "needs exactly one image"),
+                       ({"name": "edges", "image": b64_png(image), "scale": 5}, "controls.0.scale")):
+        status, data, _ = server.post("/v1/generate", {**body, "controls": [bad]})
+        error = json.loads(data)["error"]
+        assert status == 400 and error["param"].startswith("controls") and words in error["message"], data
+    status, data, _ = server.get("/v1/info")
+    assert json.loads(data)["controlnets"] == ["edges", "depth"]  # in the order given to engine.build
 
 
-def test_step_batching_runs_control_rows_as_each_alone(ours):
-    """Rows with their own images, scales, windows and step counts join one flight at different step boundaries;
-    each image equals its request run alone."""
-    from engine.continuous import Flight
-    from tests.helpers import alone, drive
+def test_playground_sends_the_chosen_control_image(ours, control_server, tmp_path):
+    """The playground page (headless Debian chromium, as tests/test_serve_playground.py) shows the engines'
+    ControlNets, sends the uploaded control image with its weight, and shows the image the library makes."""
+    import shutil
 
-    a = Request(prompt=PROMPTS[0], steps=5, sampler="euler", seed=1, height=SIZE, width=SIZE,
-                controls=(Control("edges", control_image(11), 1.0, 0.0, 0.6),))
-    b = dataclasses.replace(a, prompt=PROMPTS[1], steps=7, seed=2,
-                            controls=(Control("edges", control_image(12), 0.5, 0.2, 1.0),))
-    flight = Flight(ours, max_batch=4, buckets=True)
-    images, errors = drive(flight, {0: [(a, "a")], 2: [(b, "b")]}, ours)
-    assert not errors
-    for req, owner in ((a, "a"), (b, "b")):
-        assert max_diff(np.stack([px for _, px in images[owner]]), np.stack(alone(ours, req))) <= 1, owner
+    from PIL import Image
+
+    from tests.helpers import png_pixels
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (tests/run.sh installs it with apt-get where it can)")
+    path = tmp_path / "edges.png"
+    Image.fromarray(control_image(13)).save(path)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, timeout=30_000, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(30_000)
+            page.goto(control_server.url + "/", wait_until="load")
+            page.wait_for_selector("#control-section", state="visible")
+            page.select_option("#control-name", "edges")
+            page.fill("#control-scale", "0.7")
+            page.set_input_files("#control-file", str(path))
+            page.wait_for_function("() => controlImage !== null")
+            page.fill("#prompt", PROMPTS[0])
+            page.fill("#steps", "3")
+            page.fill("#seed", "6")
+            with page.expect_response("**/v1/generate", timeout=120_000) as answer:
+                page.click("#generate")
+            status, sent, got = answer.value.status, answer.value.request.post_data_json, answer.value.json()
+        finally:
+            browser.close()
+    assert status == 200, got
+    assert [(c["name"], c["scale"]) for c in sent["controls"]] == [("edges", 0.7)]
+    want = ours.run(Request(prompt=PROMPTS[0], steps=3, seed=6, height=SIZE, width=SIZE,
+                            controls=(Control("edges", path, 0.7),)), progress=False)[0].pixels
+    assert max_diff(png_pixels(got["images"][0]["b64_png"]), want) <= 1

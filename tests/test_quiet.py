@@ -36,5 +36,7 @@ def test_first_build_and_generate_print_only_our_lines(tmp_path):
     assert [x for x in lines(gen.stdout) if not OURS_STDOUT.search(x)] == []
     noise = [x for x in lines(gen.stderr) if not BAR.search(x)]
     assert len(noise) == 1 and noise[0].startswith("warning: prompt longer than 77 tokens was truncated"), noise
-    loud = run(cache, "engine.build", "--engine-dir", str(tmp_path / "e2"), "--components", "clip", "-v")
+    # --force-rebuild: a real export (a new engine dir would otherwise copy the export store's)
+    loud = run(cache, "engine.build", "--engine-dir", str(tmp_path / "e2"), "--components", "clip", "-v",
+               "--force-rebuild")
     assert loud.returncode == 0 and [x for x in lines(loud.stderr) if not BAR.search(x)]  # the libraries speak

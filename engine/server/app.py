@@ -49,6 +49,7 @@ from engine.server.schemas import (
     validation_error,
 )
 from engine.server.step_batcher import StepBatcher
+from export.control import PREFIX
 
 log = logging.getLogger("engine.serve")
 PLAYGROUND = Path(__file__).with_name("playground.html")
@@ -417,6 +418,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                 "height": p.profile.opt.height, "width": p.profile.opt.width, "profile": p.profile.to_json(),
                 "size_multiple": p.dims.size_multiple, "samplers": list(SAMPLERS),
                 "max_images": config.max_images, "max_batch": state.batcher.max_batch if state.batcher else None,
+                "controlnets": [n.removeprefix(PREFIX) for n in p.family.roles.conditions],
                 "defaults": {"steps": d.steps, "guidance_scale": d.guidance_scale, "sampler": d.sampler,
                              "seed": d.seed, "negative_prompt": d.negative_prompt}}
 
