@@ -138,6 +138,26 @@ def test_inpainting_with_control_matches_diffusers(ours, tiny_folder, nets):
     assert max_diff(got, ref) <= 2
 
 
+def test_a_lora_and_a_controlnet_together_match_diffusers(ours, tiny_folder, nets, tmp_path):
+    """A kohya LoRA merged into the UNet and text encoder while a ControlNet conditions the UNet: diffusers' fused
+    LoRA (load_lora_weights + fuse_lora) under its ControlNet pipeline."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from engine.lora import Adapter
+    from tests.helpers import fused_pipe, write_kohya
+
+    lora = write_kohya(tmp_path, 31, r=4, alpha=4.0)
+    base = fused_pipe(tiny_folder, [(lora, 0.8)])
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=ControlNetModel.from_pretrained(nets["edges"]))
+    pipe.set_progress_bar_config(disable=True)
+    image = control_image(14)
+    ref = diffusers_images(pipe, "euler", ours.scheduler_config, 6, [15, 16], [image], 0.8)
+    got = our_images(ours, "euler", 6, [15, 16], (Control("edges", image, 0.8),), loras=(Adapter(lora, 0.8),))
+    assert max_diff(got, ref) <= 2
+    without = our_images(ours, "euler", 6, [15, 16], (Control("edges", image, 0.8),))
+    assert max_diff(got, without) > 8  # the adapter changes the image
+
+
 def test_without_control_equals_the_engines_built_without_controlnets(ours, ort_pipeline):
     req = Request(prompt=PROMPTS[0], steps=4, sampler="euler", seed=3, height=SIZE, width=SIZE)
     got, want = ours.run(req, progress=False)[0].pixels, ort_pipeline.run(req, progress=False)[0].pixels

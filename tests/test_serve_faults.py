@@ -79,8 +79,10 @@ def test_an_upload_is_not_decoded_while_the_queue_is_full(server):
 def test_client_that_disconnects_while_queued_is_dropped(server):
     images_before = metric(server, "sd_inference_count_total")
     batches_before = metric(server, "sd_inference_exec_count_total")
-    blocker = threading.Thread(target=server.post, args=("/v1/generate", {"prompt": "blocker", "steps": 150}))
-    blocker.start()  # 150 steps: it is still running when the second client comes and goes
+    answers: list[int] = []
+    blocker = threading.Thread(target=lambda: answers.append(
+        server.post("/v1/generate", {"prompt": "blocker", "steps": 100})[0]))
+    blocker.start()  # 100 steps (~1 s): running when the second client comes and goes, done well before --timeout-s
     wait_for_metric(server, "sd_inference_pending_request_count", 0)
     time.sleep(0.1)  # the blocker is running now
     body = json.dumps({"prompt": "gone", "steps": 7}).encode()
@@ -93,6 +95,7 @@ def test_client_that_disconnects_while_queued_is_dropped(server):
     assert metric(server, "sd_inference_pending_request_count") == 0  # left the queue at once
     wait_for_metric(server, "sd_inference_exec_count_total", batches_before + 1)
     blocker.join(timeout=60)
+    assert answers == [200]  # the blocker ran to its end (not into the timeout): its image counts below
     assert metric(server, "sd_inference_exec_count_total") == batches_before + 1
     # a barrier: one batch at a time, in arrival order, so had the dropped request still been anywhere in the
     # server it would have run before this one answered
