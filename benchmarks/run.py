@@ -5,8 +5,9 @@
 
 `quick` (a few minutes on 2 cores): the `tiny` pipeline per backend (stages, batch 1..8, memory),
 its UNet step interleaved across backends, the attention kernel (GPU; a skipped row on CPU), tiny's
-export/build cost, cold start. `smoke` is every stage of `quick` with the fewest runs and the build cost of
-one component (the test suite's run: it checks the benchmarks work, its figures are not worth reporting).
+export/build cost, cold start. `smoke` is every stage of `quick` with the fewest runs, 4-step requests and the
+build cost of one component (the test suite's run: it checks the benchmarks work, its figures are not worth
+reporting).
 `full` adds more runs and the `sd15` UNet step at 256² and 512², sd15's
 build cost, the server load test and request- vs step-level batching. Rows go to
 <out>/<UTC time>-<suite>-<device>.json (a new file every run); `python -m benchmarks.report` renders it.
@@ -46,12 +47,13 @@ class Suite:
     serve_load: bool
     build_components: tuple[str, ...] | None = None  # None: each model's default components
     build_backends: int | None = None  # how many of the run's backends build cost measures; None: all (tiny)
+    pipeline_steps: int = 20  # sampler steps of the pipeline benchmark's requests (PipelineBench's default)
 
 
 SUITES = {
     "smoke": Suite("smoke", ("tiny",), pipeline_runs=3, batch_runs=1, batch_sizes=(1, 2, 4, 8),
                    unet_sizes={"tiny": (128,)}, unet_runs=2, build_models=("tiny",), cold_start_runs=1,
-                   serve_load=False, build_components=("vae_decoder",), build_backends=1),
+                   serve_load=False, build_components=("vae_decoder",), build_backends=1, pipeline_steps=4),
     "quick": Suite("quick", ("tiny",), pipeline_runs=10, batch_runs=3, batch_sizes=(1, 2, 4, 8),
                    unet_sizes={"tiny": (128,)}, unet_runs=5, build_models=("tiny",), cold_start_runs=3,
                    serve_load=False),
@@ -88,7 +90,8 @@ def run(suite: Suite, backends: tuple[str, ...], device: str, out: Path) -> Path
         variants = tuple(v for v in CPU_VARIANTS if v[0] in backends)
     if "tiny" in suite.models:  # the pipeline as a user runs it: the small default model
         cfg = pipeline.PipelineBench(model="tiny", backends=backends, batch_sizes=suite.batch_sizes,
-                                     runs=suite.pipeline_runs, batch_runs=suite.batch_runs, device=device)
+                                     runs=suite.pipeline_runs, batch_runs=suite.batch_runs, device=device,
+                                     steps=suite.pipeline_steps)
         _step("pipeline tiny", lambda: pipeline.measure(results, cfg, engine_dir))
     for model in suite.models:
         sizes = suite.unet_sizes.get(model, ())
