@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 
-from engine.server.schemas import MAX_CONTROLS, ApiError, GenerateBody, form_controls, form_loras, validation_error
+from engine.server.schemas import FORM_JSON, MAX_CONTROLS, ApiError, GenerateBody, validation_error
 
 log = logging.getLogger("engine.serve")
 Decoder = Callable[[str | bytes, str], Awaitable[PIL.Image.Image]]  # (base64 text or file bytes, field) -> image
@@ -43,14 +43,10 @@ async def read_generate_body(http: HttpRequest, admit: Callable[[], None],
                         raise ApiError(400, f"{name}: only {', '.join(IMAGE_FIELDS)} and {CONTROL_FILES} may be files",
                                        name)
                     files[name] = await value.read()
-                elif name == "loras":  # JSON text: [{"name": ..., "scale": ...}], checked as the JSON body's
+                elif name in FORM_JSON:  # loras, controls: JSON text, checked as the JSON body's
                     if name in fields:
-                        raise ApiError(400, "loras: send one loras field, a JSON array of adapters", name)
-                    fields[name] = form_loras(value) if value.strip() else []
-                elif name == "controls":  # JSON text, as loras; images as control_image file parts
-                    if name in fields:
-                        raise ApiError(400, "controls: send one controls field, a JSON array", name)
-                    fields[name] = form_controls(value) if value.strip() else []
+                        raise ApiError(400, f"{name}: send one {name} field, a JSON array", name)
+                    fields[name] = FORM_JSON[name](value) if value.strip() else []
                 elif value != "":
                     fields[name] = value
             body = GenerateBody.model_validate(fields, strict=False)  # form fields are text: "7" is a number

@@ -143,30 +143,32 @@ _FORM_CONTROLS: TypeAdapter[list[ControlRef]] = TypeAdapter(
     Annotated[list[ControlRef], Field(max_length=MAX_CONTROLS)])
 
 
-def form_controls(text: str) -> list[ControlRef]:
-    """A multipart body's `controls` field: JSON text validated by ControlRef as the JSON body's; 400 naming it."""
+def _form_json(adapter: TypeAdapter, text: str, field: str, example: str) -> Any:
+    """A multipart body's JSON-text field (`loras`, `controls`) validated as strictly as the JSON body's; ApiError 400
+    naming the field (and the item's field) otherwise."""
     try:
-        return _FORM_CONTROLS.validate_json(text)
-    except ValidationError as err:
-        errors = err.errors()
-        if errors and errors[0].get("type") == "json_invalid":
-            raise ApiError(400, 'controls: the form field is not JSON; send a JSON array such as [{"name": '
-                                '"edges", "scale": 0.8}] with one control_image file part per net', "controls") from None
-        raise validation_error([{**e, "loc": ("controls", *e.get("loc", ()))} for e in errors]) from None
-
-
-def form_loras(text: str) -> list[LoraRef]:
-    """A multipart body's `loras` field: JSON text (`[{"name": "style", "scale": 0.8}]`) validated by LoraRef as
-    strictly as the JSON body's `loras`; ApiError 400 naming `loras` (and the item's field) otherwise."""
-    try:
-        return _FORM_LORAS.validate_json(text)
+        return adapter.validate_json(text)
     except ValidationError as err:
         errors = err.errors()
         if errors and errors[0].get("type") == "json_invalid":
             reason = errors[0].get("ctx", {}).get("error", errors[0].get("msg"))
-            raise ApiError(400, f"loras: the form field is not JSON ({reason}); send a JSON array such as "
-                                '[{"name": "style", "scale": 0.8}]', "loras") from None
-        raise validation_error([{**e, "loc": ("loras", *e.get("loc", ()))} for e in errors]) from None
+            raise ApiError(400, f"{field}: the form field is not JSON ({reason}); send a JSON array such as "
+                                f"{example}", field) from None
+        raise validation_error([{**e, "loc": (field, *e.get("loc", ()))} for e in errors]) from None
+
+
+def form_controls(text: str) -> list[ControlRef]:
+    """A multipart body's `controls` field (images as `control_image` file parts, in order)."""
+    return _form_json(_FORM_CONTROLS, text, "controls",
+                      '[{"name": "edges", "scale": 0.8}] with one control_image file part per net')
+
+
+def form_loras(text: str) -> list[LoraRef]:
+    """A multipart body's `loras` field: `[{"name": "style", "scale": 0.8}]`."""
+    return _form_json(_FORM_LORAS, text, "loras", '[{"name": "style", "scale": 0.8}]')
+
+
+FORM_JSON = {"loras": form_loras, "controls": form_controls}  # multipart fields sent as JSON text
 
 
 class GenerateBody(_Common):
