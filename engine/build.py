@@ -259,15 +259,16 @@ def _with_controlnets(cfg: BuildConfig, source: Path, family: Family, dims: Dims
     from export.store import cache_root
 
     unet = cache.read_json(source / family.spec(family.roles.denoiser).model_folder / "config.json")
-    nets: dict[str, Path] = {}
+    nets: dict[str, Path] = {}  # name -> the ControlNetModel folder to build from
+    seen: dict[str, Path] = {}  # name -> the path given
     for given in cfg.controlnets:
         path = Path(given).expanduser()
         name = control.controlnet_name(path)
-        if name in nets:
-            raise ValueError(f"two ControlNets are named {name!r} ({nets[name]} and {path}); each is used by its "
-                             "folder's name, so rename one")
-        control.check_controlnet(path, unet, str(cfg.model))
-        nets[name] = path
+        if name in seen:
+            raise ValueError(f"two ControlNets are named {name!r} ({seen[name]} and {path}); each is used by its "
+                             "folder's name or file's stem, so rename one")
+        seen[name] = path
+        nets[name] = control.prepare_controlnet(path, unet, str(cfg.model))  # a single file: its converted folder
     return (control.control_folder(source, nets, cache_root() / "controlled"),
             control.with_controls(family, tuple(nets), dims))
 

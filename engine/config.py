@@ -39,7 +39,7 @@ class BuildConfig:
     build_enable_refit: bool = False  # TensorRT: refittable engines, so LoRA adapters swap in without a rebuild
     device: str = "auto"  # torch / onnxruntime device: auto = cuda if available, else cpu
     compile: bool = False  # torch: torch.compile the UNet (inductor; channels_last on CUDA) when it is loaded
-    controlnets: tuple[str, ...] = ()  # diffusers ControlNetModel folders, each a component named by its stem
+    controlnets: tuple[str, ...] = ()  # ControlNetModel folders or single-file ControlNets, each named by its stem
 
     def __post_init__(self) -> None:
         self.engine_dir = Path(self.engine_dir)

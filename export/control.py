@@ -12,8 +12,9 @@ ControlNets (`engine.build --controlnet PATH`, repeatable) has:
 
 The residual shapes follow the UNet's down path (`residual_layout`, kept in `Dims`). A model folder and its
 ControlNets are seen by export and the backends as one folder (`control_folder`: links, each ControlNet as
-sub-folder `controlnet.<name>`), so export, caching and loading treat a ControlNet like any component.
-Torch-free: the CLI and the server read this module.
+sub-folder `controlnet.<name>`), so export, caching and loading treat a ControlNet like any component. A
+single-file `.safetensors` ControlNet in the original layout is converted to such a folder first
+(`prepare_controlnet`, export/control_single_file.py). Torch-free: the CLI and the server read this module.
 """
 from __future__ import annotations
 
@@ -159,7 +160,8 @@ def check_controlnet(path: Path, unet: dict[str, Any], model: str) -> dict[str, 
                          "code; convert it to .safetensors")
     if not path.is_dir():
         raise ValueError(f"ControlNet {path}: not a diffusers ControlNetModel folder (config.json and "
-                         "diffusion_pytorch_model.safetensors)" + ("" if path.exists() else "; no such path"))
+                         "diffusion_pytorch_model.safetensors) nor a single-file .safetensors ControlNet"
+                         + ("" if path.exists() else "; no such path"))
     config_path = path / "config.json"
     try:
         config = json.loads(config_path.read_text())
@@ -178,6 +180,14 @@ def check_controlnet(path: Path, unet: dict[str, Any], model: str) -> dict[str, 
             f.keys()
     except SafetensorError as exc:
         raise ValueError(f"ControlNet {path}: {weights.name} is not a readable safetensors file ({exc})") from None
+    check_config(path, config, unet, model)
+    return config
+
+
+def check_config(path: Path, config: dict[str, Any], unet: dict[str, Any], model: str) -> None:
+    """ValueError naming ControlNet `path`, the field and both values when its ControlNetModel `config` was made
+    for another base model than the one whose UNet config is `unet` (channels, layers, cross-attention width,
+    added conditioning, latent channels): its residuals would not fit that UNet."""
     for key in MATCHING:
         mine, base = config.get(key), unet.get(key)
         if _norm(mine) != _norm(base):
@@ -186,7 +196,20 @@ def check_controlnet(path: Path, unet: dict[str, Any], model: str) -> dict[str, 
     if config.get("in_channels") != unet["out_channels"]:
         raise ValueError(f"ControlNet {path} takes {config.get('in_channels')} latent channels, the model {model} "
                          f"has {unet['out_channels']}")
-    return config
+
+
+def prepare_controlnet(path: Path, unet: dict[str, Any], model: str) -> Path:
+    """The diffusers ControlNetModel folder to build ControlNet `path` from, checked against the base model's UNet
+    config (check_controlnet): `path` itself when it is such a folder; for a single-file `.safetensors` ControlNet
+    in the original (lllyasviel / A1111) layout, its cached conversion (export/control_single_file.py). ValueError
+    naming `path` for anything else: a pickled file, a file that is not a ControlNet, one for another base model."""
+    folder = path
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        from export.control_single_file import convert_controlnet
+
+        folder = convert_controlnet(path, unet, model)
+    check_controlnet(folder, unet, model)
+    return folder
 
 
 def _norm(v: Any) -> Any:
@@ -220,7 +243,8 @@ def random_controlnet(model: Path, out: Path, seed: int, embedding: tuple[int, .
     ControlNetModel.from_unet does, and the zero-initialised convolutions drawn from N(0, std) so that the net
     changes the image (benchmarks and tests; `embedding` must have log2(VAE scale) + 1 entries)."""
     import torch
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers.models.controlnets.controlnet import ControlNetModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
     from export.store import exclusive, staging_dir
 
