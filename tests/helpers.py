@@ -352,3 +352,34 @@ def built_manifest(**changes) -> dict:
     from engine.backends import tensorrt as tb
 
     return {"key": "abc", tb.MANIFEST_KEY: {**TRT_ENV, "engine": tb.ENGINE_FILE, **changes}}
+
+
+# ---- TensorRT against ONNX Runtime (GPU tests: they skip without TensorRT and CUDA) ----------------------------
+
+
+def trt_matches_onnxruntime(tmp_path: Path, component: str, extend: Callable, **config) -> None:
+    """Build `component` of the same BuildConfig(**config) with ONNX Runtime (fp32, CPU) and TensorRT (its default
+    precision, CUDA); on the spec's example inputs at the profile's opt shape every output agrees within 2 % of the
+    ONNX Runtime output's largest magnitude. `extend(family, dims)` gives the family that has the component."""
+    from engine import cache
+    from engine.backends.base import get_backend
+    from engine.build import build_all
+    from engine.config import BuildConfig, Profile
+    from export.families import get_family
+    from export.onnx_export import example_inputs
+    from export.specs import Dims
+
+    outs = {}
+    for backend, device in (("onnxruntime", "cpu"), ("tensorrt", "cuda")):
+        d = tmp_path / backend
+        record = build_all(BuildConfig(engine_dir=d, backend=backend, precision="fp32" if device == "cpu" else None,
+                                       device=device, **config), progress=False).record
+        dims = Dims(**record["dims"])
+        spec = extend(get_family(record["family"]), dims).spec(component)
+        art = d / record["model_id"] / record["components"][component]["dir"]
+        runner = get_backend(backend).load(spec, art, cache.verify(art), device)
+        feeds = example_inputs(spec, dims, Profile.from_json(record["profile"]).opt, record["precision"])
+        outs[backend] = {k: v.float().cpu() for k, v in runner(**{k: v.to(device) for k, v in feeds.items()}).items()}
+    for k, ref in outs["onnxruntime"].items():
+        got = outs["tensorrt"][k]
+        assert float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)) < 2e-2, k

@@ -310,39 +310,20 @@ def test_server_takes_controls_as_json_and_multipart(ours, control_server):
 def test_playground_sends_the_chosen_control_image(ours, control_server, tmp_path):
     """The playground page (headless Debian chromium, as tests/test_serve_playground.py) shows the engines'
     ControlNets, sends the uploaded control image with its weight, and shows the image the library makes."""
-    import shutil
-
     from PIL import Image
 
+    from tests.browser import generate, playground
     from tests.helpers import png_pixels
 
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (tests/run.sh installs it with apt-get where it can)")
     path = tmp_path / "edges.png"
     Image.fromarray(control_image(13)).save(path)
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, headless=True, timeout=30_000, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run"])
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(30_000)
-            page.goto(control_server.url + "/", wait_until="load")
-            page.wait_for_selector("#control-section", state="visible")
-            page.select_option("#control-name", "edges")
-            page.fill("#control-scale", "0.7")
-            page.set_input_files("#control-file", str(path))
-            page.wait_for_function("() => controlImage !== null")
-            page.fill("#prompt", PROMPTS[0])
-            page.fill("#steps", "3")
-            page.fill("#seed", "6")
-            with page.expect_response("**/v1/generate", timeout=120_000) as answer:
-                page.click("#generate")
-            status, sent, got = answer.value.status, answer.value.request.post_data_json, answer.value.json()
-        finally:
-            browser.close()
+    with playground(control_server.url) as page:
+        page.wait_for_selector("#control-section", state="visible")
+        page.select_option("#control-name", "edges")
+        page.fill("#control-scale", "0.7")
+        page.set_input_files("#control-file", str(path))
+        page.wait_for_function("() => controlImage !== null")
+        status, sent, got = generate(page, PROMPTS[0], 3, 6)
     assert status == 200, got
     assert [(c["name"], c["scale"]) for c in sent["controls"]] == [("edges", 0.7)]
     want = ours.run(Request(prompt=PROMPTS[0], steps=3, seed=6, height=SIZE, width=SIZE,

@@ -53,27 +53,9 @@ _HAVE_TRT = tb.trt_available() and torch.cuda.is_available()
 @pytest.mark.trt
 @pytest.mark.skipif(not _HAVE_TRT, reason="TensorRT not installed" if not tb.trt_available() else "no CUDA GPU")
 def test_tensorrt_controlnet_engine_matches_onnxruntime(tmp_path, tiny_folder):
-    from engine import cache
-    from engine.backends.base import get_backend
-    from engine.build import build_all
-    from engine.config import BuildConfig
     from export.control import random_controlnet, with_controls
-    from export.families import get_family
-    from export.onnx_export import example_inputs
+    from tests.helpers import trt_matches_onnxruntime
 
     net = random_controlnet(tiny_folder, tmp_path / "edges", 1, (8, 16, 16, 32), std=0.3)
-    outs = {}
-    for backend, device in (("onnxruntime", "cpu"), ("tensorrt", "cuda")):
-        d = tmp_path / backend
-        record = build_all(BuildConfig(engine_dir=d, backend=backend, precision="fp32" if device == "cpu" else None,
-                                       device=device, controlnets=(str(net),)), progress=False).record
-        dims = Dims(**record["dims"])
-        family = with_controls(get_family(record["family"]), ("edges",), dims)
-        art = d / record["model_id"] / record["components"]["controlnet.edges"]["dir"]
-        spec = family.spec("controlnet.edges")
-        runner = get_backend(backend).load(spec, art, cache.verify(art), device)
-        feeds = example_inputs(spec, dims, Profile.from_json(record["profile"]).opt, record["precision"])
-        outs[backend] = {k: v.float().cpu() for k, v in runner(**{k: v.to(device) for k, v in feeds.items()}).items()}
-    for k, ref in outs["onnxruntime"].items():
-        got = outs["tensorrt"][k]
-        assert float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)) < 2e-2, k
+    trt_matches_onnxruntime(tmp_path, "controlnet.edges", lambda family, dims: with_controls(family, ("edges",), dims),
+                            controlnets=(str(net),))

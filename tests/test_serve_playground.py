@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -21,24 +20,13 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from tests.browser import CHROMIUM_ARGS, GENERATE_MS, WAIT_MS, chromium_path
 from tests.helpers import init_image, max_diff, png_pixels, running_server, write_kohya
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run"]
-WAIT_MS = 30_000  # page loads, the server's /v1/info
-GENERATE_MS = 120_000  # one small tiny generation on CPU, queue included
 LORA = "style"  # the adapter in the server's --lora-dir
 SIZE = 64  # the engines' default size (ort_engines)
-
-
-def chromium_path() -> str:
-    path = shutil.which("chromium") or "/usr/bin/chromium"
-    if not os.access(path, os.X_OK):
-        pytest.skip("Debian's chromium is not installed (tests/run.sh installs it with apt-get where apt is "
-                    "available); the playground page is tested in it")
-    return path
 
 
 @pytest.fixture(scope="module")
