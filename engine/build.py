@@ -17,7 +17,7 @@ from typing import Any
 from engine import cache
 from engine.backends.base import Backend, get_backend
 from engine.config import ATTENTION_MODES, BACKENDS, BuildConfig, BuildPlan, Profile
-from export import control
+from export import control, ip_adapter
 from export.families import Family, detect_family
 from export.footprint import folder_footprint
 from export.quiet import add_verbose_flag, quiet_cli, quieted
@@ -176,6 +176,7 @@ class _Job:
     progress: bool = False  # progress bars (the export's weights bar too)
     why: str = ""  # how `auto` was resolved (one line), if it was
     source: Path | None = None  # the model folder as given (`folder` adds the ControlNets to it); None: `folder`
+    ip: dict[str, Any] | None = None  # the IP-Adapter's name and image preprocessing (build.json), if given
 
 
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
@@ -243,12 +244,13 @@ def _prepare(cfg: BuildConfig) -> _Job:
     for name in cfg.components or ():
         family.spec(name)
     folder, family = _with_controlnets(cfg, source, family, dims)
+    folder, family, dims, ip = _with_ip_adapter(cfg, folder, family, dims)
     preset = ALL_PRESETS.get(str(cfg.model))
     profile = make_profile(cfg, dims, default_size(folder), preset.min_size if preset else 256,
                            preset.max_size if preset else 1024, static=backend.static_shapes)
     plan = make_plan(cfg, backend, profile)
     fingerprint = backend.fingerprint(plan)  # raises a clear error when the backend is unusable
-    return _Job(cfg, model_id, folder, family, dims, backend, plan, fingerprint, why=why, source=source)
+    return _Job(cfg, model_id, folder, family, dims, backend, plan, fingerprint, why=why, source=source, ip=ip)
 
 
 def _with_controlnets(cfg: BuildConfig, source: Path, family: Family, dims: Dims) -> tuple[Path, Family]:
@@ -273,6 +275,29 @@ def _with_controlnets(cfg: BuildConfig, source: Path, family: Family, dims: Dims
             control.with_controls(family, tuple(nets), dims))
 
 
+def _with_ip_adapter(cfg: BuildConfig, folder: Path, family: Family,
+                     dims: Dims) -> tuple[Path, Family, Dims, dict[str, Any] | None]:
+    """(the folder export reads, the family, the dims, the record's "ip_adapter" entry) with `cfg.ip_adapter` added
+    (export/ip_adapter.py); ValueError naming a file that is not a plain IP-Adapter, or one made for another base
+    model or image encoder, before any work."""
+    if not cfg.ip_adapter:
+        if cfg.image_encoder:
+            raise ValueError("--image-encoder is the image encoder of an IP-Adapter: give --ip-adapter FILE too")
+        return folder, family, dims, None
+    from export.store import cache_root
+
+    path = Path(cfg.ip_adapter).expanduser()
+    name = ip_adapter.adapter_name(path)
+    parts = ip_adapter.read_adapter(path)
+    encoder = ip_adapter.encoder_folder(path, cfg.image_encoder)
+    unet = cache.read_json(folder / family.spec(family.roles.denoiser).model_folder / "config.json")
+    ip_adapter.check_adapter(path, parts, unet, cache.read_json(encoder / "config.json"), str(cfg.model))
+    dims = replace(dims, **ip_adapter.encoder_dims(encoder))
+    record = {"name": name, **ip_adapter.preprocessing(folder, encoder)}
+    adapted = ip_adapter.ip_folder(folder, path, encoder, cache_root() / "adapted")
+    return adapted, ip_adapter.with_ip_adapter(family, dims), dims, record
+
+
 def _components(cfg: BuildConfig, job: _Job, record_path: Path) -> tuple[tuple[str, ...], str | None]:
     """What to build, and a note: --components as given (a note says when that cannot generate, and what it
     dropped); else what the last build of this model and backend had, so a plain rebuild keeps an added
@@ -283,6 +308,7 @@ def _components(cfg: BuildConfig, job: _Job, record_path: Path) -> tuple[tuple[s
     except (FileNotFoundError, ValueError, OSError):  # none yet, or one this build rewrites anyway
         before = {}
     nets = job.family.roles.conditions  # the ControlNets given: always built, never "kept"
+    nets += (ip_adapter.COMPONENT,) if job.ip else ()  # so is the IP-Adapter's image encoder
     chosen, note = _base_components(cfg, job, before, needed, nets)
     return tuple(dict.fromkeys(chosen + nets)), note
 
@@ -325,6 +351,7 @@ def _record(job: _Job, model_files: Path, entries: dict[str, Any]) -> dict[str, 
         "components": entries,
         **({"controls": [n[len(control.PREFIX):] for n in job.family.roles.conditions]}
            if job.family.roles.conditions else {}),
+        **({"ip_adapter": job.ip} if job.ip else {}),
     }
 
 
@@ -415,6 +442,11 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     p.add_argument("--controlnet", dest="controlnets", action="append", default=list(d.controlnets), metavar="PATH",
                    help="a diffusers ControlNetModel folder for this model, built as a component named by the "
                         "folder's name (generate --controlnet NAME); repeatable")
+    p.add_argument("--ip-adapter", default=d.ip_adapter, metavar="FILE",
+                   help="an IP-Adapter .safetensors (the published layout) for this model: image prompts "
+                        "(generate --ip-image); its image encoder is built as the image_encoder component")
+    p.add_argument("--image-encoder", default=d.image_encoder, metavar="DIR",
+                   help="the IP-Adapter's CLIP vision encoder folder; None = image_encoder/ beside the file")
     add_verbose_flag(p)
     a = vars(p.parse_args(argv))
     a["controlnets"] = tuple(a["controlnets"])

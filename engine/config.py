@@ -40,6 +40,8 @@ class BuildConfig:
     device: str = "auto"  # torch / onnxruntime device: auto = cuda if available, else cpu
     compile: bool = False  # torch: torch.compile the UNet (inductor; channels_last on CUDA) when it is loaded
     controlnets: tuple[str, ...] = ()  # ControlNetModel folders or single-file ControlNets, each named by its stem
+    ip_adapter: str | None = None  # an IP-Adapter .safetensors (published layout): image prompts
+    image_encoder: str | None = None  # its CLIP vision encoder folder; None = image_encoder/ beside the file
 
     def __post_init__(self) -> None:
         self.engine_dir = Path(self.engine_dir)

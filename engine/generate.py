@@ -60,6 +60,8 @@ class GenerateConfig:
     canny_low: int = _C.low
     canny_high: int = _C.high
     guess_mode: bool = _R.guess_mode
+    ip_image: Path | None = None  # an image prompt (engines built with engine.build --ip-adapter)
+    ip_scale: float = _R.ip_scale
     output: Path = Path("out")
     model: str | None = None  # None = the only model in the engine dir
     engine_dir: Path = Path("engines")
@@ -76,7 +78,7 @@ class GenerateConfig:
                         original_size=self.original_size, crop=self.crop, target_size=self.target_size,
                         aesthetic_score=self.aesthetic_score, negative_aesthetic_score=self.negative_aesthetic_score,
                         loras=tuple(parse_adapter(a) for a in self.lora), controls=self.controls(),
-                        guess_mode=self.guess_mode)
+                        guess_mode=self.guess_mode, ip_image=self.ip_image, ip_scale=self.ip_scale)
                 for p in self.prompt]
 
     def controls(self) -> tuple[Control, ...]:
@@ -171,6 +173,11 @@ def _add_control_flags(p: argparse.ArgumentParser, d: GenerateConfig) -> None:
     p.add_argument("--guess-mode", action="store_true", default=d.guess_mode,
                    help="ControlNet guess mode: the nets see the conditional rows only, their residuals weighted "
                         "0.1..1 from the first to the last")
+    p.add_argument("--ip-image", type=Path, default=d.ip_image, metavar="PATH",
+                   help="an image prompt, for engines built with --ip-adapter (IP-Adapter; any size: resized and "
+                        "centre-cropped for its image encoder)")
+    p.add_argument("--ip-scale", type=float, default=d.ip_scale, metavar="S",
+                   help="the image prompt's weight, 0..2 (diffusers' set_ip_adapter_scale); 0 = the text-only image")
 
 
 def _add_time_id_flags(p: argparse.ArgumentParser, d: GenerateConfig) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import cache, control, graphs, images, memory, samplers
+from engine import cache, control, graphs, images, ip_adapter, memory, samplers
 from engine import request as T  # the timing keys, StopFn, Stopped
 from engine.backends.base import Runner, get_backend
 from engine.config import Profile
@@ -49,6 +49,7 @@ from engine.request import (
 from export.control import PREFIX, with_controls
 from export.families import Family, get_family
 from export.footprint import Footprint
+from export.ip_adapter import with_ip_adapter
 from export.specs import Dims, check_size
 
 MAX_SCHEDULES = 64  # sampler tables kept on the device, least recently used out (a client's strength is any float)
@@ -99,6 +100,7 @@ class Pipeline:
         record = cache.read_record(record_path)
         dims = Dims(**record["dims"])
         family = with_controls(get_family(record["family"]), tuple(record.get("controls", ())), dims)
+        family = with_ip_adapter(family, dims)  # an image encoder and image inputs, when built with an IP-Adapter
         backend = get_backend(record["backend"])
         runners = {}
         for name, entry in record["components"].items():
@@ -177,9 +179,21 @@ class Pipeline:
         mask = _load(images.load_mask, "mask", r.mask, h, w, r.resize)
         controls = tuple(_loaded(images.load_control_image, control.FIELD, c.source, h, w, r.resize)
                          for c in r.controls)
+        ip_image = self._image_prompt(r)
         if schedule is not None:  # the request passed every check: its tables are worth keeping
             self._keep_schedule((r.sampler, r.steps, r.strength), schedule.to(self.device))
-        return PreparedRequest(r, image, mask, controls)
+        return PreparedRequest(r, image, mask, controls, ip_image)
+
+    def _image_prompt(self, r: Request) -> torch.Tensor | None:
+        """The request's image prompt as the image encoder's input; RequestError naming `ip_image` when this engine
+        has no IP-Adapter or the image is not one."""
+        if r.ip_image is None:
+            return None
+        if not self.has_role("image_encoder"):
+            model = self.info.get("model")
+            raise RequestError(ip_adapter.FIELD, f"model {model!r} was built without an IP-Adapter: rebuild with "
+                                                 f"python -m engine.build --model {model} --ip-adapter FILE")
+        return ip_adapter.pixels(r.ip_image, self.info["ip_adapter"])
 
     def check_memory(self, height: int, width: int, images: int, cfg: bool) -> memory.Estimate:
         """RequestError naming `height` when the run's largest activations would not fit in the memory available
@@ -340,6 +354,8 @@ class Pipeline:
             out = self.runners[name](input_ids=self.tokenize(texts, tokenizer).to(self.device))
             outs[name] = {k: v.clone() for k, v in out.items()}  # outputs are valid until the runner's next call
         cond = self.family.denoiser_inputs(outs, rows, negative)
+        if self.has_role("image_encoder"):  # image prompts (IP-Adapter): per row, zeros and scale 0 without one
+            cond.update(ip_adapter.embeddings(self.role("image_encoder"), rows, cfg, self.dims.ip_embed_dim))
         return {COND + k: v.to(self.device) for k, v in cond.items()}
 
     def start_latents(self, rows: list[Row], schedule: samplers.Schedule, cfg: bool) -> Buffers:
@@ -419,6 +435,8 @@ class Pipeline:
                   "cuda_graph": graphed}
         if self.adapter_params:
             params["loras"] = self.adapter_params
+        if row.ip_image is not None:
+            params["ip_adapter"] = self.info["ip_adapter"]["name"]
         return Generated(pixels, params, timings)
 
     def _now(self) -> float:

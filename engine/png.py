@@ -80,6 +80,10 @@ def infotext_fields(params: dict[str, Any]) -> dict[str, Any]:
         fields[f"ControlNet {j}"] = (f"Module: {c.get('preprocess') or 'none'}, Model: {c['name']}, Weight: "
                                      f"{c['scale']:g}, Guidance Start: {c['start']:g}, Guidance End: {c['end']:g}, "
                                      f"Control Mode: {mode}")
+    if params.get("ip_adapter"):  # an image prompt: sd-webui-controlnet records it as one more unit
+        j = len(params.get("controls") or ())
+        fields[f"ControlNet {j}"] = (f"Module: ip-adapter_clip, Model: {params['ip_adapter']}, Weight: "
+                                     f"{params.get('ip_scale', 1.0):g}, Guidance Start: 0, Guidance End: 1")
     return {k: v for k, v in fields.items() if v is not None}
 
 

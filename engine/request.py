@@ -26,6 +26,7 @@ import numpy as np
 
 from engine.control import Control
 from engine.control import check as check_controls
+from engine.ip_adapter import check as check_image_prompt
 from export.errors import RequestError
 from export.families import Family, takers
 
@@ -74,6 +75,8 @@ class Request:
     loras: tuple[Adapter, ...] = ()  # LoRA adapters merged into the weights for this request (engine/lora.py)
     controls: tuple[Control, ...] = ()  # ControlNets this request uses, each with its image (engine/control.py)
     guess_mode: bool = False  # ControlNet guess mode: the nets see the conditional rows only, residuals weighted
+    ip_image: ImageSource | None = None  # an image prompt, for engines built with an IP-Adapter (engine/ip_adapter.py)
+    ip_scale: float = 1.0  # its weight, [0, 2]; 0 = the text-only image exactly
 
     @property
     def kind(self) -> str:
@@ -127,6 +130,7 @@ class Request:
         if self.loras:
             self._check_loras()
         check_controls(self.controls, self.guess_mode)
+        check_image_prompt(self.ip_image, self.ip_scale)
 
     def _check_loras(self) -> None:
         from engine.lora import Adapter, check_lora_file
@@ -217,6 +221,7 @@ class Row:
     image: torch.Tensor | None  # [1, 3, H, W] in [-1, 1]
     mask: torch.Tensor | None  # [1, 1, H, W] in {0, 1}
     controls: tuple[torch.Tensor, ...] = ()  # each control image [1, 3, H, W] in [0, 1], request.controls' order
+    ip_image: torch.Tensor | None = None  # the image prompt, CLIP-normalised [1, 3, S, S]
 
     @property
     def seed(self) -> int:
@@ -232,6 +237,7 @@ class PreparedRequest:
     image: torch.Tensor | None = None  # [1, 3, H, W] in [-1, 1]
     mask: torch.Tensor | None = None  # [1, 1, H, W] in {0, 1}
     controls: tuple[torch.Tensor, ...] = ()  # each control image [1, 3, H, W] in [0, 1]
+    ip_image: torch.Tensor | None = None  # the image prompt, CLIP-normalised [1, 3, S, S]
 
     @property
     def cfg(self) -> bool:
@@ -247,7 +253,8 @@ class PreparedRequest:
         return batch_key(self.request)
 
     def rows(self, req: int = -1) -> list[Row]:
-        return [Row(req, k, self.request, self.image, self.mask, self.controls) for k in range(self.request.images)]
+        return [Row(req, k, self.request, self.image, self.mask, self.controls, self.ip_image)
+                for k in range(self.request.images)]
 
 
 # the stage timings a static batch's `Generated` records, in ms; named as the first reports named them (their
@@ -274,15 +281,17 @@ class Generated:
 
 def image_params(request: Request, index: int) -> dict[str, Any]:
     """What a result records of its request: image `index` of it, with its own seed."""
-    skip = ("init_image", "mask", "images", "resize", "loras", "controls", "guess_mode")  # loras: by the pipeline
-    params = {f.name: getattr(request, f.name) for f in fields(request) if f.name not in skip}
+    skip = ("init_image", "mask", "images", "resize", "loras", "controls", "guess_mode", "ip_image", "ip_scale")
+    params = {f.name: getattr(request, f.name) for f in fields(request) if f.name not in skip}  # loras: by the pipeline
+    if request.ip_image is not None:  # the adapter's name: by the pipeline
+        params["ip_scale"] = request.ip_scale
     if request.controls:
         params["controls"] = [_control_params(c) for c in request.controls]
         params["guess_mode"] = request.guess_mode
     params.update(seed=request.seed + index, index=index, kind=request.kind)
     if request.kind == "txt2img":
         params.pop("strength")
-    for key in ("init_image", "mask"):
+    for key in ("init_image", "mask", "ip_image"):
         value = getattr(request, key)
         if isinstance(value, (str, Path)):
             params[key] = str(value)

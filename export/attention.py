@@ -130,7 +130,11 @@ class EngineAttnProcessor:
         _check_mode(self.mode)
         _check_eager(self.eager)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 ip_scale=None, *args, **kwargs):
+        image_tokens = None
+        if isinstance(encoder_hidden_states, tuple):  # IP-Adapter (export/ip_adapter.py): (text, [image tokens])
+            encoder_hidden_states, (image_tokens,) = encoder_hidden_states
         if attention_mask is not None:
             raise ValueError("attention masks are not supported by the engine's attention op")
         if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
@@ -150,12 +154,23 @@ class EngineAttnProcessor:
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)  # [B, S, H*D]
         out = attention(q, k, v, attn.heads, attn.scale, upcast=bool(attn.upcast_attention),
                         mode=self.mode, eager=self.eager)
+        if image_tokens is not None:
+            out = out + self._image_prompt(attn, q, image_tokens, ip_scale)
         out = attn.to_out[1](attn.to_out[0](out))
         if spatial:
             out = out.transpose(1, 2).reshape(b, c, h, w)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _image_prompt(self, attn, q: torch.Tensor, tokens: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """The IP-Adapter's term, as diffusers' IPAdapterAttnProcessor2_0: scale * attention over the image tokens
+        with the adapter's own key/value projections. `tokens` [B, 1, T, C]; `scale` [B] per row (None: 1)."""
+        tokens = tokens.flatten(1, 2)  # [B, T, C]
+        k, v = attn.to_k_ip(tokens), attn.to_v_ip(tokens)  # [B, T, H*D]
+        out = attention(q, k, v, attn.heads, attn.scale, upcast=bool(attn.upcast_attention), mode=self.mode,
+                        eager=self.eager)  # [B, Sq, H*D]
+        return out if scale is None else out * scale.to(out.dtype).view(-1, 1, 1)
 
 
 def install(module: torch.nn.Module, mode: str | None = None, eager: str = "sdpa") -> torch.nn.Module:

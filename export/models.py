@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from export import attention
+from export import attention, ip_adapter
 from export.control import for_component, residual_layout
 from export.errors import PICKLE_SUFFIXES
 from export.families import SD, SDXL, Family, detect_family, get_family
@@ -172,6 +172,7 @@ def folder_dims(folder: Path) -> Dims:
         "unet_scale": 2 ** (len(unet["down_block_types"]) - 1),
         "residual_channels": residual_channels,
         "residual_scales": residual_scales,
+        **ip_adapter.adapted_dims(folder),
         **added,
     })
 
@@ -200,7 +201,7 @@ def load_submodel(folder: Path, sub: str, dtype: torch.dtype = torch.float32,
     if library == "transformers":
         return cls.from_pretrained(folder / sub, local_files_only=True, dtype=dtype).eval()
     module = cls.from_pretrained(folder, subfolder=sub, use_safetensors=True, local_files_only=True, torch_dtype=dtype)
-    attention.install(module)
+    attention.install(_adapted(module, folder / sub))
     return module.eval()
 
 
@@ -214,8 +215,19 @@ def meta_submodel(folder: Path, sub: str, dtype: torch.dtype = torch.float32,
             return cls._from_config(cls.config_class.from_pretrained(folder / sub), dtype=dtype).eval()
         module = cls.from_config(cls.load_config(folder / sub))
         module = module if dtype == torch.float32 else module.to(dtype)
+        _adapted(module, folder / sub)
     attention.install(module)
     return module.eval()
+
+
+def _adapted(module: torch.nn.Module, sub_folder: Path) -> torch.nn.Module:
+    """`module` with the IP-Adapter stored beside its weights attached (export/ip_adapter.py), if there is one."""
+    adapter = sub_folder / ip_adapter.WEIGHTS
+    if not adapter.is_file():
+        return module
+    from export.families.ip_wrappers import attach
+
+    return attach(module, adapter)
 
 
 def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
@@ -255,7 +267,8 @@ def load_component(folder: Path, name: str, dtype: torch.dtype = torch.float32, 
                    family: Family | str | None = None) -> torch.nn.Module:
     """One component's wrapped torch module, loading only its own sub-folder of `folder`. The family is
     given, or read from the folder's model_index.json, or SD for a folder without one (an engine dir)."""
-    family = for_component(_family_of(folder, family), name)  # a ControlNet's artifact: its own classes
+    family = _family_of(folder, family)  # a ControlNet's or the image encoder's artifact: its own classes
+    family = ip_adapter.for_component(for_component(family, name), name)
     sub, wrap = _wrapper(name, family)
     return wrap(load_submodel(folder, sub, dtype, family).to(device)).eval()
 

@@ -64,6 +64,9 @@ class Dims:
     # the UNet's skip residuals, down path then mid (what a ControlNet adds to: export/control.py)
     residual_channels: tuple[int, ...] = ()
     residual_scales: tuple[int, ...] = ()  # each one's downscale from the latent size
+    # the IP-Adapter's image encoder (export/ip_adapter.py; 0 when built without one)
+    ip_image_size: int = 0  # its input images are S x S
+    ip_embed_dim: int = 0  # the width of its projected image embeddings
 
     def __post_init__(self):  # build.json stores tuples as lists
         for name in ("residual_channels", "residual_scales"):

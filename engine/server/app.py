@@ -419,6 +419,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                 "size_multiple": p.dims.size_multiple, "samplers": list(SAMPLERS),
                 "max_images": config.max_images, "max_batch": state.batcher.max_batch if state.batcher else None,
                 "controlnets": [n.removeprefix(PREFIX) for n in p.family.roles.conditions],
+                "ip_adapter": (p.info.get("ip_adapter") or {}).get("name"),
                 "defaults": {"steps": d.steps, "guidance_scale": d.guidance_scale, "sampler": d.sampler,
                              "seed": d.seed, "negative_prompt": d.negative_prompt}}
 
@@ -434,7 +435,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         try:
             # off the event loop: a LoRA file new to the cache is read and parsed here
             request = await asyncio.to_thread(body.to_request, images["init_image"], images["mask"],
-                                              state.config.lora_dir, images[CONTROL_FILES])
+                                              state.config.lora_dir, images[CONTROL_FILES], images["ip_image"])
         except ValueError as exc:  # loras (engine/server/lora_dir.py): a message without a path
             raise ApiError(400, str(exc), "loras") from None
         outcome = await state.generate(http, request)

@@ -17,14 +17,15 @@ from engine.server.schemas import FORM_JSON, MAX_CONTROLS, ApiError, GenerateBod
 
 log = logging.getLogger("engine.serve")
 Decoder = Callable[[str | bytes, str], Awaitable[PIL.Image.Image]]  # (base64 text or file bytes, field) -> image
-IMAGE_FIELDS = ("init_image", "mask")
+IMAGE_FIELDS = ("init_image", "mask", "ip_image")  # base64 (JSON) or file parts (multipart)
 CONTROL_FILES = "control_image"  # multipart: one file part per ControlNet, in the order of `controls`
 RETRY_UNAVAILABLE_S = 5  # Retry-After when the upload cannot be stored (as when draining or failed)
 
 
 async def read_generate_body(http: HttpRequest, admit: Callable[[], None],
                             decode: Decoder) -> tuple[GenerateBody, dict[str, Any]]:
-    """The /v1/generate body from JSON or multipart form data, and its decoded init image / mask and control images
+    """The /v1/generate body from JSON or multipart form data, and its decoded init image / mask / image prompt and
+    control images
     (`control_image`: a list in the order of `controls`); `admit` is called between the two (it raises what the
     request would get anyway: nothing is decoded for a request refused)."""
     control_files: list[bytes] = []

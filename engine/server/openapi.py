@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from engine.server.schemas import ErrorBody, GenerateBody
 
 REF_TEMPLATE = "#/components/schemas/{model}"
-FILE_FIELDS = ("init_image", "mask")  # multipart file parts of /v1/generate
+FILE_FIELDS = ("init_image", "mask", "ip_image")  # multipart file parts of /v1/generate
 ERROR_TEXT = {
     400: "bad request: a field, the body or the Host header (the message names it)",
     401: "missing or wrong API key (--api-key): send Authorization: Bearer <key>",

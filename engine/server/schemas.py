@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from engine.control import MAX_SCALE as MAX_CONTROL_SCALE
 from engine.control import Control
+from engine.ip_adapter import MAX_SCALE as MAX_IP_SCALE
 from engine.lora import Adapter
 from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
 from engine.sampler_registry import get as sampler_record
@@ -192,14 +193,20 @@ class GenerateBody(_Common):
     controls: list[ControlRef] = Field(default_factory=list, max_length=MAX_CONTROLS,
                                        description="ControlNets of the engines, each with its control image")
     guess_mode: bool = _R.guess_mode
+    ip_image: str | None = Field(None, description="an image prompt (engines built with an IP-Adapter): base64 "
+                                 "PNG/JPEG/WebP (or data URL), or a file part (multipart)")
+    ip_scale: float = Field(_R.ip_scale, ge=0, le=MAX_IP_SCALE, description="the image prompt's weight; 0 = the "
+                            "text-only image")
     response_format: Literal["json", "png"] = "json"
 
     _check_sampler = field_validator("sampler")(_sampler)
 
     def to_request(self, init_image: PIL.Image.Image | None = None, mask: PIL.Image.Image | None = None,
-                   lora_dir: Path | None = None, control_images: list[PIL.Image.Image] | None = None) -> Request:
+                   lora_dir: Path | None = None, control_images: list[PIL.Image.Image] | None = None,
+                   ip_image: PIL.Image.Image | None = None) -> Request:
         controls = tuple(ref.to_control(img) for ref, img in zip(self.controls, control_images or [], strict=True))
         return Request(loras=resolve_loras(self.loras, lora_dir), controls=controls, guess_mode=self.guess_mode,
+                       ip_image=ip_image, ip_scale=self.ip_scale,
                        prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
                        guidance_scale=self.guidance_scale, sampler=self.sampler, seed=self.seed, height=self.height,
                        width=self.width, images=self.images, init_image=init_image, strength=self.strength,

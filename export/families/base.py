@@ -38,6 +38,8 @@ class Roles:
     latent_decoder: str = "vae_decoder"  # latents -> pixels
     latent_encoder: str = "vae_encoder"  # pixels -> latents (img2img, inpainting); built only when needed
     conditions: tuple[str, ...] = ()  # condition components whose outputs feed the denoiser (ControlNet, ...)
+    image_encoder: str = "image_encoder"  # image prompts -> embeddings the denoiser takes (IP-Adapter); built
+    # only with one
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,22 @@ class UNetWrapper(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states, down_residuals=None, mid_residual=None):
-        # [2B, 4, h, w], [2B], [2B, 77, C]; ControlNet residuals (export/control.py) when built with ControlNets
-        return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=down_residuals,
-                         mid_block_additional_residual=mid_residual, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, down_residuals=None, mid_residual=None,
+                image_embeds=None, ip_scale=None):
+        # [2B, 4, h, w], [2B], [2B, 77, C]; ControlNet residuals (export/control.py) when built with ControlNets;
+        # IP-Adapter image embeddings [2B, D] and scales [2B] (export/ip_adapter.py) when built with one
+        added, kwargs = image_prompt(image_embeds, ip_scale)
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, cross_attention_kwargs=kwargs,
+                         down_block_additional_residuals=down_residuals, mid_block_additional_residual=mid_residual,
+                         return_dict=False)[0]
+
+
+def image_prompt(image_embeds, ip_scale) -> tuple[dict | None, dict | None]:
+    """(added_cond_kwargs, cross_attention_kwargs) of an IP-Adapter UNet's call: diffusers' one-adapter, one-image
+    list [[2B, 1, D]], and the per-row scale our attention processor reads; (None, None) without them."""
+    if image_embeds is None:
+        return None, None
+    return {"image_embeds": [image_embeds.unsqueeze(1)]}, {"ip_scale": ip_scale}
 
 
 class VaeDecoderWrapper(torch.nn.Module):

@@ -50,10 +50,14 @@ class XLUNetWrapper(torch.nn.Module):
             unet.add_time_proj = CastOutput(unet.add_time_proj)
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, down_residuals=None,
-                mid_residual=None):
-        # [2B, 4, h, w], [2B], [2B, 77, C1+C2], [2B, P], [2B, 6] float32; ControlNet residuals when built with them
+                mid_residual=None, image_embeds=None, ip_scale=None):
+        # [2B, 4, h, w], [2B], [2B, 77, C1+C2], [2B, P], [2B, 6] float32; ControlNet residuals when built with them;
+        # IP-Adapter image embeddings [2B, D] and scales [2B] when built with one
+        from export.families.sd_wrappers import image_prompt
+
         self.unet.add_time_proj.dtype = text_embeds.dtype
-        added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+        image, kwargs = image_prompt(image_embeds, ip_scale)
+        added = {"text_embeds": text_embeds, "time_ids": time_ids, **(image or {})}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, cross_attention_kwargs=kwargs,
                          down_block_additional_residuals=down_residuals, mid_block_additional_residual=mid_residual,
                          return_dict=False)[0]
