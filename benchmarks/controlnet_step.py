@@ -11,15 +11,11 @@ the run had. Writes benchmarks/results/<stamp>-controlnet-step-<cpu>.json.
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.schema import Results, percentiles
+from benchmarks import step_cost
 
-RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("plain", "control built, no control", "unet + controlnet")
 
 
@@ -74,40 +70,14 @@ def measure(model: str, size: int, runs: int, engine_root: Path) -> dict[str, li
         VARIANTS[1]: lambda: unet(**inputs, **zeros(inputs["sample"], inputs["timestep"], {}, {}, True)),
         VARIANTS[2]: with_control,
     }
-    samples: dict[str, list[float]] = {k: [] for k in calls}
-    for i in range(runs + 1):  # call 0 of each variant is its warm-up
-        for name, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            if i:
-                samples[name].append((time.perf_counter() - t0) * 1e3)
+    samples = step_cost.interleave(calls, runs)
     for r in (plain, unet, controlnet):
         r.close()
     return samples
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--runs", type=int, default=10)
-    a = p.parse_args(argv)
-    results = Results(suite="controlnet-step")
-    with tempfile.TemporaryDirectory() as tmp:
-        samples = measure(a.model, a.size, a.runs, Path(tmp))
-    plain_p50 = percentiles(samples[VARIANTS[0]])["p50"]
-    for name, values in samples.items():
-        config = {"model": a.model, "size": a.size, "batch": 2, "backend": "onnxruntime", "precision": "fp32",
-                  "variant": name}
-        results.add_samples("controlnet_step", config, "step_ms", values, "ms")
-        results.add("controlnet_step", config, "time_vs_plain", percentiles(values)["p50"] / plain_p50, "ratio")
-        print(f"{name:28s} p50 {percentiles(values)['p50']:8.1f} ms  x{percentiles(values)['p50'] / plain_p50:.3f}")
-    spread = percentiles(samples[VARIANTS[0]])["p90"] / plain_p50
-    results.add("controlnet_step", {"model": a.model, "size": a.size}, "plain_spread", spread, "ratio")
-    print(f"plain UNet p90/p50: {spread:.3f} (the run's noise)")
-    print(f"wrote {results.write(RESULTS)}")
-    return 0
-
+    return step_cost.main("controlnet-step", "controlnet_step", measure, argv, __doc__.splitlines()[0])
 
 if __name__ == "__main__":
     sys.exit(main())
