@@ -258,6 +258,7 @@ def _with_controlnets(cfg: BuildConfig, source: Path, family: Family, dims: Dims
     ValueError naming a ControlNet that is not one, is named twice, or was made for another base model."""
     if not cfg.controlnets:
         return source, family
+    from export.control_single_file import prepare_controlnet
     from export.store import cache_root
 
     unet = cache.read_json(source / family.spec(family.roles.denoiser).model_folder / "config.json")
@@ -270,7 +271,7 @@ def _with_controlnets(cfg: BuildConfig, source: Path, family: Family, dims: Dims
             raise ValueError(f"two ControlNets are named {name!r} ({seen[name]} and {path}); each is used by its "
                              "folder's name or file's stem, so rename one")
         seen[name] = path
-        nets[name] = control.prepare_controlnet(path, unet, str(cfg.model))  # a single file: its converted folder
+        nets[name] = prepare_controlnet(path, unet, str(cfg.model))  # a single file: its converted folder
     return (control.control_folder(source, nets, cache_root() / "controlled"),
             control.with_controls(family, tuple(nets), dims))
 

@@ -14,7 +14,7 @@ The residual shapes follow the UNet's down path (`residual_layout`, kept in `Dim
 ControlNets are seen by export and the backends as one folder (`control_folder`: links, each ControlNet as
 sub-folder `controlnet.<name>`), so export, caching and loading treat a ControlNet like any component. A
 single-file `.safetensors` ControlNet in the original layout is converted to such a folder first
-(`prepare_controlnet`, export/control_single_file.py). Torch-free: the CLI and the server read this module.
+(export/control_single_file.py's `prepare_controlnet`). Torch-free: the CLI and the server read this module.
 """
 from __future__ import annotations
 
@@ -196,20 +196,6 @@ def check_config(path: Path, config: dict[str, Any], unet: dict[str, Any], model
     if config.get("in_channels") != unet["out_channels"]:
         raise ValueError(f"ControlNet {path} takes {config.get('in_channels')} latent channels, the model {model} "
                          f"has {unet['out_channels']}")
-
-
-def prepare_controlnet(path: Path, unet: dict[str, Any], model: str) -> Path:
-    """The diffusers ControlNetModel folder to build ControlNet `path` from, checked against the base model's UNet
-    config (check_controlnet): `path` itself when it is such a folder; for a single-file `.safetensors` ControlNet
-    in the original (lllyasviel / A1111) layout, its cached conversion (export/control_single_file.py). ValueError
-    naming `path` for anything else: a pickled file, a file that is not a ControlNet, one for another base model."""
-    folder = path
-    if path.is_file() and path.suffix.lower() == ".safetensors":
-        from export.control_single_file import convert_controlnet
-
-        folder = convert_controlnet(path, unet, model)
-    check_controlnet(folder, unet, model)
-    return folder
 
 
 def _norm(v: Any) -> Any:

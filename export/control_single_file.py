@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from export.control import MODEL_CLASS, check_config
+from export.control import MODEL_CLASS, check_config, check_controlnet
 from export.store import (
     HASH_MEMO,
     DamagedFile,
@@ -334,3 +334,13 @@ def _converted(final: Path) -> bool:
         return False  # converted again, over it
     return (isinstance(info, dict) and info.get("version") == CONVERT_VERSION and isinstance(config, dict)
             and config.get("_class_name") == MODEL_CLASS[1])
+
+
+def prepare_controlnet(path: Path, unet: dict[str, Any], model: str) -> Path:
+    """The diffusers ControlNetModel folder to build ControlNet `path` from, checked against the base model's UNet
+    config (check_controlnet): `path` itself when it is such a folder; for a single-file `.safetensors` ControlNet
+    in the original (lllyasviel / A1111) layout, its cached conversion (`convert_controlnet`). ValueError
+    naming `path` for anything else: a pickled file, a file that is not a ControlNet, one for another base model."""
+    folder = convert_controlnet(path, unet, model) if path.is_file() and path.suffix.lower() == ".safetensors" else path
+    check_controlnet(folder, unet, model)
+    return folder

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.control import prepare_controlnet, random_controlnet
+from export.control import random_controlnet
+from export.control_single_file import prepare_controlnet
 
 SIZE = 64
 EMBEDDING = (8, 16, 16, 32)  # the hint block's channels, as tests/test_controlnet.py's nets
