@@ -156,6 +156,7 @@ class Flight:
         self.cuda_graph = cuda_graph
         self.slots: list[Slot] = []
         self.key: tuple | None = None  # flex key of the rows in flight
+        self.cfg = False  # guidance on for the rows in flight (part of their key)
         self._stacked: tuple[tuple, samplers.Schedule] | None = None
         self._padded: tuple[tuple, samplers.Schedule, Buffers] | None = None  # (ids, stacked, sched.* [B, W])
 
@@ -183,10 +184,10 @@ class Flight:
             raise ValueError("admit: rows of another flex key than the batch in flight")
         if len(rows) > self.free:
             raise ValueError(f"admit: {len(rows)} rows, {self.free} free slots")
+        cfg = rows[0].request.guidance_scale > 1.0  # one value per flight: guidance on/off is in the key
         if self.key is None:
             self.pipe.use_adapters(key[0])
-            self.key = key
-        cfg = key[-1]
+            self.key, self.cfg = key, cfg
         p = self.pipe
         cond = p.encode(rows, cfg)
         n = len(rows)
@@ -225,7 +226,7 @@ class Flight:
         slots = [s for s in self.slots if not s.done]
         if not slots:
             return
-        cfg = bool(self.key and self.key[-1])
+        cfg = self.cfg
         if self.buckets:
             rows = slots + [slots[0]] * (bucket_for(len(slots), self.max_batch) - len(slots))  # padding: row 0
             latents, state, graphed = self._bucket_step(rows, cfg, self._batch(rows, cfg))

@@ -97,3 +97,11 @@ def test_a_row_that_turns_nan_fails_only_its_request(pipe):
     assert by["bad"].image is None and "NaN" in by["bad"].error
     assert by["ok"].error is None
     assert_same_pixels(by["ok"].image.pixels, alone(pipe, Request(prompt="ok", steps=3, seed=1))[0])
+
+
+def test_guidance_off_rows_step_without_the_unconditional_half(ort_pipeline):
+    from engine.continuous import Flight
+
+    flight = Flight(ort_pipeline, max_batch=2)
+    (slot,) = flight.admit(ort_pipeline.prepare(Request(prompt="x", steps=2, guidance_scale=1.0)).rows(), ["a"])
+    assert "guidance" not in slot.bufs and slot.bufs["cond.encoder_hidden_states"].shape[0] == 1
