@@ -21,7 +21,7 @@ from export import control, ip_adapter
 from export.families import Family, detect_family
 from export.footprint import folder_footprint
 from export.quiet import add_verbose_flag, quiet_cli, quieted
-from export.specs import Dims, Shape, check_size, export_range, parse_components
+from export.specs import MAX_CHUNKS, TEXT, Dims, Shape, check_size, export_range, parse_components
 
 
 @dataclass
@@ -73,7 +73,7 @@ def make_profile(cfg: BuildConfig, dims: Dims, size: int, min_size: int, max_siz
     m = dims.size_multiple
     lo_s, hi_s = max(m, lo_s // m * m), hi_s // m * m
     lo = Shape(min(cfg.min_batch, cfg.batch_size), min(lo_s, h), min(lo_s, w))
-    hi = Shape(max(cfg.max_batch, cfg.batch_size), max(hi_s, h), max(hi_s, w))
+    hi = Shape(max(cfg.max_batch, cfg.batch_size), max(hi_s, h), max(hi_s, w), MAX_CHUNKS)  # prompts of 1..4 chunks
     return Profile(lo, opt, hi)
 
 
@@ -124,8 +124,11 @@ def _onnx_stage(cfg: BuildConfig, model_id: str, name: str, weights: str, plan: 
     from export.lean import bar_progress
     from export.onnx_export import ExportOptions, export_component
 
-    residuals = sum(t.name.startswith((control.DOWN, control.MID)) for t in family.spec(name).inputs)
-    opts = ExportOptions(precision=export_precision(plan.precision), attention=plan.attention, residuals=residuals)
+    spec = family.spec(name)
+    residuals = sum(t.name.startswith((control.DOWN, control.MID)) for t in spec.inputs)
+    text = MAX_CHUNKS if any(TEXT in t.dynamic_axes.values() for t in spec.inputs) else 0
+    opts = ExportOptions(precision=export_precision(plan.precision), attention=plan.attention, residuals=residuals,
+                         text_chunks=text)
     parts = {"component": name, "weights": weights, "export": opts.to_json()}
     key = cache.content_key(parts)
     art = cache.artifact_dir(cfg.engine_dir, model_id, "onnx", name, key)
@@ -353,6 +356,7 @@ def _record(job: _Job, model_files: Path, entries: dict[str, Any]) -> dict[str, 
         **({"controls": [n[len(control.PREFIX):] for n in job.family.roles.conditions]}
            if job.family.roles.conditions else {}),
         **({"ip_adapter": job.ip} if job.ip else {}),
+        "text_chunks": MAX_CHUNKS,  # prompt chunks of 77 tokens the denoiser graphs take (engine/prompts.py)
     }
 
 

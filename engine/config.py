@@ -55,8 +55,9 @@ class Profile:
     opt: Shape
     hi: Shape
 
-    def to_json(self) -> dict:
-        return {k: vars(getattr(self, k)) for k in ("lo", "opt", "hi")}
+    def to_json(self) -> dict:  # a shape of one prompt chunk is written as before (earlier keys stay valid)
+        return {k: {f: v for f, v in vars(getattr(self, k)).items() if f != "chunks" or v != 1}
+                for k in ("lo", "opt", "hi")}
 
     @staticmethod
     def from_json(d: dict) -> Profile:

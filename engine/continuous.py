@@ -43,7 +43,7 @@ from engine import samplers
 from engine.denoise import COND
 from engine.graphs import Buffers, StepFn, StepGraph, StepGraphCache
 from engine.pipeline import Pipeline
-from engine.request import Generated, Row, flex_key
+from engine.request import Generated, Row, flex_key, row_key
 from engine.tables import TABLE
 
 __all__ = ["Finished", "Flight", "Slot", "flex_key"]
@@ -170,7 +170,7 @@ class Flight:
         return self.max_batch - len(self.slots)
 
     def accepts(self, row: Row) -> bool:
-        return self.key is None or (flex_key(row.request) == self.key and self.free > 0)
+        return self.key is None or (row_key(row) == self.key and self.free > 0)
 
     # ---- join ----
 
@@ -179,8 +179,8 @@ class Flight:
         their first step with the next `step()`. Raises ValueError if they do not fit."""
         if not rows:
             return []
-        key = flex_key(rows[0].request)
-        if any(flex_key(r.request) != key for r in rows) or (self.key is not None and key != self.key):
+        key = row_key(rows[0])
+        if any(row_key(r) != key for r in rows) or (self.key is not None and key != self.key):
             raise ValueError("admit: rows of another flex key than the batch in flight")
         if len(rows) > self.free:
             raise ValueError(f"admit: {len(rows)} rows, {self.free} free slots")

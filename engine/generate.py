@@ -19,6 +19,7 @@ from pathlib import Path
 from engine.config import BACKENDS
 from engine.control import PREPROCESS, Control
 from engine.png import IMAGE_FORMATS
+from engine.prompts import SYNTAXES
 from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request, RequestError, flag
 from engine.sampler_registry import SAMPLERS
 from export.quiet import add_verbose_flag, quiet_cli
@@ -33,6 +34,7 @@ class GenerateConfig:
 
     prompt: list[str] = field(default_factory=lambda: [_R.prompt])
     negative_prompt: str = _R.negative_prompt
+    prompt_syntax: str = _R.prompt_syntax  # engine/prompts.py: a1111 or plain
     steps: int = _R.steps
     guidance_scale: float = _R.guidance_scale
     scheduler: str = _R.sampler
@@ -71,7 +73,8 @@ class GenerateConfig:
     def requests(self) -> list[Request]:
         from engine.lora import parse_adapter
 
-        return [Request(prompt=p, negative_prompt=self.negative_prompt, steps=self.steps,
+        return [Request(prompt=p, negative_prompt=self.negative_prompt, prompt_syntax=self.prompt_syntax,
+                        steps=self.steps,
                         guidance_scale=self.guidance_scale, sampler=self.scheduler, seed=self.seed,
                         height=self.height, width=self.width, images=self.images_per_prompt,
                         init_image=self.init_image, strength=self.strength, mask=self.mask, resize=self.resize,
@@ -108,6 +111,11 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--prompt", nargs="+", default=d.prompt, help="one or more prompts")
     p.add_argument("--negative-prompt", default=d.negative_prompt,
                    help="what to steer away from (default: %(default)r)")
+    p.add_argument("--prompt-syntax", choices=SYNTAXES, default=d.prompt_syntax,
+                   help="a1111: prompts read as AUTOMATIC1111 reads them: (word) x1.1, [word] /1.1, (word:1.5), "
+                        "\\( for a literal bracket, BREAK starts a new 75-token chunk, longer prompts in chunks of 75 "
+                        "tokens (a long prompt is refused when the engines take fewer chunks); plain: the text as it "
+                        "is, cut at 77 tokens with a warning")
     p.add_argument("--steps", "--denoising-steps", dest="steps", type=int, default=d.steps,
                    help=f"sampler steps, 1..{MAX_STEPS} (lcm: 1..original_inference_steps of the model, usually 50)")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale, help="CFG scale; <= 1 turns CFG off")

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import cache, control, graphs, images, ip_adapter, memory, samplers
+from engine import cache, control, graphs, images, ip_adapter, memory, prompts, samplers
 from engine import request as T  # the timing keys, StopFn, Stopped
 from engine.backends.base import Runner, get_backend
 from engine.config import Profile
@@ -174,6 +174,7 @@ class Pipeline:
         if self.dims.inpainting_unet and r.kind != "inpaint":
             raise RequestError("mask", f"model {model!r} is an inpainting model (9-channel UNet): give an init image "
                                        "and a mask")
+        chunks = self.prompt_chunks(r)
         control.check_names(r.controls, self.family.roles.conditions, model)
         image = _load(images.load_image, "init_image", r.init_image, h, w, r.resize)
         mask = _load(images.load_mask, "mask", r.mask, h, w, r.resize)
@@ -182,7 +183,7 @@ class Pipeline:
         ip_image = self._image_prompt(r)
         if schedule is not None:  # the request passed every check: its tables are worth keeping
             self._keep_schedule((r.sampler, r.steps, r.strength), schedule.to(self.device))
-        return PreparedRequest(r, image, mask, controls, ip_image)
+        return PreparedRequest(r, image, mask, controls, ip_image, chunks)
 
     def _image_prompt(self, r: Request) -> torch.Tensor | None:
         """The request's image prompt as the image encoder's input; RequestError naming `ip_image` when this engine
@@ -261,7 +262,8 @@ class Pipeline:
         buffers.update(self.conditions(rows, schedule, cfg))
         buffers = {k: v.to(self.device) for k, v in buffers.items()}
         t = self._lap(timings, T.TIMING_START, t)
-        step_key = (len(rows), r.height, r.width, r.sampler, r.steps, r.strength, cfg, r.kind, control_key(r))
+        step_key = (len(rows), r.height, r.width, r.sampler, r.steps, r.strength, cfg, r.kind, control_key(r),
+                    rows[0].chunks)
         latents, graphed = self._denoise(step_key, schedule, cfg, buffers, cuda_graph, progress and tqdm, stop)
         t = self._lap(timings, T.TIMING_DENOISE, t)
         timings[T.TIMING_STEP] = timings[T.TIMING_DENOISE] / schedule.run_steps
@@ -335,6 +337,7 @@ class Pipeline:
         return lora.load_lora(path)
 
     def tokenize(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
+        """Plain token ids [B, 77] (the tokenizer's truncation, with a warning): what `plain` prompt syntax encodes."""
         tokenizer = tokenizer or self.tokenizers[0]
         n = self.dims.text_len
         for p in set(prompts):
@@ -343,20 +346,67 @@ class Pipeline:
         ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
         return ids.input_ids.to(torch.int32)  # [B, 77]
 
+    def chunks(self, rows: list[Row], cfg: bool, tokenizer) -> list[prompts.Chunks]:
+        """Each text's chunks for `tokenizer`, [negatives; prompts] with guidance, in each row's prompt syntax, padded
+        with the empty prompt's chunk to the rows' chunk count (A1111's pad_cond_uncond: one UNet batch)."""
+        texts = [(x.request.negative_prompt, x.request) for x in rows] if cfg else []
+        texts += [(x.request.prompt, x.request) for x in rows]
+        made = [prompts.text_chunks(t, tokenizer, r.prompt_syntax, self.dims.text_len) for t, r in texts]
+        empty = prompts.text_chunks("", tokenizer, "a1111", self.dims.text_len)
+        k = max(row.chunks for row in rows)
+        return [prompts.pad(c, empty, k) for c in made]
+
+    def prompt_chunks(self, r: Request) -> int:
+        """The chunks of 77 tokens a request's prompts take (the longest of prompt and negative prompt, over the
+        text encoders); RequestError naming `prompt` / `negative_prompt` when one needs more than the engines take,
+        or has an attention weight that is not a number."""
+        k = 1
+        for tokenizer in self.tokenizers:
+            for field in ("prompt", "negative_prompt"):
+                try:
+                    chunks = prompts.text_chunks(getattr(r, field), tokenizer, r.prompt_syntax, self.dims.text_len)
+                except ValueError as exc:  # an attention weight that is no number
+                    raise RequestError(field, f"{field.replace('_', ' ')}: {exc}") from None
+                prompts.check_length([chunks], self.max_chunks, field)
+                k = max(k, len(chunks.ids))
+        return k
+
+    @property
+    def max_chunks(self) -> int:
+        """Chunks of 77 tokens the denoiser's text input takes: what its graphs were exported for (1 for engines
+        built before prompts had chunks), within a static-shape backend's profile."""
+        built = int(self.info.get("text_chunks", 1))
+        return min(built, self.profile.hi.chunks) if self.info.get("static_shapes") else built
+
     def encode(self, rows: list[Row], cfg: bool) -> Buffers:
         """The denoiser's conditioning for these rows as `cond.*` buffers, from the family: with CFG [uncond; cond]
-        in one batch of 2B."""
-        prompts = [x.request.prompt for x in rows]
+        in one batch of 2B. Each text encoder runs once per chunk (engine/prompts.py); weighted chunks get A1111's
+        emphasis; the chunks' hidden states are concatenated on the token axis, other outputs (SDXL's pooled
+        embedding) are the first chunk's."""
         negative = [x.request.negative_prompt for x in rows] if cfg else None
-        texts = prompts if negative is None else negative + prompts
         outs = {}
         for name, tokenizer in zip(self.family.roles.text_encoders, self.tokenizers, strict=True):
-            out = self.runners[name](input_ids=self.tokenize(texts, tokenizer).to(self.device))
-            outs[name] = {k: v.clone() for k, v in out.items()}  # outputs are valid until the runner's next call
+            texts = self.chunks(rows, cfg, tokenizer)
+            outs[name] = self._encode_chunks(self.runners[name], texts)
         cond = self.family.denoiser_inputs(outs, rows, negative)
         if self.has_role("image_encoder"):  # image prompts (IP-Adapter): per row, zeros and scale 0 without one
             cond.update(ip_adapter.embeddings(self.role("image_encoder"), rows, cfg, self.dims.ip_embed_dim))
         return {COND + k: v.to(self.device) for k, v in cond.items()}
+
+    def _encode_chunks(self, runner: Runner, texts: list[prompts.Chunks]) -> dict[str, torch.Tensor]:
+        """One text encoder's outputs for texts of one chunk count: hidden states [N, 77·k, C], the rest of chunk 0."""
+        parts: list[dict[str, torch.Tensor]] = []
+        weighted = torch.tensor([t.weighted for t in texts])  # [N]
+        for j in range(len(texts[0].ids)):
+            ids = torch.tensor([t.ids[j] for t in texts], dtype=torch.int32)  # [N, 77]
+            out = {k: v.clone() for k, v in runner(input_ids=ids.to(self.device)).items()}  # valid until the next call
+            if bool(weighted.any()):
+                z = out[prompts.HIDDEN]
+                w = torch.tensor([t.weights[j] for t in texts], device=z.device)  # [N, 77]
+                out[prompts.HIDDEN] = torch.where(weighted.to(z.device).view(-1, 1, 1), prompts.emphasize(z, w), z)
+            parts.append(out)
+        hidden = torch.cat([p[prompts.HIDDEN] for p in parts], dim=1)  # [N, 77·k, C]
+        return {**parts[0], prompts.HIDDEN: hidden}
 
     def start_latents(self, rows: list[Row], schedule: samplers.Schedule, cfg: bool) -> Buffers:
         """Initial latents, sampler state, per-step noise, inpainting inputs and (with CFG) the per-row guidance,

@@ -27,6 +27,7 @@ import numpy as np
 from engine.control import Control
 from engine.control import check as check_controls
 from engine.ip_adapter import check as check_image_prompt
+from engine.prompts import check_syntax
 from export.errors import RequestError
 from export.families import Family, takers
 
@@ -77,6 +78,7 @@ class Request:
     guess_mode: bool = False  # ControlNet guess mode: the nets see the conditional rows only, residuals weighted
     ip_image: ImageSource | None = None  # an image prompt, for engines built with an IP-Adapter (engine/ip_adapter.py)
     ip_scale: float = 1.0  # its weight, [0, 2]; 0 = the text-only image exactly
+    prompt_syntax: str = "a1111"  # how prompts read (engine/prompts.py): A1111's weights, chunks and BREAK; or plain
 
     @property
     def kind(self) -> str:
@@ -131,6 +133,7 @@ class Request:
             self._check_loras()
         check_controls(self.controls, self.guess_mode)
         check_image_prompt(self.ip_image, self.ip_scale)
+        check_syntax(self.prompt_syntax)
 
     def _check_loras(self) -> None:
         from engine.lora import Adapter, check_lora_file
@@ -200,6 +203,12 @@ def flex_key(r: Request) -> tuple:
     return (r.loras, r.kind, r.height, r.width, r.sampler, r.guidance_scale > 1.0, control_key(r))
 
 
+def row_key(row: Row) -> tuple:
+    """The flight key of a row: its request's, and its prompts' chunk count (engine/prompts.py: rows of one UNet
+    batch take text of one length)."""
+    return (*flex_key(row.request), row.chunks)
+
+
 def control_key(r: Request) -> tuple:
     """What rows must share to run their ControlNets in one call each: the nets, in order, and guess mode."""
     return (tuple(c.name for c in r.controls), r.guess_mode and bool(r.controls))
@@ -222,6 +231,7 @@ class Row:
     mask: torch.Tensor | None  # [1, 1, H, W] in {0, 1}
     controls: tuple[torch.Tensor, ...] = ()  # each control image [1, 3, H, W] in [0, 1], request.controls' order
     ip_image: torch.Tensor | None = None  # the image prompt, CLIP-normalised [1, 3, S, S]
+    chunks: int = 1  # its prompts' chunks of 77 text tokens (the longer of prompt and negative prompt)
 
     @property
     def seed(self) -> int:
@@ -238,6 +248,7 @@ class PreparedRequest:
     mask: torch.Tensor | None = None  # [1, 1, H, W] in {0, 1}
     controls: tuple[torch.Tensor, ...] = ()  # each control image [1, 3, H, W] in [0, 1]
     ip_image: torch.Tensor | None = None  # the image prompt, CLIP-normalised [1, 3, S, S]
+    chunks: int = 1  # its prompts' chunks of 77 text tokens (engine/prompts.py)
 
     @property
     def cfg(self) -> bool:
@@ -246,14 +257,14 @@ class PreparedRequest:
 
     @property
     def flex_key(self) -> tuple:
-        return flex_key(self.request)
+        return (*flex_key(self.request), self.chunks)
 
     @property
     def batch_key(self) -> tuple:
-        return batch_key(self.request)
+        return (*batch_key(self.request), self.chunks)
 
     def rows(self, req: int = -1) -> list[Row]:
-        return [Row(req, k, self.request, self.image, self.mask, self.controls, self.ip_image)
+        return [Row(req, k, self.request, self.image, self.mask, self.controls, self.ip_image, self.chunks)
                 for k in range(self.request.images)]
 
 

@@ -28,6 +28,8 @@ from export.optimize import EXTERNAL_DATA_LIMIT
 from export.specs import (
     EXPORT_MAX_BATCH,
     EXPORT_MAX_UNITS,
+    MAX_CHUNKS,
+    TEXT,
     ComponentSpec,
     Dims,
     Shape,
@@ -46,6 +48,7 @@ class ExportOptions:
     shape: Shape | None = None  # example shape (batch is traced as 2); None = the model's default size
     optimize: bool = True  # constant folding + shape inference (export/optimize.py)
     residuals: int = 0  # a UNet that takes this many ControlNet residuals (export/control.py); 0 = none
+    text_chunks: int = 0  # a denoiser whose text input takes 1..this many chunks of 77 tokens; 0 = a fixed 77
 
     @property
     def opset(self) -> int:
@@ -53,6 +56,7 @@ class ExportOptions:
 
     def to_json(self) -> dict:
         residuals = {"residuals": self.residuals} if self.residuals else {}  # absent: earlier keys stay valid
+        residuals |= {"text_chunks": self.text_chunks} if self.text_chunks else {}
         return {"precision": self.precision, "attention": self.attention, "opset": self.opset,
                 "optimize": self.optimize, "torch": torch.__version__, "onnx": onnx.__version__,
                 "weights": "named-external", **residuals}  # export/lean.py's layout (part of the cache key)
@@ -64,7 +68,7 @@ def example_inputs(spec: ComponentSpec, dims: Dims, shape: Shape, precision: str
     g = torch.Generator().manual_seed(seed)
     out = {}
     batch = shape.batch * spec.batch_factor
-    for t, s in spec.input_shapes(dims, batch, shape.height, shape.width).items():
+    for t, s in spec.input_shapes(dims, batch, shape.height, shape.width, shape.chunks).items():
         dtype = TORCH_DTYPES[str(spec.inputs[spec.input_names.index(t)].numpy_dtype(precision))]
         if t == "input_ids":
             x = torch.randint(0, 49406, s, generator=g, dtype=torch.int32)
@@ -85,12 +89,15 @@ def dynamic_shapes(spec: ComponentSpec, dims: Dims) -> dict[str, dict[int, objec
 
     batch = Dim("batch", min=1, max=EXPORT_MAX_BATCH)
     hu, wu = Dim("height_units", min=1, max=EXPORT_MAX_UNITS), Dim("width_units", min=1, max=EXPORT_MAX_UNITS)
+    chunks = Dim("text_chunks", min=1, max=MAX_CHUNKS)
     out: dict[str, dict[int, object]] = {}
     for t in spec.inputs:
         axes: dict[int, object] = {}
         for axis, sym in t.dynamic_axes.items():
             if sym == "batch":
                 axes[axis] = batch
+            elif sym == TEXT:
+                axes[axis] = dims.text_len * chunks
             else:
                 pixels = t.shape(dims, 1, dims.size_multiple, dims.size_multiple)[axis]  # size of one unit
                 axes[axis] = pixels * (hu if sym == "height" else wu)
@@ -121,9 +128,9 @@ def export_component(model: LoadedModel | Path, name: str, path: Path, opts: Exp
         lean.check_files(module, prefix, files)
     size = default_size(folder)
     shape = opts.shape or Shape(1, size, size)
-    # example batch 2 (not 1) keeps torch.export from specialising the batch axis to 1
+    # example batch 2 and 2 prompt chunks (not 1) keep torch.export from specialising those axes to 1
     example = {k: v.to("meta") for k, v in
-               example_inputs(spec, dims, Shape(2, shape.height, shape.width), opts.precision).items()}
+               example_inputs(spec, dims, Shape(2, shape.height, shape.width, 2), opts.precision).items()}
     # ControlNet residuals reach the UNet wrappers as one tuple; the graph's inputs keep the spec's flat names
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -45,6 +45,8 @@ TXT2IMG_COMPONENTS = ("clip", "unet", "vae_decoder")
 EXPORT_MAX_BATCH = 63  # component batch the ONNX graphs take (diffusers' Upsample2D changes path at 64)
 EXPORT_MAX_UNITS = 1024  # height and width the ONNX graphs take, in units of Dims.size_multiple
 VAE_SCALE = 8  # pixels per latent of every Stable Diffusion VAE (the default of Dims.vae_scale)
+TEXT = "text"  # the denoiser's text-token axis: dims.text_len tokens per prompt chunk (engine/prompts.py)
+MAX_CHUNKS = 4  # prompt chunks the exported denoiser graphs take: 4 x 77 text tokens
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,12 @@ class Dims:
 
 @dataclass(frozen=True)
 class Shape:
-    """One request: image batch and pixel size."""
+    """One request: image batch and pixel size, and its prompts' chunks of 77 text tokens (engine/prompts.py)."""
 
     batch: int
     height: int
     width: int
+    chunks: int = 1
 
 
 ShapeFn = Callable[[Dims, int, int, int], tuple[int, ...]]
@@ -101,6 +104,14 @@ class TensorSpec:
     dtype: str  # "model" | "float32" | "int32"
     shape: ShapeFn  # (dims, batch, height_px, width_px) -> shape
     dynamic_axes: dict[int, str]  # axis -> symbol: "batch", "height", "width" (pixels or latent)
+
+    def sized(self, dims: Dims, batch: int, height: int, width: int, chunks: int = 1) -> tuple[int, ...]:
+        """The shape for this batch and size; a TEXT axis holds `chunks` prompt chunks of dims.text_len tokens."""
+        shape = list(self.shape(dims, batch, height, width))
+        for axis, sym in self.dynamic_axes.items():
+            if sym == TEXT:
+                shape[axis] = dims.text_len * chunks
+        return tuple(shape)
 
     def numpy_dtype(self, precision: str) -> np.dtype:
         name = precision_dtype(precision) if self.dtype == "model" else self.dtype
@@ -125,11 +136,13 @@ class ComponentSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
-    def input_shapes(self, dims: Dims, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
-        return {t.name: t.shape(dims, batch, height, width) for t in self.inputs}
+    def input_shapes(self, dims: Dims, batch: int, height: int, width: int,
+                     chunks: int = 1) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.sized(dims, batch, height, width, chunks) for t in self.inputs}
 
-    def output_shapes(self, dims: Dims, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
-        return {t.name: t.shape(dims, batch, height, width) for t in self.outputs}
+    def output_shapes(self, dims: Dims, batch: int, height: int, width: int,
+                      chunks: int = 1) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.sized(dims, batch, height, width, chunks) for t in self.outputs}
 
     def profile(self, dims: Dims, lo: Shape, opt: Shape, hi: Shape) -> dict[str, tuple[tuple[int, ...], ...]]:
         """min/opt/max shape per input, for image-level shapes lo <= opt <= hi.
@@ -138,9 +151,9 @@ class ComponentSpec:
         b_lo, b_opt, b_hi = lo.batch, opt.batch * self.batch_factor, hi.batch * self.batch_factor
         return {
             t.name: (
-                t.shape(dims, b_lo, lo.height, lo.width),
-                t.shape(dims, b_opt, opt.height, opt.width),
-                t.shape(dims, b_hi, hi.height, hi.width),
+                t.sized(dims, b_lo, lo.height, lo.width, lo.chunks),
+                t.sized(dims, b_opt, opt.height, opt.width, opt.chunks),
+                t.sized(dims, b_hi, hi.height, hi.width, hi.chunks),
             )
             for t in self.inputs
         }
@@ -224,7 +237,7 @@ SPECS: dict[str, ComponentSpec] = {
         inputs=(
             TensorSpec("sample", "model", _unet_sample, _SPATIAL),
             TensorSpec("timestep", "float32", _per_row, _BATCH),
-            TensorSpec("encoder_hidden_states", "model", _text, _BATCH),
+            TensorSpec("encoder_hidden_states", "model", _text, {0: "batch", 1: TEXT}),  # 77 tokens per chunk
         ),
         outputs=(TensorSpec("latent", "model", _latent, _SPATIAL),),
         batch_factor=2,
@@ -309,7 +322,7 @@ def export_range(dims: Dims) -> tuple[Shape, Shape]:
     """The image shapes every exported graph accepts: batch up to EXPORT_MAX_BATCH // 2 images (their
     UNet batch doubles under classifier-free guidance), any multiple of the size granularity."""
     m = dims.size_multiple
-    return Shape(1, m, m), Shape(EXPORT_MAX_BATCH // 2, m * EXPORT_MAX_UNITS, m * EXPORT_MAX_UNITS)
+    return Shape(1, m, m), Shape(EXPORT_MAX_BATCH // 2, m * EXPORT_MAX_UNITS, m * EXPORT_MAX_UNITS, MAX_CHUNKS)
 
 
 def check_size(dims: Dims, height: int, width: int, lo: Shape | None = None, hi: Shape | None = None) -> None:

@@ -383,3 +383,37 @@ def trt_matches_onnxruntime(tmp_path: Path, component: str, extend: Callable, **
     for k, ref in outs["onnxruntime"].items():
         got = outs["tensorrt"][k]
         assert float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)) < 2e-2, k
+
+
+# ---- a model folder whose text encoders are changed (prompt tests) ---------------------------------------------
+
+
+def with_text_encoders(source: Path, out: Path, change: Callable[[str, nn.Module], None]) -> Path:
+    """A copy of model folder `source` at `out` with `change(sub_folder, encoder)` applied to each text encoder (in
+    place, under no_grad) and saved again as safetensors."""
+    import shutil
+
+    from transformers import AutoModel, CLIPTextModelWithProjection
+
+    shutil.copytree(source, out)
+    for sub in ("text_encoder", "text_encoder_2"):
+        if not (out / sub).is_dir():
+            continue
+        cls = CLIPTextModelWithProjection if sub == "text_encoder_2" else AutoModel
+        encoder = cls.from_pretrained(out / sub)
+        with torch.no_grad():
+            change(sub, encoder)
+        shutil.rmtree(out / sub)
+        encoder.save_pretrained(out / sub, safe_serialization=True)
+    return out
+
+
+def ort_pipeline_of(engine_dir: Path, model: Path, size: int = 64):
+    """The Pipeline of `model` built for ONNX Runtime fp32 at `size` into `engine_dir` (close it when done)."""
+    from engine.build import build_all
+    from engine.config import BuildConfig
+    from engine.pipeline import Pipeline
+
+    build_all(BuildConfig(model=str(model), backend="onnxruntime", precision="fp32", height=size, width=size,
+                          engine_dir=engine_dir), progress=False)
+    return Pipeline.load(engine_dir)

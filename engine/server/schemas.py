@@ -92,6 +92,9 @@ class _Common(BaseModel):
     steps: int = Field(_R.steps, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(_R.guidance_scale, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
     seed: int = Field(_R.seed, ge=RANDOM_SEED, le=MAX_SEED, description="image k uses seed + k; -1 = random")
+    prompt_syntax: Literal["a1111", "plain"] = Field(_R.prompt_syntax, description="a1111: (word:1.2), [word], "
+                                                     "BREAK and chunks of 75 tokens as A1111 reads them; plain: the "
+                                                     "text as it is")
 
     _check_text = field_validator("prompt", "negative_prompt")(_text)
 
@@ -206,7 +209,7 @@ class GenerateBody(_Common):
                    ip_image: PIL.Image.Image | None = None) -> Request:
         controls = tuple(ref.to_control(img) for ref, img in zip(self.controls, control_images or [], strict=True))
         return Request(loras=resolve_loras(self.loras, lora_dir), controls=controls, guess_mode=self.guess_mode,
-                       ip_image=ip_image, ip_scale=self.ip_scale,
+                       ip_image=ip_image, ip_scale=self.ip_scale, prompt_syntax=self.prompt_syntax,
                        prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
                        guidance_scale=self.guidance_scale, sampler=self.sampler, seed=self.seed, height=self.height,
                        width=self.width, images=self.images, init_image=init_image, strength=self.strength,
@@ -252,6 +255,7 @@ class ImagesBody(_Common):
     def to_request(self) -> Request:
         width, height = parse_size(self.size) if self.size not in (None, "auto") else (None, None)
         return Request(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+                       prompt_syntax=self.prompt_syntax,
                        guidance_scale=self.guidance_scale, sampler=self.sampler or self.scheduler or _R.sampler,
                        seed=self.seed, height=height,
                        width=width, images=self.n)
