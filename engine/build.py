@@ -129,7 +129,8 @@ def _onnx_stage(cfg: BuildConfig, model_id: str, name: str, weights: str, plan: 
     text = MAX_CHUNKS if any(TEXT in t.dynamic_axes.values() for t in spec.inputs) else 0
     opts = ExportOptions(precision=export_precision(plan.precision), attention=plan.attention, residuals=residuals,
                          text_chunks=text)
-    parts = {"component": name, "weights": weights, "export": opts.to_json()}
+    parts = {"component": name, "weights": weights, "export": opts.to_json(),
+             "io": [spec.input_names, spec.output_names]}  # a graph with other inputs or outputs is another graph
     key = cache.content_key(parts)
     art = cache.artifact_dir(cfg.engine_dir, model_id, "onnx", name, key)
     if _stale(cfg, art, f"{name}:onnx", notes):

@@ -33,8 +33,9 @@ class GenerateConfig:
     """What the CLI adds to a Request: prompts, where the engines are, where images go."""
 
     prompt: list[str] = field(default_factory=lambda: [_R.prompt])
-    negative_prompt: str = _R.negative_prompt
+    negative_prompt: str | None = _R.negative_prompt  # None: none given
     prompt_syntax: str = _R.prompt_syntax  # engine/prompts.py: a1111 or plain
+    clip_skip: int | None = _R.clip_skip
     steps: int = _R.steps
     guidance_scale: float = _R.guidance_scale
     scheduler: str = _R.sampler
@@ -74,6 +75,7 @@ class GenerateConfig:
         from engine.lora import parse_adapter
 
         return [Request(prompt=p, negative_prompt=self.negative_prompt, prompt_syntax=self.prompt_syntax,
+                        clip_skip=self.clip_skip,
                         steps=self.steps,
                         guidance_scale=self.guidance_scale, sampler=self.scheduler, seed=self.seed,
                         height=self.height, width=self.width, images=self.images_per_prompt,
@@ -110,7 +112,13 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompt", nargs="+", default=d.prompt, help="one or more prompts")
     p.add_argument("--negative-prompt", default=d.negative_prompt,
-                   help="what to steer away from (default: %(default)r)")
+                   help="what to steer away from; not given: none (SDXL then zeroes the unconditional half, as "
+                        "diffusers does), while an explicit \"\" is encoded like any prompt (as diffusers, A1111 "
+                        "and ComfyUI do)")
+    p.add_argument("--clip-skip", type=int, default=d.clip_skip, metavar="N",
+                   help="A1111's clip skip: the text encoder's N-th layer from the end, through its final norm (1 = "
+                        "the last, as without it; 2 = the penultimate); SD 1.x / 2.x only (SDXL's conditioning is "
+                        "the penultimate layer already: refused)")
     p.add_argument("--prompt-syntax", choices=SYNTAXES, default=d.prompt_syntax,
                    help="a1111: prompts read as AUTOMATIC1111 reads them: (word) x1.1, [word] /1.1, (word:1.5), "
                         "\\( for a literal bracket, BREAK starts a new 75-token chunk, longer prompts in chunks of 75 "

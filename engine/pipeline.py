@@ -175,6 +175,10 @@ class Pipeline:
             raise RequestError("mask", f"model {model!r} is an inpainting model (9-channel UNet): give an init image "
                                        "and a mask")
         chunks = self.prompt_chunks(r)
+        if (r.clip_skip or 1) > max(self.dims.text_layers, 1):
+            raise RequestError("clip_skip", f"clip_skip {r.clip_skip} is past the text encoder's "
+                                            f"{self.dims.text_layers} layers" + ("" if self.dims.text_layers else
+                                            " (engines built before clip skip: rebuild them)"))
         control.check_names(r.controls, self.family.roles.conditions, model)
         image = _load(images.load_image, "init_image", r.init_image, h, w, r.resize)
         mask = _load(images.load_mask, "mask", r.mask, h, w, r.resize)
@@ -349,7 +353,7 @@ class Pipeline:
     def chunks(self, rows: list[Row], cfg: bool, tokenizer) -> list[prompts.Chunks]:
         """Each text's chunks for `tokenizer`, [negatives; prompts] with guidance, in each row's prompt syntax, padded
         with the empty prompt's chunk to the rows' chunk count (A1111's pad_cond_uncond: one UNet batch)."""
-        texts = [(x.request.negative_prompt, x.request) for x in rows] if cfg else []
+        texts = [(x.request.negative_prompt or "", x.request) for x in rows] if cfg else []
         texts += [(x.request.prompt, x.request) for x in rows]
         made = [prompts.text_chunks(t, tokenizer, r.prompt_syntax, self.dims.text_len) for t, r in texts]
         empty = prompts.text_chunks("", tokenizer, "a1111", self.dims.text_len)
@@ -364,7 +368,8 @@ class Pipeline:
         for tokenizer in self.tokenizers:
             for field in ("prompt", "negative_prompt"):
                 try:
-                    chunks = prompts.text_chunks(getattr(r, field), tokenizer, r.prompt_syntax, self.dims.text_len)
+                    chunks = prompts.text_chunks(getattr(r, field) or "", tokenizer, r.prompt_syntax,
+                                                 self.dims.text_len, warn=True)
                 except ValueError as exc:  # an attention weight that is no number
                     raise RequestError(field, f"{field.replace('_', ' ')}: {exc}") from None
                 prompts.check_length([chunks], self.max_chunks, field)
@@ -387,19 +392,27 @@ class Pipeline:
         outs = {}
         for name, tokenizer in zip(self.family.roles.text_encoders, self.tokenizers, strict=True):
             texts = self.chunks(rows, cfg, tokenizer)
-            outs[name] = self._encode_chunks(self.runners[name], texts)
+            skips = [x.request.clip_skip or 1 for x in rows]  # [negatives; prompts]: a row's both halves alike
+            outs[name] = self._encode_chunks(self.runners[name], texts, skips * 2 if cfg else skips)
         cond = self.family.denoiser_inputs(outs, rows, negative)
         if self.has_role("image_encoder"):  # image prompts (IP-Adapter): per row, zeros and scale 0 without one
             cond.update(ip_adapter.embeddings(self.role("image_encoder"), rows, cfg, self.dims.ip_embed_dim))
         return {COND + k: v.to(self.device) for k, v in cond.items()}
 
-    def _encode_chunks(self, runner: Runner, texts: list[prompts.Chunks]) -> dict[str, torch.Tensor]:
-        """One text encoder's outputs for texts of one chunk count: hidden states [N, 77·k, C], the rest of chunk 0."""
+    def _encode_chunks(self, runner: Runner, texts: list[prompts.Chunks], skips: list[int]) -> dict[str, torch.Tensor]:
+        """One text encoder's outputs for texts of one chunk count: hidden states [N, 77·k, C] (each text's clip skip
+        layer), the rest of chunk 0."""
         parts: list[dict[str, torch.Tensor]] = []
         weighted = torch.tensor([t.weighted for t in texts])  # [N]
         for j in range(len(texts[0].ids)):
             ids = torch.tensor([t.ids[j] for t in texts], dtype=torch.int32)  # [N, 77]
             out = {k: v.clone() for k, v in runner(input_ids=ids.to(self.device)).items()}  # valid until the next call
+            if max(skips) > 1:  # A1111's clip skip N: layer L - N + 1's output through the final norm
+                layers = out.pop(prompts.LAYERS)  # [N, L, 77, C]
+                n, depth = layers.shape[:2]
+                picked = layers[torch.arange(n), depth - torch.tensor(skips)]  # [N, 77, C]
+                out[prompts.HIDDEN] = torch.where(torch.tensor(skips).view(-1, 1, 1) > 1, picked, out[prompts.HIDDEN])
+            out.pop(prompts.LAYERS, None)
             if bool(weighted.any()):
                 z = out[prompts.HIDDEN]
                 w = torch.tensor([t.weights[j] for t in texts], device=z.device)  # [N, 77]

@@ -72,6 +72,7 @@ def infotext_fields(params: dict[str, Any]) -> dict[str, Any]:
         "Model hash": params.get("model_hash"),
         "Model": model_name(params.get("model")),
         "Denoising strength": params.get("strength"),  # img2img / inpainting only (txt2img has none)
+        "Clip skip": params.get("clip_skip") if (params.get("clip_skip") or 1) > 1 else None,  # as A1111: from 2
         # A1111's record of the adapters: `Lora hashes: "name: hash, name: hash"` (the prompt carries <lora:..>)
         "Lora hashes": ", ".join(f"{a['name']}: {a['hash']}" for a in params["loras"]) if params.get("loras") else None,
     }

@@ -34,6 +34,7 @@ SYNTAXES = ("a1111", "plain")
 CHUNK_TOKENS = 75  # prompt tokens per chunk (+ start and end = the encoder's 77)
 COMMA_BACKTRACK = 20  # a full chunk is cut after its last comma when that comma is at most this many tokens back
 BREAK = "BREAK"
+LAYERS = "text_layers"  # SD clip's every-layer output (clip skip), not a denoiser input
 HIDDEN = "text_embeddings"  # the text encoders' hidden-state output (export/specs.py), chunked and weighted
 ROUND, SQUARE = 1.1, 1 / 1.1  # the factors of ( ) and [ ]
 _TOKEN = re.compile(r"\\[()\[\]\\]|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:|\\")
@@ -137,12 +138,12 @@ def chunk_prompt(parsed: Parsed, tokenize: Callable[[str], list[int]], comma: in
     return Chunks(ids, [[1.0, *w, 1.0] + [1.0] * (length - len(w)) for _, w in done])
 
 
-def text_chunks(text: str, tokenizer, syntax: str, n: int = CHUNK_TOKENS + 2) -> Chunks:
+def text_chunks(text: str, tokenizer, syntax: str, n: int = CHUNK_TOKENS + 2, warn: bool = False) -> Chunks:
     """`text` for one tokenizer: A1111's chunks of `n` ids (`a1111`), or one chunk as the tokenizer makes it, cut at
-    `n` with a warning (`plain`)."""
+    `n` (`plain`; with a warning when `warn`: once per request, where it is prepared)."""
     if syntax == "plain":
         ids = tokenizer(text).input_ids
-        if len(ids) > n:
+        if warn and len(ids) > n:
             warnings.warn(f"prompt longer than {n} tokens was truncated: {text[:60]!r}...", stacklevel=4)
         ids = tokenizer(text, padding="max_length", max_length=n, truncation=True).input_ids
         return Chunks([list(ids)], [[1.0] * n])

@@ -55,7 +55,7 @@ RANDOM_SEED = -1
 @dataclass
 class Request:
     prompt: str = "a photograph of an astronaut riding a horse"
-    negative_prompt: str = ""
+    negative_prompt: str | None = None  # None: none given (SDXL then zeroes the unconditional rows, as diffusers' force_zeros_for_empty_prompt); "" is encoded like any text
     steps: int = 25
     guidance_scale: float = 7.5  # <= 1 runs the UNet once per step (no classifier-free guidance)
     sampler: str = "dpmpp_2m"
@@ -78,6 +78,7 @@ class Request:
     guess_mode: bool = False  # ControlNet guess mode: the nets see the conditional rows only, residuals weighted
     ip_image: ImageSource | None = None  # an image prompt, for engines built with an IP-Adapter (engine/ip_adapter.py)
     ip_scale: float = 1.0  # its weight, [0, 2]; 0 = the text-only image exactly
+    clip_skip: int | None = None  # A1111's "Clip skip": 1 (None) = the last layer, 2 = the penultimate, ...; SD 1.x/2.x
     prompt_syntax: str = "a1111"  # how prompts read (engine/prompts.py): A1111's weights, chunks and BREAK; or plain
 
     @property
@@ -98,8 +99,9 @@ class Request:
     def check(self) -> None:
         """RequestError naming the field, the value and the allowed range for anything a pipeline cannot run."""
         for name in ("prompt", "negative_prompt"):
-            if not isinstance(getattr(self, name), str):
-                raise RequestError(name, "prompt and negative prompt must be strings")
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (name == "negative_prompt" and value is None):
+                raise RequestError(name, "prompt and negative prompt must be strings (negative prompt: or None)")
         for name in ("steps", "images", "seed", "height", "width"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -155,6 +157,10 @@ class Request:
             if value is not None and not _int_pair(value, lowest):
                 raise RequestError(name, f"{name} {_show(value)} must be two integers (height/top, width/left) "
                                          f">= {lowest}")
+        skip = self.clip_skip
+        if skip is not None and (isinstance(skip, bool) or not isinstance(skip, int) or skip < 1):
+            raise RequestError("clip_skip", f"clip_skip {skip!r} must be an integer >= 1 (1 = the last layer, as A1111 "
+                                            "numbers it)")
         for name in AESTHETIC_FIELDS:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -164,7 +170,7 @@ class Request:
 
 TIME_ID_FIELDS = ("original_size", "crop", "target_size")
 AESTHETIC_FIELDS = ("aesthetic_score", "negative_aesthetic_score")
-FAMILY_FIELDS = TIME_ID_FIELDS + AESTHETIC_FIELDS  # taken by some model families only (Family.request_fields)
+FAMILY_FIELDS = TIME_ID_FIELDS + AESTHETIC_FIELDS + ("clip_skip",)  # taken by some model families only (Family.request_fields)
 FLAGS = {"sampler": "--scheduler", "images": "--images-per-prompt", "loras": "--lora",
          "controls": "--controlnet"}  # others: --field-name
 

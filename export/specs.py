@@ -69,6 +69,7 @@ class Dims:
     # the IP-Adapter's image encoder (export/ip_adapter.py; 0 when built without one)
     ip_image_size: int = 0  # its input images are S x S
     ip_embed_dim: int = 0  # the width of its projected image embeddings
+    text_layers: int = 0  # the first text encoder's layers (SD 1.x / 2.x clip's `text_layers` output: clip skip)
 
     def __post_init__(self):  # build.json stores tuples as lists
         for name in ("residual_channels", "residual_scales"):
@@ -212,6 +213,10 @@ def _pooled(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
     return (b, d.pooled_dim)  # SDXL clip2 pooled projection: [B, P]
 
 
+def _text_layers(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
+    return (b, d.text_layers, d.text_len, d.text_dim)  # every layer's output through the final norm: [B, L, 77, C]
+
+
 def _time_ids(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
     return (b, d.time_ids)  # SDXL size conditioning: [2B, 6]
 
@@ -227,10 +232,12 @@ SPECS: dict[str, ComponentSpec] = {
     "clip": ComponentSpec(
         name="clip",
         inputs=(TensorSpec("input_ids", "int32", _tokens, _BATCH),),
-        outputs=(TensorSpec("text_embeddings", "model", _text, _BATCH),),
+        outputs=(TensorSpec("text_embeddings", "model", _text, _BATCH),
+                 TensorSpec("text_layers", "model", _text_layers, _BATCH)),
         batch_factor=2,
         model_folder="text_encoder",
-        description="CLIP text encoder: token ids [B, 77] -> last hidden state [B, 77, C]",
+        description="CLIP text encoder: token ids [B, 77] -> last hidden state [B, 77, C] and every layer's output "
+                    "through the final layer norm [B, L, 77, C] (A1111's clip skip picks one)",
     ),
     "unet": ComponentSpec(
         name="unet",

@@ -108,9 +108,10 @@ def test_profiles():
     static = make_profile(BuildConfig(batch_size=2, height=128, width=192), dims, 128, 64, 512, static=True)
     assert static.lo == static.opt == static.hi == Shape(2, 128, 192)
     dyn = make_profile(BuildConfig(build_dynamic_shape=True, max_batch=4), dims, 128, 64, 512, static=True)
-    assert (dyn.lo, dyn.opt, dyn.hi) == (Shape(1, 64, 64), Shape(1, 128, 128), Shape(4, 512, 512))
+    assert (dyn.lo, dyn.opt, dyn.hi) == (Shape(1, 64, 64), Shape(1, 128, 128), Shape(4, 512, 512, 4))  # 4 chunks
     anything = make_profile(BuildConfig(batch_size=3), dims, 128, 64, 512, static=False)  # ONNX Runtime, torch
-    assert (anything.lo, anything.opt, anything.hi) == (Shape(1, 16, 16), Shape(3, 128, 128), Shape(31, 16384, 16384))
+    assert (anything.lo, anything.opt, anything.hi) == (Shape(1, 16, 16), Shape(3, 128, 128),
+                                                        Shape(31, 16384, 16384, 4))
     with pytest.raises(ValueError, match="height 120 must be a positive multiple of 16"):
         make_profile(BuildConfig(height=120), dims, 128, 64, 512)
 

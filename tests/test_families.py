@@ -83,6 +83,6 @@ def test_every_family_names_its_roles_and_owns_its_wrappers():
 
 
 def test_family_request_fields():
-    assert SD.request_fields == () and SD.request_defaults is None
+    assert SD.request_fields == ("clip_skip",) and SD.request_defaults is None  # A1111's clip skip
     assert SDXL.request_fields == ("original_size", "crop", "target_size")
     assert SDXL_REFINER.request_fields == ("original_size", "crop", "aesthetic_score", "negative_aesthetic_score")

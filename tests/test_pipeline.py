@@ -119,12 +119,11 @@ def test_schedules_and_step_buffers_are_reused_without_warmup(ours, monkeypatch)
 
 @pytest.mark.parametrize("prompt", ["", "🚀 décor naïve 東京 \u200b\n\t", "word " * 200])
 def test_odd_prompts_work(ours, prompt):
-    req = Request(prompt=prompt, steps=2, sampler="ddim", height=64, width=64)
+    req = Request(prompt=prompt, steps=2, sampler="ddim", height=64, width=64)  # 200 words: 3 chunks of 75 tokens
     if len(prompt) > 500:
-        with pytest.warns(UserWarning, match="truncated"):
-            r = ours.run(req, progress=False)
-    else:
-        r = ours.run(req, progress=False)
+        with pytest.warns(UserWarning, match="truncated"):  # plain syntax: cut at 77 tokens, with a warning
+            ours.run(Request(**{**vars(req), "prompt_syntax": "plain"}), progress=False)
+    r = ours.run(req, progress=False)
     assert r[0].pixels.shape == (64, 64, 3)
     assert set(r[0].timings_ms) >= {"clip", "unet", "unet_per_step", "vae", "total"}
 

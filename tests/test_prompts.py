@@ -150,6 +150,36 @@ def test_rows_of_other_chunk_counts_never_share_a_flight(ours):
         assert max_diff(images[owner][0][1], alone(ours, reqs[owner])[0]) <= 1
 
 
+def test_clip_skip_2_is_a1111s_penultimate_layer_and_recorded(ours, reference):
+    """A1111's clip skip 2: the penultimate layer's output through the final layer norm (what diffusers' `clip_skip=1`
+    computes; its own code path reaches for `text_model`, which this transformers' CLIPTextModel lacks, so the
+    embeddings are made here by that rule and fed to it); the image records A1111's "Clip skip: 2"."""
+    import torch
+
+    from engine.png import parameters_text
+    from tests.a1111 import parse_a1111
+
+    pair = [("a watercolor lighthouse on a rocky coast", "blurry")]
+
+    def penultimate(text: str) -> torch.Tensor:
+        ids = reference.tokenizer(text, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = reference.text_encoder(ids, output_hidden_states=True)
+            return reference.text_encoder.get_submodule("final_layer_norm")(out.hidden_states[-2])
+
+    want = to_uint8(reference(prompt_embeds=penultimate(pair[0][0]), negative_prompt_embeds=penultimate(pair[0][1]),
+                              num_inference_steps=4, height=SIZE, width=SIZE, output_type="np",
+                              generator=torch.Generator().manual_seed(8)).images)
+    req = Request(prompt=pair[0][0], negative_prompt=pair[0][1], steps=4, sampler="euler", seed=8, height=SIZE,
+                  width=SIZE, clip_skip=2)
+    (got,) = ours.run(req, progress=False)
+    assert max_diff(got.pixels[None], want) <= 2
+    assert max_diff(got.pixels[None], our_images(ours, pair, [8])) > 8  # another layer, another image
+    assert parse_a1111(parameters_text(got.params))["Clip skip"] == "2"
+    assert "Clip skip" not in parse_a1111(parameters_text(ours.run(Request(**{**vars(req), "clip_skip": 1}),
+                                                                   progress=False)[0].params))
+
+
 def test_plain_prompts_give_the_plain_syntax_images_bit_for_bit(ort_pipeline):
     texts = ["a watercolor painting of a lighthouse", "red, green, blue: a bicycle", "word " * 75]
     reqs = [Request(prompt=t, negative_prompt="fog", steps=3, sampler="euler", seed=i, height=SIZE, width=SIZE)
@@ -165,6 +195,8 @@ def test_plain_prompts_give_the_plain_syntax_images_bit_for_bit(ort_pipeline):
     (Request(negative_prompt="a BREAK b BREAK c BREAK d BREAK e"), "negative_prompt", "these engines take 4 (308"),
     (Request(negative_prompt="(x:.)"), "negative_prompt", "attention weight '.' is not a number"),
     (Request(prompt_syntax="comfy"), "prompt_syntax", "'comfy' is not one of a1111, plain"),
+    (Request(clip_skip=3), "clip_skip", "clip_skip 3 is past the text encoder's 2 layers"),
+    (Request(clip_skip=0), "clip_skip", "clip_skip 0 must be an integer >= 1"),
 ])
 def test_bad_prompts_are_named(ort_pipeline, request_, field, words):
     with pytest.raises(RequestError, match=words.replace("(", r"\(").replace(")", r"\)")) as info:

@@ -19,7 +19,7 @@ from tests.sampler_cases import diffusers_scheduler
 SIZE = 64
 LONG = ", ".join(f"{w} {c}" for w, c in zip(["red", "blue", "green", "gold"] * 12, ["cat", "sky", "tree", "sea"] * 12,
                                           strict=True))  # 48 pairs and their commas: two chunks
-PAIRS = [("a (lighthouse:1.4) on ((rocks)), [fog] BREAK sunset", "(blurry:1.2)"), (LONG, "")]
+PAIRS = [("a (lighthouse:1.4) on ((rocks)), [fog] BREAK sunset", "(blurry:1.2)"), (LONG, None)]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_sdxl_prompts_match_diffusers_fed_a1111_embeddings(ours, folder):
     for (p, n), seed in zip(PAIRS, [3, 4], strict=True):
         cond, pooled = _embeds(pipe, p)
         extra = {}
-        if n:  # an empty negative prompt: diffusers' zeros (force_zeros_for_empty_prompt), as ours
+        if n is not None:  # no negative prompt: diffusers' zeros (force_zeros_for_empty_prompt), as ours
             uncond, uncond_pooled = _embeds(pipe, n)
             cond, uncond = ref.pad_pair(cond, uncond, empty)
             extra = {"negative_prompt_embeds": uncond, "negative_pooled_prompt_embeds": uncond_pooled}
@@ -66,3 +66,33 @@ def test_sdxl_prompts_match_diffusers_fed_a1111_embeddings(ours, folder):
                                          guidance_scale=5.0, height=SIZE, width=SIZE)
                                  for (p, n), s in zip(PAIRS, [3, 4], strict=True)], progress=False))
     assert max_diff(got, to_uint8(np.stack(want))) <= 2
+
+
+@pytest.mark.parametrize("negative", [None, ""])
+def test_sdxl_empty_negative_prompt_given_or_not_is_diffusers(xl_pipeline, xl_folder, negative):
+    """No negative prompt: zero unconditional rows (diffusers' force_zeros_for_empty_prompt); an explicit "" is
+    encoded like any prompt, as diffusers does with negative_prompt="" (and as A1111 and ComfyUI do)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(xl_folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = diffusers_scheduler("euler", xl_pipeline.scheduler_config)
+    want = to_uint8(pipe("a red bicycle", negative_prompt=negative, num_inference_steps=4, guidance_scale=5.0,
+                         height=SIZE, width=SIZE, output_type="np", generator=torch.Generator().manual_seed(2)).images)
+    got = stack_pixels(xl_pipeline.run(Request(prompt="a red bicycle", negative_prompt=negative, steps=4,
+                                               sampler="euler", seed=2, guidance_scale=5.0, height=SIZE, width=SIZE),
+                                       progress=False))
+    assert max_diff(got, want) <= 2
+    other = stack_pixels(xl_pipeline.run(Request(prompt="a red bicycle", negative_prompt="" if negative is None else
+                                                 None, steps=4, sampler="euler", seed=2, guidance_scale=5.0,
+                                                 height=SIZE, width=SIZE), progress=False))
+    assert max_diff(got, other) > 8  # the two readings differ
+
+
+def test_sdxl_refuses_clip_skip(xl_pipeline):
+    """SDXL's conditioning is the penultimate layer already (A1111 ignores its clip skip setting there): refused."""
+    from engine.request import RequestError
+
+    with pytest.raises(RequestError, match="takes no clip_skip") as info:
+        xl_pipeline.prepare(Request(prompt="x", clip_skip=2, height=SIZE, width=SIZE))
+    assert info.value.field == "clip_skip"

@@ -27,11 +27,12 @@ from engine.sampler_registry import get as sampler_record
 from engine.server.lora_dir import adapter_in_dir
 
 _R = Request()
-MAX_PROMPT_CHARS = 4000  # CLIP reads 77 tokens; longer text is truncated with a warning, far longer is refused
+MAX_PROMPT_CHARS = 4000  # far past 4 chunks of 75 tokens (engine/prompts.py names the limit); longer is refused
 MAX_GUIDANCE = 100.0
 MAX_LORAS = 8  # adapters per request
 MAX_LORA_SCALE = 10.0
 MAX_CONTROLS = 4  # ControlNets per request
+MAX_CLIP_SKIP = 48  # text encoder layers a clip skip may name (the engine checks its own encoder)
 _CONTROL = Control(name="", image="")  # a ControlNet's defaults
 MAX_SIDE = 8192  # pixels; the built profile is usually far smaller and is checked by the app
 MAX_INPUT_PIXELS = 4096 * 4096  # decoded init image / mask
@@ -64,7 +65,9 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
 
 
-def _text(value: str) -> str:
+def _text(value: str | None) -> str | None:
+    if value is None:
+        return value
     bad = [c for c in value if (unicodedata.category(c) in ("Cc", "Cs") and c not in ALLOWED_CONTROL)]
     if bad:
         raise ValueError(f"contains control character {bad[0]!r} (U+{ord(bad[0]):04X}); only tab and newlines "
@@ -88,7 +91,9 @@ class _Common(BaseModel):
     model_config = STRICT
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
-    negative_prompt: str = Field(_R.negative_prompt, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(_R.negative_prompt, max_length=MAX_PROMPT_CHARS,
+                                        description='null or absent: none (SDXL zeroes the unconditional half); "" '
+                                        "is encoded like any text")
     steps: int = Field(_R.steps, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(_R.guidance_scale, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
     seed: int = Field(_R.seed, ge=RANDOM_SEED, le=MAX_SEED, description="image k uses seed + k; -1 = random")
@@ -178,6 +183,8 @@ FORM_JSON = {"loras": form_loras, "controls": form_controls}  # multipart fields
 class GenerateBody(_Common):
     """POST /v1/generate: one Request."""
 
+    clip_skip: int | None = Field(_R.clip_skip, ge=1, le=MAX_CLIP_SKIP, description="A1111's clip skip (SD 1.x / "
+                                  "2.x): 1 or null = the last layer, 2 = the penultimate")
     sampler: str = _R.sampler
     height: int | None = Field(_R.height, ge=1, le=MAX_SIDE, description="null = the engines' default size")
     width: int | None = Field(_R.width, ge=1, le=MAX_SIDE)
@@ -210,6 +217,7 @@ class GenerateBody(_Common):
         controls = tuple(ref.to_control(img) for ref, img in zip(self.controls, control_images or [], strict=True))
         return Request(loras=resolve_loras(self.loras, lora_dir), controls=controls, guess_mode=self.guess_mode,
                        ip_image=ip_image, ip_scale=self.ip_scale, prompt_syntax=self.prompt_syntax,
+                       clip_skip=self.clip_skip,
                        prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
                        guidance_scale=self.guidance_scale, sampler=self.sampler, seed=self.seed, height=self.height,
                        width=self.width, images=self.images, init_image=init_image, strength=self.strength,

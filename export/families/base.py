@@ -112,7 +112,8 @@ class Family:
     def can_inpaint(self, dims: Dims) -> bool:
         return dims.inpainting_unet or (self.blend_inpainting and dims.unet_in_channels == dims.latent_channels)
 
-    def denoiser_inputs(self, text: Outputs, rows: Sequence[Any], negative: Sequence[str] | None) -> dict[str, Any]:
+    def denoiser_inputs(self, text: Outputs, rows: Sequence[Any],
+                        negative: Sequence[str | None] | None) -> dict[str, Any]:
         """The denoiser's conditioning inputs for one batch: from its text encoders' outputs (with guidance
         [uncond; cond] rows, 2B) and from the batch's rows (one per image: `.request` resolved, `.image`)."""
         import torch
@@ -120,7 +121,7 @@ class Family:
         cond = self.conditioning(text)
         if negative is not None and self.zero_empty_negative:  # no negative prompt = zero unconditional rows
             first = next(iter(cond.values()))
-            empty = torch.tensor([not n for n in negative] + [False] * len(rows), device=first.device)
+            empty = torch.tensor([n is None for n in negative] + [False] * len(rows), device=first.device)
             cond = {k: torch.where(empty.view(-1, *[1] * (v.dim() - 1)), torch.zeros_like(v), v)
                     for k, v in cond.items()}
         if self.request_conditioning is not None:

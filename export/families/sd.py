@@ -26,4 +26,5 @@ SD = Family(
     wrappers={"clip": f"{_W}:ClipWrapper", "unet": f"{_W}:UNetWrapper", **VAE_WRAPPERS},
     model_classes=SD_MODEL_CLASSES,
     conditioning=sd_conditioning,
+    request_fields=("clip_skip",),  # A1111's clip skip (SDXL's conditioning is the penultimate layer already)
 )

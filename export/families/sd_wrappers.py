@@ -11,8 +11,11 @@ class ClipWrapper(torch.nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
 
-    def forward(self, input_ids):  # [B, 77] int32 -> [B, 77, C]
-        return self.text_encoder(input_ids.long()).last_hidden_state
+    def forward(self, input_ids):  # [B, 77] int32 -> [B, 77, C], [B, L, 77, C]
+        out = self.text_encoder(input_ids.long(), output_hidden_states=True)
+        norm = self.text_encoder.get_submodule("final_layer_norm")
+        layers = torch.stack(out.hidden_states[1:], dim=1)  # [B, L, 77, C]: each layer's output
+        return out.last_hidden_state, norm(layers)  # A1111's clip skip N: layers[:, L - N], through the final norm
 
 
 class UNetWrapper(torch.nn.Module):
