@@ -168,7 +168,9 @@ def folder_dims(folder: Path) -> Dims:
         "unet_in_channels": unet["in_channels"],
         "text_dim": sum(x["hidden_size"] for x in texts),
         "text_len": text_len,
-        "text_layers": int(texts[0].get("num_hidden_layers", 0)),  # the first text encoder's (clip skip)
+        # the layers of a text encoder whose graph returns each (SD's clip: clip skip); 0 for families without one
+        "text_layers": int(texts[0].get("num_hidden_layers", 0))
+        if "text_layers" in family.spec(family.roles.text_encoders[0]).output_names else 0,
         "vae_scale": 2 ** (len(vae["block_out_channels"]) - 1),
         "unet_scale": 2 ** (len(unet["down_block_types"]) - 1),
         "residual_channels": residual_channels,

@@ -159,3 +159,26 @@ def cuda_pipe(tmp_path_factory, tiny_folder):
     d = tmp_path_factory.mktemp("cuda_engines")
     _build(d, model="tiny", backend="torch", device="cuda", precision="fp16", batch_size=2)
     return Pipeline.load(d)
+
+
+@pytest.fixture(scope="session")
+def conditioned_parts(tmp_path_factory, tiny_folder) -> dict[str, Path]:
+    """tiny's seeded random ControlNets `edges` and `depth` and its IP-Adapter `ip-tiny` (with its image encoder),
+    made once per run in a folder every worker shares."""
+    from export.control import random_controlnet
+    from export.ip_adapter import random_ip_adapter
+
+    with _shared(tmp_path_factory, "conditioned_parts") as root:
+        return {"edges": random_controlnet(tiny_folder, root / "edges", 11, (8, 16, 16, 32), std=0.3),
+                "depth": random_controlnet(tiny_folder, root / "depth", 12, (8, 16, 16, 32), std=0.3),
+                "ip": random_ip_adapter(tiny_folder, root / "ip-tiny", seed=5)}
+
+
+@pytest.fixture(scope="session")
+def conditioned_engines(tmp_path_factory, conditioned_parts) -> Path:
+    """tiny built for ONNX Runtime fp32, 64x64, with the VAE encoder, both ControlNets and the IP-Adapter: the
+    ControlNet and IP-Adapter tests share it (a request without control or image prompt is the plain image)."""
+    parts = conditioned_parts
+    return _shared_build(tmp_path_factory, "conditioned_engines", model="tiny", backend="onnxruntime",
+                         precision="fp32", height=64, width=64, components=TINY_SD_COMPONENTS,
+                         controlnets=(str(parts["edges"]), str(parts["depth"])), ip_adapter=str(parts["ip"]))

@@ -14,7 +14,6 @@ from engine.control import Control
 from engine.pipeline import Pipeline
 from engine.png import parameters_text
 from engine.request import Request, RequestError
-from export.control import random_controlnet
 from tests.a1111 import parse_a1111
 from tests.helpers import PROMPTS, gens, init_image, mask_image, max_diff, stack_pixels, to_uint8
 from tests.sampler_cases import diffusers_scheduler
@@ -34,22 +33,14 @@ def control_image(seed: int, size: int = SIZE) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def nets(tmp_path_factory, tiny_folder) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("controlnets")
-    return {name: random_controlnet(tiny_folder, root / name, seed, (8, 16, 16, 32), std=0.3)
-            for name, seed in (("edges", 11), ("depth", 12))}
+def nets(conditioned_parts) -> dict[str, Path]:
+    return {name: conditioned_parts[name] for name in ("edges", "depth")}
 
 
 @pytest.fixture(scope="module")
-def control_engines(tmp_path_factory, tiny_folder, nets) -> Path:
-    from engine.build import build_all
-    from engine.config import BuildConfig
-
-    engine_dir = tmp_path_factory.mktemp("control_engines")
-    build_all(BuildConfig(model="tiny", backend="onnxruntime", precision="fp32", height=SIZE, width=SIZE,
-                          engine_dir=engine_dir, components=("clip", "unet", "vae_decoder", "vae_encoder"),
-                          controlnets=tuple(str(p) for p in nets.values())), progress=False)
-    return engine_dir
+def control_engines(conditioned_engines) -> Path:
+    """tiny with both ControlNets (and the IP-Adapter of tests/test_ip_adapter.py: one shared build, conftest)."""
+    return conditioned_engines
 
 
 @pytest.fixture(scope="module")

@@ -29,19 +29,14 @@ def photo(seed: int, height: int = 48, width: int = 80) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory, tiny_folder) -> Path:
-    return random_ip_adapter(tiny_folder, tmp_path_factory.mktemp("ip") / "ip-tiny", seed=5)
+def adapter(conditioned_parts) -> Path:
+    return conditioned_parts["ip"]
 
 
 @pytest.fixture(scope="module")
-def ip_engines(tmp_path_factory, adapter) -> Path:
-    from engine.build import build_all
-    from engine.config import BuildConfig
-
-    engine_dir = tmp_path_factory.mktemp("ip_engines")
-    build_all(BuildConfig(model="tiny", backend="onnxruntime", precision="fp32", height=SIZE, width=SIZE,
-                          engine_dir=engine_dir, ip_adapter=str(adapter)), progress=False)
-    return engine_dir
+def ip_engines(conditioned_engines) -> Path:
+    """tiny with the adapter (and the ControlNets of tests/test_controlnet.py: one shared build, conftest)."""
+    return conditioned_engines
 
 
 @pytest.fixture(scope="module")

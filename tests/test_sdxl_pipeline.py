@@ -41,7 +41,7 @@ def test_sdxl_matches_diffusers(xl, reference, sampler, negative):
                     guidance_scale=6.0, height=SIZE, width=SIZE, output_type="np",
                     generator=gens(SEEDS)).images
     ref = to_uint8(ref)
-    got = pipe.run([Request(prompt=p, negative_prompt=negative, steps=8, guidance_scale=6.0, sampler=sampler, seed=s,
+    got = pipe.run([Request(prompt=p, negative_prompt=negative or None, steps=8, guidance_scale=6.0, sampler=sampler, seed=s,
                             height=SIZE, width=SIZE) for p, s in zip(PROMPTS, SEEDS, strict=True)], progress=False, batch_size=2)
     got = np.stack([g.pixels for g in got])
     assert ref.std() > 5 and got.shape == ref.shape == (2, SIZE, SIZE, 3)
@@ -141,7 +141,7 @@ def test_sd_refuses_sdxl_flag_naming_it(ort_engines, tmp_path, capsys):
     assert main(["--engine-dir", str(ort_engines), "--steps", "2", "--output", str(tmp_path / "x.png"),
                  "--original-size", "128", "96"]) == 2
     assert capsys.readouterr().err.strip() == ("error: model family 'sd' takes no --original-size; the families that "
-                                               "do: sdxl, sdxl-refiner")
+                                               "do: sdxl, sdxl-refiner (this one takes --clip-skip)")
 
 
 def test_generate_cli_parses_time_id_flags():
