@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -340,15 +339,11 @@ class Pipeline:
 
         return lora.load_lora(path)
 
-    def tokenize(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
+    def tokenize(self, texts: list[str], tokenizer=None) -> torch.Tensor:
         """Plain token ids [B, 77] (the tokenizer's truncation, with a warning): what `plain` prompt syntax encodes."""
         tokenizer = tokenizer or self.tokenizers[0]
-        n = self.dims.text_len
-        for p in set(prompts):
-            if len(tokenizer(p).input_ids) > n:
-                warnings.warn(f"prompt longer than {n} tokens was truncated: {p[:60]!r}...", stacklevel=3)
-        ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
-        return ids.input_ids.to(torch.int32)  # [B, 77]
+        ids = [prompts.text_chunks(t, tokenizer, "plain", self.dims.text_len, warn=True).ids[0] for t in texts]
+        return torch.tensor(ids, dtype=torch.int32)  # [B, 77]
 
     def chunks(self, rows: list[Row], cfg: bool, tokenizer) -> list[prompts.Chunks]:
         """Each text's chunks for `tokenizer`, [negatives; prompts] with guidance, in each row's prompt syntax, padded
@@ -393,33 +388,11 @@ class Pipeline:
         for name, tokenizer in zip(self.family.roles.text_encoders, self.tokenizers, strict=True):
             texts = self.chunks(rows, cfg, tokenizer)
             skips = [x.request.clip_skip or 1 for x in rows]  # [negatives; prompts]: a row's both halves alike
-            outs[name] = self._encode_chunks(self.runners[name], texts, skips * 2 if cfg else skips)
+            outs[name] = prompts.encode_chunks(self.runners[name], texts, skips * 2 if cfg else skips)
         cond = self.family.denoiser_inputs(outs, rows, negative)
         if self.has_role("image_encoder"):  # image prompts (IP-Adapter): per row, zeros and scale 0 without one
             cond.update(ip_adapter.embeddings(self.role("image_encoder"), rows, cfg, self.dims.ip_embed_dim))
         return {COND + k: v.to(self.device) for k, v in cond.items()}
-
-    def _encode_chunks(self, runner: Runner, texts: list[prompts.Chunks], skips: list[int]) -> dict[str, torch.Tensor]:
-        """One text encoder's outputs for texts of one chunk count: hidden states [N, 77·k, C] (each text's clip skip
-        layer), the rest of chunk 0."""
-        parts: list[dict[str, torch.Tensor]] = []
-        weighted = torch.tensor([t.weighted for t in texts])  # [N]
-        for j in range(len(texts[0].ids)):
-            ids = torch.tensor([t.ids[j] for t in texts], dtype=torch.int32)  # [N, 77]
-            out = {k: v.clone() for k, v in runner(input_ids=ids.to(self.device)).items()}  # valid until the next call
-            if max(skips) > 1:  # A1111's clip skip N: layer L - N + 1's output through the final norm
-                layers = out.pop(prompts.LAYERS)  # [N, L, 77, C]
-                n, depth = layers.shape[:2]
-                picked = layers[torch.arange(n), depth - torch.tensor(skips)]  # [N, 77, C]
-                out[prompts.HIDDEN] = torch.where(torch.tensor(skips).view(-1, 1, 1) > 1, picked, out[prompts.HIDDEN])
-            out.pop(prompts.LAYERS, None)
-            if bool(weighted.any()):
-                z = out[prompts.HIDDEN]
-                w = torch.tensor([t.weights[j] for t in texts], device=z.device)  # [N, 77]
-                out[prompts.HIDDEN] = torch.where(weighted.to(z.device).view(-1, 1, 1), prompts.emphasize(z, w), z)
-            parts.append(out)
-        hidden = torch.cat([p[prompts.HIDDEN] for p in parts], dim=1)  # [N, 77·k, C]
-        return {**parts[0], prompts.HIDDEN: hidden}
 
     def start_latents(self, rows: list[Row], schedule: samplers.Schedule, cfg: bool) -> Buffers:
         """Initial latents, sampler state, per-step noise, inpainting inputs and (with CFG) the per-row guidance,

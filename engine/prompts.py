@@ -183,3 +183,29 @@ def emphasize(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     mean = z.mean(dim=(1, 2), keepdim=True)  # [N, 1, 1]
     out = z * weights.to(z.dtype).unsqueeze(-1)
     return out * (mean / out.mean(dim=(1, 2), keepdim=True))
+
+
+def encode_chunks(runner, texts: list[Chunks], skips: list[int]) -> dict[str, torch.Tensor]:
+    """A text encoder's (`runner`'s) outputs for texts of one chunk count, each chunk encoded and weighted: hidden
+    states [N, 77·k, C] (each text's clip skip layer), the other outputs of chunk 0."""
+    import torch
+
+    parts: list[dict[str, torch.Tensor]] = []
+    weighted = torch.tensor([t.weighted for t in texts])  # [N]
+    for j in range(len(texts[0].ids)):
+        ids = torch.tensor([t.ids[j] for t in texts], dtype=torch.int32)  # [N, 77]
+        out = {k: v.clone() for k, v in runner(input_ids=ids.to(runner.device)).items()}  # valid until the next call
+        if max(skips) > 1:  # A1111's clip skip N: layer L - N + 1's output through the final norm
+            layers = out.pop(LAYERS)  # [N, L, 77, C]
+            n, depth = layers.shape[:2]
+            skip = torch.tensor(skips, device=layers.device)  # [N]
+            picked = layers[torch.arange(n, device=layers.device), depth - skip]  # [N, 77, C]
+            out[HIDDEN] = torch.where(skip.view(-1, 1, 1) > 1, picked, out[HIDDEN])
+        out.pop(LAYERS, None)
+        if bool(weighted.any()):
+            z = out[HIDDEN]
+            w = torch.tensor([t.weights[j] for t in texts], device=z.device)  # [N, 77]
+            out[HIDDEN] = torch.where(weighted.to(z.device).view(-1, 1, 1), emphasize(z, w), z)
+        parts.append(out)
+    hidden = torch.cat([p[HIDDEN] for p in parts], dim=1)  # [N, 77·k, C]
+    return {**parts[0], HIDDEN: hidden}
