@@ -54,6 +54,7 @@ class GenerateConfig:
     aesthetic_score: float | None = _R.aesthetic_score  # SDXL refiner
     negative_aesthetic_score: float | None = _R.negative_aesthetic_score
     lora: list[str] = field(default_factory=list)  # "path[:scale]", repeatable (engine/lora.py)
+    embeddings: Path | None = None  # a folder of textual-inversion .safetensors prompts may name (engine/embeddings.py)
     controlnet: list[str] = field(default_factory=list)  # ControlNet names (engine/control.py), repeatable
     control_image: list[Path] = field(default_factory=list)  # one per --controlnet
     control_scale: list[float] = field(default_factory=list)  # one for all, or one per --controlnet; [] = 1.0
@@ -153,11 +154,16 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--lora", action="append", default=list(d.lora), metavar="PATH[:SCALE]",
                    help="a LoRA .safetensors (diffusers/PEFT or kohya) merged at SCALE (default 1); repeatable, "
                         "no rebuild (TensorRT: engines built with --build-enable-refit)")
+    p.add_argument("--embeddings", type=Path, default=d.embeddings, metavar="DIR",
+                   help="a folder of textual-inversion embeddings (.safetensors: A1111's or diffusers' layout) that "
+                        "prompts use by file stem; no rebuild")
     _add_control_flags(p, d)
     add_verbose_flag(p)
     args = p.parse_args(argv)
     if not (args.seed == RANDOM_SEED or 0 <= args.seed <= MAX_SEED):
         p.error(f"argument --seed: {args.seed} is outside 0..2**64-1 (-1 draws a random seed)")
+    if args.embeddings is not None and not args.embeddings.is_dir():
+        p.error(f"argument --embeddings: {args.embeddings} is not a folder (of textual-inversion .safetensors)")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"argument --batch-size: {args.batch_size} must be >= 1")
     values = {f.name: getattr(args, f.name) for f in fields(GenerateConfig)}
@@ -271,7 +277,8 @@ def run(cfg: GenerateConfig) -> list[Path]:
     check_output(cfg.output)  # before the engines load: see the module docstring for the order of checks
     from engine.pipeline import Pipeline
 
-    pipe = Pipeline.load(cfg.engine_dir, cfg.model, batch_size=cfg.batch_size, verify=cfg.verify)
+    pipe = Pipeline.load(cfg.engine_dir, cfg.model, batch_size=cfg.batch_size, verify=cfg.verify,
+                         embeddings=cfg.embeddings)
     built = pipe.info.get("backend")
     if cfg.backend not in ("auto", built):
         raise ValueError(f"engines in {cfg.engine_dir} were built for backend {built!r}, not {cfg.backend!r}: "

@@ -24,17 +24,19 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from engine import cache, control, graphs, images, ip_adapter, memory, prompts, samplers
+from engine import cache, control, graphs, images, ip_adapter, memory, samplers
 from engine import request as T  # the timing keys, StopFn, Stopped
 from engine.backends.base import Runner, get_backend
 from engine.config import Profile
 from engine.denoise import COND, Buffers, denoise_step, randn_rows, sample_latents, step_noise
+from engine.embeddings import Embedding, encoder_widths, load_embeddings
 from engine.request import (
     Generated,
     PreparedRequest,
@@ -45,6 +47,7 @@ from engine.request import (
     image_params,
     with_family_fields,
 )
+from engine.text import TextEncoders
 from export.control import PREFIX, with_controls
 from export.families import Family, get_family
 from export.footprint import Footprint
@@ -58,7 +61,8 @@ ENGINE_PARAMS = ("model", "backend", "precision")  # what every image records of
 
 class Pipeline:
     def __init__(self, runners: dict[str, Runner], tokenizers: list, scheduler_config: dict, family: Family,
-                 dims: Dims, profile: Profile, info: dict[str, Any] | None = None, batch_size: int | None = None):
+                 dims: Dims, profile: Profile, info: dict[str, Any] | None = None, batch_size: int | None = None,
+                 embeddings: Mapping[str, Embedding] | None = None):
         self.runners = runners  # component name -> runner; found by role (self.role)
         self.tokenizers = tokenizers  # one per family.roles.text_encoders entry
         self.scheduler_config = scheduler_config
@@ -73,6 +77,7 @@ class Pipeline:
         self._schedules_lock = threading.Lock()  # prepare (a server thread) and run (the batch thread) both read it
         self._applied: tuple = ()  # the adapters merged into the runners now
         self.adapter_params: list[dict] = []  # what images record of them; a new list at every change
+        self.text = TextEncoders(family, runners, tokenizers, dims, self.max_chunks, embeddings)  # engine/text.py
 
     def role(self, role: str) -> Runner:
         """The runner playing a family role: "denoiser", "latent_decoder", "latent_encoder"."""
@@ -85,7 +90,7 @@ class Pipeline:
 
     @classmethod
     def load(cls, engine_dir: str | Path, model: str | None = None, device: str = "auto",
-             batch_size: int | None = None, verify: bool = False) -> Pipeline:
+             batch_size: int | None = None, verify: bool = False, embeddings: Path | None = None) -> Pipeline:
         """The pipeline of one model in an engine dir (`model` may be omitted when it holds one).
 
         Every artifact is checked against its manifest (sizes; hashes of files whose mtime changed) and
@@ -114,8 +119,10 @@ class Pipeline:
         tokenizers = [load_tokenizer(files / sub) for sub in family.tokenizers]
         scheduler_config = cache.read_json(files / family.scheduler_config)
         info = {**record, "engine_dir": str(model_dir)}
+        found = None if embeddings is None else load_embeddings(embeddings, encoder_widths(family, dims),
+                                                                family.embedding_keys)
         return cls(runners, tokenizers, scheduler_config, family, dims, Profile.from_json(record["profile"]), info,
-                   batch_size)
+                   batch_size, found)
 
     def close(self) -> None:
         self.graphs.clear()
@@ -173,7 +180,7 @@ class Pipeline:
         if self.dims.inpainting_unet and r.kind != "inpaint":
             raise RequestError("mask", f"model {model!r} is an inpainting model (9-channel UNet): give an init image "
                                        "and a mask")
-        chunks = self.prompt_chunks(r)
+        texts = self.text.read(r)  # each text encoder's chunks (engine/text.py)
         if (r.clip_skip or 1) > max(self.dims.text_layers, 1):
             raise RequestError("clip_skip", f"clip_skip {r.clip_skip} is past the text encoder's "
                                             f"{self.dims.text_layers} layers" + ("" if self.dims.text_layers else
@@ -186,7 +193,7 @@ class Pipeline:
         ip_image = self._image_prompt(r)
         if schedule is not None:  # the request passed every check: its tables are worth keeping
             self._keep_schedule((r.sampler, r.steps, r.strength), schedule.to(self.device))
-        return PreparedRequest(r, image, mask, controls, ip_image, chunks)
+        return PreparedRequest(r, image, mask, controls, ip_image, max(t.chunks for t in texts), texts)
 
     def _image_prompt(self, r: Request) -> torch.Tensor | None:
         """The request's image prompt as the image encoder's input; RequestError naming `ip_image` when this engine
@@ -340,36 +347,8 @@ class Pipeline:
         return lora.load_lora(path)
 
     def tokenize(self, texts: list[str], tokenizer=None) -> torch.Tensor:
-        """Plain token ids [B, 77] (the tokenizer's truncation, with a warning): what `plain` prompt syntax encodes."""
-        tokenizer = tokenizer or self.tokenizers[0]
-        ids = [prompts.text_chunks(t, tokenizer, "plain", self.dims.text_len, warn=True).ids[0] for t in texts]
-        return torch.tensor(ids, dtype=torch.int32)  # [B, 77]
-
-    def chunks(self, rows: list[Row], cfg: bool, tokenizer) -> list[prompts.Chunks]:
-        """Each text's chunks for `tokenizer`, [negatives; prompts] with guidance, in each row's prompt syntax, padded
-        with the empty prompt's chunk to the rows' chunk count (A1111's pad_cond_uncond: one UNet batch)."""
-        texts = [(x.request.negative_prompt or "", x.request) for x in rows] if cfg else []
-        texts += [(x.request.prompt, x.request) for x in rows]
-        made = [prompts.text_chunks(t, tokenizer, r.prompt_syntax, self.dims.text_len) for t, r in texts]
-        empty = prompts.text_chunks("", tokenizer, "a1111", self.dims.text_len)
-        k = max(row.chunks for row in rows)
-        return [prompts.pad(c, empty, k) for c in made]
-
-    def prompt_chunks(self, r: Request) -> int:
-        """The chunks of 77 tokens a request's prompts take (the longest of prompt and negative prompt, over the
-        text encoders); RequestError naming `prompt` / `negative_prompt` when one needs more than the engines take,
-        or has an attention weight that is not a number."""
-        k = 1
-        for tokenizer in self.tokenizers:
-            for field in ("prompt", "negative_prompt"):
-                try:
-                    chunks = prompts.text_chunks(getattr(r, field) or "", tokenizer, r.prompt_syntax,
-                                                 self.dims.text_len, warn=True)
-                except ValueError as exc:  # an attention weight that is no number
-                    raise RequestError(field, f"{field.replace('_', ' ')}: {exc}") from None
-                prompts.check_length([chunks], self.max_chunks, field)
-                k = max(k, len(chunks.ids))
-        return k
+        """Plain token ids [B, 77], as `plain` prompt syntax encodes them (engine/text.py)."""
+        return self.text.tokenize(texts, tokenizer)
 
     @property
     def max_chunks(self) -> int:
@@ -384,12 +363,7 @@ class Pipeline:
         emphasis; the chunks' hidden states are concatenated on the token axis, other outputs (SDXL's pooled
         embedding) are the first chunk's."""
         negative = [x.request.negative_prompt for x in rows] if cfg else None
-        outs = {}
-        for name, tokenizer in zip(self.family.roles.text_encoders, self.tokenizers, strict=True):
-            texts = self.chunks(rows, cfg, tokenizer)
-            skips = [x.request.clip_skip or 1 for x in rows]  # [negatives; prompts]: a row's both halves alike
-            outs[name] = prompts.encode_chunks(self.runners[name], texts, skips * 2 if cfg else skips)
-        cond = self.family.denoiser_inputs(outs, rows, negative)
+        cond = self.family.denoiser_inputs(self.text.encode(rows, cfg), rows, negative)
         if self.has_role("image_encoder"):  # image prompts (IP-Adapter): per row, zeros and scale 0 without one
             cond.update(ip_adapter.embeddings(self.role("image_encoder"), rows, cfg, self.dims.ip_embed_dim))
         return {COND + k: v.to(self.device) for k, v in cond.items()}
@@ -473,6 +447,8 @@ class Pipeline:
             params["loras"] = self.adapter_params
         if row.ip_image is not None:
             params["ip_adapter"] = self.info["ip_adapter"]["name"]
+        if any(t.embeddings for t in row.texts):  # textual inversion: A1111's `TI hashes`
+            params["embeddings"] = self.text.hashes(row.texts)
         return Generated(pixels, params, timings)
 
     def _now(self) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -75,6 +76,9 @@ def infotext_fields(params: dict[str, Any]) -> dict[str, Any]:
         "Clip skip": params.get("clip_skip") if (params.get("clip_skip") or 1) > 1 else None,  # as A1111: from 2
         # A1111's record of the adapters: `Lora hashes: "name: hash, name: hash"` (the prompt carries <lora:..>)
         "Lora hashes": ", ".join(f"{a['name']}: {a['hash']}" for a in params["loras"]) if params.get("loras") else None,
+        # and of the textual-inversion embeddings the prompts used: `TI hashes: "name: hash"`, the name without : or ,
+        "TI hashes": ", ".join(f"{re.sub('[:,]', '', n)}: {h}" for n, h in params["embeddings"].items())
+        if params.get("embeddings") else None,
     }
     for j, c in enumerate(params.get("controls") or ()):  # sd-webui-controlnet's record of each unit
         mode = "ControlNet is more important" if params.get("guess_mode") else "Balanced"

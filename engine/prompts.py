@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from export.errors import RequestError
+from export.specs import CUSTOM_TOKEN
 
 if TYPE_CHECKING:
     import torch
@@ -89,78 +90,158 @@ def _number(text: str) -> float:
         raise ValueError(f"attention weight {text!r} is not a number (write it as (text:1.2))") from None
 
 
+Fix = tuple[int, str, int]  # (position in the chunk's ids, embedding name, which of its vectors)
+
+
 @dataclass(frozen=True)
 class Chunks:
-    """One text's chunks for one tokenizer: `ids` and `weights` are k lists of 77."""
+    """One text's chunks for one tokenizer: `ids` and `weights` are k lists of 77; `fixes` says, per chunk, which
+    positions take a textual-inversion vector (their id is CUSTOM_TOKEN)."""
 
     ids: list[list[int]]
     weights: list[list[float]]
+    fixes: list[list[Fix]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.fixes:
+            object.__setattr__(self, "fixes", [[] for _ in self.ids])
 
     @property
     def weighted(self) -> bool:
         return any(w != 1.0 for row in self.weights for w in row)
 
+    @property
+    def embeddings(self) -> tuple[str, ...]:
+        """The textual-inversion embeddings this text uses, in order of first use."""
+        return tuple(dict.fromkeys(name for row in self.fixes for _, name, _ in row))
+
+
+@dataclass(frozen=True)
+class EmbeddingIndex:
+    """Textual-inversion embeddings by their names' token ids, found in a prompt's tokens as A1111 finds them:
+    at each position the longest name whose ids start there."""
+
+    by_first: Mapping[int, tuple[tuple[tuple[int, ...], str, int], ...]]  # first id -> (name ids, name, vectors)
+
+    @classmethod
+    def of(cls, tokenize: Callable[[str], list[int]], counts: Mapping[str, int]) -> EmbeddingIndex:
+        """The index of embeddings `counts` (name -> its vectors) for a tokenizer (`tokenize`: no start/end)."""
+        found: dict[int, list[tuple[tuple[int, ...], str, int]]] = {}
+        for name, n in counts.items():
+            ids = tuple(tokenize(name))
+            if ids:
+                found.setdefault(ids[0], []).append((ids, name, n))
+        return cls({k: tuple(sorted(v, key=lambda e: -len(e[0]))) for k, v in found.items()})
+
+    def at(self, tokens: Sequence[int], i: int) -> tuple[str, int, int] | None:
+        """(name, vectors, name's token count) of the embedding whose name starts at tokens[i], or None."""
+        for ids, name, n in self.by_first.get(tokens[i], ()):
+            if tuple(tokens[i:i + len(ids)]) == ids:
+                return name, n, len(ids)
+        return None
+
+
+NO_EMBEDDINGS = EmbeddingIndex({})
+Item = tuple[int, str, int]  # a run's token, or an embedding: (its name's first token, its name, its vectors)
+
+
+def items(run: Sequence[int], embeddings: EmbeddingIndex) -> list[Item]:
+    """A run's tokens with each embedding name found in it as one item; a plain token is (token, "", 1)."""
+    out: list[Item] = []
+    i = 0
+    while i < len(run):
+        found = embeddings.at(run, i)
+        name, n, span = found or ("", 1, 1)
+        out.append((run[i], name, n))
+        i += span
+    return out
+
+
+def _slots(item: Item, at: int) -> tuple[list[int], list[Fix]]:
+    """An item's ids and fixes when it starts at position `at`: an embedding takes one CUSTOM_TOKEN per vector."""
+    token, name, n = item
+    if not name:
+        return [token], []
+    return [CUSTOM_TOKEN] * n, [(at + v, name, v) for v in range(n)]
+
 
 def chunk_prompt(parsed: Parsed, tokenize: Callable[[str], list[int]], comma: int, start: int, end: int, pad: int,
-                 length: int = CHUNK_TOKENS) -> Chunks:
+                 length: int = CHUNK_TOKENS, embeddings: EmbeddingIndex = NO_EMBEDDINGS) -> Chunks:
     """The runs' tokens (`tokenize`: text -> ids without start/end) in chunks of `length`, cut after a comma when
-    one is near the end, or at BREAK; each chunk as start + tokens + end + padding (`pad`) with its weights."""
-    done: list[tuple[list[int], list[float]]] = []
+    one is near the end, or at BREAK; each chunk as start + tokens + end + padding (`pad`) with its weights. An
+    embedding's name takes one slot per vector (CUSTOM_TOKEN), all in one chunk. Unlike A1111, the tokens that a
+    comma cut moves to the next chunk take their embedding vectors with them (A1111 leaves those behind)."""
+    done: list[tuple[list[int], list[float], list[Fix]]] = []
     tokens: list[int] = []
     weights: list[float] = []
+    fixes: list[Fix] = []  # positions in `tokens`
     last_comma = -1
 
     def close() -> None:
-        nonlocal tokens, weights, last_comma
-        done.append((tokens, weights))
-        tokens, weights, last_comma = [], [], -1
+        nonlocal tokens, weights, fixes, last_comma
+        done.append((tokens, weights, fixes))
+        tokens, weights, fixes, last_comma = [], [], [], -1
 
     for text, weight in parsed:
         if text == BREAK and weight == -1.0:
             close()
             continue
-        for token in tokenize(text):
-            if token == comma:
+        for item in items(tokenize(text), embeddings):
+            if item[0] == comma:
                 last_comma = len(tokens)
             elif len(tokens) == length and last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
-                cut = last_comma + 1
-                rest, rest_w = tokens[cut:], weights[cut:]
-                tokens, weights = tokens[:cut], weights[:cut]
+                cut = last_comma + 1  # the tokens after the comma move on
+                rest = tokens[cut:], weights[cut:], [(p - cut, name, v) for p, name, v in fixes if p >= cut]
+                tokens, weights, fixes = tokens[:cut], weights[:cut], [f for f in fixes if f[0] < cut]
                 close()
-                tokens, weights = rest, rest_w
-            if len(tokens) == length:
+                tokens, weights, fixes = rest
+            if len(tokens) == length or len(tokens) + item[2] > length:  # an embedding's vectors share one chunk
                 close()
-            tokens.append(token)
-            weights.append(weight)
+            ids, more = _slots(item, len(tokens))
+            tokens += ids
+            weights += [weight] * len(ids)
+            fixes += more
     if tokens or not done:
         close()
-    ids = [[start, *t, end] + [pad] * (length - len(t)) for t, _ in done]
-    return Chunks(ids, [[1.0, *w, 1.0] + [1.0] * (length - len(w)) for _, w in done])
+    ids = [[start, *t, end] + [pad] * (length - len(t)) for t, _, _ in done]
+    return Chunks(ids, [[1.0, *w, 1.0] + [1.0] * (length - len(w)) for _, w, _ in done],
+                  [[(p + 1, name, v) for p, name, v in f] for _, _, f in done])  # after the start token
 
 
-def text_chunks(text: str, tokenizer, syntax: str, n: int = CHUNK_TOKENS + 2, warn: bool = False) -> Chunks:
+def pieces(tokenizer) -> Callable[[str], list[int]]:
+    """text -> its token ids without start and end (how runs are tokenized, and embedding names found)."""
+    return lambda text: list(tokenizer(text).input_ids[1:-1])
+
+
+def text_chunks(text: str, tokenizer, syntax: str, n: int = CHUNK_TOKENS + 2, warn: bool = False,
+                embeddings: EmbeddingIndex = NO_EMBEDDINGS) -> Chunks:
     """`text` for one tokenizer: A1111's chunks of `n` ids (`a1111`), or one chunk as the tokenizer makes it, cut at
-    `n` (`plain`; with a warning when `warn`: once per request, where it is prepared)."""
-    if syntax == "plain":
-        ids = tokenizer(text).input_ids
-        if warn and len(ids) > n:
-            warnings.warn(f"prompt longer than {n} tokens was truncated: {text[:60]!r}...", stacklevel=4)
-        ids = tokenizer(text, padding="max_length", max_length=n, truncation=True).input_ids
-        return Chunks([list(ids)], [[1.0] * n])
+    `n` (`plain`; with a warning when `warn`: once per request, where it is prepared). Textual-inversion
+    `embeddings` named in the text take their vectors' slots in either syntax."""
     comma = tokenizer(",").input_ids[1]
     start, end = tokenizer("").input_ids[:2]
-
-    def tokenize(piece: str) -> list[int]:
-        return list(tokenizer(piece).input_ids[1:-1])
-
-    return chunk_prompt(parse(text), tokenize, comma, start, end, tokenizer.pad_token_id, n - 2)
+    tokenize = pieces(tokenizer)
+    if syntax == "plain":  # the tokenizer's reading: start, the text's tokens cut to n - 2, end, padding
+        body: list[int] = []
+        fixes: list[Fix] = []
+        for item in items(tokenize(text), embeddings):
+            ids, more = _slots(item, len(body) + 1)
+            body += ids
+            fixes += more
+        if warn and len(body) > n - 2:
+            warnings.warn(f"prompt longer than {n} tokens was truncated: {text[:60]!r}...", stacklevel=4)
+        body = body[:n - 2]
+        ids = [start, *body, end] + [tokenizer.pad_token_id] * (n - 2 - len(body))
+        return Chunks([ids], [[1.0] * n], [[f for f in fixes if f[0] <= len(body)]])
+    return chunk_prompt(parse(text), tokenize, comma, start, end, tokenizer.pad_token_id, n - 2, embeddings)
 
 
 def pad(chunks: Chunks, empty: Chunks, k: int) -> Chunks:
     """`chunks` extended to `k` chunks with the empty prompt's chunk (`empty`), as A1111's pad_cond_uncond pads the
     shorter of prompt and negative prompt so both halves of guidance run in one UNet batch."""
     n = k - len(chunks.ids)
-    return Chunks(chunks.ids + empty.ids * n, chunks.weights + empty.weights * n) if n > 0 else chunks
+    return Chunks(chunks.ids + empty.ids * n, chunks.weights + empty.weights * n,
+                  chunks.fixes + empty.fixes * n) if n > 0 else chunks
 
 
 def check_syntax(syntax: object) -> None:
@@ -185,16 +266,31 @@ def emphasize(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return out * (mean / out.mean(dim=(1, 2), keepdim=True))
 
 
-def encode_chunks(runner, texts: list[Chunks], skips: list[int]) -> dict[str, torch.Tensor]:
-    """A text encoder's (`runner`'s) outputs for texts of one chunk count, each chunk encoded and weighted: hidden
-    states [N, 77·k, C] (each text's clip skip layer), the other outputs of chunk 0."""
+def token_inputs(ids: list[list[int]], fixes: list[list[Fix]], width: int, vectors: Mapping[str, torch.Tensor],
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """A text encoder's inputs for one chunk of N texts: ids [N, 77] int32 and token_embeds [N, 77, width], the
+    vectors of the embeddings their fixes name (`vectors`: name -> [n, width]) at those positions, zeros elsewhere."""
+    import torch
+
+    embeds = torch.zeros(len(ids), len(ids[0]), width)  # [N, 77, C]
+    for row, row_fixes in enumerate(fixes):
+        for p, name, v in row_fixes:
+            embeds[row, p] = vectors[name][v]
+    return {"input_ids": torch.tensor(ids, dtype=torch.int32).to(device), "token_embeds": embeds.to(device)}
+
+
+def encode_chunks(runner, texts: list[Chunks], skips: list[int], width: int,
+                  vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A text encoder's (`runner`'s, inputs `width` wide) outputs for texts of one chunk count, each chunk encoded
+    and weighted: hidden states [N, 77·k, C] (each text's clip skip layer), the other outputs of chunk 0; the
+    textual-inversion embeddings the texts name take their `vectors`."""
     import torch
 
     parts: list[dict[str, torch.Tensor]] = []
     weighted = torch.tensor([t.weighted for t in texts])  # [N]
     for j in range(len(texts[0].ids)):
-        ids = torch.tensor([t.ids[j] for t in texts], dtype=torch.int32)  # [N, 77]
-        out = {k: v.clone() for k, v in runner(input_ids=ids.to(runner.device)).items()}  # valid until the next call
+        inputs = token_inputs([t.ids[j] for t in texts], [t.fixes[j] for t in texts], width, vectors, runner.device)
+        out = {k: v.clone() for k, v in runner(**inputs).items()}  # valid until the next call
         if max(skips) > 1:  # A1111's clip skip N: layer L - N + 1's output through the final norm
             layers = out.pop(LAYERS)  # [N, L, 77, C]
             n, depth = layers.shape[:2]

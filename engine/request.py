@@ -238,6 +238,7 @@ class Row:
     controls: tuple[torch.Tensor, ...] = ()  # each control image [1, 3, H, W] in [0, 1], request.controls' order
     ip_image: torch.Tensor | None = None  # the image prompt, CLIP-normalised [1, 3, S, S]
     chunks: int = 1  # its prompts' chunks of 77 text tokens (the longer of prompt and negative prompt)
+    texts: tuple[Any, ...] = ()  # its prompts read for each text encoder (engine/text.py Prompts)
 
     @property
     def seed(self) -> int:
@@ -255,6 +256,7 @@ class PreparedRequest:
     controls: tuple[torch.Tensor, ...] = ()  # each control image [1, 3, H, W] in [0, 1]
     ip_image: torch.Tensor | None = None  # the image prompt, CLIP-normalised [1, 3, S, S]
     chunks: int = 1  # its prompts' chunks of 77 text tokens (engine/prompts.py)
+    texts: tuple[Any, ...] = ()  # its prompts read for each text encoder (engine/text.py Prompts)
 
     @property
     def cfg(self) -> bool:
@@ -270,8 +272,8 @@ class PreparedRequest:
         return (*batch_key(self.request), self.chunks)
 
     def rows(self, req: int = -1) -> list[Row]:
-        return [Row(req, k, self.request, self.image, self.mask, self.controls, self.ip_image, self.chunks)
-                for k in range(self.request.images)]
+        return [Row(req, k, self.request, self.image, self.mask, self.controls, self.ip_image, self.chunks,
+                    self.texts) for k in range(self.request.images)]
 
 
 # the stage timings a static batch's `Generated` records, in ms; named as the first reports named them (their

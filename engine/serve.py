@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
                    help="one small generation before /readyz says ready")
     p.add_argument("--lora-dir", type=Path, default=d.lora_dir,
                    help="folder of LoRA .safetensors that requests may name (by file stem) in `loras`")
+    p.add_argument("--embeddings-dir", type=Path, default=d.embeddings_dir,
+                   help="folder of textual-inversion embeddings (.safetensors) that prompts use by file stem")
     p.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"))
     access = p.add_argument_group("access (engine/server/access.py)")
     access.add_argument("--api-key", default=argparse.SUPPRESS,
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # what can be told before anything loads: one line, exit 2 (as engine.generate)
         find_model_dir(cfg.engine_dir, cfg.model)
+        if cfg.embeddings_dir is not None and not cfg.embeddings_dir.is_dir():
+            raise ValueError(f"--embeddings-dir {cfg.embeddings_dir} is not a folder")
         sock = listen_socket(cfg.host, cfg.port)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -26,6 +26,7 @@ from export.models import (
 )
 from export.optimize import EXTERNAL_DATA_LIMIT
 from export.specs import (
+    CUSTOM_TOKEN,
     EXPORT_MAX_BATCH,
     EXPORT_MAX_UNITS,
     MAX_CHUNKS,
@@ -73,6 +74,7 @@ def example_inputs(spec: ComponentSpec, dims: Dims, shape: Shape, precision: str
         if t == "input_ids":
             x = torch.randint(0, 49406, s, generator=g, dtype=torch.int32)
             x[:, 0] = 49406  # bos
+            x[:, 1] = CUSTOM_TOKEN  # a token whose vector is token_embeds' (textual inversion): validated too
         elif t == "timestep":
             x = torch.randint(0, 1000, s, generator=g).float()
         elif t == "time_ids":

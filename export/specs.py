@@ -47,6 +47,7 @@ EXPORT_MAX_UNITS = 1024  # height and width the ONNX graphs take, in units of Di
 VAE_SCALE = 8  # pixels per latent of every Stable Diffusion VAE (the default of Dims.vae_scale)
 TEXT = "text"  # the denoiser's text-token axis: dims.text_len tokens per prompt chunk (engine/prompts.py)
 MAX_CHUNKS = 4  # prompt chunks the exported denoiser graphs take: 4 x 77 text tokens
+CUSTOM_TOKEN = -1  # a text encoder's input id whose vector is its `token_embeds` row (textual inversion)
 
 
 @dataclass(frozen=True)
@@ -231,13 +232,15 @@ _SPATIAL = {0: "batch", 2: "height", 3: "width"}
 SPECS: dict[str, ComponentSpec] = {
     "clip": ComponentSpec(
         name="clip",
-        inputs=(TensorSpec("input_ids", "int32", _tokens, _BATCH),),
+        inputs=(TensorSpec("input_ids", "int32", _tokens, _BATCH),
+                TensorSpec("token_embeds", "model", _text, _BATCH)),  # rows of negative ids (textual inversion)
         outputs=(TensorSpec("text_embeddings", "model", _text, _BATCH),
                  TensorSpec("text_layers", "model", _text_layers, _BATCH)),
         batch_factor=2,
         model_folder="text_encoder",
-        description="CLIP text encoder: token ids [B, 77] -> last hidden state [B, 77, C] and every layer's output "
-                    "through the final layer norm [B, L, 77, C] (A1111's clip skip picks one)",
+        description="CLIP text encoder: token ids [B, 77] (a negative id takes its vector from token_embeds [B, 77, C]: "
+                    "textual inversion) -> last hidden state [B, 77, C] and every layer's output through the final "
+                    "layer norm [B, L, 77, C] (A1111's clip skip picks one)",
     ),
     "unet": ComponentSpec(
         name="unet",
@@ -281,12 +284,14 @@ _SD_CLIP, _SD_UNET = SPECS["clip"], SPECS["unet"]
 SDXL_SPECS: dict[str, ComponentSpec] = {  # SD's specs, with SDXL's outputs and added UNet inputs
     "clip": replace(
         _SD_CLIP,
+        inputs=(_SD_CLIP.inputs[0], TensorSpec("token_embeds", "model", _text1, _BATCH)),
         outputs=(TensorSpec("text_embeddings", "model", _text1, _BATCH),),
         description="SDXL CLIP text encoder: token ids [B, 77] -> penultimate hidden state [B, 77, C1]",
     ),
     "clip2": replace(
         _SD_CLIP,
         name="clip2",
+        inputs=(_SD_CLIP.inputs[0], TensorSpec("token_embeds", "model", _text2, _BATCH)),
         outputs=(
             TensorSpec("text_embeddings", "model", _text2, _BATCH),
             TensorSpec("text_embeds", "model", _pooled, _BATCH),

@@ -5,10 +5,13 @@ Written from A1111's wiki ("Features": Attention/emphasis, Infinite prompt lengt
 reading modules/prompt_parser.py (parse_prompt_attention), modules/sd_hijack_clip.py (tokenize_line,
 process_tokens), modules/sd_emphasis.py (EmphasisOriginal) and modules/sd_samplers_cfg_denoiser.py
 (pad_cond_uncond). The pipeline is: parse -> chunks -> chunk_ids -> text encoder -> emphasize -> concat.
-Textual-inversion embeddings, clip skip, prompt editing/alternation ([a:b:N], [a|b]) and AND are out of scope.
+Textual-inversion embeddings are placed as tokenize_line does (chunks_with_embeddings; their vectors replace the
+token embeddings at those places, modules/sd_hijack.py EmbeddingsWithFixes). Clip skip, prompt editing/alternation
+([a:b:N], [a|b]) and AND are out of scope.
 """
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Sequence
 
@@ -113,30 +116,65 @@ def chunks(parsed: Sequence[tuple[str, float]], tokenize: Callable[[list[str]], 
     - Closing a chunk forgets its comma; at the end, the open chunk is kept if it has tokens or if it
       would be the only chunk (a prompt without tokens gives one empty chunk).
     """
-    done: list[tuple[list[int], list[float]]] = []
+    return [(ids, weights) for ids, weights, _ in chunks_with_embeddings(parsed, tokenize, comma_id, {}, chunk_len,
+                                                                         backtrack)]
+
+
+def chunks_with_embeddings(parsed: Sequence[tuple[str, float]], tokenize: Callable[[list[str]], list[list[int]]],
+                           comma_id: int, embeddings: dict[tuple[int, ...], tuple[str, int]], chunk_len: int = 75,
+                           backtrack: int = 20) -> list[tuple[list[int], list[float], list[tuple[int, str]]]]:
+    """chunks(), with textual-inversion embeddings as A1111's tokenize_line and EmbeddingDatabase place them.
+
+    `embeddings` maps an embedding name's token ids (tokenized without special tokens) to (name, vectors).
+    - At each position of a run, after the comma / full-chunk rules above, the embedding whose name ids start
+      there is looked for, the longest name first. Found: if its vectors do not fit in what is left of the
+      chunk, the chunk is closed first; then the chunk gets one placeholder token 0 per vector (all with the
+      run's weight), a fix (offset of the first placeholder in the chunk's tokens, name), and the run goes on
+      after the name's ids.
+    - A comma cut moves tokens (placeholders included) to the next chunk but leaves every fix where it was:
+      A1111 keeps `fixes` on the chunk object it closes.
+    Returns (tokens, weights, fixes) per chunk.
+    """
+    done: list[tuple[list[int], list[float], list[tuple[int, str]]]] = []
     ids: list[int] = []
     weights: list[float] = []
+    fixes: list[tuple[int, str]] = []
     comma_at = -1
+    by_length = sorted(embeddings.items(), key=lambda item: -len(item[0]))
 
     def close(keep: int) -> None:
-        """Emit the first `keep` tokens as a chunk; the rest stay as the start of the next one."""
-        nonlocal ids, weights, comma_at
-        done.append((ids[:keep], weights[:keep]))
-        ids, weights, comma_at = ids[keep:], weights[keep:], -1
+        """Emit the first `keep` tokens (and every fix) as a chunk; the rest stay as the start of the next one."""
+        nonlocal ids, weights, fixes, comma_at
+        done.append((ids[:keep], weights[:keep], fixes))
+        ids, weights, fixes, comma_at = ids[keep:], weights[keep:], [], -1
 
     for (piece, weight), piece_ids in zip(parsed, tokenize([piece for piece, _ in parsed]), strict=True):
         if (piece, weight) == BREAK_MARK:
             close(len(ids))
             continue
-        for token in piece_ids:
+        pos = 0
+        while pos < len(piece_ids):
+            token = piece_ids[pos]
             if token == comma_id:
                 comma_at = len(ids)
             elif backtrack and len(ids) == chunk_len and comma_at >= 0 and chunk_len - comma_at <= backtrack:
                 close(comma_at + 1)
             if len(ids) == chunk_len:
                 close(chunk_len)
-            ids.append(token)
-            weights.append(weight)
+            match = next(((name_ids, found) for name_ids, found in by_length
+                          if tuple(piece_ids[pos:pos + len(name_ids)]) == name_ids), None)
+            if match is None:
+                ids.append(token)
+                weights.append(weight)
+                pos += 1
+                continue
+            name_ids, (name, vectors) = match
+            if len(ids) + vectors > chunk_len:
+                close(len(ids))
+            fixes.append((len(ids), name))
+            ids += [0] * vectors
+            weights += [weight] * vectors
+            pos += len(name_ids)
     if ids or not done:
         close(len(ids))
     return done
@@ -193,6 +231,41 @@ def encode(text: str, tokenizer, text_encoder, hidden: str = "last") -> torch.Te
     for ids, weights in _chunk_inputs(text, tokenizer):
         out = text_encoder(input_ids=torch.tensor([ids], device=device),
                            output_hidden_states=hidden == "penultimate")
+        z = out.last_hidden_state if hidden == "last" else out.hidden_states[-2]
+        parts.append(emphasize(z, torch.tensor([weights], device=device)))
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def encode_with_embeddings(text: str, tokenizer, text_encoder, vectors: dict[str, torch.Tensor],
+                           hidden: str = "last") -> torch.Tensor:
+    """encode() with textual-inversion embeddings (`vectors`: name -> [n, C]) named in the text. As A1111's
+    EmbeddingsWithFixes, each fix's vectors replace the token embeddings from the placeholder on (cut at the
+    chunk's end); here through a copy of the model whose vocabulary is extended by every vector, the way
+    diffusers' load_textual_inversion adds tokens, so the model itself is never changed."""
+    names = {tuple(tokenizer(name, add_special_tokens=False)["input_ids"]): (name, int(v.shape[0]))
+             for name, v in vectors.items()}
+    model = copy.deepcopy(text_encoder)
+    first = model.get_input_embeddings().weight.shape[0]
+    added: dict[str, int] = {}  # name -> id of its first vector in the extended vocabulary
+    for name in vectors:
+        added[name] = first + sum(int(vectors[n].shape[0]) for n in added)
+    model.resize_token_embeddings(first + sum(int(v.shape[0]) for v in vectors.values()))
+    table = model.get_input_embeddings().weight
+    for name, v in vectors.items():
+        table[added[name]:added[name] + v.shape[0]] = v.to(table)
+    device = table.device
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
+
+    parts = []
+    for toks, ws, fixes in chunks_with_embeddings(parse(text), tokenize, _comma_id(tokenizer), names):
+        ids, weights = chunk_ids(toks, ws, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        for offset, name in fixes:
+            n = min(int(vectors[name].shape[0]), len(ids) - 1 - (offset + 1))
+            ids[offset + 1:offset + 1 + n] = range(added[name], added[name] + n)
+        out = model(input_ids=torch.tensor([ids], device=device), output_hidden_states=hidden == "penultimate")
         z = out.last_hidden_state if hidden == "last" else out.hidden_states[-2]
         parts.append(emphasize(z, torch.tensor([weights], device=device)))
     return torch.cat(parts, dim=1)

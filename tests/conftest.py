@@ -151,6 +151,31 @@ def xl_pipeline(xl_engines):
     yield from _loaded(xl_engines)
 
 
+@pytest.fixture(scope="session")
+def weighted_folder(tmp_path_factory, tiny_folder) -> Path:
+    """`tiny` whose text encoder's final LayerNorm has a bias around 0.5 (hidden states with a mean off zero, as a
+    trained CLIP's; A1111's emphasis rescales by that mean): the prompt and embedding tests' model."""
+    import torch
+
+    from tests.helpers import with_text_encoders
+
+    g = torch.Generator().manual_seed(3)
+
+    def shift(sub, encoder) -> None:
+        norm = encoder.get_submodule("final_layer_norm")
+        norm.bias.copy_(0.5 + 0.1 * torch.randn(norm.bias.shape, generator=g))
+
+    with _shared(tmp_path_factory, "tiny-weighted") as folder:
+        return folder if folder.is_dir() else with_text_encoders(tiny_folder, folder, shift)
+
+
+@pytest.fixture(scope="session")
+def weighted_engines(tmp_path_factory, weighted_folder) -> Path:
+    """`weighted_folder` built for ONNX Runtime fp32, 64x64 (the prompt and textual-inversion tests share it)."""
+    return _shared_build(tmp_path_factory, "weighted_engines", model=str(weighted_folder), backend="onnxruntime",
+                         precision="fp32", height=64, width=64)
+
+
 @pytest.fixture(scope="module")
 def cuda_pipe(tmp_path_factory, tiny_folder):
     """tiny on the torch backend on CUDA, fp16 (GPU tests only: they skip before asking for it)."""

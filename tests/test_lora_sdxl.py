@@ -10,6 +10,7 @@ pytest.importorskip("peft")
 
 from engine.lora import Adapter  # noqa: E402
 from engine.pipeline import Pipeline  # noqa: E402
+from engine.prompts import token_inputs  # noqa: E402
 from engine.request import Request  # noqa: E402
 from tests.helpers import PROMPTS, gens, max_diff, to_uint8  # noqa: E402
 from tests.sampler_cases import diffusers_scheduler  # noqa: E402
@@ -65,9 +66,10 @@ def test_sdxl_lora_matches_diffusers(tmp_path, xl_folder, xl_engines):
         assert ref.std() > 5 and max_diff(got, ref) <= 2
         ids = pipe.tokenize(PROMPTS[:1], pipe.tokenizers[-1])
         for name in ("clip", "clip2"):  # both text encoders' parts were merged (and are undone)
-            with_lora = {k: v.clone() for k, v in pipe.runners[name](input_ids=ids).items()}
+            inputs = token_inputs(ids.tolist(), [[]], pipe.text.widths[name], {}, pipe.runners[name].device)
+            with_lora = {k: v.clone() for k, v in pipe.runners[name](**inputs).items()}
             pipe.use_adapters(())
-            without = pipe.runners[name](input_ids=ids)
+            without = pipe.runners[name](**inputs)
             assert all(not torch.equal(with_lora[k], without[k]) for k in without), name
             pipe.use_adapters((adapter,))
     finally:

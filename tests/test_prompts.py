@@ -8,7 +8,6 @@ Rows of other chunk counts run in other batches, each equal to its run alone. Pl
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from engine import prompts
 from engine.request import Request, RequestError
 from tests import a1111_prompts as ref
-from tests.helpers import max_diff, ort_pipeline_of, stack_pixels, to_uint8, with_text_encoders
+from tests.helpers import max_diff, stack_pixels, to_uint8
 from tests.sampler_cases import diffusers_scheduler
 
 SIZE = 64
@@ -60,23 +59,10 @@ def test_chunks_match_the_reference(tiny_folder):
 
 
 @pytest.fixture(scope="module")
-def weighted_folder(tmp_path_factory, tiny_folder) -> Path:
-    """`tiny` whose text encoder's final LayerNorm has a bias around 0.5 (hidden states with a mean off zero, as a
-    trained CLIP's; A1111's emphasis rescales by that mean)."""
-    import torch
+def ours(weighted_engines):
+    from engine.pipeline import Pipeline
 
-    g = torch.Generator().manual_seed(3)
-
-    def shift(sub, encoder) -> None:
-        norm = encoder.get_submodule("final_layer_norm")
-        norm.bias.copy_(0.5 + 0.1 * torch.randn(norm.bias.shape, generator=g))
-
-    return with_text_encoders(tiny_folder, tmp_path_factory.mktemp("prompts") / "tiny-weighted", shift)
-
-
-@pytest.fixture(scope="module")
-def ours(tmp_path_factory, weighted_folder):
-    pipe = ort_pipeline_of(tmp_path_factory.mktemp("prompt_engines"), weighted_folder, SIZE)
+    pipe = Pipeline.load(weighted_engines)
     yield pipe
     pipe.close()
 

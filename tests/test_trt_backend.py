@@ -28,10 +28,10 @@ DYNAMIC = Profile(Shape(1, 64, 64), Shape(1, 128, 128), Shape(4, 512, 512))
 
 # ---- profiles from the spec -----------------------------------------------------------------------------
 
-# Hand-derived from export/specs.py: latent [B, 4, H/8, W/8], tokens [B, 77], text [B, 77, 32], timestep [B],
+# Hand-derived from export/specs.py: latent [B, 4, H/8, W/8], tokens [B, 77], token and text [B, 77, 32], timestep [B],
 # image [B, 3, H, W]; min batch = lo.batch, opt/max batch = batch * batch_factor (2 for clip/unet, CFG).
 STATIC_EXPECTED = {
-    "clip": {"input_ids": ((1, 77), (2, 77), (2, 77))},
+    "clip": {"input_ids": ((1, 77), (2, 77), (2, 77)), "token_embeds": ((1, 77, 32), (2, 77, 32), (2, 77, 32))},
     "unet": {
         "sample": ((1, 4, 16, 16), (2, 4, 16, 16), (2, 4, 16, 16)),
         "timestep": ((1,), (2,), (2,)),
@@ -41,7 +41,7 @@ STATIC_EXPECTED = {
     "vae_encoder": {"images": ((1, 3, 128, 128), (1, 3, 128, 128), (1, 3, 128, 128))},
 }
 DYNAMIC_EXPECTED = {
-    "clip": {"input_ids": ((1, 77), (2, 77), (8, 77))},
+    "clip": {"input_ids": ((1, 77), (2, 77), (8, 77)), "token_embeds": ((1, 77, 32), (2, 77, 32), (8, 77, 32))},
     "unet": {
         "sample": ((1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 64, 64)),
         "timestep": ((1,), (2,), (8,)),

@@ -382,6 +382,17 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
         files = await asyncio.to_thread(lambda: sorted(folder.glob("*.safetensors")) if folder else [])
         return [{"name": p.stem, "alias": p.stem, "path": p.name, "metadata": {}} for p in files]
 
+    @app.get(PREFIX + "/embeddings", responses=ROUTE_ERRORS["info"])
+    async def embeddings() -> dict[str, Any]:
+        """The textual-inversion embeddings of --embeddings-dir, in A1111's shape (`shape`: the first text
+        encoder's width; no training step or checkpoint is known)."""
+        checkpoint()  # 503 until the engines are loaded
+        assert state.pipeline is not None
+        loaded = {e.name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                           "shape": int(next(iter(e.vectors.values())).shape[1]), "vectors": e.count}
+                  for e in state.pipeline.text.embeddings.values()}
+        return {"loaded": loaded, "skipped": {}}
+
     @app.get(PREFIX + "/options", responses=ROUTE_ERRORS["info"])
     async def options() -> dict[str, Any]:
         """The settings A1111 clients read: the checkpoint and what the images are written with."""

@@ -110,7 +110,8 @@ class ServerState:
 
         cfg = self.config
         try:
-            self.pipeline = await asyncio.to_thread(Pipeline.load, cfg.engine_dir, cfg.model, cfg.device)
+            self.pipeline = await asyncio.to_thread(Pipeline.load, cfg.engine_dir, cfg.model, cfg.device,
+                                                    embeddings=cfg.embeddings_dir)
         except (ValueError, OSError, RuntimeError) as exc:
             self.status, self.error = "failed", f"cannot load engines from {cfg.engine_dir}: {exc}"
             log.error(self.error)
@@ -420,6 +421,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                 "max_images": config.max_images, "max_batch": state.batcher.max_batch if state.batcher else None,
                 "controlnets": [n.removeprefix(PREFIX) for n in p.family.roles.conditions],
                 "ip_adapter": (p.info.get("ip_adapter") or {}).get("name"),
+                "embeddings": {e.name: e.count for e in p.text.embeddings.values()},  # name -> token slots
                 "defaults": {"steps": d.steps, "guidance_scale": d.guidance_scale, "sampler": d.sampler,
                              "seed": d.seed, "negative_prompt": d.negative_prompt}}
 

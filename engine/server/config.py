@@ -28,6 +28,7 @@ class ServeConfig:
     max_body_mb: float = 20.0  # larger bodies are answered 413
     warmup: bool = True  # one small generation before /readyz says ready
     lora_dir: Path | None = None  # LoRA .safetensors a request may name (`loras: [{name, scale}]`); None = none
+    embeddings_dir: Path | None = None  # textual-inversion .safetensors prompts may name (engine/embeddings.py)
     log_level: str = "info"
     # who may talk to the server (engine/server/access.py)
     api_key: str | None = field(default=None, repr=False)  # Authorization: Bearer <key> on all but health; or env
@@ -57,6 +58,7 @@ class ServeConfig:
         self.engine_dir = Path(self.engine_dir)
         self.cors_origins, self.allowed_hosts = tuple(self.cors_origins), tuple(self.allowed_hosts)  # Ray: lists
         self.image_dir = Path(self.image_dir) if self.image_dir is not None else None
+        self.embeddings_dir = Path(self.embeddings_dir) if self.embeddings_dir is not None else None
         if self.public_url is not None:
             self.public_url = self.public_url.rstrip("/")
 

@@ -66,6 +66,9 @@ class Family:
     txt2img: bool = True  # False: img2img only (the SDXL refiner)
     default_strength: tuple[float, float] = (0.8, 1.0)  # (img2img, inpaint) when a request gives none: diffusers'
     upcast_vae: bool = False  # fp16 builds keep the VAE in fp32 when its config says force_upcast (SDXL's overflows)
+    # text encoder -> the key of its vectors in a textual-inversion file with one tensor per text encoder (SDXL's
+    # clip_l / clip_g: engine/embeddings.py); empty: one tensor, for the family's one text encoder
+    embedding_keys: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def zero_empty_negative(self) -> bool:

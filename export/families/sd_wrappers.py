@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import torch
 
+from export.families.token_embedding import text_encoder_call, with_token_inputs
+
 
 class ClipWrapper(torch.nn.Module):
     def __init__(self, text_encoder):
         super().__init__()
-        self.text_encoder = text_encoder
+        self.text_encoder = with_token_inputs(text_encoder)
 
-    def forward(self, input_ids):  # [B, 77] int32 -> [B, 77, C], [B, L, 77, C]
-        out = self.text_encoder(input_ids.long(), output_hidden_states=True)
+    def forward(self, input_ids, token_embeds):  # [B, 77] int32, [B, 77, C] -> [B, 77, C], [B, L, 77, C]
+        out = text_encoder_call(self.text_encoder, input_ids, token_embeds)
         norm = self.text_encoder.get_submodule("final_layer_norm")
         layers = torch.stack(out.hidden_states[1:], dim=1)  # [B, L, 77, C]: each layer's output
         return out.last_hidden_state, norm(layers)  # A1111's clip skip N: layers[:, L - N], through the final norm

@@ -162,6 +162,7 @@ SDXL = Family(
     txt2img_components=SDXL_TXT2IMG_COMPONENTS,
     default_strength=(0.3, 0.9999),  # StableDiffusionXLImg2ImgPipeline / StableDiffusionXLInpaintPipeline
     upcast_vae=True,  # diffusers' SDXL pipelines run a force_upcast VAE in fp32; the fp16-fix VAE says false
+    embedding_keys={"clip": "clip_l", "clip2": "clip_g"},  # A1111's SDXL embeddings
 )
 
 SDXL_REFINER = replace(  # SDXL without the first text encoder, aesthetic score instead of target size
@@ -181,4 +182,5 @@ SDXL_REFINER = replace(  # SDXL without the first text encoder, aesthetic score 
     single_file_text={"text_encoder_2": ("open_clip", "conditioner.embedders.0.model.")},
     txt2img_components=SDXL_TXT2IMG_COMPONENTS[1:],
     txt2img=False,
+    embedding_keys={"clip2": "clip_g"},
 )

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from export.families.token_embedding import text_encoder_call, with_token_inputs
+
 
 class XLClipWrapper(torch.nn.Module):
     """SDXL's first text encoder: the penultimate hidden state, as StableDiffusionXLPipeline.encode_prompt."""
 
     def __init__(self, text_encoder):
         super().__init__()
-        self.text_encoder = text_encoder
+        self.text_encoder = with_token_inputs(text_encoder)
 
-    def forward(self, input_ids):  # [B, 77] int32 -> [B, 77, C1]
-        return self.text_encoder(input_ids.long(), output_hidden_states=True).hidden_states[-2]
+    def forward(self, input_ids, token_embeds):  # [B, 77] int32, [B, 77, C1] -> [B, 77, C1]
+        return text_encoder_call(self.text_encoder, input_ids, token_embeds).hidden_states[-2]
 
 
 class XLClip2Wrapper(torch.nn.Module):
@@ -21,10 +23,10 @@ class XLClip2Wrapper(torch.nn.Module):
 
     def __init__(self, text_encoder):
         super().__init__()
-        self.text_encoder = text_encoder
+        self.text_encoder = with_token_inputs(text_encoder)
 
-    def forward(self, input_ids):  # [B, 77] int32 -> [B, 77, C2], [B, P]
-        out = self.text_encoder(input_ids.long(), output_hidden_states=True)
+    def forward(self, input_ids, token_embeds):  # [B, 77] int32, [B, 77, C2] -> [B, 77, C2], [B, P]
+        out = text_encoder_call(self.text_encoder, input_ids, token_embeds)
         return out.hidden_states[-2], out.text_embeds
 
 
