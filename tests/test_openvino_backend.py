@@ -139,7 +139,7 @@ def test_corrupt_or_foreign_ir_is_refused(ov_engines, tiny_fp32, tmp_path):
         cache.verify(art)
     foreign = tmp_path / "clip-as-unet"
     shutil.copytree(_art(ov_engines, "clip"), foreign)
-    with pytest.raises(IncompatibleIR, match=r"not an IR of unet \(inputs \['input_ids'\]"):
+    with pytest.raises(IncompatibleIR, match=r"not an IR of unet \(inputs \['input_ids', 'token_embeds'\]"):
         BACKEND.load(spec, foreign, cache.verify(foreign), "cpu")
 
 

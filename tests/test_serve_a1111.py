@@ -162,7 +162,7 @@ def test_every_a1111_route_is_counted_under_its_own_path(server):
 
     paths = {getattr(r, "path", "") for r in create_app(ServeConfig()).routes}
     sdapi = sorted(p for p in paths if p.startswith("/sdapi/v1/"))
-    assert len(sdapi) == 8, sdapi
+    assert len(sdapi) == 9, sdapi
     assert all(path_label(p) == p for p in sdapi), [p for p in sdapi if path_label(p) != p]
     server.get("/sdapi/v1/samplers")
     _, text, _ = server.get("/metrics")

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from engine.server.app import ServerState
 
 PREFIX = "/sdapi/v1"
-ROUTES = ("/txt2img", "/img2img", "/sd-models", "/samplers", "/loras", "/options", "/progress", "/scripts")
+ROUTES = ("/txt2img", "/img2img", "/sd-models", "/samplers", "/loras", "/embeddings", "/options", "/progress", "/scripts")
 RANDOM_SEED_BELOW = 2**32  # seed -1 draws below this, as A1111 does
 # Request / GenerateBody field -> the A1111 field a client sent it as (errors name the client's field)
 A1111_FIELDS = {"guidance_scale": "cfg_scale", "sampler": "sampler_name", "images": "batch_size",
