@@ -220,3 +220,23 @@ def read_record(path: Path) -> dict[str, Any]:
         return check_json(path, record)
     except DamagedFile as e:
         raise ValueError(f"{e}; run python -m engine.build again to rewrite it") from e
+
+
+def find_model_dir(engine_dir: Path, model: str | None) -> Path:
+    """<engine_dir>/<model_id> for a model id, the name or path given to build, or the only model there."""
+    found = {p.parent.name: p.parent for p in sorted(engine_dir.glob(f"*/{BUILD_RECORD}"))}
+    hint = f"run python -m engine.build --engine-dir {engine_dir}" + (f" --model {model}" if model else "")
+    if not found:
+        raise ValueError(f"no engines in {engine_dir}: {hint}")
+    if model is None:
+        if len(found) > 1:
+            raise ValueError(f"{engine_dir} holds several models ({', '.join(found)}): pass --model with one of them")
+        return next(iter(found.values()))
+    if model in found:
+        return found[model]
+    wanted = str(Path(model).expanduser().resolve())
+    for model_dir in found.values():
+        record = read_record(model_dir / BUILD_RECORD)
+        if model in (record.get("model"), record.get("model_id")) or wanted == record.get("source"):
+            return model_dir
+    raise ValueError(f"no engines for model {model!r} in {engine_dir} (it holds {', '.join(found)}): {hint}")

@@ -319,7 +319,8 @@ class Flight:
                 ok.append(s)
         if ok:
             try:
-                pixels = self.pipe.decode(torch.cat([s.bufs["latents"] for s in ok]))  # [n, H, W, 3]
+                latents = torch.cat([s.bufs["latents"] for s in ok])  # rows of one flight share their tiling
+                pixels = self.pipe.decode(latents, ok[0].row.request)  # [n, H, W, 3]
             except RuntimeError as e:
                 out += [Finished(s.owner, s.row, None, str(e)) for s in ok]
             else:

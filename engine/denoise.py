@@ -31,6 +31,7 @@ import torch
 from engine import samplers
 from engine.backends.base import Runner
 from engine.graphs import Buffers
+from engine.tiling import Tiling
 
 COND = "cond."
 
@@ -84,10 +85,18 @@ def randn_rows(gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Ten
     return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
 
 
-def sample_latents(vae_encoder: Runner, images: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-    """Scaled latents sampled from the VAE posterior, one draw per row: [B, 4, h, w] on the CPU."""
-    out = vae_encoder(images=images.to(vae_encoder.device))
-    mean, std = out["latent"].float().cpu(), out["latent_std"].float().cpu()  # copies: outputs are borrowed
+def sample_latents(vae_encoder: Runner, images: torch.Tensor, gens: list[torch.Generator],
+                   tiling: Tiling | None = None) -> torch.Tensor:
+    """Scaled latents sampled from the VAE posterior, one draw per row: [B, 4, h, w] on the CPU; encoded in tiles
+    when `tiling` is given and the images span more than one (engine/tiling.py)."""
+    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = vae_encoder(images=x.to(vae_encoder.device))
+        return out["latent"].float().cpu(), out["latent_std"].float().cpu()  # copies: outputs are borrowed
+
+    if tiling is not None and tiling.needed(images.shape[2], images.shape[3]):
+        mean, std = tiling.encode(encode, images)
+    else:
+        mean, std = encode(images)
     return mean + std * randn_rows(gens, (1, *mean.shape[1:]))
 
 

@@ -22,6 +22,7 @@ from engine.png import IMAGE_FORMATS
 from engine.prompts import SYNTAXES
 from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request, RequestError, flag
 from engine.sampler_registry import SAMPLERS
+from engine.tiling import MODES as TILING_MODES
 from export.quiet import add_verbose_flag, quiet_cli
 
 _R = Request()  # generation defaults live on Request
@@ -66,6 +67,9 @@ class GenerateConfig:
     guess_mode: bool = _R.guess_mode
     ip_image: Path | None = None  # an image prompt (engines built with engine.build --ip-adapter)
     ip_scale: float = _R.ip_scale
+    vae_tiling: str = _R.vae_tiling  # engine/tiling.py: auto | on | off
+    vae_tile_size: int | None = _R.vae_tile_size
+    vae_tile_overlap: float = _R.vae_tile_overlap
     output: Path = Path("out")
     model: str | None = None  # None = the only model in the engine dir
     engine_dir: Path = Path("engines")
@@ -76,7 +80,8 @@ class GenerateConfig:
         from engine.lora import parse_adapter
 
         return [Request(prompt=p, negative_prompt=self.negative_prompt, prompt_syntax=self.prompt_syntax,
-                        clip_skip=self.clip_skip,
+                        clip_skip=self.clip_skip, vae_tiling=self.vae_tiling, vae_tile_size=self.vae_tile_size,
+                        vae_tile_overlap=self.vae_tile_overlap,
                         steps=self.steps,
                         guidance_scale=self.guidance_scale, sampler=self.scheduler, seed=self.seed,
                         height=self.height, width=self.width, images=self.images_per_prompt,
@@ -144,6 +149,13 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--resize", action="store_true", default=d.resize,
                    help="resize the init image and mask to --height/--width instead of refusing another size")
     _add_time_id_flags(p, d)
+    p.add_argument("--vae-tiling", choices=TILING_MODES, default=d.vae_tiling,
+                   help="decode (and encode) in overlapping tiles as diffusers' enable_vae_tiling: on, off, or auto "
+                        "(only where the whole image would not fit in memory)")
+    p.add_argument("--vae-tile-size", type=int, default=d.vae_tile_size, metavar="PX",
+                   help="pixels per tile side; None = the VAE's sample size (512 for SD 1.x)")
+    p.add_argument("--vae-tile-overlap", type=float, default=d.vae_tile_overlap,
+                   help="share of a tile blended with each neighbour, [0, 0.5)")
     p.add_argument("--output", type=Path, default=d.output,
                    help=f"an image file ({', '.join(IMAGE_FORMATS)}), or a folder (no suffix) for numbered PNGs")
     p.add_argument("--model", default=d.model, help="model id, preset or path given to engine.build; "

@@ -138,3 +138,16 @@ def mask_latents(mask: torch.Tensor, vae_scale: int = VAE_SCALE) -> torch.Tensor
 def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] image with the pixels to repaint (mask >= 0.5) zeroed, as the inpaint pipeline."""
     return image * (mask < 0.5)
+
+
+def load_field(loader, field: str, source, height: int, width: int, resize: bool) -> torch.Tensor | None:
+    """A request's image (`source`: None when not given, or a function that makes it, such as a control image's
+    preprocessor) through `loader` at the request's size; RequestError naming `field` for one that is no image."""
+    from export.errors import RequestError
+
+    if source is None:
+        return None
+    try:
+        return loader(source() if callable(source) else source, height, width, resize)
+    except ValueError as exc:
+        raise RequestError(field, str(exc)) from None

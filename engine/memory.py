@@ -33,8 +33,9 @@ class Estimate:
 
 
 def estimate(fp: Footprint, height: int, width: int, images: int, cfg: bool, precision: str,
-             attention: str, latent_scale: int) -> Estimate:
-    """The largest activations of one batch of `images` at height x width (bytes)."""
+             attention: str, latent_scale: int, decode: tuple[int, int] | None = None) -> Estimate:
+    """The largest activations of one batch of `images` at height x width (bytes); `decode`: the (height, width)
+    the latent decoder runs at when that is a tile (engine/tiling.py)."""
     elem = 2 if precision in HALF_PRECISIONS else 4  # int8 engines compute activations in fp32
     decomposed = attention == "decomposed"
     rows = images * (2 if cfg else 1)
@@ -42,9 +43,10 @@ def estimate(fp: Footprint, height: int, width: int, images: int, cfg: bool, pre
     if decomposed and fp.attention_scale:
         tokens = (height // fp.attention_scale) * (width // fp.attention_scale)
         unet = 2 * rows * fp.attention_heads * tokens * tokens * elem  # scores + softmax
-    decoder = LIVE_DECODER_TENSORS * images * fp.decoder_channels * height * width * elem
+    dh, dw = decode or (height, width)
+    decoder = LIVE_DECODER_TENSORS * images * fp.decoder_channels * dh * dw * elem
     if decomposed and fp.decoder_attention:
-        latents = (height // latent_scale) * (width // latent_scale)
+        latents = (dh // latent_scale) * (dw // latent_scale)
         decoder = max(decoder, 2 * images * latents * latents * elem)
     return Estimate(unet, decoder)
 
@@ -62,12 +64,13 @@ def available_bytes(device: str) -> int:
 
 
 def check(fp: Footprint, height: int, width: int, images: int, cfg: bool, precision: str, attention: str,
-          latent_scale: int, device: str) -> Estimate:
+          latent_scale: int, device: str, decode: tuple[int, int] | None = None) -> Estimate:
     """The estimate; RequestError naming `height` when it is over what is available."""
-    found = estimate(fp, height, width, images, cfg, precision, attention, latent_scale)
+    found = estimate(fp, height, width, images, cfg, precision, attention, latent_scale, decode)
     free = available_bytes(device)
     if found.peak_bytes > free:
         stage = "UNet attention" if found.unet_bytes >= found.decoder_bytes else "latent decoder"
+        stage += "; vae_tiling on would cut it" if stage == "latent decoder" and decode is None else ""
         raise RequestError("height", f"{height}x{width} x {images} image(s) needs at least {_gib(found.peak_bytes)} "
                                      f"for its largest activations ({stage}); {_gib(free)} is available on {device}: "
                                      "ask for a smaller size or fewer images")

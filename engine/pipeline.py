@@ -25,6 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ import torch
 from engine import cache, control, graphs, images, ip_adapter, memory, samplers
 from engine import request as T  # the timing keys, StopFn, Stopped
 from engine.backends.base import Runner, get_backend
+from engine.cache import find_model_dir  # engine.serve and tests look it up here too
 from engine.config import Profile
 from engine.denoise import COND, Buffers, denoise_step, randn_rows, sample_latents, step_noise
 from engine.embeddings import Embedding, encoder_widths, load_embeddings
@@ -48,6 +50,8 @@ from engine.request import (
     with_family_fields,
 )
 from engine.text import TextEncoders
+from engine.tiling import Tiling
+from engine.tiling import resolve as resolve_tiling
 from export.control import PREFIX, with_controls
 from export.families import Family, get_family
 from export.footprint import Footprint
@@ -160,7 +164,9 @@ class Pipeline:
         h, w = r.height or self.profile.opt.height, r.width or self.profile.opt.width
         check_size(self.dims, h, w, self.profile.lo, self.profile.hi)
         r.height, r.width = h, w
-        self.check_memory(h, w, r.images, r.guidance_scale > 1)
+        r = self._with_tiling(r)
+        tile = self.tiling(r)
+        self.check_memory(h, w, r.images, r.guidance_scale > 1, (min(tile.tile, h), min(tile.tile, w)) if tile else None)
         r = with_family_fields(r, self.family)  # e.g. SDXL's time ids: diffusers' defaults filled in
         model = self.info.get("model")
         if r.kind == "txt2img" and not self.family.txt2img:
@@ -186,9 +192,9 @@ class Pipeline:
                                             f"{self.dims.text_layers} layers" + ("" if self.dims.text_layers else
                                             " (engines built before clip skip: rebuild them)"))
         control.check_names(r.controls, self.family.roles.conditions, model)
-        image = _load(images.load_image, "init_image", r.init_image, h, w, r.resize)
-        mask = _load(images.load_mask, "mask", r.mask, h, w, r.resize)
-        controls = tuple(_loaded(images.load_control_image, control.FIELD, c.source, h, w, r.resize)
+        image = images.load_field(images.load_image, "init_image", r.init_image, h, w, r.resize)
+        mask = images.load_field(images.load_mask, "mask", r.mask, h, w, r.resize)
+        controls = tuple(images.load_field(images.load_control_image, control.FIELD, c.source, h, w, r.resize)
                          for c in r.controls)
         ip_image = self._image_prompt(r)
         if schedule is not None:  # the request passed every check: its tables are worth keeping
@@ -206,12 +212,30 @@ class Pipeline:
                                                  f"python -m engine.build --model {model} --ip-adapter FILE")
         return ip_adapter.pixels(r.ip_image, self.info["ip_adapter"])
 
-    def check_memory(self, height: int, width: int, images: int, cfg: bool) -> memory.Estimate:
+    def check_memory(self, height: int, width: int, images: int, cfg: bool,
+                     decode: tuple[int, int] | None = None) -> memory.Estimate:
         """RequestError naming `height` when the run's largest activations would not fit in the memory available
-        now (engine/memory.py: the CLI and the server refuse with this one estimate)."""
-        return memory.check(Footprint(**self.info.get("footprint", {})), height, width, images, cfg,
-                            self.info.get("precision", "fp32"), self.info.get("attention", "decomposed"),
-                            self.dims.vae_scale, str(self.device))
+        now (engine/memory.py: the CLI and the server refuse with this one estimate); `decode`: the decoder's tile."""
+        return memory.check(*self._memory_args(height, width, images, cfg), str(self.device), decode)
+
+    def _memory_args(self, height: int, width: int, images: int, cfg: bool) -> tuple:
+        return (Footprint(**self.info.get("footprint", {})), height, width, images, cfg,
+                self.info.get("precision", "fp32"), self.info.get("attention", "decomposed"), self.dims.vae_scale)
+
+    def _with_tiling(self, r: Request) -> Request:
+        """`r` (its size known) with `vae_tiling` resolved to "on" or "off" and its tile size filled in
+        (engine/tiling.py's `resolve`: "auto" tiles where the untiled decode would not fit in memory now)."""
+        def too_big() -> bool:
+            untiled = memory.estimate(*self._memory_args(r.height, r.width, r.images, r.guidance_scale > 1))
+            return untiled.decoder_bytes > memory.available_bytes(str(self.device))
+
+        bounds = (self.profile.lo, self.profile.hi) if self.info.get("static_shapes") else None
+        plan, on = resolve_tiling(r, self.dims.vae_scale, self.dims.vae_sample_size, too_big, bounds)
+        return replace(r, vae_tiling="on" if on else "off", vae_tile_size=plan.tile)
+
+    def tiling(self, r: Request) -> Tiling | None:
+        """How a prepared request's latents are decoded (and its images encoded): in tiles, or None (whole)."""
+        return Tiling(r.vae_tile_size, r.vae_tile_overlap, self.dims.vae_scale) if r.vae_tiling == "on" else None
 
     def _check_schedule(self, r: Request) -> samplers.Schedule | None:
         """RequestError naming `sampler` for an unknown one, else `steps` (or `strength`) the sampler refuses; the
@@ -277,7 +301,7 @@ class Pipeline:
         latents, graphed = self._denoise(step_key, schedule, cfg, buffers, cuda_graph, progress and tqdm, stop)
         t = self._lap(timings, T.TIMING_DENOISE, t)
         timings[T.TIMING_STEP] = timings[T.TIMING_DENOISE] / schedule.run_steps
-        pixels = self.decode(latents)[:n_real]
+        pixels = self.decode(latents, r)[:n_real]
         self._lap(timings, T.TIMING_DECODE, t)
         timings[T.TIMING_TOTAL] = (self._now() - t_start) * 1e3
         return pixels, timings, graphed
@@ -380,7 +404,7 @@ class Pipeline:
         image = torch.cat([row.image for row in rows]) if r.kind != "txt2img" else None  # [B, 3, H, W]
         image_latents = None
         if image is not None and not (inpaint_9 and pure_noise):
-            image_latents = sample_latents(self.role("latent_encoder"), image, gens)  # [B, 4, h, w]
+            image_latents = sample_latents(self.role("latent_encoder"), image, gens, self.tiling(r))  # [B, 4, h, w]
         noise = randn_rows(gens, shape)  # [B, 4, h, w]
         if pure_noise:
             latents = noise * schedule.init_noise_sigma
@@ -391,7 +415,8 @@ class Pipeline:
             mask = torch.cat([row.mask for row in rows])  # [B, 1, H, W]
             mask_lat = images.mask_latents(mask, self.dims.vae_scale)  # [B, 1, h, w]
             if inpaint_9:
-                masked = sample_latents(self.role("latent_encoder"), images.masked_image(image, mask), gens)
+                masked = sample_latents(self.role("latent_encoder"), images.masked_image(image, mask), gens,
+                                        self.tiling(r))
                 concat = torch.cat([mask_lat, masked], dim=1)  # [B, 5, h, w]
                 out["concat"] = torch.cat([concat, concat]) if cfg else concat
             else:
@@ -422,9 +447,14 @@ class Pipeline:
         nets = tuple(self.runners[PREFIX + n] for n in control.names_in(buffers))
         return control.ControlStep(nets, self.dims.residual_channels, self.dims.residual_scales)
 
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
+    def decode(self, latents: torch.Tensor, r: Request | None = None) -> np.ndarray:
+        """Pixels [B, H, W, 3] uint8 of latents [B, C, h, w], in tiles where the rows' request `r` says so."""
         self.check_latents(latents)
-        pixels = self.role("latent_decoder")(latent=latents)["images"].float()  # [B, 3, H, W] in [-1, 1]
+        decoder, tiling = self.role("latent_decoder"), self.tiling(r) if r is not None else None
+        if tiling is None:
+            pixels = decoder(latent=latents)["images"].float()  # [B, 3, H, W] in [-1, 1]
+        else:  # each tile's output copied: the next call may reuse its buffer
+            pixels = tiling.decode(lambda t: decoder(latent=t)["images"].float().clone(), latents)
         self.check_finite(pixels, self.family.roles.latent_decoder)
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return (pixels * 255).round().astype(np.uint8)  # [B, H, W, 3]
@@ -465,38 +495,3 @@ class Pipeline:
 def _check_stop(stop: T.StopFn | None, i: int) -> None:
     if stop is not None and stop():
         raise T.Stopped(f"stopped before step {i}: nobody waits for this batch")
-
-
-def _load(loader, field: str, source, height: int, width: int, resize: bool) -> torch.Tensor | None:
-    """An init image or mask (None when not given) as a tensor of the request's size; RequestError naming the
-    field."""
-    return None if source is None else _loaded(loader, field, source, height, width, resize)
-
-
-def _loaded(loader, field: str, source, height: int, width: int, resize: bool) -> torch.Tensor:
-    """`_load` of a given image; `source` may be a function that makes it (a control image's preprocessor: its
-    errors are named too)."""
-    try:
-        return loader(source() if callable(source) else source, height, width, resize)
-    except ValueError as exc:
-        raise RequestError(field, str(exc)) from None
-
-
-def find_model_dir(engine_dir: Path, model: str | None) -> Path:
-    """<engine_dir>/<model_id> for a model id, the name or path given to build, or the only model there."""
-    found = {p.parent.name: p.parent for p in sorted(engine_dir.glob(f"*/{cache.BUILD_RECORD}"))}
-    hint = f"run python -m engine.build --engine-dir {engine_dir}" + (f" --model {model}" if model else "")
-    if not found:
-        raise ValueError(f"no engines in {engine_dir}: {hint}")
-    if model is None:
-        if len(found) > 1:
-            raise ValueError(f"{engine_dir} holds several models ({', '.join(found)}): pass --model with one of them")
-        return next(iter(found.values()))
-    if model in found:
-        return found[model]
-    wanted = str(Path(model).expanduser().resolve())
-    for model_dir in found.values():
-        record = cache.read_record(model_dir / cache.BUILD_RECORD)
-        if model in (record.get("model"), record.get("model_id")) or wanted == record.get("source"):
-            return model_dir
-    raise ValueError(f"no engines for model {model!r} in {engine_dir} (it holds {', '.join(found)}): {hint}")

@@ -28,6 +28,8 @@ from engine.control import Control
 from engine.control import check as check_controls
 from engine.ip_adapter import check as check_image_prompt
 from engine.prompts import check_syntax
+from engine.tiling import OVERLAP
+from engine.tiling import check as check_tiling
 from export.errors import RequestError
 from export.families import Family, takers
 
@@ -80,6 +82,10 @@ class Request:
     ip_scale: float = 1.0  # its weight, [0, 2]; 0 = the text-only image exactly
     clip_skip: int | None = None  # A1111's "Clip skip": 1 (None) = the last layer, 2 = the penultimate, ...; SD 1.x/2.x
     prompt_syntax: str = "a1111"  # how prompts read (engine/prompts.py): A1111's weights, chunks and BREAK; or plain
+    # tiled VAE decode and encode (engine/tiling.py): "auto" = only where the untiled decode would not fit in memory
+    vae_tiling: str = "auto"  # "auto" | "on" | "off"; a prepared request holds "on" or "off"
+    vae_tile_size: int | None = None  # pixels per tile side; None = the VAE's sample size (diffusers' tile)
+    vae_tile_overlap: float = OVERLAP  # the share of a tile blended with each neighbour (diffusers': 0.25)
 
     @property
     def kind(self) -> str:
@@ -136,6 +142,7 @@ class Request:
         check_controls(self.controls, self.guess_mode)
         check_image_prompt(self.ip_image, self.ip_scale)
         check_syntax(self.prompt_syntax)
+        check_tiling(self.vae_tiling, self.vae_tile_size, self.vae_tile_overlap, 1)  # the model's multiple: prepare
 
     def _check_loras(self) -> None:
         from engine.lora import Adapter, check_lora_file
@@ -206,7 +213,12 @@ def with_family_fields(r: Request, family: Family) -> Request:
 def flex_key(r: Request) -> tuple:
     """What the rows of resolved requests must share to run in one step-batched flight (steps and strength may
     differ): adapters, kind, size, sampler, guidance on/off."""
-    return (r.loras, r.kind, r.height, r.width, r.sampler, r.guidance_scale > 1.0, control_key(r))
+    return (r.loras, r.kind, r.height, r.width, r.sampler, r.guidance_scale > 1.0, control_key(r), tiling_key(r))
+
+
+def tiling_key(r: Request) -> tuple:
+    """What rows decoded (and encoded) together must share: tiled or not, and how (engine/tiling.py)."""
+    return (r.vae_tile_size, r.vae_tile_overlap) if r.vae_tiling == "on" else ()
 
 
 def row_key(row: Row) -> tuple:
@@ -301,6 +313,8 @@ class Generated:
 def image_params(request: Request, index: int) -> dict[str, Any]:
     """What a result records of its request: image `index` of it, with its own seed."""
     skip = ("init_image", "mask", "images", "resize", "loras", "controls", "guess_mode", "ip_image", "ip_scale")
+    if request.vae_tiling != "on":  # recorded when the VAE ran in tiles
+        skip += ("vae_tiling", "vae_tile_size", "vae_tile_overlap")
     params = {f.name: getattr(request, f.name) for f in fields(request) if f.name not in skip}  # loras: by the pipeline
     if request.ip_image is not None:  # the adapter's name: by the pipeline
         params["ip_scale"] = request.ip_scale

@@ -172,6 +172,7 @@ def folder_dims(folder: Path) -> Dims:
         "text_layers": int(texts[0].get("num_hidden_layers", 0))
         if "text_layers" in family.spec(family.roles.text_encoders[0]).output_names else 0,
         "vae_scale": 2 ** (len(vae["block_out_channels"]) - 1),
+        "vae_sample_size": int(vae.get("sample_size") or 512),
         "unet_scale": 2 ** (len(unet["down_block_types"]) - 1),
         "residual_channels": residual_channels,
         "residual_scales": residual_scales,

@@ -71,6 +71,7 @@ class Dims:
     ip_image_size: int = 0  # its input images are S x S
     ip_embed_dim: int = 0  # the width of its projected image embeddings
     text_layers: int = 0  # the first text encoder's layers (SD 1.x / 2.x clip's `text_layers` output: clip skip)
+    vae_sample_size: int = 512  # the VAE's sample_size: its tile in tiled decoding (engine/tiling.py), as diffusers'
 
     def __post_init__(self):  # build.json stores tuples as lists
         for name in ("residual_channels", "residual_scales"):

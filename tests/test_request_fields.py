@@ -39,7 +39,8 @@ def test_the_cli_passes_every_field_to_the_request(tmp_path):
                       "--original-size", "1", "2", "--crop", "3", "4", "--target-size", "5", "6", "--aesthetic-score",
                       "7", "--negative-aesthetic-score", "8", "--lora", f"{lora}:0.5", "--controlnet", "edges",
                       "--control-image", "c.png", "--guess-mode", "--ip-image", "p.png", "--ip-scale", "0.5",
-                      "--prompt-syntax", "plain", "--clip-skip", "2"])
+                      "--prompt-syntax", "plain", "--clip-skip", "2", "--vae-tiling", "on", "--vae-tile-size", "256",
+                      "--vae-tile-overlap", "0.125"])
     (req,) = cfg.requests()
     default = Request()
     unchanged = [f for f in FIELDS if getattr(req, f) == getattr(default, f)]

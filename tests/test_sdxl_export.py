@@ -104,7 +104,7 @@ def test_tiny_xl_is_a_diffusers_sdxl_folder(tiny_xl, tiny_xl_pipe, tiny_folder):
     # residuals: conv_in, block 0's resnet and downsampler (32), block 1's resnet (64), the mid block (64)
     assert folder_dims(folder) == tiny_xl.dims == Dims(text_dim=64, text2_dim=32, pooled_dim=32, time_ids=6,
                                                        vae_scale=8, unet_scale=2, residual_channels=(32, 32, 32, 64, 64),
-                                                       residual_scales=(1, 1, 2, 2, 2))
+                                                       residual_scales=(1, 1, 2, 2, 2), vae_sample_size=128)
     assert type(tiny_xl_pipe).__name__ == "StableDiffusionXLPipeline"
     # tokenizer_2: the same CLIP vocabulary, padded with "!" (id 0) like SDXL's; tokenizer pads with eos
     assert tiny_xl_pipe.tokenizer_2.pad_token == tiny_xl.tokenizer_2.pad_token == "!"

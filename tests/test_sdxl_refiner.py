@@ -59,7 +59,7 @@ def test_refiner_folder_and_family(refiner):
     assert preset.family == "sdxl-refiner" and preset.time_ids == REFINER_TIME_IDS == 5
     assert folder_dims(folder) == pipe.dims == Dims(text_dim=32, text2_dim=32, pooled_dim=32, time_ids=5,
                                                     vae_scale=8, unet_scale=2, residual_channels=(32, 32, 32, 64, 64),
-                                                    residual_scales=(1, 1, 2, 2, 2))  # tiny-xl's UNet down path
+                                                    residual_scales=(1, 1, 2, 2, 2), vae_sample_size=128)  # tiny-xl's UNet down path
     assert set(pipe.runners) == {"clip2", "unet", "vae_decoder", "vae_encoder"}  # the default components
     assert SDXL_REFINER.spec("unet").input_shapes(pipe.dims, 2, SIZE, SIZE)["time_ids"] == (2, 5)
 

@@ -25,6 +25,7 @@ from engine.lora import Adapter
 from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
 from engine.sampler_registry import get as sampler_record
 from engine.server.lora_dir import adapter_in_dir
+from engine.tiling import MAX_OVERLAP
 
 _R = Request()
 MAX_PROMPT_CHARS = 4000  # far past 4 chunks of 75 tokens (engine/prompts.py names the limit); longer is refused
@@ -207,6 +208,12 @@ class GenerateBody(_Common):
                                  "PNG/JPEG/WebP (or data URL), or a file part (multipart)")
     ip_scale: float = Field(_R.ip_scale, ge=0, le=MAX_IP_SCALE, description="the image prompt's weight; 0 = the "
                             "text-only image")
+    vae_tiling: Literal["auto", "on", "off"] = Field(_R.vae_tiling, description="tiled VAE: auto = only where the "
+                                                     "untiled decode would not fit in memory")
+    vae_tile_size: int | None = Field(_R.vae_tile_size, ge=16, le=MAX_SIDE, description="pixels per tile side; "
+                                      "null = the VAE's sample size")
+    vae_tile_overlap: float = Field(_R.vae_tile_overlap, ge=0, lt=MAX_OVERLAP, description="share of a tile blended "
+                                    "with each neighbour")
     response_format: Literal["json", "png"] = "json"
 
     _check_sampler = field_validator("sampler")(_sampler)
@@ -217,7 +224,8 @@ class GenerateBody(_Common):
         controls = tuple(ref.to_control(img) for ref, img in zip(self.controls, control_images or [], strict=True))
         return Request(loras=resolve_loras(self.loras, lora_dir), controls=controls, guess_mode=self.guess_mode,
                        ip_image=ip_image, ip_scale=self.ip_scale, prompt_syntax=self.prompt_syntax,
-                       clip_skip=self.clip_skip,
+                       clip_skip=self.clip_skip, vae_tiling=self.vae_tiling, vae_tile_size=self.vae_tile_size,
+                       vae_tile_overlap=self.vae_tile_overlap,
                        prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
                        guidance_scale=self.guidance_scale, sampler=self.sampler, seed=self.seed, height=self.height,
                        width=self.width, images=self.images, init_image=init_image, strength=self.strength,
