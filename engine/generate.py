@@ -18,6 +18,7 @@ from pathlib import Path
 
 from engine.config import BACKENDS
 from engine.control import PREPROCESS, Control
+from engine.hires import UPSCALERS as HIRES_UPSCALERS
 from engine.png import IMAGE_FORMATS
 from engine.prompts import SYNTAXES
 from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request, RequestError, flag
@@ -70,6 +71,10 @@ class GenerateConfig:
     vae_tiling: str = _R.vae_tiling  # engine/tiling.py: auto | on | off
     vae_tile_size: int | None = _R.vae_tile_size
     vae_tile_overlap: float = _R.vae_tile_overlap
+    hires_scale: float | None = _R.hires_scale  # engine/hires.py: A1111's hires fix
+    hires_steps: int | None = _R.hires_steps
+    hires_strength: float = _R.hires_strength
+    hires_upscaler: str = _R.hires_upscaler
     output: Path = Path("out")
     model: str | None = None  # None = the only model in the engine dir
     engine_dir: Path = Path("engines")
@@ -81,7 +86,9 @@ class GenerateConfig:
 
         return [Request(prompt=p, negative_prompt=self.negative_prompt, prompt_syntax=self.prompt_syntax,
                         clip_skip=self.clip_skip, vae_tiling=self.vae_tiling, vae_tile_size=self.vae_tile_size,
-                        vae_tile_overlap=self.vae_tile_overlap,
+                        vae_tile_overlap=self.vae_tile_overlap, hires_scale=self.hires_scale,
+                        hires_steps=self.hires_steps, hires_strength=self.hires_strength,
+                        hires_upscaler=self.hires_upscaler,
                         steps=self.steps,
                         guidance_scale=self.guidance_scale, sampler=self.scheduler, seed=self.seed,
                         height=self.height, width=self.width, images=self.images_per_prompt,
@@ -156,6 +163,14 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
                    help="pixels per tile side; None = the VAE's sample size (512 for SD 1.x)")
     p.add_argument("--vae-tile-overlap", type=float, default=d.vae_tile_overlap,
                    help="share of a tile blended with each neighbour, [0, 0.5)")
+    p.add_argument("--hires-scale", type=float, default=d.hires_scale,
+                   help="A1111's hires fix: generate at --height/--width, upscale by this (1, 4], then img2img there")
+    p.add_argument("--hires-steps", type=int, default=d.hires_steps, help="the second pass's steps; None = --steps")
+    p.add_argument("--hires-strength", type=float, default=d.hires_strength,
+                   help="the second pass's denoising strength, (0, 1]")
+    p.add_argument("--hires-upscaler", choices=HIRES_UPSCALERS, default=d.hires_upscaler,
+                   help="latent: bilinear latents (A1111's Latent); latent-nearest; lanczos: in pixels (needs the "
+                        "VAE encoder)")
     p.add_argument("--output", type=Path, default=d.output,
                    help=f"an image file ({', '.join(IMAGE_FORMATS)}), or a folder (no suffix) for numbered PNGs")
     p.add_argument("--model", default=d.model, help="model id, preset or path given to engine.build; "

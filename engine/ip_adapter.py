@@ -34,6 +34,17 @@ def check(image: Any, scale: Any) -> None:
         raise RequestError("ip_scale", f"ip_scale {scale:g} is outside [0, {MAX_SCALE:g}] (0 = no image prompt)")
 
 
+def request_pixels(source: ImageSource | None, built: dict[str, Any] | None, model: str | None) -> torch.Tensor | None:
+    """A request's image prompt (None: none) as the image encoder's input; RequestError naming `ip_image` when the
+    engines were built without an IP-Adapter (`built`: their record of it) or the image is not one."""
+    if source is None:
+        return None
+    if built is None:
+        raise RequestError(FIELD, f"model {model!r} was built without an IP-Adapter: rebuild with python -m "
+                                  f"engine.build --model {model} --ip-adapter FILE")
+    return pixels(source, built)
+
+
 def pixels(source: ImageSource, prep: dict[str, Any]) -> torch.Tensor:
     """An image prompt -> the encoder's `pixel_values` [1, 3, S, S] float32, as CLIPImageProcessor makes them:
     RGB, shortest side resized to prep["resize"] (bicubic), centre crop prep["crop"], [0, 1], (x - mean) / std.

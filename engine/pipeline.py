@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import cache, control, graphs, images, ip_adapter, memory, samplers
+from engine import cache, control, graphs, hires, images, ip_adapter, memory, samplers
 from engine import request as T  # the timing keys, StopFn, Stopped
 from engine.backends.base import Runner, get_backend
 from engine.cache import find_model_dir  # engine.serve and tests look it up here too
@@ -196,21 +196,12 @@ class Pipeline:
         mask = images.load_field(images.load_mask, "mask", r.mask, h, w, r.resize)
         controls = tuple(images.load_field(images.load_control_image, control.FIELD, c.source, h, w, r.resize)
                          for c in r.controls)
-        ip_image = self._image_prompt(r)
+        ip_image = ip_adapter.request_pixels(r.ip_image, self.info.get("ip_adapter"), self.info.get("model"))
+        if r.hires_scale is not None:
+            hires.prepare(self, r)  # the second pass's size, memory and engines
         if schedule is not None:  # the request passed every check: its tables are worth keeping
             self._keep_schedule((r.sampler, r.steps, r.strength), schedule.to(self.device))
         return PreparedRequest(r, image, mask, controls, ip_image, max(t.chunks for t in texts), texts)
-
-    def _image_prompt(self, r: Request) -> torch.Tensor | None:
-        """The request's image prompt as the image encoder's input; RequestError naming `ip_image` when this engine
-        has no IP-Adapter or the image is not one."""
-        if r.ip_image is None:
-            return None
-        if not self.has_role("image_encoder"):
-            model = self.info.get("model")
-            raise RequestError(ip_adapter.FIELD, f"model {model!r} was built without an IP-Adapter: rebuild with "
-                                                 f"python -m engine.build --model {model} --ip-adapter FILE")
-        return ip_adapter.pixels(r.ip_image, self.info["ip_adapter"])
 
     def check_memory(self, height: int, width: int, images: int, cfg: bool,
                      decode: tuple[int, int] | None = None) -> memory.Estimate:
@@ -266,21 +257,28 @@ class Pipeline:
                                              f"[{self.profile.lo.batch}, {self.profile.hi.batch}]")
         size = min(size, self.profile.hi.batch)
         groups: dict[tuple, list[Row]] = {}
-        for j, p in enumerate(prepared):
-            groups.setdefault(p.batch_key, []).extend(p.rows(j))
         results: dict[tuple[int, int], Generated] = {}
+        for j, p in enumerate(prepared):
+            if p.request.hires_scale is not None:  # two passes (engine/hires.py)
+                self.use_adapters(p.request.loras)
+                done = hires.run(self, p, j, size, progress=progress, cuda_graph=cuda_graph, stop=stop)
+                results.update(((j, k), g) for k, g in enumerate(done))
+            else:
+                groups.setdefault(p.batch_key, []).extend(p.rows(j))
         for members in groups.values():
             self.use_adapters(members[0].request.loras)
             cfg = prepared[members[0].req].cfg
             for start in range(0, len(members), size):
                 chunk = members[start:start + size]
-                pixels, timings, graphed = self._run_batch(chunk, cfg, progress, cuda_graph, stop)
+                pixels, timings, graphed = self.run_batch(chunk, cfg, progress, cuda_graph, stop)
                 for row, px in zip(chunk, pixels, strict=True):
                     results[(row.req, row.k)] = self.result(row, px, graphed, timings)
         return [results[(j, k)] for j, p in enumerate(prepared) for k in range(p.request.images)]
 
-    def _run_batch(self, rows: list[Row], cfg: bool, progress: bool, cuda_graph: bool,
-                   stop: T.StopFn | None = None) -> tuple[np.ndarray, dict[str, float], bool]:
+    def run_batch(self, rows: list[Row], cfg: bool, progress: bool = True, cuda_graph: bool = True,
+                  stop: T.StopFn | None = None, decode: bool = True) -> tuple[Any, dict[str, float], bool]:
+        """One batch of rows that share a batch key: (pixels [B, H, W, 3] uint8, or the latents [B, C, h, w] when
+        not `decode`), the stage timings (ms) and whether the steps ran in a CUDA graph."""
         from tqdm import tqdm
 
         n_real = len(rows)
@@ -301,6 +299,8 @@ class Pipeline:
         latents, graphed = self._denoise(step_key, schedule, cfg, buffers, cuda_graph, progress and tqdm, stop)
         t = self._lap(timings, T.TIMING_DENOISE, t)
         timings[T.TIMING_STEP] = timings[T.TIMING_DENOISE] / schedule.run_steps
+        if not decode:
+            return latents[:n_real], timings, graphed
         pixels = self.decode(latents, r)[:n_real]
         self._lap(timings, T.TIMING_DECODE, t)
         timings[T.TIMING_TOTAL] = (self._now() - t_start) * 1e3
@@ -401,9 +401,9 @@ class Pipeline:
         inpaint_9 = r.kind == "inpaint" and self.dims.inpainting_unet
         pure_noise = r.kind == "txt2img" or (r.kind == "inpaint" and r.strength == 1.0)
         out: Buffers = {}
-        image = torch.cat([row.image for row in rows]) if r.kind != "txt2img" else None  # [B, 3, H, W]
-        image_latents = None
-        if image is not None and not (inpaint_9 and pure_noise):
+        image = torch.cat([row.image for row in rows]) if rows[0].image is not None else None  # [B, 3, H, W]
+        image_latents = torch.cat([row.latents for row in rows]) if rows[0].latents is not None else None  # given
+        if image is not None and image_latents is None and not (inpaint_9 and pure_noise):
             image_latents = sample_latents(self.role("latent_encoder"), image, gens, self.tiling(r))  # [B, 4, h, w]
         noise = randn_rows(gens, shape)  # [B, 4, h, w]
         if pure_noise:

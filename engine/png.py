@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from engine.hires import UPSCALERS as HIRES_NAMES
 from engine.sampler_registry import REGISTRY
 
 # suffix -> Pillow format; anything else is refused
@@ -72,7 +73,11 @@ def infotext_fields(params: dict[str, Any]) -> dict[str, Any]:
         # a caller supplies `model_hash`; a made-up hash would mislead tools that look models up by it.
         "Model hash": params.get("model_hash"),
         "Model": model_name(params.get("model")),
-        "Denoising strength": params.get("strength"),  # img2img / inpainting only (txt2img has none)
+        "Denoising strength": params.get("strength", params.get("hires_strength") if params.get("hires_scale")
+                                         else None),  # img2img / inpainting; or the hires fix's second pass
+        "Hires upscale": params.get("hires_scale"),  # A1111's hires fix: both passes
+        "Hires steps": params.get("hires_steps") if params.get("hires_scale") else None,  # given (A1111: 0 = steps)
+        "Hires upscaler": HIRES_NAMES.get(params.get("hires_upscaler", "")) if params.get("hires_scale") else None,
         "Clip skip": params.get("clip_skip") if (params.get("clip_skip") or 1) > 1 else None,  # as A1111: from 2
         # A1111's record of the adapters: `Lora hashes: "name: hash, name: hash"` (the prompt carries <lora:..>)
         "Lora hashes": ", ".join(f"{a['name']}: {a['hash']}" for a in params["loras"]) if params.get("loras") else None,

@@ -26,6 +26,7 @@ import numpy as np
 
 from engine.control import Control
 from engine.control import check as check_controls
+from engine.hires import check as check_hires
 from engine.ip_adapter import check as check_image_prompt
 from engine.prompts import check_syntax
 from engine.tiling import OVERLAP
@@ -86,6 +87,11 @@ class Request:
     vae_tiling: str = "auto"  # "auto" | "on" | "off"; a prepared request holds "on" or "off"
     vae_tile_size: int | None = None  # pixels per tile side; None = the VAE's sample size (diffusers' tile)
     vae_tile_overlap: float = OVERLAP  # the share of a tile blended with each neighbour (diffusers': 0.25)
+    # A1111's hires fix (engine/hires.py): txt2img at height x width, upscaled by hires_scale, then img2img there
+    hires_scale: float | None = None  # None = off; (1, 4]
+    hires_steps: int | None = None  # the second pass's steps; None = steps
+    hires_strength: float = 0.7  # its denoising strength, (0, 1] (A1111's default)
+    hires_upscaler: str = "latent"  # "latent" (bilinear), "latent-nearest", "lanczos" (in pixels)
 
     @property
     def kind(self) -> str:
@@ -143,6 +149,8 @@ class Request:
         check_image_prompt(self.ip_image, self.ip_scale)
         check_syntax(self.prompt_syntax)
         check_tiling(self.vae_tiling, self.vae_tile_size, self.vae_tile_overlap, 1)  # the model's multiple: prepare
+        if self.hires_scale is not None:
+            check_hires(self)
 
     def _check_loras(self) -> None:
         from engine.lora import Adapter, check_lora_file
@@ -251,6 +259,7 @@ class Row:
     ip_image: torch.Tensor | None = None  # the image prompt, CLIP-normalised [1, 3, S, S]
     chunks: int = 1  # its prompts' chunks of 77 text tokens (the longer of prompt and negative prompt)
     texts: tuple[Any, ...] = ()  # its prompts read for each text encoder (engine/text.py Prompts)
+    latents: torch.Tensor | None = None  # [1, C, h, w] scaled latents to start from instead of encoding `image`
 
     @property
     def seed(self) -> int:
@@ -315,6 +324,8 @@ def image_params(request: Request, index: int) -> dict[str, Any]:
     skip = ("init_image", "mask", "images", "resize", "loras", "controls", "guess_mode", "ip_image", "ip_scale")
     if request.vae_tiling != "on":  # recorded when the VAE ran in tiles
         skip += ("vae_tiling", "vae_tile_size", "vae_tile_overlap")
+    if request.hires_scale is None:  # recorded when the hires fix ran
+        skip += ("hires_scale", "hires_steps", "hires_strength", "hires_upscaler")
     params = {f.name: getattr(request, f.name) for f in fields(request) if f.name not in skip}  # loras: by the pipeline
     if request.ip_image is not None:  # the adapter's name: by the pipeline
         params["ip_scale"] = request.ip_scale

@@ -40,7 +40,8 @@ def test_the_cli_passes_every_field_to_the_request(tmp_path):
                       "7", "--negative-aesthetic-score", "8", "--lora", f"{lora}:0.5", "--controlnet", "edges",
                       "--control-image", "c.png", "--guess-mode", "--ip-image", "p.png", "--ip-scale", "0.5",
                       "--prompt-syntax", "plain", "--clip-skip", "2", "--vae-tiling", "on", "--vae-tile-size", "256",
-                      "--vae-tile-overlap", "0.125"])
+                      "--vae-tile-overlap", "0.125", "--hires-scale", "2", "--hires-steps", "9", "--hires-strength",
+                      "0.4", "--hires-upscaler", "lanczos"])
     (req,) = cfg.requests()
     default = Request()
     unchanged = [f for f in FIELDS if getattr(req, f) == getattr(default, f)]

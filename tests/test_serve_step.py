@@ -67,6 +67,12 @@ def test_more_images_than_a_flight_holds_is_a_400_naming_the_field(server):
     assert status == 400 and err["param"] == "n" and "n 5 is over --max-batch 4" in err["message"]
 
 
+def test_the_hires_fix_is_refused_naming_the_field(server):
+    status, body = post(server, {"prompt": "big", "steps": 2, "hires_scale": 2})
+    assert status == 400 and body["error"]["param"] == "hires_scale", body
+    assert "--batching request" in body["error"]["message"]
+
+
 def test_queue_bound_answers_429_and_everything_accepted_finishes(server):
     bodies = [{"prompt": f"flood {i}", "steps": 30, "seed": i, "images": 4} for i in range(8)]
     out: list[int] = []

@@ -36,8 +36,13 @@ def run_steps(request: Request) -> int:
 
 
 def cost(request: Request, height: int, width: int) -> float:
-    """Megapixel-steps of one request (per image; guidance's second row counted in `estimate_s`, not here)."""
-    return run_steps(request) * megapixels(request, height, width) * request.images
+    """Megapixel-steps of one request (per image; guidance's second row counted in `estimate_s`, not here); the
+    hires fix's second pass counted at its size."""
+    total = run_steps(request) * megapixels(request, height, width)
+    if request.hires_scale is not None:
+        second = math.ceil((request.hires_steps or request.steps) * request.hires_strength)
+        total += second * megapixels(request, height, width) * request.hires_scale ** 2
+    return total * request.images
 
 
 class CostMeter:

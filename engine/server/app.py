@@ -235,6 +235,10 @@ class ServerState:
         if request.images > self.config.max_images:
             raise ApiError(400, f"{images_field} {request.images} is over this server's limit "
                                 f"(--max-images {self.config.max_images})", images_field)
+        if request.hires_scale is not None and self.config.batching == "step":
+            raise ApiError(400, "the hires fix runs two passes of one request: this server runs --batching step, "
+                                "which it does not take (run the server with --batching request)",
+                           params.get("hires_scale", "hires_scale"))
         limit = self.batcher.images_limit
         if limit is not None and request.images > limit:
             raise ApiError(400, f"{images_field} {request.images} is over --max-batch {limit}: step batching runs "

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from engine.control import MAX_SCALE as MAX_CONTROL_SCALE
 from engine.control import Control
+from engine.hires import MAX_SCALE as MAX_HIRES_SCALE
 from engine.ip_adapter import MAX_SCALE as MAX_IP_SCALE
 from engine.lora import Adapter
 from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
@@ -214,6 +215,11 @@ class GenerateBody(_Common):
                                       "null = the VAE's sample size")
     vae_tile_overlap: float = Field(_R.vae_tile_overlap, ge=0, lt=MAX_OVERLAP, description="share of a tile blended "
                                     "with each neighbour")
+    hires_scale: float | None = Field(_R.hires_scale, gt=1, le=MAX_HIRES_SCALE, allow_inf_nan=False,
+                                      description="A1111's hires fix: upscale the image by this, then img2img there")
+    hires_steps: int | None = Field(_R.hires_steps, ge=1, le=MAX_STEPS, description="null = steps")
+    hires_strength: float = Field(_R.hires_strength, gt=0, le=1, description="the second pass's denoising strength")
+    hires_upscaler: Literal["latent", "latent-nearest", "lanczos"] = _R.hires_upscaler
     response_format: Literal["json", "png"] = "json"
 
     _check_sampler = field_validator("sampler")(_sampler)
@@ -225,7 +231,9 @@ class GenerateBody(_Common):
         return Request(loras=resolve_loras(self.loras, lora_dir), controls=controls, guess_mode=self.guess_mode,
                        ip_image=ip_image, ip_scale=self.ip_scale, prompt_syntax=self.prompt_syntax,
                        clip_skip=self.clip_skip, vae_tiling=self.vae_tiling, vae_tile_size=self.vae_tile_size,
-                       vae_tile_overlap=self.vae_tile_overlap,
+                       vae_tile_overlap=self.vae_tile_overlap, hires_scale=self.hires_scale,
+                       hires_steps=self.hires_steps, hires_strength=self.hires_strength,
+                       hires_upscaler=self.hires_upscaler,
                        prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
                        guidance_scale=self.guidance_scale, sampler=self.sampler, seed=self.seed, height=self.height,
                        width=self.width, images=self.images, init_image=init_image, strength=self.strength,
