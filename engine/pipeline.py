@@ -201,7 +201,7 @@ class Pipeline:
             hires.prepare(self, r)  # the second pass's size, memory and engines
         if schedule is not None:  # the request passed every check: its tables are worth keeping
             self._keep_schedule((r.sampler, r.steps, r.strength), schedule.to(self.device))
-        return PreparedRequest(r, image, mask, controls, ip_image, max(t.chunks for t in texts), texts)
+        return PreparedRequest(r, image, mask, controls, ip_image, texts)
 
     def check_memory(self, height: int, width: int, images: int, cfg: bool,
                      decode: tuple[int, int] | None = None) -> memory.Estimate:

@@ -229,6 +229,11 @@ def tiling_key(r: Request) -> tuple:
     return (r.vae_tile_size, r.vae_tile_overlap) if r.vae_tiling == "on" else ()
 
 
+def text_chunks(texts: tuple[Any, ...]) -> int:
+    """The chunks a request's prompts take: the longest of each text encoder's (1 when none were read)."""
+    return max((t.chunks for t in texts), default=1)
+
+
 def row_key(row: Row) -> tuple:
     """The flight key of a row: its request's, and its prompts' chunk count (engine/prompts.py: rows of one UNet
     batch take text of one length)."""
@@ -257,9 +262,13 @@ class Row:
     mask: torch.Tensor | None  # [1, 1, H, W] in {0, 1}
     controls: tuple[torch.Tensor, ...] = ()  # each control image [1, 3, H, W] in [0, 1], request.controls' order
     ip_image: torch.Tensor | None = None  # the image prompt, CLIP-normalised [1, 3, S, S]
-    chunks: int = 1  # its prompts' chunks of 77 text tokens (the longer of prompt and negative prompt)
     texts: tuple[Any, ...] = ()  # its prompts read for each text encoder (engine/text.py Prompts)
     latents: torch.Tensor | None = None  # [1, C, h, w] scaled latents to start from instead of encoding `image`
+
+    @property
+    def chunks(self) -> int:
+        """Its prompts' chunks of 77 text tokens: the most any text encoder's prompt or negative prompt takes."""
+        return text_chunks(self.texts)
 
     @property
     def seed(self) -> int:
@@ -276,8 +285,12 @@ class PreparedRequest:
     mask: torch.Tensor | None = None  # [1, 1, H, W] in {0, 1}
     controls: tuple[torch.Tensor, ...] = ()  # each control image [1, 3, H, W] in [0, 1]
     ip_image: torch.Tensor | None = None  # the image prompt, CLIP-normalised [1, 3, S, S]
-    chunks: int = 1  # its prompts' chunks of 77 text tokens (engine/prompts.py)
     texts: tuple[Any, ...] = ()  # its prompts read for each text encoder (engine/text.py Prompts)
+
+    @property
+    def chunks(self) -> int:
+        """Its prompts' chunks of 77 text tokens (engine/prompts.py)."""
+        return text_chunks(self.texts)
 
     @property
     def cfg(self) -> bool:
@@ -293,8 +306,8 @@ class PreparedRequest:
         return (*batch_key(self.request), self.chunks)
 
     def rows(self, req: int = -1) -> list[Row]:
-        return [Row(req, k, self.request, self.image, self.mask, self.controls, self.ip_image, self.chunks,
-                    self.texts) for k in range(self.request.images)]
+        return [Row(req, k, self.request, self.image, self.mask, self.controls, self.ip_image, self.texts)
+                for k in range(self.request.images)]
 
 
 # the stage timings a static batch's `Generated` records, in ms; named as the first reports named them (their

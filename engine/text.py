@@ -52,6 +52,7 @@ class TextEncoders:
         self.embeddings = dict(embeddings or {})
         counts = {e.name: e.count for e in self.embeddings.values()}
         self.indexes = [prompts.EmbeddingIndex.of(prompts.pieces(t), counts) for t in self.tokenizers]
+        self.empty = [prompts.text_chunks("", t, "a1111", self.text_len) for t in self.tokenizers]  # the padding chunk
         self.vectors = {name: {e.name: e.vectors[name].to(self.runners[name].device) for e in self.embeddings.values()}
                         for name in self.names}  # text encoder -> embedding -> its vectors [n, C] on its device
 
@@ -85,8 +86,7 @@ class TextEncoders:
         outs = {}
         for i, name in enumerate(self.names):
             texts = ([row.texts[i].negative for row in rows] if cfg else []) + [row.texts[i].prompt for row in rows]
-            empty = prompts.text_chunks("", self.tokenizers[i], "a1111", self.text_len)
-            texts = [prompts.pad(t, empty, k) for t in texts]
+            texts = [prompts.pad(t, self.empty[i], k) for t in texts]
             outs[name] = prompts.encode_chunks(self.runners[name], texts, skips * 2 if cfg else skips,
                                                self.widths[name], self.vectors[name])
         return outs
