@@ -207,15 +207,3 @@ def conditioned_engines(tmp_path_factory, conditioned_parts) -> Path:
     return _shared_build(tmp_path_factory, "conditioned_engines", model="tiny", backend="onnxruntime",
                          precision="fp32", height=64, width=64, components=TINY_SD_COMPONENTS,
                          controlnets=(str(parts["edges"]), str(parts["depth"])), ip_adapter=str(parts["ip"]))
-
-
-
-def pytest_configure(config) -> None:
-    """Under pytest-xdist, each worker pinned to its own share of the cores: torch's and ONNX Runtime's thread
-    pools follow the affinity mask (engine/backends/cpu.py threads()), so two workers on two cores no longer run
-    four spinning pools. Measured on 2 cores, four engine-building test files: 292 s pinned, 360 s unpinned."""
-    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if worker and count and hasattr(os, "sched_setaffinity"):
-        cores, n, i = sorted(os.sched_getaffinity(0)), int(count), int(worker.removeprefix("gw"))
-        if len(cores) >= n:
-            os.sched_setaffinity(0, cores[i::n])
