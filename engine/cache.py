@@ -240,3 +240,17 @@ def find_model_dir(engine_dir: Path, model: str | None) -> Path:
         if model in (record.get("model"), record.get("model_id")) or wanted == record.get("source"):
             return model_dir
     raise ValueError(f"no engines for model {model!r} in {engine_dir} (it holds {', '.join(found)}): {hint}")
+
+
+def find_family_dir(engine_dir: Path, family: str) -> Path:
+    """<engine_dir>/<model_id> of the one model of `family` there (an SDXL base's refiner); LookupError naming what
+    the dir holds when it has none or several."""
+    held = {p.parent.name: read_record(p).get("family") for p in sorted(engine_dir.glob(f"*/{BUILD_RECORD}"))}
+    found = [name for name, fam in held.items() if fam == family]
+    if len(found) == 1:
+        return engine_dir / found[0]
+    have = ", ".join(f"{name} ({fam})" for name, fam in held.items()) or "nothing"
+    if found:
+        raise LookupError(f"{engine_dir} holds several {family} models ({', '.join(found)}): keep one there")
+    raise LookupError(f"{engine_dir} holds no {family} model (it holds {have}): build one there with python -m "
+                      f"engine.build --model <its folder or preset> --engine-dir {engine_dir}")

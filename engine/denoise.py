@@ -101,9 +101,9 @@ def sample_latents(vae_encoder: Runner, images: torch.Tensor, gens: list[torch.G
 
 
 def step_noise(schedule: samplers.Schedule, gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
-    """[N, B, 4, h, w]: the noise of each executed step (zeros before schedule.start)."""
+    """[N, B, 4, h, w]: the noise of each executed step (zeros at the steps not run)."""
     n = schedule.num_steps
     noise = torch.zeros((n, len(gens), *shape[1:]), dtype=torch.float32)
-    for s in range(schedule.start, n):
+    for s in range(schedule.start, schedule.stop):
         noise[s] = randn_rows(gens, shape)
     return noise

@@ -75,6 +75,7 @@ class GenerateConfig:
     hires_steps: int | None = _R.hires_steps
     hires_strength: float = _R.hires_strength
     hires_upscaler: str = _R.hires_upscaler
+    refiner_switch: float | None = _R.refiner_switch  # engine/refiner.py: SDXL base -> the refiner in the engine dir
     output: Path = Path("out")
     model: str | None = None  # None = the only model in the engine dir
     engine_dir: Path = Path("engines")
@@ -88,7 +89,7 @@ class GenerateConfig:
                         clip_skip=self.clip_skip, vae_tiling=self.vae_tiling, vae_tile_size=self.vae_tile_size,
                         vae_tile_overlap=self.vae_tile_overlap, hires_scale=self.hires_scale,
                         hires_steps=self.hires_steps, hires_strength=self.hires_strength,
-                        hires_upscaler=self.hires_upscaler,
+                        hires_upscaler=self.hires_upscaler, refiner_switch=self.refiner_switch,
                         steps=self.steps,
                         guidance_scale=self.guidance_scale, sampler=self.scheduler, seed=self.seed,
                         height=self.height, width=self.width, images=self.images_per_prompt,
@@ -171,6 +172,9 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--hires-upscaler", choices=HIRES_UPSCALERS, default=d.hires_upscaler,
                    help="latent: bilinear latents (A1111's Latent); latent-nearest; lanczos: in pixels (needs the "
                         "VAE encoder)")
+    p.add_argument("--refiner-switch", type=float, default=d.refiner_switch, metavar="FRACTION",
+                   help="SDXL: the base denoises this share of the schedule, (0, 1), the refiner built into the same "
+                        "--engine-dir the rest (diffusers' denoising_end / denoising_start)")
     p.add_argument("--output", type=Path, default=d.output,
                    help=f"an image file ({', '.join(IMAGE_FORMATS)}), or a folder (no suffix) for numbered PNGs")
     p.add_argument("--model", default=d.model, help="model id, preset or path given to engine.build; "

@@ -21,10 +21,16 @@ if TYPE_CHECKING:
 
     from engine.request import Generated, PreparedRequest
 
+FIELD = "hires_scale"  # engine/passes.py: the field that turns it on
+LATER_FIELDS: tuple[str, ...] = ()  # the second pass runs on the same model
 UPSCALERS = {"latent": "Latent", "latent-nearest": "Latent (nearest)", "lanczos": "Lanczos"}  # ours -> A1111's name
 MAX_SCALE = 4.0
 OFF = {"hires_scale": None, "hires_steps": None}  # a request with these is an ordinary one
 SOURCE = "hires fix"  # the second pass's init image: its start is the first pass's (Row.latents or Row.image)
+
+
+def wanted(r: Any) -> bool:
+    return r.hires_scale is not None
 
 
 def check(r: Any) -> None:

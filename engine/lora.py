@@ -14,15 +14,16 @@ import hashlib
 import math
 import re
 import warnings
-from collections.abc import Container, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from engine.lora_cache import FILE_BYTES, FILES, FileKey, LoraFileCache, Lru
-from export.errors import PICKLE_SUFFIXES
+from export.errors import PICKLE_SUFFIXES, RequestError
 
 TARGETS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -346,6 +347,25 @@ def apply(model: nn.Module, loras: Sequence[tuple[LoraPart, float]]) -> AppliedL
 def parts_for(loras: Sequence[tuple[LoraWeights, float]], target: str) -> list[tuple[LoraPart, float]]:
     """(part, scale) of every adapter that touches sub-model `target`."""
     return [(w.parts[target], s) for w, s in loras if target in w.parts]
+
+
+def merged_runners(adapters: Sequence[Adapter], runners: Mapping[str, Any], spec: Callable[[str], Any],
+                   model: str | None) -> tuple[dict[str, dict[str, torch.Tensor] | None], list]:
+    """(runner name -> its weights with `adapters` merged, None where no adapter touches it; the loaded adapters and
+    scales), every adapter loaded and checked against every runner first; RequestError naming `loras` for weights
+    of a sub-model none of `runners` (their `spec(name).model_folder`) holds."""
+    loaded = [(load_lora(a.path), float(a.scale)) for a in adapters]
+    folders = {spec(name).model_folder: name for name in runners}
+    merged: dict[str, dict[str, torch.Tensor] | None] = {}
+    for target in TARGETS:
+        parts = parts_for(loaded, target)
+        if parts and target not in folders:
+            raise RequestError("loras", f"LoRA {parts[0][0].adapter!r} has {target} weights, which model {model!r} has "
+                                        "no engine for")
+        if target in folders:
+            name = folders[target]
+            merged[name] = merged_tensors(runners[name].base_weights(), parts, target) if parts else None
+    return merged, loaded
 
 
 def adapter_params(loras: Sequence[tuple[LoraWeights, float]]) -> list[dict]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -32,13 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import cache, control, graphs, hires, images, ip_adapter, memory, samplers
+from engine import cache, control, graphs, images, ip_adapter, memory, passes, samplers
 from engine import request as T  # the timing keys, StopFn, Stopped
 from engine.backends.base import Runner, get_backend
 from engine.cache import find_model_dir  # engine.serve and tests look it up here too
 from engine.config import Profile
 from engine.denoise import COND, Buffers, denoise_step, randn_rows, sample_latents, step_noise
 from engine.embeddings import Embedding, encoder_widths, load_embeddings
+from engine.lora_cache import Lru
 from engine.request import (
     Generated,
     PreparedRequest,
@@ -77,11 +77,14 @@ class Pipeline:
         self.batch_size = batch_size or profile.opt.batch  # images denoised together
         self.device = self.role("denoiser").device
         self.graphs = graphs.StepGraphCache(MAX_GRAPHS)  # both drivers' captured steps
-        self._schedules: OrderedDict[tuple, samplers.Schedule] = OrderedDict()  # bounded: MAX_SCHEDULES
-        self._schedules_lock = threading.Lock()  # prepare (a server thread) and run (the batch thread) both read it
+        # by (sampler, steps, strength); bounded; prepare (a server thread) and run (the batch thread) both read it
+        self._schedules: Lru[tuple, samplers.Schedule] = Lru(max_entries=MAX_SCHEDULES)
         self._applied: tuple = ()  # the adapters merged into the runners now
         self.adapter_params: list[dict] = []  # what images record of them; a new list at every change
         self.text = TextEncoders(family, runners, tokenizers, dims, self.max_chunks, embeddings)  # engine/text.py
+        self.embeddings_dir: Path | None = None  # where `embeddings` were read (a companion reads it too)
+        self._companions: dict[str, Pipeline] = {}  # other models of its engine dir, by family (self.companion)
+        self._companions_lock = threading.Lock()
 
     def role(self, role: str) -> Runner:
         """The runner playing a family role: "denoiser", "latent_decoder", "latent_encoder"."""
@@ -125,11 +128,27 @@ class Pipeline:
         info = {**record, "engine_dir": str(model_dir)}
         found = None if embeddings is None else load_embeddings(embeddings, encoder_widths(family, dims),
                                                                 family.embedding_keys)
-        return cls(runners, tokenizers, scheduler_config, family, dims, Profile.from_json(record["profile"]), info,
+        pipe = cls(runners, tokenizers, scheduler_config, family, dims, Profile.from_json(record["profile"]), info,
                    batch_size, found)
+        pipe.embeddings_dir = embeddings
+        return pipe
+
+    def companion(self, family: str) -> Pipeline:
+        """The pipeline of the one other model of `family` in this model's engine dir (the SDXL refiner), loaded on
+        first use, on this device; LookupError naming what the dir holds when it has none or several."""
+        with self._companions_lock:
+            found = self._companions.get(family)
+            if found is None:
+                root = Path(self.info["engine_dir"]).parent
+                model_dir = cache.find_family_dir(root, family)
+                found = Pipeline.load(root, model_dir.name, device=str(self.device), embeddings=self.embeddings_dir)
+                self._companions[family] = found
+            return found
 
     def close(self) -> None:
         self.graphs.clear()
+        for other in self._companions.values():
+            other.close()
         for runner in self.runners.values():
             runner.close()
 
@@ -138,21 +157,11 @@ class Pipeline:
     def schedule(self, sampler: str, steps: int, strength: float | None) -> samplers.Schedule:
         """The sampler's device tables for (sampler, steps, strength), kept in a bounded LRU (MAX_SCHEDULES)."""
         key = (sampler, steps, strength)
-        with self._schedules_lock:
-            found = self._schedules.get(key)
-            if found is not None:
-                self._schedules.move_to_end(key)
-                return found
-        made = self._make_schedule(sampler, steps, strength).to(self.device)
-        self._keep_schedule(key, made)
-        return made
-
-    def _keep_schedule(self, key: tuple, schedule: samplers.Schedule) -> None:
-        with self._schedules_lock:
-            self._schedules[key] = schedule
-            self._schedules.move_to_end(key)
-            while len(self._schedules) > MAX_SCHEDULES:
-                self._schedules.popitem(last=False)
+        found = self._schedules.get(key)
+        if found is None:
+            found = self._make_schedule(sampler, steps, strength).to(self.device)
+            self._schedules.put(key, found)
+        return found
 
     def _make_schedule(self, sampler: str, steps: int, strength: float | None) -> samplers.Schedule:
         return samplers.make_schedule(sampler, self.scheduler_config, steps, 1.0 if strength is None else strength)
@@ -167,7 +176,7 @@ class Pipeline:
         r = self._with_tiling(r)
         tile = self.tiling(r)
         self.check_memory(h, w, r.images, r.guidance_scale > 1, (min(tile.tile, h), min(tile.tile, w)) if tile else None)
-        r = with_family_fields(r, self.family)  # e.g. SDXL's time ids: diffusers' defaults filled in
+        r = with_family_fields(r, self.family, passes.later_fields(r))  # e.g. SDXL's time ids: diffusers' defaults
         model = self.info.get("model")
         if r.kind == "txt2img" and not self.family.txt2img:
             raise RequestError("init_image", f"model {model!r} ({self.family.name}) is img2img only: give an init "
@@ -197,10 +206,11 @@ class Pipeline:
         controls = tuple(images.load_field(images.load_control_image, control.FIELD, c.source, h, w, r.resize)
                          for c in r.controls)
         ip_image = ip_adapter.request_pixels(r.ip_image, self.info.get("ip_adapter"), self.info.get("model"))
-        if r.hires_scale is not None:
-            hires.prepare(self, r)  # the second pass's size, memory and engines
+        plan = passes.of(r)
+        if plan is not None:
+            plan.prepare(self, r)  # the later pass's size, memory and engines (engine/passes.py)
         if schedule is not None:  # the request passed every check: its tables are worth keeping
-            self._keep_schedule((r.sampler, r.steps, r.strength), schedule.to(self.device))
+            self._schedules.put((r.sampler, r.steps, r.strength), schedule.to(self.device))
         return PreparedRequest(r, image, mask, controls, ip_image, texts)
 
     def check_memory(self, height: int, width: int, images: int, cfg: bool,
@@ -231,9 +241,8 @@ class Pipeline:
     def _check_schedule(self, r: Request) -> samplers.Schedule | None:
         """RequestError naming `sampler` for an unknown one, else `steps` (or `strength`) the sampler refuses; the
         tables built to check them (None when cached already), kept by `prepare` only once every check passed."""
-        with self._schedules_lock:
-            if (r.sampler, r.steps, r.strength) in self._schedules:  # built before, so valid
-                return None
+        if (r.sampler, r.steps, r.strength) in self._schedules:  # built before, so valid
+            return None
         try:
             return self._make_schedule(r.sampler, r.steps, r.strength)
         except ValueError as exc:
@@ -259,9 +268,10 @@ class Pipeline:
         groups: dict[tuple, list[Row]] = {}
         results: dict[tuple[int, int], Generated] = {}
         for j, p in enumerate(prepared):
-            if p.request.hires_scale is not None:  # two passes (engine/hires.py)
+            plan = passes.of(p.request)
+            if plan is not None:  # two passes (engine/passes.py)
                 self.use_adapters(p.request.loras)
-                done = hires.run(self, p, j, size, progress=progress, cuda_graph=cuda_graph, stop=stop)
+                done = plan.run(self, p, j, size, progress=progress, cuda_graph=cuda_graph, stop=stop)
                 results.update(((j, k), g) for k, g in enumerate(done))
             else:
                 groups.setdefault(p.batch_key, []).extend(p.rows(j))
@@ -276,15 +286,17 @@ class Pipeline:
         return [results[(j, k)] for j, p in enumerate(prepared) for k in range(p.request.images)]
 
     def run_batch(self, rows: list[Row], cfg: bool, progress: bool = True, cuda_graph: bool = True,
-                  stop: T.StopFn | None = None, decode: bool = True) -> tuple[Any, dict[str, float], bool]:
+                  stop: T.StopFn | None = None, decode: bool = True, schedule: samplers.Schedule | None = None
+                  ) -> tuple[Any, dict[str, float], bool]:
         """One batch of rows that share a batch key: (pixels [B, H, W, 3] uint8, or the latents [B, C, h, w] when
-        not `decode`), the stage timings (ms) and whether the steps ran in a CUDA graph."""
+        not `decode`), the stage timings (ms) and whether the steps ran in a CUDA graph. `schedule`: the steps to
+        run when they are not the request's own (a pass of a handoff, engine/refiner.py)."""
         from tqdm import tqdm
 
         n_real = len(rows)
         rows = rows + [rows[-1]] * max(0, self.profile.lo.batch - n_real)  # pad a static profile's batch
         r = rows[0].request
-        schedule = self.schedule(r.sampler, r.steps, r.strength)
+        schedule = schedule or self.schedule(r.sampler, r.steps, r.strength)
         timings: dict[str, float] = {}
         t_start = t = self._now()
         buffers = {"idx": torch.tensor(schedule.start, dtype=torch.long)}
@@ -294,8 +306,8 @@ class Pipeline:
         buffers.update(self.conditions(rows, schedule, cfg))
         buffers = {k: v.to(self.device) for k, v in buffers.items()}
         t = self._lap(timings, T.TIMING_START, t)
-        step_key = (len(rows), r.height, r.width, r.sampler, r.steps, r.strength, cfg, r.kind, control_key(r),
-                    rows[0].chunks)
+        step_key = (len(rows), r.height, r.width, r.sampler, r.steps, r.strength, schedule.start, schedule.stop, cfg,
+                    r.kind, control_key(r), rows[0].chunks)
         latents, graphed = self._denoise(step_key, schedule, cfg, buffers, cuda_graph, progress and tqdm, stop)
         t = self._lap(timings, T.TIMING_DENOISE, t)
         timings[T.TIMING_STEP] = timings[T.TIMING_DENOISE] / schedule.run_steps
@@ -317,7 +329,7 @@ class Pipeline:
         graph = None
         if cuda_graph and self.graph_safe(buffers):
             graph = self.graphs.get_or_capture(key, step, buffers)
-        steps = range(schedule.start, schedule.num_steps)
+        steps = range(schedule.start, schedule.stop)
         if bar:
             steps = bar(steps, desc=f"denoise ({schedule.name})", unit="step")
         if graph is not None:
@@ -347,28 +359,12 @@ class Pipeline:
 
         if tuple(adapters) == self._applied:
             return
-        loaded = [(self._lora(a.path), float(a.scale)) for a in adapters]
-        folders = {self.family.spec(name).model_folder: name for name in self.runners}
-        merged: dict[str, dict[str, torch.Tensor] | None] = {}
-        for target in lora.TARGETS:
-            parts = lora.parts_for(loaded, target)
-            if parts and target not in folders:
-                raise RequestError("loras", f"LoRA {parts[0][0].adapter!r} has {target} weights, which model "
-                                            f"{self.info.get('model')!r} has no engine for")
-            if target in folders:
-                runner = self.runners[folders[target]]
-                merged[target] = lora.merged_tensors(runner.base_weights(), parts, target) if parts else None
-        for target, tensors in merged.items():
+        merged, loaded = lora.merged_runners(adapters, self.runners, self.family.spec, self.info.get("model"))
+        for name, tensors in merged.items():
             if tensors is not None or self._applied:
-                self.runners[folders[target]].set_weights(tensors)
+                self.runners[name].set_weights(tensors)
         self.graphs.clear()  # captured steps read the old weights' buffers
         self._applied, self.adapter_params = tuple(adapters), lora.adapter_params(loaded)
-
-    def _lora(self, path) -> Any:
-        """The parsed adapter: engine.lora's bounded cache, keyed by the file's version (a rewrite is read again)."""
-        from engine import lora
-
-        return lora.load_lora(path)
 
     def tokenize(self, texts: list[str], tokenizer=None) -> torch.Tensor:
         """Plain token ids [B, 77], as `plain` prompt syntax encodes them (engine/text.py)."""
@@ -405,8 +401,10 @@ class Pipeline:
         image_latents = torch.cat([row.latents for row in rows]) if rows[0].latents is not None else None  # given
         if image is not None and image_latents is None and not (inpaint_9 and pure_noise):
             image_latents = sample_latents(self.role("latent_encoder"), image, gens, self.tiling(r))  # [B, 4, h, w]
-        noise = randn_rows(gens, shape)  # [B, 4, h, w]
-        if pure_noise:
+        noise = None if rows[0].noised else randn_rows(gens, shape)  # [B, 4, h, w]
+        if noise is None:  # latents another model left at schedule.start (engine/refiner.py): as they are
+            latents = image_latents.to(self.device)
+        elif pure_noise:
             latents = noise * schedule.init_noise_sigma
         else:  # the schedule's tables live on the device
             start = torch.tensor(schedule.start, device=self.device)

@@ -78,6 +78,9 @@ def infotext_fields(params: dict[str, Any]) -> dict[str, Any]:
         "Hires upscale": params.get("hires_scale"),  # A1111's hires fix: both passes
         "Hires steps": params.get("hires_steps") if params.get("hires_scale") else None,  # given (A1111: 0 = steps)
         "Hires upscaler": HIRES_NAMES.get(params.get("hires_upscaler", "")) if params.get("hires_scale") else None,
+        # A1111's record of a refiner: its checkpoint and the share of the steps the base ran
+        "Refiner": model_name(params.get("refiner")) if params.get("refiner_switch") else None,
+        "Refiner switch at": params.get("refiner_switch"),
         "Clip skip": params.get("clip_skip") if (params.get("clip_skip") or 1) > 1 else None,  # as A1111: from 2
         # A1111's record of the adapters: `Lora hashes: "name: hash, name: hash"` (the prompt carries <lora:..>)
         "Lora hashes": ", ".join(f"{a['name']}: {a['hash']}" for a in params["loras"]) if params.get("loras") else None,

@@ -26,8 +26,8 @@ import numpy as np
 
 from engine.control import Control
 from engine.control import check as check_controls
-from engine.hires import check as check_hires
 from engine.ip_adapter import check as check_image_prompt
+from engine.passes import check as check_passes
 from engine.prompts import check_syntax
 from engine.tiling import OVERLAP
 from engine.tiling import check as check_tiling
@@ -92,6 +92,9 @@ class Request:
     hires_steps: int | None = None  # the second pass's steps; None = steps
     hires_strength: float = 0.7  # its denoising strength, (0, 1] (A1111's default)
     hires_upscaler: str = "latent"  # "latent" (bilinear), "latent-nearest", "lanczos" (in pixels)
+    # SDXL base -> refiner (engine/refiner.py): the share of the schedule the base runs; the refiner in the engine
+    # dir runs the rest
+    refiner_switch: float | None = None  # None = off; (0, 1)
 
     @property
     def kind(self) -> str:
@@ -149,8 +152,7 @@ class Request:
         check_image_prompt(self.ip_image, self.ip_scale)
         check_syntax(self.prompt_syntax)
         check_tiling(self.vae_tiling, self.vae_tile_size, self.vae_tile_overlap, 1)  # the model's multiple: prepare
-        if self.hires_scale is not None:
-            check_hires(self)
+        check_passes(self)  # the hires fix, the refiner handoff
 
     def _check_loras(self) -> None:
         from engine.lora import Adapter, check_lora_file
@@ -204,11 +206,12 @@ def _int_pair(value: Any, lowest: int) -> bool:
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= lowest for v in value))
 
 
-def with_family_fields(r: Request, family: Family) -> Request:
+def with_family_fields(r: Request, family: Family, later: tuple[str, ...] = ()) -> Request:
     """A copy of a checked request whose size (`height` x `width`) is known, with the family's fields filled in
-    (diffusers' defaults); RequestError for a field the family does not take or a value it refuses."""
+    (diffusers' defaults); RequestError for a field the family does not take or a value it refuses. `later`: fields
+    let through for a later pass's model (engine/passes.py)."""
     for name in FAMILY_FIELDS:
-        if getattr(r, name) is not None and name not in family.request_fields:
+        if getattr(r, name) is not None and name not in family.request_fields and name not in later:
             others = ", ".join(takers(name))
             raise RequestError(name, f"model family {family.name!r} takes no {name}; the families that do: {others}"
                                      + (f" (this one takes {', '.join(family.request_fields)})"
@@ -264,6 +267,7 @@ class Row:
     ip_image: torch.Tensor | None = None  # the image prompt, CLIP-normalised [1, 3, S, S]
     texts: tuple[Any, ...] = ()  # its prompts read for each text encoder (engine/text.py Prompts)
     latents: torch.Tensor | None = None  # [1, C, h, w] scaled latents to start from instead of encoding `image`
+    noised: bool = False  # `latents` are another model's at the schedule's start (a handoff): no noise added
 
     @property
     def chunks(self) -> int:
@@ -339,6 +343,8 @@ def image_params(request: Request, index: int) -> dict[str, Any]:
         skip += ("vae_tiling", "vae_tile_size", "vae_tile_overlap")
     if request.hires_scale is None:  # recorded when the hires fix ran
         skip += ("hires_scale", "hires_steps", "hires_strength", "hires_upscaler")
+    if request.refiner_switch is None:  # recorded when the refiner took over
+        skip += ("refiner_switch",)
     params = {f.name: getattr(request, f.name) for f in fields(request) if f.name not in skip}  # loras: by the pipeline
     if request.ip_image is not None:  # the adapter's name: by the pipeline
         params["ip_scale"] = request.ip_scale

@@ -42,6 +42,7 @@ class Schedule:
     needs_noise: bool  # the record's draws_noise (euler_a, lcm): step() takes fresh noise each step
     tables: dict[str, torch.Tensor]  # per-step coefficient tables, each [N] or [N+1], float32
     start: int = 0  # first executed step index (img2img strength < 1); 0 = txt2img
+    end: int | None = None  # the step index the run stops before (a base model handing over); None = N
 
     @property
     def num_steps(self) -> int:
@@ -49,9 +50,14 @@ class Schedule:
         return int(self.timesteps.shape[0])
 
     @property
+    def stop(self) -> int:
+        """The index after the last executed step: N, or `end` for a pass that hands over before the end."""
+        return self.num_steps if self.end is None else self.end
+
+    @property
     def run_steps(self) -> int:
-        """Steps the caller actually runs: i = start .. N-1."""
-        return self.num_steps - self.start
+        """Steps the caller actually runs: i = start .. stop-1."""
+        return self.stop - self.start
 
     def to(self, device, dtype=torch.float32) -> Schedule:
         """Move tables (as ``dtype``) and timesteps (kept float32) to ``device`` once."""
@@ -99,11 +105,13 @@ def _noise_tables(setup: schedulers.SchedulerSetup) -> dict[str, torch.Tensor]:
             "noise_b": torch.cat([setup.noise_b.float(), torch.zeros(1)])}
 
 
-def make_schedule(name: str, scheduler_config: dict, steps: int, strength: float = 1.0) -> Schedule:
+def make_schedule(name: str, scheduler_config: dict, steps: int, strength: float = 1.0,
+                  start: int | None = None) -> Schedule:
     """Build the coefficient tables of sampler ``name`` for ``steps`` steps (CPU, float32).
 
     ``strength`` in (0, 1] (img2img / inpainting) sets ``Schedule.start`` like diffusers' get_timesteps;
-    1.0 is txt2img (start 0). Tables and timesteps are full length [N] either way.
+    1.0 is txt2img (start 0). ``start``, when given, is the first executed step itself (a model taking over
+    another's latents mid-schedule, as diffusers' ``denoising_start``). Tables and timesteps are full length [N].
     """
     ok = isinstance(strength, numbers.Real) and not isinstance(strength, bool) and math.isfinite(strength)
     if not (ok and 0 < strength <= 1):
@@ -122,7 +130,10 @@ def make_schedule(name: str, scheduler_config: dict, steps: int, strength: float
         sched = schedulers.setup(name, cfg, steps)
     except schedulers.StepsRefused as err:  # the scheduler's own limit on steps (LCM: original_inference_steps)
         raise ValueError(_steps_error(name, cfg, steps, err)) from None
-    start = _first_step(strength, steps)
+    if start is None:
+        start = _first_step(strength, steps)
+    elif isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < steps:
+        raise ValueError(f"start {start!r} must be a step index in [0, {steps - 1}]")
     tables = {**sampler.tables(sched, pred, start), **_noise_tables(sched)}
     tables = {k: v.to(torch.float32).contiguous() for k, v in tables.items()}
     bad = [k for k, v in tables.items() if not bool(torch.isfinite(v).all())]
@@ -138,6 +149,14 @@ def make_schedule(name: str, scheduler_config: dict, steps: int, strength: float
         tables=tables,
         start=start,
     )
+
+
+def switch_step(schedule: Schedule, switch: float, num_train_timesteps: int) -> int:
+    """The step index where a run of `schedule` hands over at the fraction `switch` of the noise schedule: the
+    first step whose timestep is below round(T * (1 - switch)), as diffusers computes both `denoising_end` (the
+    base runs the steps before it) and `denoising_start` (the refiner runs from it)."""
+    cutoff = int(round(num_train_timesteps - switch * num_train_timesteps))
+    return int((schedule.timesteps.cpu() >= cutoff).sum())
 
 
 # ----------------------------------------------------------------------------- per step (device side)

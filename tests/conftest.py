@@ -152,6 +152,28 @@ def xl_pipeline(xl_engines):
 
 
 @pytest.fixture(scope="session")
+def xl_refiner_folder(engine_cache) -> Path:
+    """The materialised `tiny-xl-refiner` diffusers folder (SDXL's refiner on tiny-xl's scale)."""
+    from export.models import materialize_preset
+    from export.presets import ALL_PRESETS
+
+    return materialize_preset(ALL_PRESETS["tiny-xl-refiner"])
+
+
+@pytest.fixture(scope="session")
+def xl_pair_engines(tmp_path_factory, xl_engines, xl_refiner_folder) -> Path:
+    """One engine dir holding tiny-xl (a copy of `xl_engines`' model) and tiny-xl-refiner built beside it for ONNX
+    Runtime fp32, batch 2, 64x64 (the refiner and the base -> refiner handoff tests share it; load with a model)."""
+    with _shared(tmp_path_factory, "xl_pair_engines") as engine_dir:
+        for model_dir in xl_engines.iterdir():
+            if model_dir.is_dir() and not (engine_dir / model_dir.name).exists():
+                shutil.copytree(model_dir, engine_dir / model_dir.name)
+        _build(engine_dir, model="tiny-xl-refiner", backend="onnxruntime", precision="fp32", batch_size=2, height=64,
+               width=64)
+    return engine_dir
+
+
+@pytest.fixture(scope="session")
 def weighted_folder(tmp_path_factory, tiny_folder) -> Path:
     """`tiny` whose text encoder's final LayerNorm has a bias around 0.5 (hidden states with a mean off zero, as a
     trained CLIP's; A1111's emphasis rescales by that mean): the prompt and embedding tests' model."""

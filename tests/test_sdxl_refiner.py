@@ -8,8 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from engine.build import build_all
-from engine.config import BuildConfig
 from engine.pipeline import Pipeline
 from engine.request import Request
 from export.families import SDXL_REFINER, detect_family, get_family
@@ -24,16 +22,11 @@ STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def refiner(tmp_path_factory, engine_cache):
+def refiner(xl_pair_engines, xl_refiner_folder):
     """(our tiny-xl-refiner pipeline with its default components, its diffusers folder)."""
-    from export.models import materialize_preset
-    from export.presets import ALL_PRESETS
-
-    folder = materialize_preset(ALL_PRESETS["tiny-xl-refiner"])
-    engine_dir = tmp_path_factory.mktemp("xl_refiner_engines")
-    build_all(BuildConfig(model="tiny-xl-refiner", backend="onnxruntime", precision="fp32", engine_dir=engine_dir,
-                          batch_size=2, height=SIZE, width=SIZE), progress=False)
-    return Pipeline.load(engine_dir), folder
+    pipe = Pipeline.load(xl_pair_engines, "tiny-xl-refiner")
+    yield pipe, xl_refiner_folder
+    pipe.close()
 
 
 @pytest.fixture(scope="module")

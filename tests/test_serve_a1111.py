@@ -119,8 +119,22 @@ def test_the_lists_name_our_model_samplers_and_loras(server, api):
     assert progress["state"]["job_count"] == 0
 
 
+def test_enable_hr_is_the_hires_fix_of_v1_generate(server, api):
+    """webuiapi's hires fields (its defaults: hr_resize 0, no hr sampler, prompt or checkpoint) run engine/hires.py."""
+    result = api.txt2img(prompt="a red fox", seed=3, sampler_name="Euler", enable_hr=True, hr_scale=2,
+                         hr_upscaler="Latent (nearest)", hr_second_pass_steps=3, denoising_strength=0.6, **SMALL)
+    want = generate(server, prompt="a red fox", seed=3, sampler="euler", hires_scale=2, hires_steps=3,
+                    hires_strength=0.6, hires_upscaler="latent-nearest")[0]
+    got = pixels(result)[0]
+    assert got.shape == (128, 128, 3) and max_diff(got, want) <= 1
+    text = result.info["infotexts"][0]
+    assert "Hires upscale: 2" in text and "Hires steps: 3" in text and "Hires upscaler: Latent (nearest)" in text
+    assert "Size: 64x64" in text and result.info["denoising_strength"] == 0.6
+
+
 @pytest.mark.parametrize("route, field, value", [
-    ("txt2img", "enable_hr", True), ("txt2img", "restore_faces", True), ("txt2img", "tiling", True),
+    ("txt2img", "hr_upscaler", "R-ESRGAN 4x+"), ("txt2img", "hr_resize_x", 96), ("txt2img", "hr_prompt", "other"),
+    ("txt2img", "hr_sampler_name", "DDIM"), ("txt2img", "hr_scheduler", "karras"), ("txt2img", "restore_faces", True), ("txt2img", "tiling", True),
     ("txt2img", "subseed_strength", 0.5), ("txt2img", "script_name", "x/y plot"), ("txt2img", "styles", ["cinema"]),
     ("txt2img", "alwayson_scripts", {"ControlNet": {"args": []}}), ("txt2img", "sampler_name", "Heun"),
     ("txt2img", "save_images", True), ("txt2img", "override_settings", {"sd_vae": "x"}),
@@ -128,6 +142,8 @@ def test_the_lists_name_our_model_samplers_and_loras(server, api):
 ])
 def test_what_the_server_cannot_do_is_a_400_naming_the_field(server, route, field, value):
     body = {"prompt": "x", **SMALL, field: value}
+    if field.startswith("hr_"):  # checked with the hires fix on
+        body["enable_hr"] = True
     if route == "img2img":
         body["init_images"] = [b64_png(np.asarray(init_image(64)))]
     err = error(server, route, body)

@@ -243,17 +243,17 @@ def test_sampler_tables_are_kept_in_a_bounded_lru_filled_only_by_valid_requests(
     from engine.pipeline import MAX_SCHEDULES
 
     pipe = ort_pipeline
-    before = dict(pipe._schedules)
+    before = pipe._schedules.keys()
     steps_range = range(2, 2 + MAX_SCHEDULES + 20)
     for steps in steps_range:  # refused after the schedule check (its init image does not exist): nothing kept
         with pytest.raises(RequestError):
             pipe.prepare(Request(prompt="x", steps=steps, sampler="euler", init_image=tmp_path / "none.png"))
-    assert dict(pipe._schedules) == before
+    assert pipe._schedules.keys() == before
     for steps in steps_range:  # valid: kept, at most MAX_SCHEDULES of them, the newest
         pipe.prepare(Request(prompt="x", steps=steps, sampler="euler"))
     keys = [("euler", steps, None) for steps in steps_range]
     assert len(pipe._schedules) == MAX_SCHEDULES
-    assert list(pipe._schedules)[-MAX_SCHEDULES:] == keys[-MAX_SCHEDULES:]
+    assert pipe._schedules.keys()[-MAX_SCHEDULES:] == keys[-MAX_SCHEDULES:]
     first = pipe.schedule(*keys[-1])
     assert pipe.schedule(*keys[-1]) is first  # a hit returns the kept tables
 

@@ -67,9 +67,10 @@ def test_more_images_than_a_flight_holds_is_a_400_naming_the_field(server):
     assert status == 400 and err["param"] == "n" and "n 5 is over --max-batch 4" in err["message"]
 
 
-def test_the_hires_fix_is_refused_naming_the_field(server):
-    status, body = post(server, {"prompt": "big", "steps": 2, "hires_scale": 2})
-    assert status == 400 and body["error"]["param"] == "hires_scale", body
+@pytest.mark.parametrize("field, value", [("hires_scale", 2), ("refiner_switch", 0.8)])
+def test_two_pass_requests_are_refused_naming_the_field(server, field, value):
+    status, body = post(server, {"prompt": "big", "steps": 2, field: value})
+    assert status == 400 and body["error"]["param"] == field, body
     assert "--batching request" in body["error"]["message"]
 
 

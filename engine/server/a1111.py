@@ -4,7 +4,7 @@ POST txt2img / img2img become the same `Request` as POST /v1/generate (built thr
 check and default is that route's) and run through `ServerState.generate`; `<lora:name:weight>` prompt tags name
 adapters of --lora-dir. `batch_size` x `n_iter` images take seeds seed, seed + 1, ... (seed -1 draws one). An
 option A1111 turns off by default is accepted when off and ignored; one asking for what this server cannot do
-(hires fix, face restoration, variation seeds, scripts, ...) is a 400 naming the field, the value and what is
+(face restoration, variation seeds, scripts, ...) is a 400 naming the field, the value and what is
 allowed (`OFF_ONLY`). Unknown fields are ignored, as A1111 clients send many. GET sd-models, samplers, loras,
 options, progress and scripts answer in A1111's shapes without server paths.
 """
@@ -26,8 +26,10 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request as HttpRequest
 
+from engine import refiner
+from engine.hires import UPSCALERS as HIRES_UPSCALERS
 from engine.png import model_name, parameters_text, png_bytes
-from engine.request import MAX_SEED, RANDOM_SEED, Generated
+from engine.request import MAX_SEED, RANDOM_SEED, Generated, RequestError
 from engine.sampler_registry import REGISTRY, Sampler
 from engine.server.openapi import ROUTE_ERRORS
 from engine.server.schemas import ApiError, GenerateBody, LoraRef, validation_error
@@ -41,7 +43,9 @@ RANDOM_SEED_BELOW = 2**32  # seed -1 draws below this, as A1111 does
 # Request / GenerateBody field -> the A1111 field a client sent it as (errors name the client's field)
 A1111_FIELDS = {"guidance_scale": "cfg_scale", "sampler": "sampler_name", "images": "batch_size",
                 "strength": "denoising_strength", "init_image": "init_images", "loras": "prompt",
-                "resize": "resize_mode"}
+                "resize": "resize_mode", "refiner_switch": "refiner_switch_at", "hires_scale": "hr_scale",
+                "hires_steps": "hr_second_pass_steps", "hires_strength": "denoising_strength",
+                "hires_upscaler": "hr_upscaler"}
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network prompt tag: <kind:arguments>
 AUTOMATIC = ("", "automatic")  # `scheduler` values that keep the sampler's own schedule
 # the eta our table of a sampler's scheduler class runs with, where A1111's eta changes that sampler
@@ -60,10 +64,18 @@ class OffOnly:
     allowed: str
     off: Callable[[Any], bool] = _falsy
     with_mask: bool = False  # checked only when a mask is given (inpainting)
+    with_hr: bool = False  # checked only with enable_hr (the hires fix)
 
 
 OFF_ONLY = (
-    OffOnly("enable_hr", "false (no hires fix)"),
+    OffOnly("hr_resize_x", "0 (the target is hr_scale times the size)", lambda v: v == 0, with_hr=True),
+    OffOnly("hr_resize_y", "0 (the target is hr_scale times the size)", lambda v: v == 0, with_hr=True),
+    OffOnly("hr_checkpoint_name", "null (the second pass runs the same model)", with_hr=True),
+    OffOnly("hr_sampler_name", "null (the second pass runs the first's sampler)", with_hr=True),
+    OffOnly("hr_scheduler", "null or automatic (the first pass's schedule)",
+            lambda v: (v or "").strip().lower() in AUTOMATIC, with_hr=True),
+    OffOnly("hr_prompt", "\"\" (the second pass takes the prompt)", with_hr=True),
+    OffOnly("hr_negative_prompt", "\"\" (the second pass takes the negative prompt)", with_hr=True),
     OffOnly("restore_faces", "false or null (no face restoration)"),
     OffOnly("tiling", "false or null (no tiling)"),
     OffOnly("subseed_strength", "0 (no variation seeds)", lambda v: v == 0),
@@ -75,7 +87,6 @@ OFF_ONLY = (
     OffOnly("s_churn", "0", lambda v: v == 0),
     OffOnly("s_noise", "1", lambda v: v == 1),
     OffOnly("s_min_uncond", "0", lambda v: v == 0),
-    OffOnly("refiner_checkpoint", "null (no refiner switch)"),
     OffOnly("save_images", "false (nothing is saved on the server: the images are in the answer)"),
     OffOnly("resize_mode", "0 (just resize)", lambda v: v == 0),
     OffOnly("initial_noise_multiplier", "null or 1", lambda v: v is None or v == 1),
@@ -117,7 +128,9 @@ class _Common(BaseModel):
     s_noise: float = 1.0
     s_min_uncond: float = 0.0
     override_settings: dict[str, Any] = Field(default_factory=dict)
-    refiner_checkpoint: str | None = None
+    refiner_checkpoint: str | None = Field(None, description="the SDXL refiner built beside the model; with "
+                                           "refiner_switch_at")
+    refiner_switch_at: float | None = Field(None, description="the share of the steps the base runs, (0, 1)")
     disable_extra_networks: bool = False
     script_name: str | None = None
     script_args: list[Any] = Field(default_factory=list)
@@ -127,9 +140,21 @@ class _Common(BaseModel):
 
 
 class Txt2ImgBody(_Common):
-    """POST /sdapi/v1/txt2img (denoising_strength and the hr_* fields only matter with enable_hr)."""
+    """POST /sdapi/v1/txt2img (denoising_strength and the hr_* fields only matter with enable_hr: the hires fix,
+    engine/hires.py)."""
 
     enable_hr: bool = False
+    denoising_strength: float = 0.75
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = Field(None, description=f"one of {', '.join(HIRES_UPSCALERS.values())}; null = Latent")
+    hr_second_pass_steps: int = Field(0, ge=0, description="0 = steps")
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
 
 
 class Img2ImgBody(_Common):
@@ -207,9 +232,9 @@ def _refuse(name: str, value: Any, allowed: str) -> ApiError:
 
 def check_off(body: _Common) -> None:
     """ApiError 400 for the first option set to something this server cannot run (`OFF_ONLY`)."""
-    has_mask = getattr(body, "mask", None) is not None
+    has_mask, hires = getattr(body, "mask", None) is not None, bool(getattr(body, "enable_hr", False))
     for rule in OFF_ONLY:
-        if rule.field in type(body).model_fields and (has_mask or not rule.with_mask):
+        if rule.field in type(body).model_fields and (has_mask or not rule.with_mask) and (hires or not rule.with_hr):
             value = getattr(body, rule.field)
             if not rule.off(value):
                 raise _refuse(rule.field, value, rule.allowed)
@@ -273,14 +298,28 @@ def _renamed(err: ApiError) -> ApiError:
     return ApiError(err.status, f"{A1111_FIELDS[param]}: {message}", A1111_FIELDS[param])
 
 
+def hires_fields(body: _Common) -> dict[str, Any]:
+    """The /v1/generate hires fields of a txt2img body with enable_hr (none without); ApiError 400 naming
+    hr_upscaler for an upscaler we do not have."""
+    if not isinstance(body, Txt2ImgBody) or not body.enable_hr:
+        return {}
+    names = {v.lower(): k for k, v in HIRES_UPSCALERS.items()}
+    upscaler = names.get((body.hr_upscaler or "Latent").strip().lower())
+    if upscaler is None:
+        raise _refuse("hr_upscaler", body.hr_upscaler, ", ".join(HIRES_UPSCALERS.values()))
+    return {"hires_scale": body.hr_scale, "hires_steps": body.hr_second_pass_steps or None,
+            "hires_strength": body.denoising_strength, "hires_upscaler": upscaler}
+
+
 def _generate_body(body: _Common, sampler: Sampler, prompt: str, loras: list[dict[str, Any]], seed: int,
-                   strength: float | None) -> GenerateBody:
+                   strength: float | None, refiner_switch: float | None = None) -> GenerateBody:
     """The /v1/generate body of one iteration (batch_size images from `seed`); its checks, our field names
     renamed to the client's."""
     fields: dict[str, Any] = {
         "prompt": prompt, "negative_prompt": body.negative_prompt, "steps": body.steps,
         "guidance_scale": float(body.cfg_scale), "sampler": sampler.name, "seed": seed, "height": body.height,
-        "width": body.width, "images": body.batch_size, "loras": loras}
+        "width": body.width, "images": body.batch_size, "loras": loras, "refiner_switch": refiner_switch,
+        **hires_fields(body)}
     if strength is not None:
         fields.update(strength=float(strength), resize=True)  # resize_mode 0: just resize, as A1111
     try:
@@ -304,6 +343,7 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
         if wanted is not None and wanted != checkpoint():
             raise _refuse("override_settings.sd_model_checkpoint", wanted, f"{checkpoint()!r} (the model served)")
         sampler = pick_sampler(body)
+        switch = await refiner_switch(body)
         total = body.batch_size * body.n_iter
         if total > state.config.max_images:
             raise ApiError(400, f"batch_size x n_iter = {total} images is over this server's limit (--max-images "
@@ -315,7 +355,7 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
         made: list[Generated] = []
         try:
             for i in range(body.n_iter):
-                one = _generate_body(body, sampler, prompt, loras, seed + i * body.batch_size, strength)
+                one = _generate_body(body, sampler, prompt, loras, seed + i * body.batch_size, strength, switch)
                 try:
                     request = one.to_request(init, mask, state.config.lora_dir)
                 except ValueError as exc:  # a tag naming no adapter of --lora-dir
@@ -337,12 +377,31 @@ def add_a1111_routes(app: FastAPI, state: ServerState) -> None:
                     width=first["width"], height=first["height"], batch_size=body.batch_size,
                     infotexts=[parameters_text(g.params) for g in made], all_prompts=[body.prompt] * total,
                     all_negative_prompts=[body.negative_prompt] * total, sd_model_name=checkpoint(),
-                    denoising_strength=first.get("strength"))
+                    denoising_strength=first.get("strength", first.get("hires_strength")))
         echo = body.model_dump()
         if isinstance(body, Img2ImgBody) and not body.include_init_images:
             echo.update(init_images=None, mask=None)
         encoded = [base64.b64encode(p).decode() for p in pngs] if body.send_images else []
         return ImagesResponse(images=encoded, parameters=echo, info=json.dumps(asdict(info)))
+
+    async def refiner_switch(body: _Common) -> float | None:
+        """The handoff A1111's refiner fields ask for (None: no refiner); ApiError 400 naming refiner_checkpoint
+        when it is not the refiner beside the served model (engine/refiner.py)."""
+        if body.refiner_checkpoint is None:
+            return None
+        if body.refiner_switch_at is None:
+            raise ApiError(400, "refiner_checkpoint needs refiner_switch_at, the share of the steps the base runs",
+                           "refiner_switch_at")
+        checkpoint()  # 503 until the engines are loaded
+        assert state.pipeline is not None
+        try:
+            ref = await asyncio.to_thread(refiner.refiner_of, state.pipeline)
+        except RequestError as exc:
+            raise ApiError(400, f"refiner_checkpoint: {exc}", "refiner_checkpoint") from None
+        name = model_name(ref.info.get("model"))
+        if body.refiner_checkpoint not in (name, ref.info.get("model")):
+            raise _refuse("refiner_checkpoint", body.refiner_checkpoint, f"{name!r} (the refiner beside the model)")
+        return body.refiner_switch_at
 
     generate_docs: dict[str, Any] = {"responses": ROUTE_ERRORS["generate"], "response_model": ImagesResponse}
 

@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 
+from engine import passes
 from engine.png import png_bytes
 from engine.request import Generated, PreparedRequest, Request, RequestError, StopFn
 from engine.server.a1111 import add_a1111_routes
@@ -235,10 +236,11 @@ class ServerState:
         if request.images > self.config.max_images:
             raise ApiError(400, f"{images_field} {request.images} is over this server's limit "
                                 f"(--max-images {self.config.max_images})", images_field)
-        if request.hires_scale is not None and self.config.batching == "step":
-            raise ApiError(400, "the hires fix runs two passes of one request: this server runs --batching step, "
+        plan = passes.of(request)
+        if plan is not None and self.config.batching == "step":
+            raise ApiError(400, f"{plan.FIELD} runs two passes of one request: this server runs --batching step, "
                                 "which it does not take (run the server with --batching request)",
-                           params.get("hires_scale", "hires_scale"))
+                           params.get(plan.FIELD, plan.FIELD))
         limit = self.batcher.images_limit
         if limit is not None and request.images > limit:
             raise ApiError(400, f"{images_field} {request.images} is over --max-batch {limit}: step batching runs "

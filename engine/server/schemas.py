@@ -220,6 +220,9 @@ class GenerateBody(_Common):
     hires_steps: int | None = Field(_R.hires_steps, ge=1, le=MAX_STEPS, description="null = steps")
     hires_strength: float = Field(_R.hires_strength, gt=0, le=1, description="the second pass's denoising strength")
     hires_upscaler: Literal["latent", "latent-nearest", "lanczos"] = _R.hires_upscaler
+    refiner_switch: float | None = Field(_R.refiner_switch, gt=0, lt=1, allow_inf_nan=False,
+                                         description="SDXL: the share of the schedule the base runs; the refiner "
+                                         "built beside it runs the rest")
     response_format: Literal["json", "png"] = "json"
 
     _check_sampler = field_validator("sampler")(_sampler)
@@ -233,7 +236,7 @@ class GenerateBody(_Common):
                        clip_skip=self.clip_skip, vae_tiling=self.vae_tiling, vae_tile_size=self.vae_tile_size,
                        vae_tile_overlap=self.vae_tile_overlap, hires_scale=self.hires_scale,
                        hires_steps=self.hires_steps, hires_strength=self.hires_strength,
-                       hires_upscaler=self.hires_upscaler,
+                       hires_upscaler=self.hires_upscaler, refiner_switch=self.refiner_switch,
                        prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
                        guidance_scale=self.guidance_scale, sampler=self.sampler, seed=self.seed, height=self.height,
                        width=self.width, images=self.images, init_image=init_image, strength=self.strength,
