@@ -229,3 +229,24 @@ def conditioned_engines(tmp_path_factory, conditioned_parts) -> Path:
     return _shared_build(tmp_path_factory, "conditioned_engines", model="tiny", backend="onnxruntime",
                          precision="fp32", height=64, width=64, components=TINY_SD_COMPONENTS,
                          controlnets=(str(parts["edges"]), str(parts["depth"])), ip_adapter=str(parts["ip"]))
+
+
+@pytest.fixture(scope="session")
+def xl_conditioned_parts(tmp_path_factory, xl_folder) -> dict[str, Path]:
+    """tiny-xl's seeded random ControlNet `xl_edges` and IP-Adapter `ip-xl`, made once per run."""
+    from export.control import random_controlnet
+    from export.ip_adapter import random_ip_adapter
+
+    with _shared(tmp_path_factory, "xl_conditioned_parts") as root:
+        return {"edges": random_controlnet(xl_folder, root / "xl_edges", 21, (8, 16, 16, 32), std=0.3),
+                "ip": random_ip_adapter(xl_folder, root / "ip-xl", seed=7)}
+
+
+@pytest.fixture(scope="session")
+def xl_conditioned_engines(tmp_path_factory, xl_conditioned_parts) -> Path:
+    """tiny-xl built for ONNX Runtime fp32, 64x64, with its ControlNet and its IP-Adapter: the SDXL ControlNet and
+    IP-Adapter tests share it (a request without control or image prompt is the plain image)."""
+    parts = xl_conditioned_parts
+    return _shared_build(tmp_path_factory, "xl_conditioned_engines", model="tiny-xl", backend="onnxruntime",
+                         precision="fp32", height=64, width=64, controlnets=(str(parts["edges"]),),
+                         ip_adapter=str(parts["ip"]))

@@ -8,7 +8,6 @@ import pytest
 from engine.control import Control
 from engine.pipeline import Pipeline
 from engine.request import Request
-from export.control import random_controlnet
 from tests.helpers import PROMPTS, gens, max_diff, stack_pixels, to_uint8
 from tests.sampler_cases import diffusers_scheduler
 
@@ -16,26 +15,14 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def xl_folder(engine_cache):
-    from export.models import resolve_model
-
-    return resolve_model("tiny-xl")[0]
+def net(xl_conditioned_parts):
+    return xl_conditioned_parts["edges"]
 
 
 @pytest.fixture(scope="module")
-def net(tmp_path_factory, xl_folder):
-    return random_controlnet(xl_folder, tmp_path_factory.mktemp("xl_nets") / "xl_edges", 21, (8, 16, 16, 32), std=0.3)
-
-
-@pytest.fixture(scope="module")
-def ours(tmp_path_factory, net):
-    from engine.build import build_all
-    from engine.config import BuildConfig
-
-    engine_dir = tmp_path_factory.mktemp("xl_control_engines")
-    build_all(BuildConfig(model="tiny-xl", backend="onnxruntime", precision="fp32", height=SIZE, width=SIZE,
-                          engine_dir=engine_dir, controlnets=(str(net),)), progress=False)
-    pipe = Pipeline.load(engine_dir)
+def ours(xl_conditioned_engines):
+    """The session's tiny-xl engines with this net (and an IP-Adapter no request here uses)."""
+    pipe = Pipeline.load(xl_conditioned_engines)
     yield pipe
     pipe.close()
 

@@ -21,19 +21,14 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory, xl_folder):
-    return random_ip_adapter(xl_folder, tmp_path_factory.mktemp("xl_ip") / "ip-xl", seed=7)
+def adapter(xl_conditioned_parts):
+    return xl_conditioned_parts["ip"]
 
 
 @pytest.fixture(scope="module")
-def ours(tmp_path_factory, adapter):
-    from engine.build import build_all
-    from engine.config import BuildConfig
-
-    engine_dir = tmp_path_factory.mktemp("xl_ip_engines")
-    build_all(BuildConfig(model="tiny-xl", backend="onnxruntime", precision="fp32", height=SIZE, width=SIZE,
-                          engine_dir=engine_dir, ip_adapter=str(adapter)), progress=False)
-    pipe = Pipeline.load(engine_dir)
+def ours(xl_conditioned_engines):
+    """The session's tiny-xl engines with this adapter (and a ControlNet no request here uses)."""
+    pipe = Pipeline.load(xl_conditioned_engines)
     yield pipe
     pipe.close()
 
