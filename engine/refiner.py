@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from export.errors import RequestError
@@ -53,6 +54,19 @@ def refiner_of(pipe: Any) -> Any:
         return pipe.companion(FAMILY)
     except LookupError as exc:
         raise RequestError(FIELD, f"refiner_switch needs an SDXL refiner beside {model!r}: {exc}") from None
+
+
+def beside(pipe: Any) -> str | None:
+    """The model id of the refiner a handoff from `pipe` would use (its engine dir read, nothing loaded); None when
+    there is none (or several)."""
+    from engine.cache import find_family_dir
+
+    if pipe.family.name not in BASES:
+        return None
+    try:
+        return find_family_dir(Path(pipe.info["engine_dir"]).parent, FAMILY).name
+    except LookupError:
+        return None
 
 
 def second_request(ref: Any, r: Any) -> Any:

@@ -146,6 +146,7 @@ def server(xl_pair_engines, tmp_path_factory):
 
 
 def test_server_and_a1111_route_hand_over(server, base):
+    assert json.loads(server.get("/v1/info")[1])["refiner"] == "tiny-xl-refiner"
     want = base.run(Request(prompt=PROMPTS[1], steps=STEPS, sampler="euler", seed=4, guidance_scale=6.0, height=SIZE,
                             width=SIZE, refiner_switch=0.7), progress=False)[0].pixels
     status, data, _ = server.post("/v1/generate", {"prompt": PROMPTS[1], "steps": STEPS, "sampler": "euler",
