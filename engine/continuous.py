@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import samplers
+from engine import passes, samplers
 from engine.denoise import COND
 from engine.graphs import Buffers, StepFn, StepGraph, StepGraphCache
 from engine.pipeline import Pipeline
@@ -184,6 +184,10 @@ class Flight:
             raise ValueError("admit: rows of another flex key than the batch in flight")
         if len(rows) > self.free:
             raise ValueError(f"admit: {len(rows)} rows, {self.free} free slots")
+        plan = passes.of(rows[0].request)
+        if plan is not None:  # a second pass would need the first's latents: Pipeline.run runs both
+            raise ValueError(f"admit: a request with {plan.FIELD} runs two passes, which a flight does not take "
+                             "(run it with Pipeline.run)")
         cfg = rows[0].request.guidance_scale > 1.0  # one value per flight: guidance on/off is in the key
         if self.key is None:
             self.pipe.use_adapters(key[0])

@@ -116,3 +116,12 @@ def test_the_cli_runs_it(ort_engines, ort_pipeline, tmp_path):
                           "--output", str(out)]) == 0
     (want,) = ours(ort_pipeline, "latent")
     assert max_diff(np.asarray(Image.open(out).convert("RGB")), want.pixels) <= 1
+
+
+def test_a_flight_refuses_a_two_pass_request(ort_pipeline):
+    """Step batching's flight cannot run a second pass: it says so instead of running the first pass alone."""
+    from engine.continuous import Flight
+
+    prepared = ort_pipeline.prepare(Request(prompt="x", steps=2, height=BASE, width=BASE, hires_scale=2))
+    with pytest.raises(ValueError, match="a request with hires_scale runs two passes, which a flight does not take"):
+        Flight(ort_pipeline, max_batch=2).admit(prepared.rows(0), [None])
