@@ -5,7 +5,9 @@ Upscalers (`hires_upscaler`): "latent" interpolates the first pass's latents bil
 nearest latent (A1111's "Latent" and "Latent (nearest)": torch's interpolate, no antialiasing), with no VAE round
 trip; "lanczos" decodes, resizes the pixels with Lanczos and encodes again (it needs the VAE encoder). The second
 pass's noise comes from a generator seeded again with the image's seed (A1111's rule), so image k of a request is
-that of seed + k through both passes. Its parameters record both passes: the first size, `Hires upscale`, `Hires
+that of seed + k through both passes. The second pass resolves what the request left to the engine at its own size,
+as a request for that size would (SDXL's size conditioning, diffusers' img2img defaults; `vae_tiling` "auto"). Its
+parameters record both passes: the first size, `Hires upscale`, `Hires
 steps`, `Hires upscaler` and `Denoising strength`.
 """
 from __future__ import annotations
@@ -68,11 +70,21 @@ def second_pass(r: Any, multiple: int) -> Any:
     return replace(r, height=h, width=w, steps=r.hires_steps or r.steps, strength=r.hires_strength, **OFF)
 
 
+def resolved_second(pipe: Any, r: Any, given: Any) -> Any:
+    """The second pass's request of the prepared `r`, resolved at its own size as `r` was at its size (the fields the
+    request `given` left to the engine: SDXL's time ids, `vae_tiling` "auto"); its seed `r`'s."""
+    from engine.request import with_family_fields
+
+    asked = replace(given or r, seed=r.seed, height=r.height, width=r.width)
+    second = pipe._with_tiling(second_pass(asked, pipe.dims.size_multiple))
+    return replace(with_family_fields(second, pipe.family), init_image=SOURCE)  # img2img; its start: by `run`
+
+
 def run(pipe: Any, p: PreparedRequest, j: int, size: int, **kw: Any) -> list[Generated]:
     """The images of one prepared hires request through `pipe` (engine/pipeline.py), in batches of `size`."""
     r = p.request
     first = replace(p, request=replace(r, **OFF))
-    second = replace(second_pass(r, pipe.dims.size_multiple), init_image=SOURCE)  # img2img; its start: below
+    second = resolved_second(pipe, r, p.given)
     out: list[Generated] = []
     rows = first.rows(j)
     for start in range(0, len(rows), size):
@@ -86,16 +98,18 @@ def run(pipe: Any, p: PreparedRequest, j: int, size: int, **kw: Any) -> list[Gen
     return out
 
 
-def prepare(pipe: Any, r: Any) -> None:
+def prepare(pipe: Any, r: Any, given: Any) -> None:
     """The checks a hires request needs against the engines (`pipe`), before any work: the target size within the
-    engines' sizes and memory, an img2img-capable model, the VAE encoder for Lanczos; RequestError naming the
-    field."""
+    engines' sizes and memory (its own tiling), an img2img-capable model, the VAE encoder for Lanczos; RequestError
+    naming the field."""
     from export.specs import check_size
 
     second = second_pass(r, pipe.dims.size_multiple)
     try:
         check_size(pipe.dims, second.height, second.width, pipe.profile.lo, pipe.profile.hi)
-        pipe.check_memory(second.height, second.width, r.images, r.guidance_scale > 1)
+        tile = pipe.tiling(resolved_second(pipe, r, given))
+        h, w = second.height, second.width
+        pipe.check_memory(h, w, r.images, r.guidance_scale > 1, (min(tile.tile, h), min(tile.tile, w)) if tile else None)
     except RequestError as exc:
         raise RequestError("hires_scale", f"hires_scale {r.hires_scale:g} ({second.height}x{second.width}): {exc}") \
             from None

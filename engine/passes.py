@@ -3,7 +3,8 @@ SDXL's base → refiner handoff (engine/refiner.py).
 
 A pass module has `FIELD` (the request field that turns it on), `LATER_FIELDS` (request fields only its later
 pass's model takes, which the first model lets through), `wanted(request)`, `check(request)` (before any engine is
-read), `prepare(pipe, request)` (against the engines, before any work) and `run(pipe, prepared, j, size, **kw)`
+read), `prepare(pipe, request, given)` (against the engines, before any work; `given`: the request as asked, before
+the engine filled it in) and `run(pipe, prepared, j, size, **kw)`
 (the images of request j). One request runs at most one of them.
 """
 from __future__ import annotations

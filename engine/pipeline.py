@@ -173,7 +173,7 @@ class Pipeline:
         h, w = r.height or self.profile.opt.height, r.width or self.profile.opt.width
         check_size(self.dims, h, w, self.profile.lo, self.profile.hi)
         r.height, r.width = h, w
-        r = self._with_tiling(r)
+        r = self._with_tiling(r)  # a later pass resolves its own (engine/hires.py)
         tile = self.tiling(r)
         self.check_memory(h, w, r.images, r.guidance_scale > 1, (min(tile.tile, h), min(tile.tile, w)) if tile else None)
         r = with_family_fields(r, self.family, passes.later_fields(r))  # e.g. SDXL's time ids: diffusers' defaults
@@ -208,10 +208,10 @@ class Pipeline:
         ip_image = ip_adapter.request_pixels(r.ip_image, self.info.get("ip_adapter"), self.info.get("model"))
         plan = passes.of(r)
         if plan is not None:
-            plan.prepare(self, r)  # the later pass's size, memory and engines (engine/passes.py)
+            plan.prepare(self, r, request)  # the later pass's size, memory and engines (engine/passes.py)
         if schedule is not None:  # the request passed every check: its tables are worth keeping
             self._schedules.put((r.sampler, r.steps, r.strength), schedule.to(self.device))
-        return PreparedRequest(r, image, mask, controls, ip_image, texts)
+        return PreparedRequest(r, image, mask, controls, ip_image, texts, given=request)
 
     def check_memory(self, height: int, width: int, images: int, cfg: bool,
                      decode: tuple[int, int] | None = None) -> memory.Estimate:

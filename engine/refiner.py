@@ -98,7 +98,7 @@ def split(pipe: Any, ref: Any, r: Any) -> tuple[Any, Any]:
     return replace(base, end=end).to(pipe.device), schedule(ref, start).to(ref.device)
 
 
-def prepare(pipe: Any, r: Any) -> None:
+def prepare(pipe: Any, r: Any, given: Any) -> None:
     """The checks of a handoff against both models, before any work; RequestError naming the field."""
     from export.specs import check_size
 

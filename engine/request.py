@@ -290,6 +290,7 @@ class PreparedRequest:
     controls: tuple[torch.Tensor, ...] = ()  # each control image [1, 3, H, W] in [0, 1]
     ip_image: torch.Tensor | None = None  # the image prompt, CLIP-normalised [1, 3, S, S]
     texts: tuple[Any, ...] = ()  # its prompts read for each text encoder (engine/text.py Prompts)
+    given: Request | None = None  # the request as asked, before the engine filled it in (a later pass's own)
 
     @property
     def chunks(self) -> int:

@@ -125,3 +125,27 @@ def test_a_flight_refuses_a_two_pass_request(ort_pipeline):
     prepared = ort_pipeline.prepare(Request(prompt="x", steps=2, height=BASE, width=BASE, hires_scale=2))
     with pytest.raises(ValueError, match="a request with hires_scale runs two passes, which a flight does not take"):
         Flight(ort_pipeline, max_batch=2).admit(prepared.rows(0), [None])
+
+
+def test_sdxl_second_pass_takes_its_own_size_conditioning(xl_pipeline, xl_folder):
+    """SDXL: the second pass's time ids are those of its own size (as diffusers' img2img at that size defaults them),
+    not the first pass's; and the recorded request stays the one asked for."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    txt = StableDiffusionXLPipeline.from_pretrained(xl_folder, local_files_only=True)
+    txt.scheduler = diffusers_scheduler("euler", xl_pipeline.scheduler_config)
+    img = StableDiffusionXLImg2ImgPipeline(**txt.components)
+    for p in (txt, img):
+        p.set_progress_bar_config(disable=True)
+    common = {"negative_prompt": NEGATIVE, "guidance_scale": 6.0}
+    latents = txt(PROMPT, num_inference_steps=STEPS, height=BASE, width=BASE, output_type="latent",
+                  generator=torch.Generator().manual_seed(SEED), **common).images
+    start = torch.nn.functional.interpolate(latents, size=(2 * BASE // 8, 2 * BASE // 8), mode="bilinear",
+                                            antialias=False)
+    want = to_uint8(img(PROMPT, image=start, strength=0.6, num_inference_steps=5, output_type="np",
+                        generator=torch.Generator().manual_seed(SEED), **common).images)
+    (got,) = xl_pipeline.run([Request(prompt=PROMPT, negative_prompt=NEGATIVE, steps=STEPS, sampler="euler", seed=SEED,
+                                      guidance_scale=6.0, height=BASE, width=BASE, hires_scale=2, hires_steps=5,
+                                      hires_strength=0.6)], progress=False)
+    assert got.pixels.shape == (2 * BASE, 2 * BASE, 3) and max_diff(got.pixels, want[0]) <= 2
+    assert got.params["original_size"] == [BASE, BASE] and got.params["height"] == BASE
