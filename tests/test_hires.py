@@ -13,7 +13,7 @@ from PIL import Image
 from engine.png import parameters_text
 from engine.request import Request, RequestError
 from tests.a1111 import parse_a1111
-from tests.helpers import max_diff, stack_pixels, to_uint8
+from tests.helpers import Wrapped, max_diff, stack_pixels, to_uint8
 from tests.sampler_cases import diffusers_scheduler
 
 PROMPT, NEGATIVE = "a lighthouse on a cliff", "blurry"
@@ -144,8 +144,16 @@ def test_sdxl_second_pass_takes_its_own_size_conditioning(xl_pipeline, xl_folder
                                             antialias=False)
     want = to_uint8(img(PROMPT, image=start, strength=0.6, num_inference_steps=5, output_type="np",
                         generator=torch.Generator().manual_seed(SEED), **common).images)
-    (got,) = xl_pipeline.run([Request(prompt=PROMPT, negative_prompt=NEGATIVE, steps=STEPS, sampler="euler", seed=SEED,
-                                      guidance_scale=6.0, height=BASE, width=BASE, hires_scale=2, hires_steps=5,
-                                      hires_strength=0.6)], progress=False)
+    seen: list[list[float]] = []  # each UNet call's first time ids row (a tiny model barely shows them in pixels)
+    unet = xl_pipeline.runners["unet"]
+    xl_pipeline.runners["unet"] = Wrapped(unet, lambda r, **x: seen.append(x["time_ids"][0].tolist()) or r(**x))
+    try:
+        (got,) = xl_pipeline.run([Request(prompt=PROMPT, negative_prompt=NEGATIVE, steps=STEPS, sampler="euler",
+                                          seed=SEED, guidance_scale=6.0, height=BASE, width=BASE, hires_scale=2,
+                                          hires_steps=5, hires_strength=0.6)], progress=False)
+    finally:
+        xl_pipeline.runners["unet"] = unet
+    first, second = [BASE, BASE, 0, 0, BASE, BASE], [2 * BASE, 2 * BASE, 0, 0, 2 * BASE, 2 * BASE]
+    assert seen[0] == first and seen[-1] == second and len(seen) == STEPS + 3  # 5 steps at strength 0.6: 3
     assert got.pixels.shape == (2 * BASE, 2 * BASE, 3) and max_diff(got.pixels, want[0]) <= 2
     assert got.params["original_size"] == [BASE, BASE] and got.params["height"] == BASE
