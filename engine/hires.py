@@ -76,7 +76,7 @@ def resolved_second(pipe: Any, r: Any, given: Any) -> Any:
     from engine.request import with_family_fields
 
     asked = replace(given or r, seed=r.seed, height=r.height, width=r.width)
-    second = pipe._with_tiling(second_pass(asked, pipe.dims.size_multiple))
+    second = pipe.with_tiling(second_pass(asked, pipe.dims.size_multiple))
     return replace(with_family_fields(second, pipe.family), init_image=SOURCE)  # img2img; its start: by `run`
 
 

@@ -173,7 +173,7 @@ class Pipeline:
         h, w = r.height or self.profile.opt.height, r.width or self.profile.opt.width
         check_size(self.dims, h, w, self.profile.lo, self.profile.hi)
         r.height, r.width = h, w
-        r = self._with_tiling(r)  # a later pass resolves its own (engine/hires.py)
+        r = self.with_tiling(r)  # a later pass resolves its own (engine/hires.py)
         tile = self.tiling(r)
         self.check_memory(h, w, r.images, r.guidance_scale > 1, (min(tile.tile, h), min(tile.tile, w)) if tile else None)
         r = with_family_fields(r, self.family, passes.later_fields(r))  # e.g. SDXL's time ids: diffusers' defaults
@@ -223,7 +223,7 @@ class Pipeline:
         return (Footprint(**self.info.get("footprint", {})), height, width, images, cfg,
                 self.info.get("precision", "fp32"), self.info.get("attention", "decomposed"), self.dims.vae_scale)
 
-    def _with_tiling(self, r: Request) -> Request:
+    def with_tiling(self, r: Request) -> Request:
         """`r` (its size known) with `vae_tiling` resolved to "on" or "off" and its tile size filled in
         (engine/tiling.py's `resolve`: "auto" tiles where the untiled decode would not fit in memory now)."""
         def too_big() -> bool:
