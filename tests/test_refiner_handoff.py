@@ -96,23 +96,24 @@ def test_the_refiner_takes_its_aesthetic_score(base, reference):
     assert max_diff(got[0].pixels, want[0]) <= 2
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"refiner_switch": 1.0}, r"refiner_switch 1.0 must be a number in \(0, 1\)"),
-    ({"refiner_switch": 0}, r"refiner_switch 0 must be a number in \(0, 1\)"),
-    ({"refiner_switch": True}, r"refiner_switch True must be"),
-    ({"refiner_switch": float("nan")}, r"refiner_switch nan must be"),
-    ({"refiner_switch": 0.05}, r"at 10 steps gives the base 0 and the refiner 10 steps: each needs one at least"),
-    ({"refiner_switch": 0.99}, r"gives the base 10 and the refiner 0 steps"),
-    ({"refiner_switch": 0.8, "hires_scale": 2}, "hires_scale and refiner_switch cannot be combined"),
-    ({"refiner_switch": 0.8, "init": True}, "the refiner handoff is a txt2img option"),
+@pytest.mark.parametrize("kwargs, message, field", [
+    ({"refiner_switch": 1.0}, r"refiner_switch 1.0 must be a number in \(0, 1\)", "refiner_switch"),
+    ({"refiner_switch": 0}, r"refiner_switch 0 must be a number in \(0, 1\)", "refiner_switch"),
+    ({"refiner_switch": True}, r"refiner_switch True must be", "refiner_switch"),
+    ({"refiner_switch": float("nan")}, r"refiner_switch nan must be", "refiner_switch"),
+    ({"refiner_switch": 0.05}, r"at 10 steps gives the base 0 and the refiner 10 steps: each needs one at least",
+     "refiner_switch"),
+    ({"refiner_switch": 0.99}, r"gives the base 10 and the refiner 0 steps", "refiner_switch"),
+    ({"refiner_switch": 0.8, "hires_scale": 2}, "hires_scale and refiner_switch cannot be combined", "refiner_switch"),
+    ({"refiner_switch": 0.8, "init": True}, "the refiner handoff is a txt2img option", "refiner_switch"),
 ])
-def test_bad_handoffs_are_refused_naming_the_field(base, kwargs, message):
+def test_bad_handoffs_are_refused_naming_the_field(base, kwargs, message, field):
     kw = {"prompt": "x", "steps": STEPS, "height": SIZE, "width": SIZE}
     if kwargs.pop("init", False):
         kw["init_image"] = init_image(SIZE)
     with pytest.raises(RequestError, match=message) as err:
         base.prepare(Request(**{**kw, **kwargs}))
-    assert err.value.field in ("refiner_switch", "hires_scale") or "refiner" in str(err.value)
+    assert err.value.field == field
 
 
 def test_a_model_without_a_refiner_beside_it_says_so(xl_pipeline, ort_pipeline):
