@@ -150,7 +150,7 @@ def _model_files_stage(cfg: BuildConfig, model_id: str, folder: Path, family: Fa
     from export.store import cache_root
 
     files = [p for sub in family.tokenizers for p in sorted((folder / sub).iterdir()) if p.is_file()]
-    files.append(folder / family.scheduler_config)
+    files += [folder / f for f in family.runtime_files]
     parts = {"files": cache.hash_files(files, memo=cache_root() / cache.HASH_MEMO), "family": family.name}
     key = cache.content_key(parts)
     art = cache.artifact_dir(cfg.engine_dir, model_id, "model", "files", key)

@@ -24,6 +24,7 @@ from engine.prompts import SYNTAXES
 from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request, RequestError, flag
 from engine.sampler_registry import SAMPLERS
 from engine.tiling import MODES as TILING_MODES
+from export.families.upscale import LOW_RES
 from export.quiet import add_verbose_flag, quiet_cli
 
 _R = Request()  # generation defaults live on Request
@@ -55,6 +56,7 @@ class GenerateConfig:
     target_size: tuple[int, int] | None = _R.target_size
     aesthetic_score: float | None = _R.aesthetic_score  # SDXL refiner
     negative_aesthetic_score: float | None = _R.negative_aesthetic_score
+    noise_level: int | None = _R.noise_level  # the x4 upscaler (export/families/upscale.py)
     lora: list[str] = field(default_factory=list)  # "path[:scale]", repeatable (engine/lora.py)
     embeddings: Path | None = None  # a folder of textual-inversion .safetensors prompts may name (engine/embeddings.py)
     controlnet: list[str] = field(default_factory=list)  # ControlNet names (engine/control.py), repeatable
@@ -96,7 +98,7 @@ class GenerateConfig:
                         init_image=self.init_image, strength=self.strength, mask=self.mask, resize=self.resize,
                         original_size=self.original_size, crop=self.crop, target_size=self.target_size,
                         aesthetic_score=self.aesthetic_score, negative_aesthetic_score=self.negative_aesthetic_score,
-                        loras=tuple(parse_adapter(a) for a in self.lora), controls=self.controls(),
+                        noise_level=self.noise_level, loras=tuple(parse_adapter(a) for a in self.lora), controls=self.controls(),
                         guess_mode=self.guess_mode, ip_image=self.ip_image, ip_scale=self.ip_scale)
                 for p in self.prompt]
 
@@ -154,6 +156,9 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
                    help="img2img strength in (0, 1]; None = diffusers' default for the model: SD 0.8 (1.0 "
                    "when inpainting), SDXL 0.3 (0.9999)")
     p.add_argument("--mask", type=Path, default=d.mask, help="inpainting mask (white = repaint); needs --init-image")
+    p.add_argument("--noise-level", type=int, default=d.noise_level, metavar="N",
+                   help=f"x4 upscaler: the noise added to --init-image (the low-resolution image), [0, "
+                        f"{LOW_RES.max_noise_level}]; None = {LOW_RES.default_noise_level}")
     p.add_argument("--resize", action="store_true", default=d.resize,
                    help="resize the init image and mask to --height/--width instead of refusing another size")
     _add_time_id_flags(p, d)

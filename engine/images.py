@@ -79,16 +79,17 @@ def _from_array(array: np.ndarray, what: str) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.ascontiguousarray(array))
 
 
-def _check_size(height: int, width: int) -> None:
-    """ValueError unless height and width are positive multiples of VAE_SCALE (diffusers would floor them)."""
+def _check_size(height: int, width: int, multiple: int = VAE_SCALE) -> None:
+    """ValueError unless height and width are positive multiples of `multiple` (diffusers would floor them)."""
     for name, v in (("height", height), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % VAE_SCALE:
-            raise ValueError(f"{name} {v!r} must be a positive multiple of {VAE_SCALE}")
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % multiple:
+            raise ValueError(f"{name} {v!r} must be a positive multiple of {multiple}")
 
 
-def _sized(source: ImageSource, what: str, height: int, width: int, resize: bool) -> PIL.Image.Image:
+def _sized(source: ImageSource, what: str, height: int, width: int, resize: bool,
+           multiple: int = VAE_SCALE) -> PIL.Image.Image:
     """The source as an RGB PIL image of (width, height): resized as VaeImageProcessor does, or an error."""
-    _check_size(height, width)
+    _check_size(height, width, multiple)
     img = open_image(source, what).convert("RGB")  # diffusers.utils.load_image's conversion
     if img.size == (width, height):
         return img
@@ -104,9 +105,11 @@ def _to_unit(img: PIL.Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img).astype(np.float32) / 255.0)
 
 
-def load_image(source: ImageSource, height: int, width: int, resize: bool = False) -> torch.Tensor:
-    """Init image -> [1, 3, H, W] float32 in [-1, 1], equal to VaeImageProcessor(8).preprocess(img, h, w)."""
-    img = _sized(source, "init image", height, width, resize)
+def load_image(source: ImageSource, height: int, width: int, resize: bool = False,
+               multiple: int = VAE_SCALE) -> torch.Tensor:
+    """Init image -> [1, 3, H, W] float32 in [-1, 1], equal to VaeImageProcessor(8).preprocess(img, h, w); `multiple`:
+    what H and W must be multiples of (the x4 upscaler's image is at the latent size: its UNet's multiple)."""
+    img = _sized(source, "init image", height, width, resize, multiple)
     x = _to_unit(img)  # [H, W, 3]
     x = x.permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W]
     return 2.0 * x - 1.0

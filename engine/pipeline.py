@@ -38,6 +38,7 @@ from engine.cache import find_model_dir  # engine.serve and tests look it up her
 from engine.config import Profile
 from engine.denoise import COND, Buffers, denoise_step, randn_rows, sample_latents, step_noise
 from engine.embeddings import Embedding, encoder_widths, load_embeddings
+from engine.kinds import check_kind
 from engine.lora_cache import Lru
 from engine.request import (
     Generated,
@@ -52,6 +53,7 @@ from engine.request import (
 from engine.text import TextEncoders
 from engine.tiling import Tiling
 from engine.tiling import resolve as resolve_tiling
+from engine.upscale import LowResNoise
 from export.control import PREFIX, with_controls
 from export.families import Family, get_family
 from export.footprint import Footprint
@@ -85,6 +87,7 @@ class Pipeline:
         self.embeddings_dir: Path | None = None  # where `embeddings` were read (a companion reads it too)
         self._companions: dict[str, Pipeline] = {}  # other models of its engine dir, by family (self.companion)
         self._companions_lock = threading.Lock()
+        self.low_res: LowResNoise | None = None  # the x4 upscaler's low-res image noise (engine/upscale.py)
 
     def role(self, role: str) -> Runner:
         """The runner playing a family role: "denoiser", "latent_decoder", "latent_encoder"."""
@@ -131,6 +134,7 @@ class Pipeline:
         pipe = cls(runners, tokenizers, scheduler_config, family, dims, Profile.from_json(record["profile"]), info,
                    batch_size, found)
         pipe.embeddings_dir = embeddings
+        pipe.low_res = LowResNoise.load(files, family.low_res) if family.low_res else None
         return pipe
 
     def companion(self, family: str) -> Pipeline:
@@ -170,7 +174,8 @@ class Pipeline:
         """Check one request against this engine and load its images, once; RequestError names the field."""
         request.check()
         r = request.resolved(self.family.default_strength)
-        h, w = r.height or self.profile.opt.height, r.width or self.profile.opt.width
+        out = self.low_res.size(r, self.dims, self.profile.hi) if self.low_res else None  # the upscaler's: 4x its image
+        h, w = out or (r.height or self.profile.opt.height, r.width or self.profile.opt.width)
         check_size(self.dims, h, w, self.profile.lo, self.profile.hi)
         r.height, r.width = h, w
         r = self.with_tiling(r)  # a later pass resolves its own (engine/hires.py)
@@ -178,30 +183,17 @@ class Pipeline:
         self.check_memory(h, w, r.images, r.guidance_scale > 1, (min(tile.tile, h), min(tile.tile, w)) if tile else None)
         r = with_family_fields(r, self.family, passes.later_fields(r))  # e.g. SDXL's time ids: diffusers' defaults
         model = self.info.get("model")
-        if r.kind == "txt2img" and not self.family.txt2img:
-            raise RequestError("init_image", f"model {model!r} ({self.family.name}) is img2img only: give an init "
-                                             "image")
+        check_kind(r, self.family, self.dims, self.has_role("latent_encoder"), model,
+                   Path(self.info.get("engine_dir", ".")))  # engine/kinds.py
         schedule = self._check_schedule(r)
-        if r.kind != "txt2img" and not self.has_role("latent_encoder"):
-            model_dir = Path(self.info.get("engine_dir", "."))
-            encoder = self.family.roles.latent_encoder
-            wanted = ",".join(dict.fromkeys(self.family.default_components(self.dims) + (encoder,)))
-            raise RequestError("init_image", f"{r.kind} needs the {encoder} engine, which {model_dir} lacks: rebuild "
-                                             f"with python -m engine.build --model {model} --engine-dir "
-                                             f"{model_dir.parent} --components {wanted}")
-        if r.kind == "inpaint" and not self.family.can_inpaint(self.dims):
-            raise RequestError("mask", f"model {model!r} cannot inpaint: its UNet takes {self.dims.unet_in_channels} "
-                                       "channels (4 blends latents, 9 is an inpainting UNet)")
-        if self.dims.inpainting_unet and r.kind != "inpaint":
-            raise RequestError("mask", f"model {model!r} is an inpainting model (9-channel UNet): give an init image "
-                                       "and a mask")
         texts = self.text.read(r)  # each text encoder's chunks (engine/text.py)
         if (r.clip_skip or 1) > max(self.dims.text_layers, 1):
             raise RequestError("clip_skip", f"clip_skip {r.clip_skip} is past the text encoder's "
                                             f"{self.dims.text_layers} layers" + ("" if self.dims.text_layers else
                                             " (engines built before clip skip: rebuild them)"))
         control.check_names(r.controls, self.family.roles.conditions, model)
-        image = images.load_field(images.load_image, "init_image", r.init_image, h, w, r.resize)
+        image = (self.low_res.image(r, self.dims) if self.low_res else
+                 images.load_field(images.load_image, "init_image", r.init_image, h, w, r.resize))
         mask = images.load_field(images.load_mask, "mask", r.mask, h, w, r.resize)
         controls = tuple(images.load_field(images.load_control_image, control.FIELD, c.source, h, w, r.resize)
                          for c in r.controls)
@@ -395,9 +387,12 @@ class Pipeline:
         gens = [torch.Generator("cpu").manual_seed(row.seed) for row in rows]
         shape = (1, self.dims.latent_channels, r.height // self.dims.vae_scale, r.width // self.dims.vae_scale)
         inpaint_9 = r.kind == "inpaint" and self.dims.inpainting_unet
-        pure_noise = r.kind == "txt2img" or (r.kind == "inpaint" and r.strength == 1.0)
+        pure_noise = r.kind == "txt2img" or (r.kind == "inpaint" and r.strength == 1.0) or self.low_res is not None
         out: Buffers = {}
         image = torch.cat([row.image for row in rows]) if rows[0].image is not None else None  # [B, 3, H, W]
+        if self.low_res is not None:  # the x4 upscaler's image: noised, concatenated to the latents (engine/upscale.py)
+            out["concat"] = self.low_res.noised(image, [x.request.noise_level for x in rows], gens, cfg)  # [2B, 3, h, w]
+            image = None
         image_latents = torch.cat([row.latents for row in rows]) if rows[0].latents is not None else None  # given
         if image is not None and image_latents is None and not (inpaint_9 and pure_noise):
             image_latents = sample_latents(self.role("latent_encoder"), image, gens, self.tiling(r))  # [B, 4, h, w]

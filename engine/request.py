@@ -7,7 +7,8 @@ request uses seed `seed + k` (A1111's convention) and records it, so any image r
 mask make it inpainting (white = repaint).
 
 Some fields belong to a model family (`FAMILY_FIELDS`: SDXL's size conditioning `original_size`, `crop`,
-`target_size`, the refiner's `aesthetic_score` and `negative_aesthetic_score`). They are None by default:
+`target_size`, the refiner's `aesthetic_score` and `negative_aesthetic_score`, SD's `clip_skip`, the x4 upscaler's
+`noise_level`). They are None by default:
 the family fills in diffusers' defaults (`Family.request_defaults`), and a model of another family refuses them.
 
 Every bad value raises `RequestError(field, message)`: the message names the field as the Request names it; the
@@ -76,6 +77,7 @@ class Request:
     target_size: tuple[int, int] | None = None  # (height, width); None = (height, width); not for the refiner
     aesthetic_score: float | None = None  # SDXL refiner only; None = the family's default (6.0)
     negative_aesthetic_score: float | None = None  # SDXL refiner only; None = the family's default (2.5)
+    noise_level: int | None = None  # the x4 upscaler's low-res image noise, [0, 350]; None = the family's default (20)
     loras: tuple[Adapter, ...] = ()  # LoRA adapters merged into the weights for this request (engine/lora.py)
     controls: tuple[Control, ...] = ()  # ControlNets this request uses, each with its image (engine/control.py)
     guess_mode: bool = False  # ControlNet guess mode: the nets see the conditional rows only, residuals weighted
@@ -178,6 +180,10 @@ class Request:
         if skip is not None and (isinstance(skip, bool) or not isinstance(skip, int) or skip < 1):
             raise RequestError("clip_skip", f"clip_skip {skip!r} must be an integer >= 1 (1 = the last layer, as A1111 "
                                             "numbers it)")
+        level = self.noise_level
+        if level is not None and (isinstance(level, bool) or not isinstance(level, int) or level < 0):
+            raise RequestError("noise_level", f"noise_level {level!r} must be an integer >= 0 (the x4 upscaler's: at "
+                                              "most its max_noise_level, 350)")
         for name in AESTHETIC_FIELDS:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -187,7 +193,7 @@ class Request:
 
 TIME_ID_FIELDS = ("original_size", "crop", "target_size")
 AESTHETIC_FIELDS = ("aesthetic_score", "negative_aesthetic_score")
-FAMILY_FIELDS = TIME_ID_FIELDS + AESTHETIC_FIELDS + ("clip_skip",)  # taken by some model families only (Family.request_fields)
+FAMILY_FIELDS = TIME_ID_FIELDS + AESTHETIC_FIELDS + ("clip_skip", "noise_level")  # taken by some model families only (Family.request_fields)
 FLAGS = {"sampler": "--scheduler", "images": "--images-per-prompt", "loras": "--lora",
          "controls": "--controlnet"}  # others: --field-name
 

@@ -21,7 +21,7 @@ from export.control import for_component, residual_layout
 from export.errors import PICKLE_SUFFIXES
 from export.families import SD, SDXL, Family, detect_family, get_family
 from export.families.sdxl_wrappers import CastOutput
-from export.presets import ALL_PRESETS, Preset
+from export.presets import ALL_PRESETS, Preset, UpscalePreset
 from export.single_file import convert_single_file
 from export.specs import Dims
 from export.store import cache_root, content_key, exclusive, staging_dir  # cache_root: re-exported for engine/build.py
@@ -31,7 +31,8 @@ FORMAT_VERSION = 1  # bump when materialisation changes, so cached preset folder
 SD_PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline")
 SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                          "StableDiffusionXLInpaintPipeline")
-PIPELINE_CLASSES = SD_PIPELINE_CLASSES + SDXL_PIPELINE_CLASSES  # what we can write
+UPSCALE_PIPELINE_CLASS = "StableDiffusionUpscalePipeline"
+PIPELINE_CLASSES = SD_PIPELINE_CLASSES + SDXL_PIPELINE_CLASSES + (UPSCALE_PIPELINE_CLASS,)  # what we can write
 
 
 def random_components(preset: Preset) -> dict:
@@ -56,13 +57,15 @@ def random_components(preset: Preset) -> dict:
 
 
 def save_diffusers_folder(components: dict, scheduler_config: dict, folder: Path,
-                          pipeline_class: str = "StableDiffusionPipeline", family: Family | None = None) -> None:
+                          pipeline_class: str = "StableDiffusionPipeline", family: Family | None = None,
+                          low_res: tuple[dict, int] | None = None) -> None:
     """Write components as a standard diffusers folder of `pipeline_class` (StableDiffusionPipeline,
-    StableDiffusionInpaintPipeline or their SDXL counterparts), weights as safetensors, through that diffusers
-    pipeline. An SDXL `family` (default `sdxl`) sets `requires_aesthetics_score` and
-    `force_zeros_for_empty_prompt`; without a `text_encoder` (the refiner) there is no `tokenizer` either."""
+    StableDiffusionInpaintPipeline or their SDXL counterparts, StableDiffusionUpscalePipeline), weights as
+    safetensors, through that diffusers pipeline. An SDXL `family` (default `sdxl`) sets `requires_aesthetics_score`
+    and `force_zeros_for_empty_prompt`; without a `text_encoder` (the refiner) there is no `tokenizer` either.
+    The upscaler takes `low_res`: its low_res_scheduler config and max_noise_level."""
     import diffusers
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler
 
     if pipeline_class not in PIPELINE_CLASSES:
         raise ValueError(f"cannot write a {pipeline_class!r} folder; choose from {', '.join(PIPELINE_CLASSES)}")
@@ -72,6 +75,11 @@ def save_diffusers_folder(components: dict, scheduler_config: dict, folder: Path
                      force_zeros_for_empty_prompt=family.zero_empty_negative, add_watermarker=False)
         if pipeline_class != "StableDiffusionXLPipeline":  # the only one without requires_aesthetics_score
             extra["requires_aesthetics_score"] = family.aesthetic
+    elif pipeline_class == UPSCALE_PIPELINE_CLASS:
+        if low_res is None:
+            raise ValueError("an upscaler folder needs its low_res_scheduler config and max_noise_level")
+        extra = dict(safety_checker=None, feature_extractor=None, watermarker=None, max_noise_level=low_res[1],
+                     low_res_scheduler=DDPMScheduler.from_config(low_res[0]))
     else:
         extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = getattr(diffusers, pipeline_class)(
@@ -93,8 +101,10 @@ def materialize_preset(preset: Preset, root: Path | None = None) -> Path:
     with exclusive(folder):
         if not (folder / "model_index.json").is_file():  # unless another process made it meanwhile
             with staging_dir(folder) as tmp:
+                low_res = ((preset.low_res_scheduler_config(), preset.max_noise_level)
+                           if isinstance(preset, UpscalePreset) else None)
                 save_diffusers_folder(random_components(preset), preset.scheduler.config(preset.prediction_type),
-                                      tmp, preset.pipeline_class, get_family(preset.family))
+                                      tmp, preset.pipeline_class, get_family(preset.family), low_res)
     return folder
 
 

@@ -65,7 +65,7 @@ class ExportOptions:
 
 def example_inputs(spec: ComponentSpec, dims: Dims, shape: Shape, precision: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Deterministic inputs of the spec's shapes: ids in the vocabulary, timesteps in [0, 1000), SDXL time_ids
-    (sizes and crop offsets in pixels) in [0, 1024)."""
+    (sizes and crop offsets in pixels) in [0, 1024), the upscaler's noise levels (class labels) in [0, 350]."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     batch = shape.batch * spec.batch_factor
@@ -77,6 +77,8 @@ def example_inputs(spec: ComponentSpec, dims: Dims, shape: Shape, precision: str
             x[:, 1] = CUSTOM_TOKEN  # a token whose vector is token_embeds' (textual inversion): validated too
         elif t == "timestep":
             x = torch.randint(0, 1000, s, generator=g).float()
+        elif t == "class_labels":  # the x4 upscaler's noise levels
+            x = torch.randint(0, 351, s, generator=g)
         elif t == "time_ids":
             x = torch.randint(0, 1024, s, generator=g).float()
         else:

@@ -12,6 +12,8 @@ and the UNet's added "text_time" conditioning; they materialise as StableDiffusi
 5 time ids (aesthetic score instead of target size); it materialises as a StableDiffusionXLImg2ImgPipeline
 folder with `requires_aesthetics_score`; `sdxl-refiner` is the real refiner's architecture. `tiny-xl-inpaint` /
 `sdxl-inpaint` have a 9-channel inpainting UNet (StableDiffusionXLInpaintPipeline folders).
+`tiny-upscaler` / `sd-x4-upscaler` (`UpscalePreset`, family `sd-upscaler`) are SD's x4 upscaler on tiny's scale and
+its real architecture; they materialise as StableDiffusionUpscalePipeline folders (with `low_res_scheduler/`).
 `PRESETS` holds the SD presets, `SDXL_PRESETS` the SDXL ones (base and refiner); single-file detection
 tries both (`export.single_file.CANDIDATES`); `ALL_PRESETS` / `get_preset` every preset a model name can be.
 """
@@ -313,12 +315,87 @@ SDXL_REFINER = XLPreset(
     ),
 )
 
+@dataclass(frozen=True)
+class UpscaleUNetArch(UNetArch):
+    """The x4 upscaler's UNet: SD's arguments plus the noise level's class embedding and blocks whose first
+    attention attends to the text only (diffusers' `only_cross_attention`, LDM's `disable_self_attentions`)."""
+
+    num_class_embeds: int = 1000
+    only_cross_attention: bool | tuple[bool, ...] = False
+
+
+@dataclass(frozen=True)
+class UpscalePreset(Preset):
+    """The x4 upscaler (family `sd-upscaler`): a 7-channel UNet (latents + the noised low-resolution image), a
+    3-block VAE (4 pixels per latent), SD 2.x's text encoder; a DDPM schedule noises the low-resolution image."""
+
+    unet_in_channels: int = 7  # 4 latent channels + RGB
+    scaling_factor: float = 0.08333
+    scheduler: SchedulerDefaults = field(default_factory=lambda: SchedulerDefaults(beta_start=0.0001, beta_end=0.02))
+    prediction_type: str = "v_prediction"
+    max_noise_level: int = 350
+
+    @property
+    def family(self) -> str:
+        return "sd-upscaler"
+
+    @property
+    def pipeline_class(self) -> str:
+        return "StableDiffusionUpscalePipeline"
+
+    def low_res_scheduler_config(self) -> dict:
+        """The released model's low_res_scheduler: DDPM on the same betas."""
+        return dict(_class_name="DDPMScheduler", beta_start=self.scheduler.beta_start, beta_end=self.scheduler.beta_end,
+                    beta_schedule=self.scheduler.beta_schedule, num_train_timesteps=self.scheduler.num_train_timesteps,
+                    clip_sample=True, variance_type="fixed_small")
+
+
+# stabilityai/stable-diffusion-x4-upscaler: random weights, the real architecture (output sizes: 4x the input)
+SD_X4_UPSCALER = UpscalePreset(
+    name="sd-x4-upscaler",
+    unet=UpscaleUNetArch(
+        block_out_channels=(256, 512, 512, 1024),
+        attention_head_dim=8,  # head counts (LDM's num_heads: 8)
+        cross_attention_dim=1024,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
+        use_linear_projection=True,
+        only_cross_attention=(True, True, True, False),
+    ),
+    vae=VaeArch(block_out_channels=(128, 256, 512)),
+    clip=SD21.clip,
+    default_size=512,  # a 128² image in
+    min_size=128,
+    max_size=2048,
+)
+
+TINY_UPSCALER = UpscalePreset(
+    name="tiny-upscaler",
+    unet=UpscaleUNetArch(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=(1, 1),  # head counts: head dim 64 in the one attention block
+        cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        use_linear_projection=True,
+        only_cross_attention=(False, True),
+    ),
+    vae=VaeArch(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8),
+    clip=TINY.clip,
+    default_size=128,  # a 32² image in
+    min_size=32,
+    max_size=512,
+    seed=11,
+)
+
 # Order matters only for single-file detection, which takes the first preset a checkpoint fills exactly
 # (the in_channels of conv_in tells an inpainting UNet apart, so at most one preset matches).
 PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, SD15, SD21, TINY_INPAINT, SD15_INPAINT)}
 SDXL_PRESETS: dict[str, XLPreset] = {p.name: p for p in (TINY_XL, SDXL, TINY_XL_REFINER, TINY_XL_INPAINT, SDXL_INPAINT,
                                                         SDXL_REFINER)}
-ALL_PRESETS: dict[str, Preset] = {**PRESETS, **SDXL_PRESETS}
+UPSCALE_PRESETS: dict[str, UpscalePreset] = {p.name: p for p in (TINY_UPSCALER, SD_X4_UPSCALER)}
+ALL_PRESETS: dict[str, Preset] = {**PRESETS, **SDXL_PRESETS, **UPSCALE_PRESETS}
 
 
 def get_preset(name: str) -> Preset:

@@ -313,6 +313,18 @@ SDXL_SPECS: dict[str, ComponentSpec] = {  # SD's specs, with SDXL's outputs and 
     "vae_decoder": SPECS["vae_decoder"],
     "vae_encoder": SPECS["vae_encoder"],
 }
+
+UPSCALE_SPECS: dict[str, ComponentSpec] = {  # the x4 upscaler (export/families/upscale.py)
+    "clip": _SD_CLIP,
+    "unet": replace(
+        _SD_UNET,
+        inputs=_SD_UNET.inputs + (TensorSpec("class_labels", "int32", _per_row, _BATCH),),
+        description="x4 upscaler UNet: latents + noised low-res image [2B, 4+3, H/4, W/4], timesteps [2B], text "
+                    "[2B, 77, C], noise level [2B] (the class label) -> eps or v",
+    ),
+    "vae_decoder": SPECS["vae_decoder"],
+    "vae_encoder": SPECS["vae_encoder"],  # built when asked for; a request's image is not encoded
+}
 ALL_COMPONENTS = tuple(dict.fromkeys((*SPECS, *SDXL_SPECS)))  # every component name of every family
 
 

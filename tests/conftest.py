@@ -174,6 +174,33 @@ def xl_pair_engines(tmp_path_factory, xl_engines, xl_refiner_folder) -> Path:
 
 
 @pytest.fixture(scope="session")
+def upscaler_folder(engine_cache) -> Path:
+    """The seeded tiny-upscaler preset as a StableDiffusionUpscalePipeline folder."""
+    from export.models import resolve_model
+
+    return resolve_model("tiny-upscaler")[0]
+
+
+@pytest.fixture(scope="session")
+def upscaler_engines(tmp_path_factory, upscaler_folder) -> Path:
+    """tiny-upscaler built for ONNX Runtime fp32 (clip, unet, vae_decoder), default 64x64 out (16x16 in)."""
+    return _shared_build(tmp_path_factory, "upscaler-engines", model="tiny-upscaler", backend="onnxruntime",
+                         precision="fp32", height=64, width=64)
+
+
+@pytest.fixture(scope="session")
+def upscaler_pair_engines(tmp_path_factory, ort_engines, upscaler_engines) -> Path:
+    """One engine dir holding tiny (a copy of `ort_engines`' model, with its VAE encoder) and tiny-upscaler (a copy of
+    `upscaler_engines`' model): the hires fix's x4 upscaler finds it beside the model (load with a model)."""
+    with _shared(tmp_path_factory, "upscaler_pair_engines") as engine_dir:
+        for source in (ort_engines, upscaler_engines):
+            for model_dir in source.iterdir():
+                if model_dir.is_dir() and not (engine_dir / model_dir.name).exists():
+                    shutil.copytree(model_dir, engine_dir / model_dir.name)
+    return engine_dir
+
+
+@pytest.fixture(scope="session")
 def weighted_folder(tmp_path_factory, tiny_folder) -> Path:
     """`tiny` whose text encoder's final LayerNorm has a bias around 0.5 (hidden states with a mean off zero, as a
     trained CLIP's; A1111's emphasis rescales by that mean): the prompt and embedding tests' model."""

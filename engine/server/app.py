@@ -50,16 +50,17 @@ from engine.server.schemas import (
     validation_error,
 )
 from engine.server.step_batcher import StepBatcher
+from engine.server.warmup import warmup_request
 from export.control import PREFIX
 
 log = logging.getLogger("engine.serve")
 PLAYGROUND = Path(__file__).with_name("playground.html")
-WARMUP_STEPS = 2
 DECODE_SLOTS = 1  # uploads decoded at once (ServerState.decode)
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
 RETRY_NOT_READY_S = 1  # Retry-After while loading or warming up
 SWEEP_EVERY_S = (0.5, 60.0)  # the periodic sweep of hosted images: every ttl/4, within these bounds
 OPENAI_PARAMS = {"images": "n", "height": "size", "width": "size"}  # Request field -> body field
+
 
 
 class ClientGone(Exception):
@@ -130,7 +131,7 @@ class ServerState:
     async def _warm(self) -> None:
         if self.config.warmup:
             t0 = time.perf_counter()
-            prepared = self.pipeline.prepare(Request(prompt="warm-up", steps=WARMUP_STEPS))
+            prepared = self.pipeline.prepare(warmup_request(self.pipeline))
             try:
                 outcome = await self.batcher.submit(prepared, counted=False)  # no client asked for it
             except (BatchFailed, Draining) as exc:
@@ -253,11 +254,18 @@ class ServerState:
         opt = self.pipeline.profile.opt
         self.cost.check(request, opt.height, opt.width, params.get("steps", "steps"))
         try:
-            return await asyncio.to_thread(self.pipeline.prepare, request)
+            prepared = await asyncio.to_thread(self.pipeline.prepare, request)
         except RequestError as exc:
             raise ApiError(400, str(exc), params.get(exc.field, exc.field) if exc.field else None) from None
         except ValueError as exc:  # a check without a field (none known today): still the client's request
             raise ApiError(400, str(exc)) from None
+        for side in ("height", "width"):  # a size the engine chose: the x4 upscaler's is 4x its image
+            value = getattr(prepared.request, side)
+            if value > self.config.max_size:
+                field = "init_image" if request.init_image is not None else side
+                raise ApiError(400, f"{side} {value} (what this request makes) is over this server's limit (--max-size "
+                                    f"{self.config.max_size})", params.get(field, field))
+        return prepared
 
     async def generate(self, http: HttpRequest, request: Request, params: dict[str, str] | None = None) -> Outcome:
         t0 = time.perf_counter()

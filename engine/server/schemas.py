@@ -27,6 +27,7 @@ from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
 from engine.sampler_registry import get as sampler_record
 from engine.server.lora_dir import adapter_in_dir
 from engine.tiling import MAX_OVERLAP
+from export.families.upscale import LOW_RES
 
 _R = Request()
 MAX_PROMPT_CHARS = 4000  # far past 4 chunks of 75 tokens (engine/prompts.py names the limit); longer is refused
@@ -200,6 +201,9 @@ class GenerateBody(_Common):
     target_size: tuple[int, int] | None = Field(None, description="SDXL time ids: [height, width]; null = the size")
     aesthetic_score: float | None = Field(None, allow_inf_nan=False, description="SDXL refiner; null = 6.0")
     negative_aesthetic_score: float | None = Field(None, allow_inf_nan=False, description="SDXL refiner; null = 2.5")
+    noise_level: int | None = Field(None, ge=0, le=LOW_RES.max_noise_level, description="x4 upscaler: the noise "
+                                    "added to init_image (the low-resolution image); null = "
+                                    f"{LOW_RES.default_noise_level}")
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS,
                                  description="LoRA adapters of the server's --lora-dir, merged without a rebuild")
     controls: list[ControlRef] = Field(default_factory=list, max_length=MAX_CONTROLS,
@@ -219,7 +223,7 @@ class GenerateBody(_Common):
                                       description="A1111's hires fix: upscale the image by this, then img2img there")
     hires_steps: int | None = Field(_R.hires_steps, ge=1, le=MAX_STEPS, description="null = steps")
     hires_strength: float = Field(_R.hires_strength, gt=0, le=1, description="the second pass's denoising strength")
-    hires_upscaler: Literal["latent", "latent-nearest", "lanczos"] = _R.hires_upscaler
+    hires_upscaler: Literal["latent", "latent-nearest", "lanczos", "x4"] = _R.hires_upscaler
     refiner_switch: float | None = Field(_R.refiner_switch, gt=0, lt=1, allow_inf_nan=False,
                                          description="SDXL: the share of the schedule the base runs; the refiner "
                                          "built beside it runs the rest")
@@ -242,7 +246,7 @@ class GenerateBody(_Common):
                        width=self.width, images=self.images, init_image=init_image, strength=self.strength,
                        mask=mask, resize=self.resize, original_size=self.original_size, crop=self.crop,
                        target_size=self.target_size, aesthetic_score=self.aesthetic_score,
-                       negative_aesthetic_score=self.negative_aesthetic_score)
+                       negative_aesthetic_score=self.negative_aesthetic_score, noise_level=self.noise_level)
 
 
 class ImagesBody(_Common):

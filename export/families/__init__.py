@@ -1,4 +1,5 @@
-"""Model families, one module each (`sd`, `sdxl`: SDXL base and its refiner), and the one registry of them.
+"""Model families, one module each (`sd`, `sdxl`: SDXL base and its refiner, `upscale`: the x4 upscaler), and the
+one registry of them.
 
 What a family is and owns: export/families/base.py. Which family a diffusers folder is: `detect_family`, from its
 model_index.json pipeline class (and, for SDXL img2img, `requires_aesthetics_score`: the refiner).
@@ -7,14 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export.families.base import Family, Roles, read_index
+from export.families.base import Family, LowRes, Roles, read_index
 from export.families.sd import SD
 from export.families.sdxl import SDXL, SDXL_REFINER, TimeIds, sdxl_time_ids
+from export.families.upscale import UPSCALER
 
-__all__ = ["FAMILIES", "SD", "SDXL", "SDXL_REFINER", "Family", "Roles", "TimeIds", "detect_family", "get_family",
-           "sdxl_time_ids", "takers"]
+__all__ = ["FAMILIES", "SD", "SDXL", "SDXL_REFINER", "UPSCALER", "Family", "LowRes", "Roles", "TimeIds",
+           "detect_family", "get_family", "sdxl_time_ids", "takers"]
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL, SDXL_REFINER)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL, SDXL_REFINER, UPSCALER)}
 
 
 def get_family(name: str) -> Family:

@@ -43,6 +43,17 @@ class Roles:
 
 
 @dataclass(frozen=True)
+class LowRes:
+    """A denoiser conditioned on a low-resolution image concatenated to its latents (the x4 upscaler): a request's
+    init image is that condition at the latent size, not an img2img start. It is noised at the request's noise level
+    with the DDPM schedule of `scheduler_config`, and the level is the UNet's class label (engine/upscale.py)."""
+
+    scheduler_config: str = "low_res_scheduler/scheduler_config.json"  # in the model folder and the engine dir
+    default_noise_level: int = 20  # diffusers' StableDiffusionUpscalePipeline default
+    max_noise_level: int = 350  # its default; a folder's model_index.json may say another
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     specs: Mapping[str, ComponentSpec]  # every component the family can build
@@ -69,6 +80,7 @@ class Family:
     # text encoder -> the key of its vectors in a textual-inversion file with one tensor per text encoder (SDXL's
     # clip_l / clip_g: engine/embeddings.py); empty: one tensor, for the family's one text encoder
     embedding_keys: Mapping[str, str] = field(default_factory=dict)
+    low_res: LowRes | None = None  # a low-resolution image concatenated to the latents (the x4 upscaler)
 
     @property
     def zero_empty_negative(self) -> bool:
@@ -89,7 +101,14 @@ class Family:
     def model_folders(self) -> tuple[str, ...]:
         """The sub-folders a diffusers folder of this family must have (weights, tokenizers, scheduler)."""
         subs = [s.model_folder for s in self.specs.values()] + list(self.tokenizers)
-        return tuple(dict.fromkeys(subs + [self.scheduler_config.split("/")[0]]))
+        return tuple(dict.fromkeys(subs + [f.split("/")[0] for f in self.runtime_files if "/" in f]))
+
+    @property
+    def runtime_files(self) -> tuple[str, ...]:
+        """The model folder's files the runtime reads besides tokenizers (copied into the engine dir): the scheduler
+        config, and a low-res image's noise schedule and model_index.json (its max_noise_level)."""
+        low_res = (self.low_res.scheduler_config, "model_index.json") if self.low_res else ()
+        return (self.scheduler_config, *low_res)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -108,8 +127,8 @@ class Family:
 
     def default_components(self, dims: Dims) -> tuple[str, ...]:
         """What `engine.build` builds by default: txt2img, plus the latent encoder that a 9-channel inpainting
-        denoiser or an img2img-only model cannot work without."""
-        needs_encoder = dims.inpainting_unet or not self.txt2img
+        denoiser or an img2img-only model cannot work without (not the x4 upscaler: its image is not encoded)."""
+        needs_encoder = dims.inpainting_unet or (not self.txt2img and self.low_res is None)
         return self.txt2img_components + ((self.roles.latent_encoder,) if needs_encoder else ())
 
     def can_inpaint(self, dims: Dims) -> bool:
