@@ -1,7 +1,8 @@
 """What sets a model's activation memory, read from its folder's configs at build time and kept in build.json.
 
 Shape facts (`Dims`) say what tensors the graphs take; these say how large the largest intermediate tensors grow
-with the image size: the UNet's highest-resolution attention (tokens = pixels / attention_scale², and its heads)
+with the image size: the UNet's highest-resolution self-attention (tokens = pixels / attention_scale², and its heads;
+the x4 upscaler's `only_cross_attention` blocks attend to the text only, N x 77, and do not count)
 and the latent decoder's full-resolution convolutions and mid-block attention. engine/memory.py turns them into an
 estimate per request. A build.json written before them reads the defaults (Stable Diffusion 1.x's values).
 """
@@ -26,12 +27,14 @@ def folder_footprint(folder: Path) -> Footprint:
     vae = json.loads((folder / "vae" / "config.json").read_text())
     vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
     levels = unet["down_block_types"]
-    first = next((i for i, kind in enumerate(levels) if "Attn" in kind), None)
+    only_cross = unet.get("only_cross_attention") or False  # a block whose attention attends to the text only
+    only_cross = only_cross if isinstance(only_cross, list) else [only_cross] * len(levels)
+    first = next((i for i, kind in enumerate(levels) if "Attn" in kind and not only_cross[i]), None)
     # diffusers' UNet2DConditionModel reads attention_head_dim as the head count when num_attention_heads is unset
     heads = unet.get("num_attention_heads") or unet.get("attention_head_dim") or 8
     heads = heads[first or 0] if isinstance(heads, list) else heads
     return Footprint(
-        attention_scale=vae_scale * 2 ** first if first is not None else 0,  # 0: no attention in the UNet
+        attention_scale=vae_scale * 2 ** first if first is not None else 0,  # 0: no self-attention in the UNet
         attention_heads=int(heads),
         decoder_channels=int(vae["block_out_channels"][0]),
         decoder_attention=bool(vae.get("mid_block_add_attention", True)),

@@ -116,6 +116,26 @@ def test_profiles():
         make_profile(BuildConfig(height=120), dims, 128, 64, 512)
 
 
+def test_tensorrt_profiles_reach_2048():
+    """TensorRT's dynamic profiles to 2048² (issue 28): SD 1.5's UNet takes [2B, 4, 256, 256] at the top, the x4
+    upscaler's (4 pixels per latent, 7 channels, its noise level per row) [2B, 7, 512, 512]: a 512² image in."""
+    from export.families import SD, UPSCALER
+    from export.presets import SD15, SD_X4_UPSCALER
+
+    cfg = BuildConfig(build_dynamic_shape=True, max_size=2048, max_batch=2)
+    for family, preset, latents, channels in ((SD, SD15, 256, 4), (UPSCALER, SD_X4_UPSCALER, 512, 7)):
+        dims = Dims(unet_in_channels=channels, text_dim=preset.text_dim, vae_scale=preset.vae_scale,
+                    unet_scale=2 ** (len(preset.unet.down_block_types) - 1))
+        profile = make_profile(cfg, dims, preset.default_size, preset.min_size, preset.max_size, static=True)
+        assert profile.hi.height == profile.hi.width == 2048
+        unet = family.spec("unet").profile(dims, profile.lo, profile.opt, profile.hi)
+        assert unet["sample"][2] == (4, channels, latents, latents), family.name
+        if family is UPSCALER:
+            assert unet["class_labels"][2] == (4,) and unet["sample"][0] == (1, 7, 32, 32)  # 128² out at least
+        decoder = family.spec("vae_decoder").profile(dims, profile.lo, profile.opt, profile.hi)
+        assert decoder["latent"][2] == (2, 4, latents, latents)
+
+
 def test_torch_backend_artifact_is_keyed_by_weights(tmp_path, tiny_folder):
     cfg = BuildConfig(model="tiny", backend="torch", engine_dir=tmp_path)
     first = build_all(cfg, progress=False)

@@ -33,6 +33,15 @@ def test_footprints_of_the_published_configs(tmp_path, unet, want):
     assert folder_footprint(write_folder(tmp_path, unet, SD_VAE)) == want
 
 
+def test_the_x4_upscaler_footprint_counts_self_attention_only(tmp_path):
+    """stable-diffusion-x4-upscaler: 3 VAE blocks (4 pixels per latent); its first three UNet levels attend to the text
+    only (only_cross_attention), so the first self-attention is the fourth level's, at 4 x 2**3 pixels per token."""
+    unet = {"down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 3, "attention_head_dim": 8,
+            "only_cross_attention": [True, True, True, False]}
+    got = folder_footprint(write_folder(tmp_path, unet, {"block_out_channels": [128, 256, 512]}))
+    assert got == Footprint(attention_scale=32, attention_heads=8, decoder_channels=128, decoder_attention=True)
+
+
 def test_the_tiny_preset_footprint(tiny_folder):
     # tiny: vae block_out_channels [16, 16, 32, 32] (8 pixels per latent), attention on the first UNet level with
     # attention_head_dim [1, 2]
