@@ -12,7 +12,9 @@ CUDA graph (engine/graphs.py). Buffers:
     guidance       [B, 1, 1, 1] float32, per-row guidance scale (only with CFG)
     cond.<name>    UNet conditioning inputs from the family ([2B, 77, C] encoder_hidden_states, ...)
     noise          [N, B, 4, h, w] per-step noise (ancestral samplers)
-    concat         [2B, 5, h, w] mask + masked-image latents (9-channel inpainting UNets)
+    concat         [2B, 5, h, w] mask + masked-image latents (9-channel inpainting UNets), or the x4 upscaler's
+                   noised low-res image [2B, 3, h, w]: concatenated after the sampler scales the latents
+    concat_scaled  [B, 3, h, w] LDM super-resolution's low-res image: concatenated before the scaling
     image_latents, init_noise, mask   the latent blend of 4-channel inpainting, as diffusers does
     table.<name>   [B, N] per-row, per-step tables of condition components (ControlNet scales: engine/tables.py)
     control.*      condition components' other inputs (ControlNet images [B, 3, H, W])
@@ -44,7 +46,8 @@ def denoise_step(unet: Runner, schedule: samplers.Schedule, cfg: bool, b: Buffer
     """One step at index b["idx"]: returns (next latents, next sampler state); no host sync. `residuals`: the
     UNet's extra inputs from the scaled latents, timesteps and conditioning (ControlNets)."""
     i, latents = b["idx"], b["latents"]
-    x = samplers.scale_model_input(schedule, latents, i)  # [B, 4, h, w]
+    x = latents if "concat_scaled" not in b else torch.cat([latents, b["concat_scaled"]], dim=1)  # [B, 4+3, h, w]
+    x = samplers.scale_model_input(schedule, x, i)  # [B, 4, h, w]
     x = torch.cat([x, x]) if cfg else x  # [2B, 4, h, w]
     t = _timesteps(schedule, i, x.shape[0])  # [2B]
     cond = {k[len(COND):]: v for k, v in b.items() if k.startswith(COND)}

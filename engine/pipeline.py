@@ -53,7 +53,7 @@ from engine.request import (
 from engine.text import TextEncoders
 from engine.tiling import Tiling
 from engine.tiling import resolve as resolve_tiling
-from engine.upscale import LowResNoise
+from engine.upscale import LowResImage
 from export.control import PREFIX, with_controls
 from export.families import Family, get_family
 from export.footprint import Footprint
@@ -87,7 +87,7 @@ class Pipeline:
         self.embeddings_dir: Path | None = None  # where `embeddings` were read (a companion reads it too)
         self._companions: dict[str, Pipeline] = {}  # other models of its engine dir, by family (self.companion)
         self._companions_lock = threading.Lock()
-        self.low_res: LowResNoise | None = None  # the x4 upscaler's low-res image noise (engine/upscale.py)
+        self.low_res: LowResImage | None = None  # a low-res image the UNet takes (engine/upscale.py)
 
     def role(self, role: str) -> Runner:
         """The runner playing a family role: "denoiser", "latent_decoder", "latent_encoder"."""
@@ -134,7 +134,7 @@ class Pipeline:
         pipe = cls(runners, tokenizers, scheduler_config, family, dims, Profile.from_json(record["profile"]), info,
                    batch_size, found)
         pipe.embeddings_dir = embeddings
-        pipe.low_res = LowResNoise.load(files, family.low_res) if family.low_res else None
+        pipe.low_res = LowResImage.load(files, family.low_res) if family.low_res else None
         return pipe
 
     def companion(self, family: str) -> Pipeline:
@@ -390,8 +390,8 @@ class Pipeline:
         pure_noise = r.kind == "txt2img" or (r.kind == "inpaint" and r.strength == 1.0) or self.low_res is not None
         out: Buffers = {}
         image = torch.cat([row.image for row in rows]) if rows[0].image is not None else None  # [B, 3, H, W]
-        if self.low_res is not None:  # the x4 upscaler's image: noised, concatenated to the latents (engine/upscale.py)
-            out["concat"] = self.low_res.noised(image, [x.request.noise_level for x in rows], gens, cfg)  # [2B, 3, h, w]
+        if self.low_res is not None:  # a low-res image concatenated to the latents (engine/upscale.py)
+            out.update(self.low_res.condition(image, rows, gens, cfg))  # [2B, 3, h, w]
             image = None
         image_latents = torch.cat([row.latents for row in rows]) if rows[0].latents is not None else None  # given
         if image is not None and image_latents is None and not (inpaint_9 and pure_noise):

@@ -1,20 +1,24 @@
-"""The x4 upscaler's runtime (family `sd-upscaler`, export/families/upscale.py): a request's init image is the
-low-resolution image the UNet takes concatenated to its latents, not an img2img start.
+"""Models whose init image is a low-resolution image the UNet takes concatenated to its latents, not an img2img
+start (`Family.low_res`): the x4 upscaler (export/families/upscale.py) and LDM super-resolution
+(export/families/ldm.py).
 
-    LowResNoise.load(files, low_res)   the DDPM table of low_res_scheduler/ and the model's max_noise_level
+    LowResImage.load(files, low_res)   the DDPM table of low_res_scheduler/ and the model's max_noise_level (the
+                                       upscaler's; none for LDM super-resolution)
     .size(r, dims, hi)                 the image out: the request's size, or vae_scale x the init image's
     .image(r, dims)                    the init image at the latent size, [1, 3, h, w] in [-1, 1]
-    .noised(images, levels, gens, cfg) each row's image noised at its level: [2B or B, 3, h, w]
+    .condition(image, rows, gens, cfg) the step buffer: `concat` (after the sampler scales the latents) or
+                                       `concat_scaled` (before, as LDM's pipelines), [2B or B, 3, h, w]
 
 As diffusers' StableDiffusionUpscalePipeline with one generator per image: each row draws the image's noise from
 its generator before the initial latents, then the latents start from pure noise (there is no strength); the
 noised image is concatenated after the sampler scales the latents ([uncond; cond] rows alike), and the noise level
-is the UNet's class label.
+is the UNet's class label. LDMSuperResolutionPipeline concatenates the image as it is, before the scaling.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import PIL.Image
 import torch
@@ -32,18 +36,21 @@ DDPM_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
 
 
 @dataclass(frozen=True)
-class LowResNoise:
-    alphas_cumprod: torch.Tensor  # [T] float32, the low-res DDPM schedule
+class LowResImage:
+    low_res: LowRes
+    alphas_cumprod: torch.Tensor | None  # [T] float32, the low-res DDPM schedule; None: not noised
     max_noise_level: int  # the model's (model_index.json), within the UNet's class embeddings
 
     @classmethod
-    def load(cls, files: Path, low_res: LowRes) -> LowResNoise:
+    def load(cls, files: Path, low_res: LowRes) -> LowResImage:
         """From an engine dir's model files: the low-res scheduler config and model_index.json's max_noise_level."""
+        if low_res.scheduler_config is None:
+            return cls(low_res, None, 0)
         given = read_json(files / low_res.scheduler_config)
         cfg = Config({k: given.get(k, v) for k, v in DDPM_DEFAULTS.items()})
         ac = alphas_cumprod(cfg, low_res.scheduler_config, sigma_family=False)
         top = int(read_json(files / "model_index.json").get("max_noise_level", low_res.max_noise_level))
-        return cls(ac, min(top, ac.shape[0] - 1))
+        return cls(low_res, ac, min(top, ac.shape[0] - 1))
 
     def check(self, r: Request) -> None:
         """RequestError naming noise_level past this model's max_noise_level."""
@@ -74,13 +81,18 @@ class LowResNoise:
         return images.load_field(lambda s, hh, ww, rs: images.load_image(s, hh, ww, rs, multiple=dims.unet_scale),
                                  "init_image", _open(r.init_image), h, w, r.resize)
 
-    def noised(self, image: torch.Tensor, levels: list[int], gens: list[torch.Generator], cfg: bool) -> torch.Tensor:
-        """Each row's image [B, 3, h, w] noised at its level, one draw per row's generator (before its latents):
-        sqrt(ac[t]) x + sqrt(1 - ac[t]) noise, as DDPMScheduler.add_noise; [2B, 3, h, w] with guidance."""
-        noise = randn_rows(gens, (1, *image.shape[1:]))  # [B, 3, h, w]
-        ac = self.alphas_cumprod[torch.tensor(levels)].view(-1, 1, 1, 1)  # [B, 1, 1, 1]
-        x = ac.sqrt() * image + (1 - ac).sqrt() * noise
-        return torch.cat([x, x]) if cfg else x
+    def condition(self, image: torch.Tensor, rows: list[Any], gens: list[torch.Generator],
+                  cfg: bool) -> dict[str, torch.Tensor]:
+        """The step's condition buffer of the rows' images [B, 3, h, w]: noised at each row's level, one draw per
+        row's generator (before its latents): sqrt(ac[t]) x + sqrt(1 - ac[t]) noise, as DDPMScheduler.add_noise; or
+        as they are. [2B, 3, h, w] with guidance."""
+        x = image
+        if self.alphas_cumprod is not None:
+            noise = randn_rows(gens, (1, *image.shape[1:]))  # [B, 3, h, w]
+            levels = torch.tensor([row.request.noise_level for row in rows])
+            ac = self.alphas_cumprod[levels].view(-1, 1, 1, 1)  # [B, 1, 1, 1]
+            x = ac.sqrt() * image + (1 - ac).sqrt() * noise
+        return {"concat_scaled" if self.low_res.before_scaling else "concat": torch.cat([x, x]) if cfg else x}
 
 
 def _open(source: images.ImageSource) -> PIL.Image.Image:

@@ -23,8 +23,9 @@ class Footprint:
 
 def folder_footprint(folder: Path) -> Footprint:
     """A diffusers model folder's footprint, from unet/config.json and vae/config.json (no weights read)."""
+    vae_dir = folder / "vae" if (folder / "vae").is_dir() else folder / "vqvae"  # KL; the LDM paper's VQ models
     unet = json.loads((folder / "unet" / "config.json").read_text())
-    vae = json.loads((folder / "vae" / "config.json").read_text())
+    vae = json.loads((vae_dir / "config.json").read_text())
     vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
     levels = unet["down_block_types"]
     only_cross = unet.get("only_cross_attention") or False  # a block whose attention attends to the text only

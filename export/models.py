@@ -21,7 +21,7 @@ from export.control import for_component, residual_layout
 from export.errors import PICKLE_SUFFIXES
 from export.families import SD, SDXL, Family, detect_family, get_family
 from export.families.sdxl_wrappers import CastOutput
-from export.presets import ALL_PRESETS, Preset, UpscalePreset
+from export.presets import ALL_PRESETS, LdmPreset, Preset
 from export.single_file import convert_single_file
 from export.specs import Dims
 from export.store import cache_root, content_key, exclusive, staging_dir  # cache_root: re-exported for engine/build.py
@@ -91,7 +91,7 @@ def save_diffusers_folder(components: dict, scheduler_config: dict, folder: Path
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def materialize_preset(preset: Preset, root: Path | None = None) -> Path:
+def materialize_preset(preset: Preset | LdmPreset, root: Path | None = None) -> Path:
     """The preset's diffusers folder, created once from its seed (atomically) and reused. Concurrent callers
     wait for one another (lock beside the folder); leftovers of a killed attempt are removed."""
     key = content_key({"preset": repr(preset), "format": FORMAT_VERSION})
@@ -101,10 +101,11 @@ def materialize_preset(preset: Preset, root: Path | None = None) -> Path:
     with exclusive(folder):
         if not (folder / "model_index.json").is_file():  # unless another process made it meanwhile
             with staging_dir(folder) as tmp:
-                low_res = ((preset.low_res_scheduler_config(), preset.max_noise_level)
-                           if isinstance(preset, UpscalePreset) else None)
-                save_diffusers_folder(random_components(preset), preset.scheduler.config(preset.prediction_type),
-                                      tmp, preset.pipeline_class, get_family(preset.family), low_res)
+                if isinstance(preset, LdmPreset):  # UNet2DModel + VQModel: its own pipeline class writes it
+                    preset.save_folder(tmp)
+                else:
+                    save_diffusers_folder(random_components(preset), preset.scheduler.config(preset.prediction_type),
+                                          tmp, preset.pipeline_class, get_family(preset.family), preset.low_res())
     return folder
 
 
@@ -166,11 +167,11 @@ def folder_dims(folder: Path) -> Dims:
 
     family = detect_family(folder)
     check_model_folders(folder, family)
-    unet, vae = config("unet"), config("vae")
+    unet, vae = config(family.spec(family.roles.denoiser).model_folder), config(decoder_folder(family))
     texts = [config(family.spec(name).model_folder) for name in family.roles.text_encoders]
     toks = [config(sub, "tokenizer_config.json") for sub in family.tokenizers]
-    text_len = min(min(int(t.get("model_max_length") or x["max_position_embeddings"]), x["max_position_embeddings"])
-                   for t, x in zip(toks, texts, strict=True))
+    text_len = min((min(int(t.get("model_max_length") or x["max_position_embeddings"]), x["max_position_embeddings"])
+                    for t, x in zip(toks, texts, strict=True)), default=Dims.text_len)  # no text: unused
     added = family.added_dims(folder, unet, texts) if family.added_dims else {}
     residual_channels, residual_scales = residual_layout(unet)
     return Dims(**{
@@ -180,7 +181,7 @@ def folder_dims(folder: Path) -> Dims:
         "text_len": text_len,
         # the layers of a text encoder whose graph returns each (SD's clip: clip skip); 0 for families without one
         "text_layers": int(texts[0].get("num_hidden_layers", 0))
-        if "text_layers" in family.spec(family.roles.text_encoders[0]).output_names else 0,
+        if texts and "text_layers" in family.spec(family.roles.text_encoders[0]).output_names else 0,
         "vae_scale": 2 ** (len(vae["block_out_channels"]) - 1),
         "vae_sample_size": int(vae.get("sample_size") or 512),
         "unet_scale": 2 ** (len(unet["down_block_types"]) - 1),
@@ -191,9 +192,14 @@ def folder_dims(folder: Path) -> Dims:
     })
 
 
+def decoder_folder(family: Family) -> str:
+    """The model sub-folder of a family's latent decoder: vae (KL), vqvae (the LDM paper's VQ models)."""
+    return family.spec(family.roles.latent_decoder).model_folder
+
+
 def default_size(folder: Path) -> int:
     """The model's native image size in pixels: the VAE's sample_size (512 where its config has none)."""
-    vae = json.loads((folder / "vae" / "config.json").read_text())
+    vae = json.loads((folder / decoder_folder(detect_family(folder)) / "config.json").read_text())
     return int(vae.get("sample_size") or 512)
 
 

@@ -20,6 +20,7 @@ tries both (`export.single_file.CANDIDATES`); `ALL_PRESETS` / `get_preset` every
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from export.families import get_family
 from export.families.sdxl import BASE_TIME_IDS, REFINER_TIME_IDS
@@ -135,6 +136,10 @@ class Preset:
     def vae_config(self) -> dict:
         """diffusers AutoencoderKL kwargs for this preset."""
         return self.vae.config(self.latent_channels, self.scaling_factor, self.default_size)
+
+    def low_res(self) -> tuple[dict, int] | None:
+        """The x4 upscaler's low_res_scheduler config and max_noise_level (None for other models)."""
+        return None
 
     @property
     def vae_scale(self) -> int:
@@ -343,11 +348,13 @@ class UpscalePreset(Preset):
     def pipeline_class(self) -> str:
         return "StableDiffusionUpscalePipeline"
 
-    def low_res_scheduler_config(self) -> dict:
-        """The released model's low_res_scheduler: DDPM on the same betas."""
-        return dict(_class_name="DDPMScheduler", beta_start=self.scheduler.beta_start, beta_end=self.scheduler.beta_end,
-                    beta_schedule=self.scheduler.beta_schedule, num_train_timesteps=self.scheduler.num_train_timesteps,
-                    clip_sample=True, variance_type="fixed_small")
+    def low_res(self) -> tuple[dict, int]:
+        """The released model's low_res_scheduler (DDPM on the same betas) and max_noise_level."""
+        config = dict(_class_name="DDPMScheduler", beta_start=self.scheduler.beta_start,
+                      beta_end=self.scheduler.beta_end, beta_schedule=self.scheduler.beta_schedule,
+                      num_train_timesteps=self.scheduler.num_train_timesteps, clip_sample=True,
+                      variance_type="fixed_small")
+        return config, self.max_noise_level
 
 
 # stabilityai/stable-diffusion-x4-upscaler: random weights, the real architecture (output sizes: 4x the input)
@@ -395,10 +402,85 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, SD15, SD21, TINY_INPAINT
 SDXL_PRESETS: dict[str, XLPreset] = {p.name: p for p in (TINY_XL, SDXL, TINY_XL_REFINER, TINY_XL_INPAINT, SDXL_INPAINT,
                                                         SDXL_REFINER)}
 UPSCALE_PRESETS: dict[str, UpscalePreset] = {p.name: p for p in (TINY_UPSCALER, SD_X4_UPSCALER)}
-ALL_PRESETS: dict[str, Preset] = {**PRESETS, **SDXL_PRESETS, **UPSCALE_PRESETS}
 
 
-def get_preset(name: str) -> Preset:
+@dataclass(frozen=True)
+class UNet2DArch:
+    """diffusers' UNet2DModel (the LDM paper's denoiser without cross-attention)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "UpBlock2D")
+    attention_head_dim: int = 8
+    norm_num_groups: int = 32
+
+
+@dataclass(frozen=True)
+class VQArch:
+    """diffusers' VQModel: a VQ-regularised autoencoder (f = 2 ** (blocks - 1) pixels per latent)."""
+
+    block_out_channels: tuple[int, ...] = (16, 32, 32)
+    layers_per_block: int = 1
+    latent_channels: int = 3
+    num_vq_embeddings: int = 64
+    norm_num_groups: int = 8
+
+    def config(self, sample_size: int) -> dict:
+        n = len(self.block_out_channels)
+        return dict(asdict(self), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                    up_block_types=("UpDecoderBlock2D",) * n, sample_size=sample_size)
+
+
+@dataclass(frozen=True)
+class LdmPreset:
+    """A Latent Diffusion paper model (export/families/ldm.py) with seeded random weights: `sr` is
+    LDMSuperResolutionPipeline's (the low-resolution image concatenated to the latents: UNet in 2C, out C)."""
+
+    name: str
+    unet: UNet2DArch = field(default_factory=UNet2DArch)
+    vq: VQArch = field(default_factory=VQArch)
+    scheduler: SchedulerDefaults = field(default_factory=lambda: SchedulerDefaults(
+        beta_start=0.0015, beta_end=0.0155, steps_offset=0))  # the paper's linear schedule (diffusers' scaled_linear)
+    prediction_type: str = "epsilon"
+    default_size: int = 128  # pixels out
+    min_size: int = 32
+    max_size: int = 512
+    seed: int = 13
+
+    @property
+    def family(self) -> str:
+        return "ldm-sr"
+
+    @property
+    def pipeline_class(self) -> str:
+        return "LDMSuperResolutionPipeline"
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vq.block_out_channels) - 1)
+
+    def save_folder(self, folder: Path) -> None:
+        import torch
+        from diffusers import DDIMScheduler, LDMSuperResolutionPipeline, UNet2DModel, VQModel
+
+        c = self.vq.latent_channels
+        torch.manual_seed(self.seed)
+        unet = UNet2DModel(**asdict(self.unet), in_channels=2 * c, out_channels=c,
+                           sample_size=self.default_size // self.vae_scale)
+        torch.manual_seed(self.seed + 1)
+        vqvae = VQModel(**self.vq.config(self.default_size))
+        scheduler = DDIMScheduler.from_config(self.scheduler.config(self.prediction_type))
+        LDMSuperResolutionPipeline(vqvae=vqvae.eval(), unet=unet.eval(), scheduler=scheduler).save_pretrained(
+            folder, safe_serialization=True)
+
+
+TINY_LDM_SR = LdmPreset(name="tiny-ldm-sr")
+LDM_PRESETS: dict[str, LdmPreset] = {p.name: p for p in (TINY_LDM_SR,)}
+ALL_PRESETS: dict[str, Preset | LdmPreset] = {**PRESETS, **SDXL_PRESETS, **UPSCALE_PRESETS, **LDM_PRESETS}
+
+
+def get_preset(name: str) -> Preset | LdmPreset:
     if name not in ALL_PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(ALL_PRESETS)} or a model path")
     return ALL_PRESETS[name]

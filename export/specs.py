@@ -325,6 +325,24 @@ UPSCALE_SPECS: dict[str, ComponentSpec] = {  # the x4 upscaler (export/families/
     "vae_decoder": SPECS["vae_decoder"],
     "vae_encoder": SPECS["vae_encoder"],  # built when asked for; a request's image is not encoded
 }
+
+LDM_SPECS: dict[str, ComponentSpec] = {  # the Latent Diffusion paper's own models (export/families/ldm.py)
+    "unet": ComponentSpec(
+        name="unet",
+        inputs=(TensorSpec("sample", "model", _unet_sample, _SPATIAL), TensorSpec("timestep", "float32", _per_row, _BATCH)),
+        outputs=(TensorSpec("latent", "model", _latent, _SPATIAL),),
+        batch_factor=1,  # no classifier-free guidance
+        model_folder="unet",
+        description="LDM UNet2DModel: latents (+ a concatenated condition) [B, C, H/f, W/f], timesteps [B] -> eps",
+        per_step=True,
+    ),
+    "vae_decoder": replace(SPECS["vae_decoder"], model_folder="vqvae",
+                           description="VQ decoder: latents [B, C, H/f, W/f] -> nearest codebook entries (argmin of "
+                                       "|z|^2 + |e|^2 - 2 z.e) -> images [B, 3, H, W] in [-1, 1]"),
+    "vae_encoder": replace(SPECS["vae_encoder"], model_folder="vqvae",
+                           description="VQ encoder: images [B, 3, H, W] in [-1, 1] -> latents (before quantisation, "
+                                       "as VQModel.encode) and a zero std [B, C, H/f, W/f]"),
+}
 ALL_COMPONENTS = tuple(dict.fromkeys((*SPECS, *SDXL_SPECS)))  # every component name of every family
 
 

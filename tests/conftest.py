@@ -189,6 +189,13 @@ def upscaler_engines(tmp_path_factory, upscaler_folder) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ldm_sr_engines(tmp_path_factory, engine_cache) -> Path:
+    """tiny-ldm-sr (LDMSuperResolutionPipeline: UNet2DModel + VQ-f4) built for ONNX Runtime fp32, 128x128 out."""
+    return _shared_build(tmp_path_factory, "ldm-sr-engines", model="tiny-ldm-sr", backend="onnxruntime",
+                         precision="fp32", height=128, width=128)
+
+
+@pytest.fixture(scope="session")
 def upscaler_pair_engines(tmp_path_factory, ort_engines, upscaler_engines) -> Path:
     """One engine dir holding tiny (a copy of `ort_engines`' model, with its VAE encoder) and tiny-upscaler (a copy of
     `upscaler_engines`' model): the hires fix's x4 upscaler finds it beside the model (load with a model)."""

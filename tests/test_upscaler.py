@@ -1,6 +1,6 @@
 """The x4 upscaler (family `sd-upscaler`): the seeded tiny-upscaler built for ONNX Runtime fp32 vs diffusers'
-StableDiffusionUpscalePipeline on the same folder (two samplers, two noise levels, two seeds in one batch), then
-the size and metadata, the bad input, the CLI and the server."""
+StableDiffusionUpscalePipeline on the same folder (two samplers at two noise levels with two seeds in one batch,
+every other sampler on one image), then the size and metadata, the bad input, the CLI and the server."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from PIL import Image
 from engine.pipeline import Pipeline
 from engine.png import parameters_text
 from engine.request import Request, RequestError
-from engine.upscale import LowResNoise
+from engine.upscale import LowResImage
 from export.families import UPSCALER
 from tests.a1111 import parse_a1111
 from tests.helpers import PROMPTS, b64_png, gens, init_image, max_diff, png_pixels, running_server, to_uint8
@@ -61,6 +61,15 @@ def test_upscaler_matches_diffusers(pipe, reference, sampler, level):
     pixels = np.stack([g.pixels for g in got])
     assert want.std() > 5 and pixels.shape == want.shape == (2, 4 * LOW[1], 4 * LOW[0], 3)
     assert max_diff(pixels, want) <= 2, (sampler, level)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "dpmpp_2m_karras", "lcm"])
+def test_every_other_sampler_matches_diffusers(pipe, reference, sampler):
+    reference.scheduler = diffusers_scheduler(sampler, pipe.scheduler_config)
+    want = to_uint8(reference(PROMPTS[:1], image=[_low(SEEDS[0])], num_inference_steps=STEPS, guidance_scale=7.0,
+                              noise_level=20, generator=gens(SEEDS[:1]), output_type="np").images)
+    got = pipe.run(_requests(sampler, 20)[:1], progress=False)[0].pixels
+    assert want.std() > 5 and max_diff(got[None], want) <= 2, sampler
 
 
 def test_the_noise_level_and_the_image_both_steer_it(pipe):
@@ -110,7 +119,7 @@ def test_a_model_max_noise_level_below_350_is_its_limit(tmp_path, pipe):
     (files / "low_res_scheduler").mkdir(parents=True)
     (files / "low_res_scheduler" / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "scaled_linear"}))
     (files / "model_index.json").write_text(json.dumps({"max_noise_level": 100}))
-    noise = LowResNoise.load(files, UPSCALER.low_res)
+    noise = LowResImage.load(files, UPSCALER.low_res)
     assert noise.max_noise_level == 100
     noise.check(Request(noise_level=100))
     with pytest.raises(RequestError, match=r"noise_level 101 is over this model's max_noise_level 100") as err:

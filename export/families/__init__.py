@@ -1,5 +1,5 @@
-"""Model families, one module each (`sd`, `sdxl`: SDXL base and its refiner, `upscale`: the x4 upscaler), and the
-one registry of them.
+"""Model families, one module each (`sd`, `sdxl`: SDXL base and its refiner, `upscale`: the x4 upscaler, `ldm`: the
+Latent Diffusion paper's own models), and the one registry of them.
 
 What a family is and owns: export/families/base.py. Which family a diffusers folder is: `detect_family`, from its
 model_index.json pipeline class (and, for SDXL img2img, `requires_aesthetics_score`: the refiner).
@@ -9,14 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from export.families.base import Family, LowRes, Roles, read_index
+from export.families.ldm import LDM_SR
 from export.families.sd import SD
 from export.families.sdxl import SDXL, SDXL_REFINER, TimeIds, sdxl_time_ids
 from export.families.upscale import UPSCALER
 
-__all__ = ["FAMILIES", "SD", "SDXL", "SDXL_REFINER", "UPSCALER", "Family", "LowRes", "Roles", "TimeIds",
+__all__ = ["FAMILIES", "LDM_SR", "SD", "SDXL", "SDXL_REFINER", "UPSCALER", "Family", "LowRes", "Roles", "TimeIds",
            "detect_family", "get_family", "sdxl_time_ids", "takers"]
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL, SDXL_REFINER, UPSCALER)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL, SDXL_REFINER, UPSCALER, LDM_SR)}
 
 
 def get_family(name: str) -> Family:

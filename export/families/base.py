@@ -48,9 +48,11 @@ class LowRes:
     init image is that condition at the latent size, not an img2img start. It is noised at the request's noise level
     with the DDPM schedule of `scheduler_config`, and the level is the UNet's class label (engine/upscale.py)."""
 
-    scheduler_config: str = "low_res_scheduler/scheduler_config.json"  # in the model folder and the engine dir
+    scheduler_config: str | None = "low_res_scheduler/scheduler_config.json"  # in the model folder and the engine
+    # dir; None: the image is concatenated as it is (LDM super-resolution), with no noise level
     default_noise_level: int = 20  # diffusers' StableDiffusionUpscalePipeline default
     max_noise_level: int = 350  # its default; a folder's model_index.json may say another
+    before_scaling: bool = False  # concatenated before the sampler scales the UNet's input (LDM's pipelines)
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ class Family:
     def runtime_files(self) -> tuple[str, ...]:
         """The model folder's files the runtime reads besides tokenizers (copied into the engine dir): the scheduler
         config, and a low-res image's noise schedule and model_index.json (its max_noise_level)."""
-        low_res = (self.low_res.scheduler_config, "model_index.json") if self.low_res else ()
+        low_res = (self.low_res.scheduler_config, "model_index.json") if self.low_res and self.low_res.scheduler_config else ()
         return (self.scheduler_config, *low_res)
 
     @property
