@@ -74,10 +74,17 @@ def _check_parity(name: str, config: dict, steps: int) -> None:
     torch.testing.assert_close(sch.timesteps, ref_t, atol=0, rtol=0)
     assert sch.init_noise_sigma == pytest.approx(ref_sigma, rel=1e-7)
     assert len(our_out) == len(ref_out) == steps
+    before = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * ref_sigma  # the latents into step 0
+    largest = 0.0
     for k, (a, b, c, d) in enumerate(zip(our_in, ref_in, our_out, ref_out, strict=True)):
         assert c.dtype == torch.float32 and torch.isfinite(c).all(), f"step {k}"
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"model input, step {k}: {m}")
-        torch.testing.assert_close(c, d, atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"latents after step {k}: {m}")
+        # float32 keeps ~7 digits of the latents: zero-terminal-SNR's first sigma (~4096) makes them ~1e4, so every
+        # later value carries their rounding (an ulp there is 1e-3): 4 ulps of the largest latents so far allowed
+        largest = max(largest, float(before.abs().max()))
+        atol = ATOL + 4 * torch.finfo(torch.float32).eps * largest
+        torch.testing.assert_close(a, b, atol=atol, rtol=RTOL, msg=lambda m, k=k: f"model input, step {k}: {m}")
+        torch.testing.assert_close(c, d, atol=atol, rtol=RTOL, msg=lambda m, k=k: f"latents after step {k}: {m}")
+        before = d
     # the sampler really moved the latents (the comparison is not between two trivial tensors)
     assert (ref_out[-1] - ref_in[0]).abs().max() > 1e-3
 
