@@ -201,7 +201,7 @@ class Flight:
             groups.setdefault((row.request.steps, row.request.strength), []).append(k)
         for members in groups.values():
             r = rows[members[0]].request
-            schedule = p.schedule(r.sampler, r.steps, r.strength)
+            schedule = p.schedule(r.sampler, r.steps, r.strength, r.eta)
             start = p.start_latents([rows[k] for k in members], schedule, cfg)
             start.update(p.conditions([rows[k] for k in members], schedule, cfg))  # ControlNet images, tables
             noise = start.pop("noise", None)  # [N, b, 4, h, w]

@@ -42,6 +42,7 @@ class GenerateConfig:
     steps: int = _R.steps
     guidance_scale: float = _R.guidance_scale
     scheduler: str = _R.sampler
+    eta: float = _R.eta  # DDIM's eta
     seed: int = _R.seed
     height: int | None = _R.height
     width: int | None = _R.width
@@ -93,7 +94,7 @@ class GenerateConfig:
                         hires_steps=self.hires_steps, hires_strength=self.hires_strength,
                         hires_upscaler=self.hires_upscaler, refiner_switch=self.refiner_switch,
                         steps=self.steps,
-                        guidance_scale=self.guidance_scale, sampler=self.scheduler, seed=self.seed,
+                        guidance_scale=self.guidance_scale, sampler=self.scheduler, eta=self.eta, seed=self.seed,
                         height=self.height, width=self.width, images=self.images_per_prompt,
                         init_image=self.init_image, strength=self.strength, mask=self.mask, resize=self.resize,
                         original_size=self.original_size, crop=self.crop, target_size=self.target_size,
@@ -144,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
                    help=f"sampler steps, 1..{MAX_STEPS} (lcm: 1..original_inference_steps of the model, usually 50)")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale, help="CFG scale; <= 1 turns CFG off")
     p.add_argument("--scheduler", "--sampler", dest="scheduler", default=d.scheduler, help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--eta", type=float, default=d.eta, help="DDIM's eta in [0, 1]: 0 deterministic, 1 DDPM-like "
+                   "(other samplers take 0)")
     p.add_argument("--seed", type=int, default=d.seed, help="image k uses seed + k, 0..2**64-1; -1 = random")
     p.add_argument("--height", type=int, default=d.height, help="pixels; None = the size the engines were built for")
     p.add_argument("--width", type=int, default=d.width, help="pixels; None = the size the engines were built for")

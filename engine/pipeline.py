@@ -158,17 +158,18 @@ class Pipeline:
 
     # ---- checks (before any work) ----
 
-    def schedule(self, sampler: str, steps: int, strength: float | None) -> samplers.Schedule:
-        """The sampler's device tables for (sampler, steps, strength), kept in a bounded LRU (MAX_SCHEDULES)."""
-        key = (sampler, steps, strength)
+    def schedule(self, sampler: str, steps: int, strength: float | None, eta: float = 0.0) -> samplers.Schedule:
+        """The sampler's device tables for (sampler, steps, strength, eta), kept in a bounded LRU (MAX_SCHEDULES)."""
+        key = (sampler, steps, strength, eta)
         found = self._schedules.get(key)
         if found is None:
-            found = self._make_schedule(sampler, steps, strength).to(self.device)
+            found = self._make_schedule(*key).to(self.device)
             self._schedules.put(key, found)
         return found
 
-    def _make_schedule(self, sampler: str, steps: int, strength: float | None) -> samplers.Schedule:
-        return samplers.make_schedule(sampler, self.scheduler_config, steps, 1.0 if strength is None else strength)
+    def _make_schedule(self, sampler: str, steps: int, strength: float | None, eta: float = 0.0) -> samplers.Schedule:
+        return samplers.make_schedule(sampler, self.scheduler_config, steps, 1.0 if strength is None else strength,
+                                      eta=eta)
 
     def prepare(self, request: Request) -> PreparedRequest:
         """Check one request against this engine and load its images, once; RequestError names the field."""
@@ -202,7 +203,7 @@ class Pipeline:
         if plan is not None:
             plan.prepare(self, r, request)  # the later pass's size, memory and engines (engine/passes.py)
         if schedule is not None:  # the request passed every check: its tables are worth keeping
-            self._schedules.put((r.sampler, r.steps, r.strength), schedule.to(self.device))
+            self._schedules.put((r.sampler, r.steps, r.strength, r.eta), schedule.to(self.device))
         return PreparedRequest(r, image, mask, controls, ip_image, texts, given=request)
 
     def check_memory(self, height: int, width: int, images: int, cfg: bool,
@@ -233,10 +234,10 @@ class Pipeline:
     def _check_schedule(self, r: Request) -> samplers.Schedule | None:
         """RequestError naming `sampler` for an unknown one, else `steps` (or `strength`) the sampler refuses; the
         tables built to check them (None when cached already), kept by `prepare` only once every check passed."""
-        if (r.sampler, r.steps, r.strength) in self._schedules:  # built before, so valid
+        if (r.sampler, r.steps, r.strength, r.eta) in self._schedules:  # built before, so valid
             return None
         try:
-            return self._make_schedule(r.sampler, r.steps, r.strength)
+            return self._make_schedule(r.sampler, r.steps, r.strength, r.eta)
         except ValueError as exc:
             if isinstance(exc, RequestError):
                 raise
@@ -288,7 +289,7 @@ class Pipeline:
         n_real = len(rows)
         rows = rows + [rows[-1]] * max(0, self.profile.lo.batch - n_real)  # pad a static profile's batch
         r = rows[0].request
-        schedule = schedule or self.schedule(r.sampler, r.steps, r.strength)
+        schedule = schedule or self.schedule(r.sampler, r.steps, r.strength, r.eta)
         timings: dict[str, float] = {}
         t_start = t = self._now()
         buffers = {"idx": torch.tensor(schedule.start, dtype=torch.long)}
@@ -298,7 +299,7 @@ class Pipeline:
         buffers.update(self.conditions(rows, schedule, cfg))
         buffers = {k: v.to(self.device) for k, v in buffers.items()}
         t = self._lap(timings, T.TIMING_START, t)
-        step_key = (len(rows), r.height, r.width, r.sampler, r.steps, r.strength, schedule.start, schedule.stop, cfg,
+        step_key = (len(rows), r.height, r.width, r.sampler, r.eta, r.steps, r.strength, schedule.start, schedule.stop, cfg,
                     r.kind, control_key(r), rows[0].chunks)
         latents, graphed = self._denoise(step_key, schedule, cfg, buffers, cuda_graph, progress and tqdm, stop)
         t = self._lap(timings, T.TIMING_DENOISE, t)
@@ -415,8 +416,9 @@ class Pipeline:
             else:
                 randn_rows(gens, shape)  # diffusers samples the masked image's latents here too: keep the streams
                 out.update(image_latents=image_latents, init_noise=noise, mask=mask_lat)
-        if schedule.needs_noise:
-            out["noise"] = step_noise(schedule, gens, shape)
+        if schedule.needs_noise:  # from each row's generator, or one seeded again (LDM's pipelines: the global RNG)
+            again = [torch.Generator("cpu").manual_seed(row.seed) for row in rows] if self.family.reseed_step_noise else gens
+            out["noise"] = step_noise(schedule, again, shape)
         if cfg:
             out["guidance"] = torch.tensor([row.request.guidance_scale for row in rows]).view(-1, 1, 1, 1)
         out.update(latents=latents, state=samplers.init_state(schedule, latents))

@@ -84,7 +84,7 @@ def split(pipe: Any, ref: Any, r: Any) -> tuple[Any, Any]:
     from engine import samplers
 
     def schedule(p: Any, start: int | None = None) -> Any:
-        return samplers.make_schedule(r.sampler, p.scheduler_config, r.steps, start=start)
+        return samplers.make_schedule(r.sampler, p.scheduler_config, r.steps, start=start, eta=r.eta)
 
     def at(p: Any, s: Any) -> int:
         return samplers.switch_step(s, r.refiner_switch, int(p.scheduler_config.get("num_train_timesteps", 1000)))

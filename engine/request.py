@@ -30,6 +30,7 @@ from engine.control import check as check_controls
 from engine.ip_adapter import check as check_image_prompt
 from engine.passes import check as check_passes
 from engine.prompts import check_syntax
+from engine.sampler_registry import REGISTRY
 from engine.tiling import OVERLAP
 from engine.tiling import check as check_tiling
 from export.errors import RequestError
@@ -63,6 +64,7 @@ class Request:
     steps: int = 25
     guidance_scale: float = 7.5  # <= 1 runs the UNet once per step (no classifier-free guidance)
     sampler: str = "dpmpp_2m"
+    eta: float = 0.0  # DDIM's eta: 0 deterministic, 1 DDPM-like, [0, 1]; other samplers take 0 only
     seed: int = 0  # image k uses seed + k; -1 = a random seed (recorded in the result)
     height: int | None = None  # None = the engine's default size
     width: int | None = None
@@ -135,6 +137,12 @@ class Request:
             raise RequestError("seed", f"seed {self.seed} must be in [0, 2**64-1], or -1 for a random seed")
         if self.seed != RANDOM_SEED and self.seed + self.images - 1 > MAX_SEED:
             raise RequestError("seed", f"seed {self.seed} + {self.images} images runs past 2**64-1")
+        if (isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not math.isfinite(self.eta)
+                or not 0 <= self.eta <= 1):
+            raise RequestError("eta", f"eta {self.eta!r} must be a number in [0, 1] (DDIM's: 0 deterministic)")
+        if self.eta and not (self.sampler in REGISTRY and REGISTRY[self.sampler].takes_eta):
+            takers_of_eta = ", ".join(s.name for s in REGISTRY.values() if s.takes_eta)
+            raise RequestError("eta", f"eta {self.eta:g} is for {takers_of_eta}; sampler {self.sampler} takes eta 0")
         if self.strength is not None:
             if self.init_image is None:
                 raise RequestError("strength", "strength needs an init image (img2img or inpainting)")
@@ -230,7 +238,8 @@ def with_family_fields(r: Request, family: Family, later: tuple[str, ...] = ()) 
 def flex_key(r: Request) -> tuple:
     """What the rows of resolved requests must share to run in one step-batched flight (steps and strength may
     differ): adapters, kind, size, sampler, guidance on/off."""
-    return (r.loras, r.kind, r.height, r.width, r.sampler, r.guidance_scale > 1.0, control_key(r), tiling_key(r))
+    return (r.loras, r.kind, r.height, r.width, r.sampler, r.eta, r.guidance_scale > 1.0, control_key(r),
+            tiling_key(r))
 
 
 def tiling_key(r: Request) -> tuple:
@@ -352,6 +361,8 @@ def image_params(request: Request, index: int) -> dict[str, Any]:
         skip += ("hires_scale", "hires_steps", "hires_strength", "hires_upscaler")
     if request.refiner_switch is None:  # recorded when the refiner took over
         skip += ("refiner_switch",)
+    if not request.eta:  # recorded where DDIM ran with noise
+        skip += ("eta",)
     params = {f.name: getattr(request, f.name) for f in fields(request) if f.name not in skip}  # loras: by the pipeline
     if request.ip_image is not None:  # the adapter's name: by the pipeline
         params["ip_scale"] = request.ip_scale

@@ -46,6 +46,7 @@ class Sampler:
     overrides: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     draws_noise: bool = False  # step() takes fresh noise every step (ancestral / LCM)
     steps_key: str = "num_train_timesteps"  # the scheduler config value that bounds steps: 1..config[steps_key]
+    takes_eta: bool = False  # DDIM's eta (its tables take it; eta > 0 draws noise every step)
 
     def max_steps(self, cfg: Mapping[str, Any]) -> tuple[int, str]:
         """The most steps this sampler runs with a resolved scheduler config, and the config key that sets it
@@ -89,8 +90,9 @@ def _clip_table(cfg, n: int) -> Tables:
     return {"clip": torch.full((n,), float(cfg.clip_sample_range), dtype=torch.float64)}
 
 
-def _ddim_tables(sched, pred: str, start: int) -> Tables:
-    """DDIMScheduler.step with eta=0: x' = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps.
+def _ddim_tables(sched, pred: str, start: int, eta: float = 0.0) -> Tables:
+    """DDIMScheduler.step: x' = sqrt(a_prev) * x0 + sqrt(1 - a_prev - std^2) * eps + std * noise, with
+    std = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) (0 at eta 0: no noise table then).
 
     ``start`` is unused: DDIM's step depends only on the timestep (no first-executed-step special case).
     """
@@ -111,9 +113,11 @@ def _ddim_tables(sched, pred: str, start: int) -> Tables:
     a, s = a_t.sqrt(), (1 - a_t).sqrt()
     x0_x, x0_m = _x0_coeffs(pred, a, s)
     eps_x, eps_m = _eps_coeffs(pred, a, s)
+    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
     return {
         "x0_x": x0_x, "x0_m": x0_m, "eps_x": eps_x, "eps_m": eps_m,
-        "c_x0": a_prev.sqrt(), "c_eps": (1 - a_prev).sqrt(),
+        "c_x0": a_prev.sqrt(), "c_eps": (1 - a_prev - std**2).sqrt(),
+        **({"noise_w": std} if eta else {}),
         **_clip_table(sched.config, len(t)),
     }
 
@@ -240,7 +244,10 @@ def pred_x0(tabs: Tables, i: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> 
 def _ddim_step(tabs, i, x, m, state, noise):
     x0 = pred_x0(tabs, i, x, m)
     eps = table_at(tabs, "eps_x", i) * x + table_at(tabs, "eps_m", i) * m
-    return table_at(tabs, "c_x0", i) * x0 + table_at(tabs, "c_eps", i) * eps, state
+    x_next = table_at(tabs, "c_x0", i) * x0 + table_at(tabs, "c_eps", i) * eps
+    if "noise_w" in tabs:  # eta > 0, a static fact of the schedule
+        x_next = x_next + table_at(tabs, "noise_w", i) * noise.float()
+    return x_next, state
 
 
 def _euler_step(tabs, i, x, m, state, noise):
@@ -271,7 +278,7 @@ _DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sig
 _KARRAS = {"use_karras_sigmas": True, "use_exponential_sigmas": False, "use_beta_sigmas": False}
 
 REGISTRY: Mapping[str, Sampler] = MappingProxyType({s.name: s for s in (
-    Sampler("ddim", "DDIM", "DDIMScheduler", _ddim_tables, _ddim_step),  # eta=0
+    Sampler("ddim", "DDIM", "DDIMScheduler", _ddim_tables, _ddim_step, takes_eta=True),
     Sampler("euler", "Euler", "EulerDiscreteScheduler", _euler_tables, _euler_step),  # s_churn=0
     Sampler("euler_a", "Euler a", "EulerAncestralDiscreteScheduler", _euler_a_tables, _euler_a_step,
             draws_noise=True),

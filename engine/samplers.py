@@ -106,17 +106,21 @@ def _noise_tables(setup: schedulers.SchedulerSetup) -> dict[str, torch.Tensor]:
 
 
 def make_schedule(name: str, scheduler_config: dict, steps: int, strength: float = 1.0,
-                  start: int | None = None) -> Schedule:
+                  start: int | None = None, eta: float = 0.0) -> Schedule:
     """Build the coefficient tables of sampler ``name`` for ``steps`` steps (CPU, float32).
 
     ``strength`` in (0, 1] (img2img / inpainting) sets ``Schedule.start`` like diffusers' get_timesteps;
     1.0 is txt2img (start 0). ``start``, when given, is the first executed step itself (a model taking over
     another's latents mid-schedule, as diffusers' ``denoising_start``). Tables and timesteps are full length [N].
+    ``eta``: DDIM's (its step then takes noise); ValueError for another sampler's non-zero eta.
     """
     ok = isinstance(strength, numbers.Real) and not isinstance(strength, bool) and math.isfinite(strength)
     if not (ok and 0 < strength <= 1):
         raise ValueError(f"strength {strength!r} is outside (0, 1]; allowed: a finite float in (0, 1]")
     sampler = sampler_registry.get(name)  # ValueError for an unknown name, listing the registry's
+    if eta and not sampler.takes_eta:
+        raise ValueError(f"sampler {name} takes no eta (eta {eta!r}); allowed: eta 0, or a sampler that takes it "
+                         f"({', '.join(s.name for s in sampler_registry.REGISTRY.values() if s.takes_eta)})")
     pred = scheduler_config.get("prediction_type", "epsilon")  # the default of every class used
     if pred not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {pred!r}; allowed: {', '.join(PREDICTION_TYPES)}")
@@ -134,7 +138,7 @@ def make_schedule(name: str, scheduler_config: dict, steps: int, strength: float
         start = _first_step(strength, steps)
     elif isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < steps:
         raise ValueError(f"start {start!r} must be a step index in [0, {steps - 1}]")
-    tables = {**sampler.tables(sched, pred, start), **_noise_tables(sched)}
+    tables = {**sampler.tables(sched, pred, start, **({"eta": eta} if eta else {})), **_noise_tables(sched)}
     tables = {k: v.to(torch.float32).contiguous() for k, v in tables.items()}
     bad = [k for k, v in tables.items() if not bool(torch.isfinite(v).all())]
     if bad:  # e.g. dpmpp_2m at 999-1000 steps: repeated timesteps give a zero step size (diffusers fails there too)
@@ -145,7 +149,7 @@ def make_schedule(name: str, scheduler_config: dict, steps: int, strength: float
         prediction_type=pred,
         timesteps=sched.timesteps.to(torch.float32),
         init_noise_sigma=float(sched.init_noise_sigma),
-        needs_noise=sampler.draws_noise,
+        needs_noise=sampler.draws_noise or bool(eta),
         tables=tables,
         start=start,
     )

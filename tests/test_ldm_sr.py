@@ -1,6 +1,6 @@
 """LDM super-resolution (family `ldm-sr`, the Latent Diffusion paper's model as diffusers keeps it): the seeded
 tiny-ldm-sr (UNet2DModel with the low-resolution image concatenated, VQ-f4 autoencoder) built for ONNX Runtime fp32
-vs diffusers' LDMSuperResolutionPipeline on the same folder (DDIM, eta 0), then the VQ decoder graph's quantisation,
+vs diffusers' LDMSuperResolutionPipeline on the same folder (DDIM, eta 0 and 1), then the VQ decoder graph's quantisation,
 the size, the bad input and the CLI."""
 from __future__ import annotations
 
@@ -50,6 +50,20 @@ def test_ldm_sr_matches_diffusers(pipe, reference, seed):
     assert got.params["guidance_scale"] == 1.0  # the model takes no guidance: recorded as run
 
 
+def test_ldm_sr_with_eta_matches_diffusers(pipe, reference):
+    """DDIM with eta 1: the pipeline draws each step's noise from torch's global generator (it passes no generator
+    to the scheduler's step), seeded here with the image's seed; the engine draws it from a generator seeded again
+    with that seed (Family.reseed_step_noise)."""
+    low, seed = init_image(32, 5), 5
+    torch.manual_seed(seed)
+    want = to_uint8(reference(image=low, num_inference_steps=STEPS, eta=1.0, generator=gens([seed])[0],
+                              output_type="np").images)
+    got = pipe.run(Request(init_image=low, steps=STEPS, sampler="ddim", eta=1.0, seed=seed), progress=False)[0]
+    assert max_diff(got.pixels[None], want) <= 2
+    plain = pipe.run(Request(init_image=low, steps=STEPS, sampler="ddim", seed=seed), progress=False)[0]
+    assert max_diff(plain.pixels, want[0]) > 10 and got.params["eta"] == 1.0 and "eta" not in plain.params
+
+
 def test_the_vq_decoder_quantises_as_vqmodel_decode(pipe, reference):
     """The decoder graph picks each latent's nearest codebook entry itself: latents moved a little off their
     entries decode to the same image as the entries."""
@@ -73,6 +87,8 @@ def test_the_vq_decoder_quantises_as_vqmodel_decode(pipe, reference):
     ({"strength": 0.5}, r"strength 0.5 is not for LDM super-resolution", "strength"),
     ({"noise_level": 30}, r"takes no noise_level", "noise_level"),
     ({"height": 100}, r"height 100 must be a positive multiple of 8", "height"),
+    ({"eta": 0.5, "sampler": "euler"}, r"eta 0.5 is for ddim; sampler euler takes eta 0", "eta"),
+    ({"eta": 1.5, "sampler": "ddim"}, r"eta 1.5 must be a number in \[0, 1\]", "eta"),
 ])
 def test_bad_ldm_sr_requests_name_the_field(pipe, kwargs, message, field):
     with pytest.raises(RequestError, match=message) as err:

@@ -48,8 +48,9 @@ A1111_FIELDS = {"guidance_scale": "cfg_scale", "sampler": "sampler_name", "image
                 "hires_upscaler": "hr_upscaler"}
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network prompt tag: <kind:arguments>
 AUTOMATIC = ("", "automatic")  # `scheduler` values that keep the sampler's own schedule
-# the eta our table of a sampler's scheduler class runs with, where A1111's eta changes that sampler
-FIXED_ETA = {"DDIMScheduler": 0.0, "EulerAncestralDiscreteScheduler": 1.0}
+# the eta our table of a sampler's scheduler class runs with, where A1111's eta changes that sampler and ours takes
+# none (DDIM takes A1111's eta: Sampler.takes_eta)
+FIXED_ETA = {"EulerAncestralDiscreteScheduler": 1.0}
 
 
 def _falsy(value: Any) -> bool:
@@ -319,7 +320,7 @@ def _generate_body(body: _Common, sampler: Sampler, prompt: str, loras: list[dic
         "prompt": prompt, "negative_prompt": body.negative_prompt, "steps": body.steps,
         "guidance_scale": float(body.cfg_scale), "sampler": sampler.name, "seed": seed, "height": body.height,
         "width": body.width, "images": body.batch_size, "loras": loras, "refiner_switch": refiner_switch,
-        **hires_fields(body)}
+        "eta": float(body.eta or 0.0) if sampler.takes_eta else 0.0, **hires_fields(body)}
     if strength is not None:
         fields.update(strength=float(strength), resize=True)  # resize_mode 0: just resize, as A1111
     try:

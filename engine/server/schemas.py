@@ -189,6 +189,8 @@ class GenerateBody(_Common):
     clip_skip: int | None = Field(_R.clip_skip, ge=1, le=MAX_CLIP_SKIP, description="A1111's clip skip (SD 1.x / "
                                   "2.x): 1 or null = the last layer, 2 = the penultimate")
     sampler: str = _R.sampler
+    eta: float = Field(_R.eta, ge=0, le=1, allow_inf_nan=False, description="DDIM's eta: 0 deterministic, 1 "
+                       "DDPM-like (other samplers take 0)")
     height: int | None = Field(_R.height, ge=1, le=MAX_SIDE, description="null = the engines' default size")
     width: int | None = Field(_R.width, ge=1, le=MAX_SIDE)
     images: int = Field(_R.images, ge=1, description="images for this prompt (at most the server's --max-images)")
@@ -242,7 +244,8 @@ class GenerateBody(_Common):
                        hires_steps=self.hires_steps, hires_strength=self.hires_strength,
                        hires_upscaler=self.hires_upscaler, refiner_switch=self.refiner_switch,
                        prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
-                       guidance_scale=self.guidance_scale, sampler=self.sampler, seed=self.seed, height=self.height,
+                       guidance_scale=self.guidance_scale, sampler=self.sampler, eta=self.eta, seed=self.seed,
+                       height=self.height,
                        width=self.width, images=self.images, init_image=init_image, strength=self.strength,
                        mask=mask, resize=self.resize, original_size=self.original_size, crop=self.crop,
                        target_size=self.target_size, aesthetic_score=self.aesthetic_score,

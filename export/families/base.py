@@ -83,6 +83,8 @@ class Family:
     # clip_l / clip_g: engine/embeddings.py); empty: one tensor, for the family's one text encoder
     embedding_keys: Mapping[str, str] = field(default_factory=dict)
     low_res: LowRes | None = None  # a low-resolution image concatenated to the latents (the x4 upscaler)
+    reseed_step_noise: bool = False  # a sampler's per-step noise (DDIM's eta) from a generator seeded again with
+    # the image's seed, not the one its latents came from (diffusers' LDM pipelines draw it from the global RNG)
 
     @property
     def zero_empty_negative(self) -> bool:

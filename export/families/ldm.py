@@ -50,4 +50,5 @@ LDM_SR = Family(
     txt2img=False,  # an init image always: the low-resolution image
     default_strength=(1.0, 1.0),
     low_res=LowRes(scheduler_config=None, before_scaling=True),
+    reseed_step_noise=True,
 )
