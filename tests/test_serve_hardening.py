@@ -251,7 +251,7 @@ def test_sampler_tables_are_kept_in_a_bounded_lru_filled_only_by_valid_requests(
     assert pipe._schedules.keys() == before
     for steps in steps_range:  # valid: kept, at most MAX_SCHEDULES of them, the newest
         pipe.prepare(Request(prompt="x", steps=steps, sampler="euler"))
-    keys = [("euler", steps, None) for steps in steps_range]
+    keys = [("euler", steps, None, 0.0) for steps in steps_range]  # (sampler, steps, strength, eta)
     assert len(pipe._schedules) == MAX_SCHEDULES
     assert pipe._schedules.keys()[-MAX_SCHEDULES:] == keys[-MAX_SCHEDULES:]
     first = pipe.schedule(*keys[-1])
