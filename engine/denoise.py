@@ -47,7 +47,7 @@ def denoise_step(unet: Runner, schedule: samplers.Schedule, cfg: bool, b: Buffer
     UNet's extra inputs from the scaled latents, timesteps and conditioning (ControlNets)."""
     i, latents = b["idx"], b["latents"]
     x = latents if "concat_scaled" not in b else torch.cat([latents, b["concat_scaled"]], dim=1)  # [B, 4+3, h, w]
-    x = samplers.scale_model_input(schedule, x, i)  # [B, 4, h, w]
+    x = samplers.scale_model_input(schedule, x, i)  # [B, 4 (+3), h, w]
     x = torch.cat([x, x]) if cfg else x  # [2B, 4, h, w]
     t = _timesteps(schedule, i, x.shape[0])  # [2B]
     cond = {k[len(COND):]: v for k, v in b.items() if k.startswith(COND)}

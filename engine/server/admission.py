@@ -35,6 +35,18 @@ def run_steps(request: Request) -> int:
     return max(1, math.ceil(request.steps * request.strength))
 
 
+def check_max_size(asked: Request, made: Request | None, max_size: int, params: dict[str, str]) -> None:
+    """ApiError 400 for a side over --max-size: of the request as asked (`made` None: before any work), or of what
+    the engine made of it (a size it chose: the x4 upscaler's is 4x its image, named as init_image)."""
+    for side in ("height", "width"):
+        value = getattr(made or asked, side)
+        if value is not None and value > max_size:
+            chosen = made is not None and getattr(asked, side) is None and asked.init_image is not None
+            field, what = ("init_image", " (what this request makes)") if chosen else (side, "")
+            raise ApiError(400, f"{side} {value}{what} is over this server's limit (--max-size {max_size})",
+                           params.get(field, field))
+
+
 def cost(request: Request, height: int, width: int) -> float:
     """Megapixel-steps of one request (per image; guidance's second row counted in `estimate_s`, not here); the
     hires fix's second pass counted at its size."""

@@ -33,7 +33,7 @@ from engine.png import png_bytes
 from engine.request import Generated, PreparedRequest, Request, RequestError, StopFn
 from engine.server.a1111 import add_a1111_routes
 from engine.server.access import Access, allowed_hosts
-from engine.server.admission import CostMeter, run_steps
+from engine.server.admission import CostMeter, check_max_size, run_steps
 from engine.server.batcher import Batcher, BatchFailed, Draining, Outcome, QueueFull
 from engine.server.bodies import CONTROL_FILES, RETRY_UNAVAILABLE_S, read_generate_body
 from engine.server.config import ServeConfig
@@ -246,11 +246,7 @@ class ServerState:
         if limit is not None and request.images > limit:
             raise ApiError(400, f"{images_field} {request.images} is over --max-batch {limit}: step batching runs "
                                 "all images of a request in one flight", images_field)
-        for side in ("height", "width"):
-            value = getattr(request, side)
-            if value is not None and value > self.config.max_size:
-                raise ApiError(400, f"{side} {value} is over this server's limit (--max-size {self.config.max_size})",
-                               params.get(side, side))
+        check_max_size(request, None, self.config.max_size, params)  # the sides asked for, before any work
         opt = self.pipeline.profile.opt
         self.cost.check(request, opt.height, opt.width, params.get("steps", "steps"))
         try:
@@ -259,12 +255,7 @@ class ServerState:
             raise ApiError(400, str(exc), params.get(exc.field, exc.field) if exc.field else None) from None
         except ValueError as exc:  # a check without a field (none known today): still the client's request
             raise ApiError(400, str(exc)) from None
-        for side in ("height", "width"):  # a size the engine chose: the x4 upscaler's is 4x its image
-            value = getattr(prepared.request, side)
-            if value > self.config.max_size:
-                field = "init_image" if request.init_image is not None else side
-                raise ApiError(400, f"{side} {value} (what this request makes) is over this server's limit (--max-size "
-                                    f"{self.config.max_size})", params.get(field, field))
+        check_max_size(request, prepared.request, self.config.max_size, params)  # the x4 upscaler's: 4x its image
         return prepared
 
     async def generate(self, http: HttpRequest, request: Request, params: dict[str, str] | None = None) -> Outcome:
