@@ -21,7 +21,7 @@ from engine.control import PREPROCESS, Control
 from engine.hires import UPSCALERS as HIRES_UPSCALERS
 from engine.png import IMAGE_FORMATS
 from engine.prompts import SYNTAXES
-from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request, RequestError, flag
+from engine.request import DEFAULT_PROMPT, MAX_SEED, MAX_STEPS, RANDOM_SEED, Request, RequestError, flag
 from engine.sampler_registry import SAMPLERS
 from engine.tiling import MODES as TILING_MODES
 from export.families.upscale import LOW_RES
@@ -35,7 +35,8 @@ _C = Control(name="", image="")  # and a ControlNet's on Control
 class GenerateConfig:
     """What the CLI adds to a Request: prompts, where the engines are, where images go."""
 
-    prompt: list[str] = field(default_factory=lambda: [_R.prompt])
+    prompt: list[str | None] = field(default_factory=lambda: [_R.prompt])  # [None]: none given (a text model reads
+    # the default prompt; an unconditional or class-conditional one takes none)
     negative_prompt: str | None = _R.negative_prompt  # None: none given
     prompt_syntax: str = _R.prompt_syntax  # engine/prompts.py: a1111 or plain
     clip_skip: int | None = _R.clip_skip
@@ -58,6 +59,7 @@ class GenerateConfig:
     aesthetic_score: float | None = _R.aesthetic_score  # SDXL refiner
     negative_aesthetic_score: float | None = _R.negative_aesthetic_score
     noise_level: int | None = _R.noise_level  # the x4 upscaler (export/families/upscale.py)
+    class_label: int | None = _R.class_label  # a class-conditional LDM (export/families/ldm_class.py)
     lora: list[str] = field(default_factory=list)  # "path[:scale]", repeatable (engine/lora.py)
     embeddings: Path | None = None  # a folder of textual-inversion .safetensors prompts may name (engine/embeddings.py)
     controlnet: list[str] = field(default_factory=list)  # ControlNet names (engine/control.py), repeatable
@@ -99,7 +101,7 @@ class GenerateConfig:
                         init_image=self.init_image, strength=self.strength, mask=self.mask, resize=self.resize,
                         original_size=self.original_size, crop=self.crop, target_size=self.target_size,
                         aesthetic_score=self.aesthetic_score, negative_aesthetic_score=self.negative_aesthetic_score,
-                        noise_level=self.noise_level, loras=tuple(parse_adapter(a) for a in self.lora), controls=self.controls(),
+                        noise_level=self.noise_level, class_label=self.class_label, loras=tuple(parse_adapter(a) for a in self.lora), controls=self.controls(),
                         guess_mode=self.guess_mode, ip_image=self.ip_image, ip_scale=self.ip_scale)
                 for p in self.prompt]
 
@@ -127,7 +129,9 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     d = GenerateConfig()
     p = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompt", nargs="+", default=d.prompt, help="one or more prompts")
+    p.add_argument("--prompt", nargs="+", default=d.prompt,
+                   help=f"one or more prompts (default for text models: {DEFAULT_PROMPT!r}; models without text, "
+                        "such as unconditional or class-conditional LDMs, take none)")
     p.add_argument("--negative-prompt", default=d.negative_prompt,
                    help="what to steer away from; not given: none (SDXL then zeroes the unconditional half, as "
                         "diffusers does), while an explicit \"\" is encoded like any prompt (as diffusers, A1111 "
@@ -162,6 +166,9 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--noise-level", type=int, default=d.noise_level, metavar="N",
                    help=f"x4 upscaler: the noise added to --init-image (the low-resolution image), [0, "
                         f"{LOW_RES.max_noise_level}]; None = {LOW_RES.default_noise_level}")
+    p.add_argument("--class-label", type=int, default=d.class_label, metavar="N",
+                   help="class-conditional LDM: the class id to draw, 0..n-1 (the last: the unconditional class, "
+                        "guidance runs against it); None = that class")
     p.add_argument("--resize", action="store_true", default=d.resize,
                    help="resize the init image and mask to --height/--width instead of refusing another size")
     _add_time_id_flags(p, d)

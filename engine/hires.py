@@ -87,7 +87,7 @@ def resolved_second(pipe: Any, r: Any, given: Any) -> Any:
 
     asked = replace(given or r, seed=r.seed, height=r.height, width=r.width)
     second = pipe.with_tiling(second_pass(asked, pipe.dims.size_multiple))
-    return replace(with_family_fields(second, pipe.family), init_image=SOURCE)  # img2img; its start: by `run`
+    return replace(with_family_fields(second, pipe.family, pipe.dims), init_image=SOURCE)  # img2img; its start: by `run`
 
 
 def run(pipe: Any, p: PreparedRequest, j: int, size: int, **kw: Any) -> list[Generated]:

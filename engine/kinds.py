@@ -27,3 +27,16 @@ def check_kind(r: Request, family: Family, dims: Dims, has_encoder: bool, model:
     if dims.inpainting_unet and r.kind != "inpaint":
         raise RequestError("mask", f"model {model!r} is an inpainting model (9-channel UNet): give an init image and "
                                    "a mask")
+
+
+def takes(family: Family, dims: Dims, has_encoder: bool) -> dict:
+    """What a model takes (the server's /v1/info): a prompt or none, the request kinds, its family's own request
+    fields, and a class-conditional model's classes (labels 0..n-1, the last the unconditional class)."""
+    if dims.inpainting_unet:
+        kinds = ["inpaint"]
+    else:
+        kinds = [kind for kind, ok in (("txt2img", family.txt2img),
+                                       ("img2img", has_encoder or family.low_res is not None),
+                                       ("inpaint", has_encoder and family.can_inpaint(dims))) if ok]
+    out = {"prompt": bool(family.roles.text_encoders), "kinds": kinds, "fields": list(family.request_fields)}
+    return out | ({"classes": dims.n_classes} if dims.n_classes else {})

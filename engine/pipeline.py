@@ -182,7 +182,7 @@ class Pipeline:
         r = self.with_tiling(r)  # a later pass resolves its own (engine/hires.py)
         tile = self.tiling(r)
         self.check_memory(h, w, r.images, r.guidance_scale > 1, (min(tile.tile, h), min(tile.tile, w)) if tile else None)
-        r = with_family_fields(r, self.family, passes.later_fields(r))  # e.g. SDXL's time ids: diffusers' defaults
+        r = with_family_fields(r, self.family, self.dims, passes.later_fields(r))  # e.g. SDXL's time ids: diffusers' defaults
         model = self.info.get("model")
         check_kind(r, self.family, self.dims, self.has_role("latent_encoder"), model,
                    Path(self.info.get("engine_dir", ".")))  # engine/kinds.py
@@ -377,6 +377,9 @@ class Pipeline:
         embedding) are the first chunk's."""
         negative = [x.request.negative_prompt for x in rows] if cfg else None
         cond = self.family.denoiser_inputs(self.text.encode(rows, cfg), rows, negative)
+        if self.has_role("context_encoder"):  # e.g. class ids -> the denoiser's context (the class-conditional LDM)
+            encoder = self.role("context_encoder")
+            cond.update({k: v.clone() for k, v in encoder(**{n: cond.pop(n).to(encoder.device) for n in encoder.spec.input_names}).items()})
         if self.has_role("image_encoder"):  # image prompts (IP-Adapter): per row, zeros and scale 0 without one
             cond.update(ip_adapter.embeddings(self.role("image_encoder"), rows, cfg, self.dims.ip_embed_dim))
         return {COND + k: v.to(self.device) for k, v in cond.items()}

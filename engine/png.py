@@ -82,8 +82,9 @@ def infotext_fields(params: dict[str, Any]) -> dict[str, Any]:
         "Refiner": model_name(params.get("refiner")) if params.get("refiner_switch") else None,
         "Refiner switch at": params.get("refiner_switch"),
         "Clip skip": params.get("clip_skip") if (params.get("clip_skip") or 1) > 1 else None,  # as A1111: from 2
-        "Noise level": params.get("noise_level"),
-        "Eta": params.get("eta") or None,  # DDIM's, where it drew noise (A1111 writes "Eta" where it is not 0)  # the x4 upscaler's (A1111 has none: the key says what it is)
+        "Noise level": params.get("noise_level"),  # the x4 upscaler's (A1111 has none: the key says what it is)
+        "Class label": params.get("class_label"),  # a class-conditional LDM's (A1111 has none either)
+        "Eta": params.get("eta") or None,  # DDIM's, where it drew noise (A1111 writes "Eta" where it is not 0)
         # A1111's record of the adapters: `Lora hashes: "name: hash, name: hash"` (the prompt carries <lora:..>)
         "Lora hashes": ", ".join(f"{a['name']}: {a['hash']}" for a in params["loras"]) if params.get("loras") else None,
         # and of the textual-inversion embeddings the prompts used: `TI hashes: "name: hash"`, the name without : or ,

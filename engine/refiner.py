@@ -76,7 +76,7 @@ def second_request(ref: Any, r: Any) -> Any:
 
     second = replace(r, init_image=SOURCE, strength=None, target_size=None, refiner_switch=None, loras=(),
                      controls=(), guess_mode=False, ip_image=None)
-    return with_family_fields(second, ref.family)
+    return with_family_fields(second, ref.family, ref.dims)
 
 
 def split(pipe: Any, ref: Any, r: Any) -> tuple[Any, Any]:

@@ -8,7 +8,7 @@ mask make it inpainting (white = repaint).
 
 Some fields belong to a model family (`FAMILY_FIELDS`: SDXL's size conditioning `original_size`, `crop`,
 `target_size`, the refiner's `aesthetic_score` and `negative_aesthetic_score`, SD's `clip_skip`, the x4 upscaler's
-`noise_level`). They are None by default:
+`noise_level`, the class-conditional LDM's `class_label`). A model without text takes no prompt (`with_prompt`). They are None by default:
 the family fills in diffusers' defaults (`Family.request_defaults`), and a model of another family refuses them.
 
 Every bad value raises `RequestError(field, message)`: the message names the field as the Request names it; the
@@ -35,6 +35,7 @@ from engine.tiling import OVERLAP
 from engine.tiling import check as check_tiling
 from export.errors import RequestError
 from export.families import Family, takers
+from export.specs import Dims
 
 if TYPE_CHECKING:  # torch and PIL load when an image or a LoRA is first used, not with the CLI's arguments
     import torch
@@ -51,6 +52,7 @@ class Stopped(Exception):
     """A run stopped between two steps because its `stop` said nobody waits for the batch (timeout, disconnect)."""
 
 
+DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"  # what a text model draws when a request gives none
 MAX_SEED = 2**64 - 1  # torch.Generator takes 64-bit seeds
 MAX_STEPS = 1000
 MAX_IMAGES = 64  # images per request
@@ -59,7 +61,7 @@ RANDOM_SEED = -1
 
 @dataclass
 class Request:
-    prompt: str = "a photograph of an astronaut riding a horse"
+    prompt: str | None = None  # None: none given (a model with text then reads DEFAULT_PROMPT; one without takes none)
     negative_prompt: str | None = None  # None: none given (SDXL then zeroes the unconditional rows, as diffusers' force_zeros_for_empty_prompt); "" is encoded like any text
     steps: int = 25
     guidance_scale: float = 7.5  # <= 1 runs the UNet once per step (no classifier-free guidance)
@@ -80,6 +82,7 @@ class Request:
     aesthetic_score: float | None = None  # SDXL refiner only; None = the family's default (6.0)
     negative_aesthetic_score: float | None = None  # SDXL refiner only; None = the family's default (2.5)
     noise_level: int | None = None  # the x4 upscaler's low-res image noise, [0, 350]; None = the family's default (20)
+    class_label: int | None = None  # a class-conditional LDM's class, 0..n-1; None = its unconditional class (the last)
     loras: tuple[Adapter, ...] = ()  # LoRA adapters merged into the weights for this request (engine/lora.py)
     controls: tuple[Control, ...] = ()  # ControlNets this request uses, each with its image (engine/control.py)
     guess_mode: bool = False  # ControlNet guess mode: the nets see the conditional rows only, residuals weighted
@@ -119,8 +122,8 @@ class Request:
         """RequestError naming the field, the value and the allowed range for anything a pipeline cannot run."""
         for name in ("prompt", "negative_prompt"):
             value = getattr(self, name)
-            if not isinstance(value, str) and not (name == "negative_prompt" and value is None):
-                raise RequestError(name, "prompt and negative prompt must be strings (negative prompt: or None)")
+            if not isinstance(value, str) and value is not None:
+                raise RequestError(name, f"{name} must be a string or None (none given), not {type(value).__name__}")
         for name in ("steps", "images", "seed", "height", "width"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -192,6 +195,10 @@ class Request:
         if level is not None and (isinstance(level, bool) or not isinstance(level, int) or level < 0):
             raise RequestError("noise_level", f"noise_level {level!r} must be an integer >= 0 (the x4 upscaler's: at "
                                               "most its max_noise_level, 350)")
+        label = self.class_label
+        if label is not None and (isinstance(label, bool) or not isinstance(label, int) or label < 0):
+            raise RequestError("class_label", f"class_label {label!r} must be an integer >= 0 (a class id of a "
+                                              "class-conditional model)")
         for name in AESTHETIC_FIELDS:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -201,7 +208,7 @@ class Request:
 
 TIME_ID_FIELDS = ("original_size", "crop", "target_size")
 AESTHETIC_FIELDS = ("aesthetic_score", "negative_aesthetic_score")
-FAMILY_FIELDS = TIME_ID_FIELDS + AESTHETIC_FIELDS + ("clip_skip", "noise_level")  # taken by some model families only (Family.request_fields)
+FAMILY_FIELDS = TIME_ID_FIELDS + AESTHETIC_FIELDS + ("clip_skip", "noise_level", "class_label")  # taken by some model families only (Family.request_fields)
 FLAGS = {"sampler": "--scheduler", "images": "--images-per-prompt", "loras": "--lora",
          "controls": "--controlnet"}  # others: --field-name
 
@@ -220,10 +227,25 @@ def _int_pair(value: Any, lowest: int) -> bool:
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= lowest for v in value))
 
 
-def with_family_fields(r: Request, family: Family, later: tuple[str, ...] = ()) -> Request:
+def with_prompt(r: Request, family: Family) -> Request:
+    """A copy whose prompt suits the model: a text model reads DEFAULT_PROMPT where none was given; a model without
+    text (unconditional, class-conditional, super-resolution) takes none (RequestError naming the field; "" is none,
+    as A1111's clients send it)."""
+    if family.roles.text_encoders:
+        return r if r.prompt is not None else replace(r, prompt=DEFAULT_PROMPT)
+    for name in ("prompt", "negative_prompt"):
+        if getattr(r, name):
+            takes = f"; it takes {', '.join(family.request_fields)}" if family.request_fields else ""
+            raise RequestError(name, f"model family {family.name!r} takes no {name.replace('_', ' ')}: it has no text "
+                                     f"encoder{takes}; leave {name} unset")
+    return replace(r, prompt=None, negative_prompt=None)
+
+
+def with_family_fields(r: Request, family: Family, dims: Dims, later: tuple[str, ...] = ()) -> Request:
     """A copy of a checked request whose size (`height` x `width`) is known, with the family's fields filled in
     (diffusers' defaults); RequestError for a field the family does not take or a value it refuses. `later`: fields
-    let through for a later pass's model (engine/passes.py)."""
+    let through for a later pass's model (engine/passes.py). The prompt too (`with_prompt`)."""
+    r = with_prompt(r, family)
     for name in FAMILY_FIELDS:
         if getattr(r, name) is not None and name not in family.request_fields and name not in later:
             others = ", ".join(takers(name))
@@ -232,7 +254,7 @@ def with_family_fields(r: Request, family: Family, later: tuple[str, ...] = ()) 
                                         if family.request_fields else ""))
     if family.request_defaults is None:
         return r
-    return replace(r, **family.request_defaults(r))
+    return replace(r, **family.request_defaults(r, dims))
 
 
 def flex_key(r: Request) -> tuple:
@@ -376,6 +398,9 @@ def image_params(request: Request, index: int) -> dict[str, Any]:
         value = getattr(request, key)
         if isinstance(value, (str, Path)):
             params[key] = str(value)
+    if request.prompt is None:  # a model without text
+        for key in ("prompt", "negative_prompt", "prompt_syntax"):
+            params.pop(key)
     for key in FAMILY_FIELDS:  # recorded where the model takes them (filled in)
         if params[key] is None:
             params.pop(key)

@@ -197,10 +197,24 @@ class ClipTokenizer:
 
 
 def load_tokenizer(folder: str | Path):
-    """The folder's CLIP tokenizer: a `ClipTokenizer` where tokenizer.json allows, else transformers' CLIPTokenizer."""
+    """The folder's tokenizer: a `ClipTokenizer` where tokenizer.json allows, else transformers' CLIPTokenizer; a BERT
+    tokenizer folder (the LDM paper's text model, LDMBert) with transformers' BertTokenizerFast."""
     fast = ClipTokenizer.from_folder(folder)
     if fast is not None:
         return fast
+    if _tokenizer_class(Path(folder)).startswith("BertTokenizer"):
+        from transformers import BertTokenizerFast
+
+        return BertTokenizerFast.from_pretrained(folder, local_files_only=True)
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _tokenizer_class(folder: Path) -> str:
+    """tokenizer_config.json's `tokenizer_class` ("" when the file or the key is missing or unreadable)."""
+    try:
+        config = json.loads((folder / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    return str(config.get("tokenizer_class", "")) if isinstance(config, dict) else ""

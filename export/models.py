@@ -177,7 +177,7 @@ def folder_dims(folder: Path) -> Dims:
     return Dims(**{
         "latent_channels": vae.get("latent_channels", 4),
         "unet_in_channels": unet["in_channels"],
-        "text_dim": sum(x["hidden_size"] for x in texts),
+        "text_dim": sum(x.get("hidden_size") or x["d_model"] for x in texts),  # d_model: LDMBert's (BART-style)
         "text_len": text_len,
         # the layers of a text encoder whose graph returns each (SD's clip: clip skip); 0 for families without one
         "text_layers": int(texts[0].get("num_hidden_layers", 0))
@@ -210,15 +210,15 @@ def _model_class(family: Family, sub: str):
     if sub not in family.model_classes:
         raise ValueError(f"a {family.name} model has no {sub}/ model; it has {', '.join(family.model_classes)}")
     library, name = family.model_classes[sub]
-    return getattr(importlib.import_module(library), name), library
+    return getattr(importlib.import_module(library), name)
 
 
 def load_submodel(folder: Path, sub: str, dtype: torch.dtype = torch.float32,
                   family: Family | str | None = None) -> torch.nn.Module:
     """One sub-folder's model (unet, vae, text_encoder, text_encoder_2) through diffusers / transformers, offline,
     safetensors only, with our attention processor installed on diffusers modules."""
-    cls, library = _model_class(_family_of(folder, family), sub)
-    if library == "transformers":
+    cls = _model_class(_family_of(folder, family), sub)
+    if _transformers(cls):
         return cls.from_pretrained(folder / sub, local_files_only=True, dtype=dtype).eval()
     module = cls.from_pretrained(folder, subfolder=sub, use_safetensors=True, local_files_only=True, torch_dtype=dtype)
     attention.install(_adapted(module, folder / sub))
@@ -229,15 +229,22 @@ def meta_submodel(folder: Path, sub: str, dtype: torch.dtype = torch.float32,
                   family: Family | str | None = None) -> torch.nn.Module:
     """One sub-folder's model built from its config alone, parameters on the meta device (no weight allocated,
     nothing read but the config), as `load_submodel` would build it: same classes, dtype and attention."""
-    cls, library = _model_class(_family_of(folder, family), sub)
+    cls = _model_class(_family_of(folder, family), sub)
     with torch.device("meta"):
-        if library == "transformers":
+        if _transformers(cls):
             return cls._from_config(cls.config_class.from_pretrained(folder / sub), dtype=dtype).eval()
         module = cls.from_config(cls.load_config(folder / sub))
         module = module if dtype == torch.float32 else module.to(dtype)
         _adapted(module, folder / sub)
     attention.install(module)
     return module.eval()
+
+
+def _transformers(cls: type) -> bool:
+    """A transformers model class (CLIP's, and LDMBert, which diffusers defines on transformers' PreTrainedModel)."""
+    from transformers import PreTrainedModel
+
+    return issubclass(cls, PreTrainedModel)
 
 
 def _adapted(module: torch.nn.Module, sub_folder: Path) -> torch.nn.Module:

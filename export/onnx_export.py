@@ -65,7 +65,8 @@ class ExportOptions:
 
 def example_inputs(spec: ComponentSpec, dims: Dims, shape: Shape, precision: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Deterministic inputs of the spec's shapes: ids in the vocabulary, timesteps in [0, 1000), SDXL time_ids
-    (sizes and crop offsets in pixels) in [0, 1024), the upscaler's noise levels (class labels) in [0, 350]."""
+    (sizes and crop offsets in pixels) in [0, 1024), the upscaler's noise levels (class labels) in [0, 350], class ids
+    in the model's table."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     batch = shape.batch * spec.batch_factor
@@ -79,6 +80,8 @@ def example_inputs(spec: ComponentSpec, dims: Dims, shape: Shape, precision: str
             x = torch.randint(0, 1000, s, generator=g).float()
         elif t == "class_labels":  # the x4 upscaler's noise levels
             x = torch.randint(0, 351, s, generator=g)
+        elif t == "class_ids":  # a class-conditional LDM's classes, the unconditional one included
+            x = torch.randint(0, max(dims.n_classes, 1), s, generator=g)
         elif t == "time_ids":
             x = torch.randint(0, 1024, s, generator=g).float()
         else:

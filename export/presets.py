@@ -20,29 +20,14 @@ tries both (`export.single_file.CANDIDATES`); `ALL_PRESETS` / `get_preset` every
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 from export.families import get_family
 from export.families.sdxl import BASE_TIME_IDS, REFINER_TIME_IDS
+from export.ldm_presets import LDM_PRESETS, LdmPreset
+from export.preset_parts import SchedulerDefaults, UNetArch
 
-
-@dataclass(frozen=True)
-class UNetArch:
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    layers_per_block: int = 2
-    attention_head_dim: int | tuple[int, ...] = 8  # diffusers' name; for SD 1.x it is the head *count*
-    cross_attention_dim: int = 768
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-    norm_num_groups: int = 32
-    use_linear_projection: bool = False
-    upcast_attention: bool = False
-
-    def config(self, latent_channels: int, sample_size: int, in_channels: int | None = None) -> dict:
-        """diffusers UNet2DConditionModel kwargs; `in_channels` defaults to `latent_channels`."""
-        c = asdict(self)
-        c.update(in_channels=in_channels or latent_channels, out_channels=latent_channels, sample_size=sample_size)
-        return c
+__all__ = ["ALL_PRESETS", "LDM_PRESETS", "PRESETS", "SDXL_PRESETS", "UPSCALE_PRESETS", "LdmPreset", "Preset",
+           "SchedulerDefaults", "UNetArch", "XLPreset", "UpscalePreset", "get_preset"]
 
 
 @dataclass(frozen=True)
@@ -79,23 +64,6 @@ class ClipArch:
     def config(self) -> dict:
         # bos/eos are the real CLIP ids, so pooled outputs pick the eos token like the reference.
         return dict(asdict(self), bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-
-
-@dataclass(frozen=True)
-class SchedulerDefaults:
-    """What a model folder's scheduler/scheduler_config.json says for this family."""
-
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
-    num_train_timesteps: int = 1000
-    steps_offset: int = 1
-    set_alpha_to_one: bool = False
-    clip_sample: bool = False
-    timestep_spacing: str = "leading"
-
-    def config(self, prediction_type: str) -> dict:
-        return dict(asdict(self), prediction_type=prediction_type, _class_name="DDIMScheduler")
 
 
 @dataclass(frozen=True)
@@ -404,79 +372,6 @@ SDXL_PRESETS: dict[str, XLPreset] = {p.name: p for p in (TINY_XL, SDXL, TINY_XL_
 UPSCALE_PRESETS: dict[str, UpscalePreset] = {p.name: p for p in (TINY_UPSCALER, SD_X4_UPSCALER)}
 
 
-@dataclass(frozen=True)
-class UNet2DArch:
-    """diffusers' UNet2DModel (the LDM paper's denoiser without cross-attention)."""
-
-    block_out_channels: tuple[int, ...] = (32, 64)
-    layers_per_block: int = 1
-    down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D")
-    up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "UpBlock2D")
-    attention_head_dim: int = 8
-    norm_num_groups: int = 32
-
-
-@dataclass(frozen=True)
-class VQArch:
-    """diffusers' VQModel: a VQ-regularised autoencoder (f = 2 ** (blocks - 1) pixels per latent)."""
-
-    block_out_channels: tuple[int, ...] = (16, 32, 32)
-    layers_per_block: int = 1
-    latent_channels: int = 3
-    num_vq_embeddings: int = 64
-    norm_num_groups: int = 8
-
-    def config(self, sample_size: int) -> dict:
-        n = len(self.block_out_channels)
-        return dict(asdict(self), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-                    up_block_types=("UpDecoderBlock2D",) * n, sample_size=sample_size)
-
-
-@dataclass(frozen=True)
-class LdmPreset:
-    """A Latent Diffusion paper model (export/families/ldm.py) with seeded random weights: `sr` is
-    LDMSuperResolutionPipeline's (the low-resolution image concatenated to the latents: UNet in 2C, out C)."""
-
-    name: str
-    unet: UNet2DArch = field(default_factory=UNet2DArch)
-    vq: VQArch = field(default_factory=VQArch)
-    scheduler: SchedulerDefaults = field(default_factory=lambda: SchedulerDefaults(
-        beta_start=0.0015, beta_end=0.0155, steps_offset=0))  # the paper's linear schedule (diffusers' scaled_linear)
-    prediction_type: str = "epsilon"
-    default_size: int = 128  # pixels out
-    min_size: int = 32
-    max_size: int = 512
-    seed: int = 13
-
-    @property
-    def family(self) -> str:
-        return "ldm-sr"
-
-    @property
-    def pipeline_class(self) -> str:
-        return "LDMSuperResolutionPipeline"
-
-    @property
-    def vae_scale(self) -> int:
-        return 2 ** (len(self.vq.block_out_channels) - 1)
-
-    def save_folder(self, folder: Path) -> None:
-        import torch
-        from diffusers import DDIMScheduler, LDMSuperResolutionPipeline, UNet2DModel, VQModel
-
-        c = self.vq.latent_channels
-        torch.manual_seed(self.seed)
-        unet = UNet2DModel(**asdict(self.unet), in_channels=2 * c, out_channels=c,
-                           sample_size=self.default_size // self.vae_scale)
-        torch.manual_seed(self.seed + 1)
-        vqvae = VQModel(**self.vq.config(self.default_size))
-        scheduler = DDIMScheduler.from_config(self.scheduler.config(self.prediction_type))
-        LDMSuperResolutionPipeline(vqvae=vqvae.eval(), unet=unet.eval(), scheduler=scheduler).save_pretrained(
-            folder, safe_serialization=True)
-
-
-TINY_LDM_SR = LdmPreset(name="tiny-ldm-sr")
-LDM_PRESETS: dict[str, LdmPreset] = {p.name: p for p in (TINY_LDM_SR,)}
 ALL_PRESETS: dict[str, Preset | LdmPreset] = {**PRESETS, **SDXL_PRESETS, **UPSCALE_PRESETS, **LDM_PRESETS}
 
 

@@ -72,6 +72,7 @@ class Dims:
     ip_embed_dim: int = 0  # the width of its projected image embeddings
     text_layers: int = 0  # the first text encoder's layers (SD 1.x / 2.x clip's `text_layers` output: clip skip)
     vae_sample_size: int = 512  # the VAE's sample_size: its tile in tiled decoding (engine/tiling.py), as diffusers'
+    n_classes: int = 0  # a class-conditional model's class table rows, the last the unconditional class (0: none)
 
     def __post_init__(self):  # build.json stores tuples as lists
         for name in ("residual_channels", "residual_scales"):
@@ -343,7 +344,47 @@ LDM_SPECS: dict[str, ComponentSpec] = {  # the Latent Diffusion paper's own mode
                            description="VQ encoder: images [B, 3, H, W] in [-1, 1] -> latents (before quantisation, "
                                        "as VQModel.encode) and a zero std [B, C, H/f, W/f]"),
 }
-ALL_COMPONENTS = tuple(dict.fromkeys((*SPECS, *SDXL_SPECS)))  # every component name of every family
+
+def _class_ids(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
+    return (b,)  # [2B] int32 class ids, the unconditional class's rows first under guidance
+
+
+def _class_context(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
+    return (b, d.text_len, d.text_dim)  # [2B, 1, D]: one context token per row
+
+
+LDM_CLASS_SPECS: dict[str, ComponentSpec] = {  # the paper's class-conditional LDM (export/families/ldm_class.py)
+    "class_embedder": ComponentSpec(
+        name="class_embedder",
+        inputs=(TensorSpec("class_ids", "int32", _class_ids, _BATCH),),
+        outputs=(TensorSpec("encoder_hidden_states", "model", _class_context, _BATCH),),
+        batch_factor=2,
+        model_folder="class_embedder",
+        description="class embedding table: class ids [2B] -> the UNet's cross-attention context [2B, 1, D]",
+    ),
+    "unet": replace(
+        _SD_UNET,
+        inputs=(*_SD_UNET.inputs[:2], TensorSpec("encoder_hidden_states", "model", _class_context, _BATCH)),
+        description="class-conditional LDM UNet: latents [2B, C, H/f, W/f], timesteps [2B], class context "
+                    "[2B, 1, D] -> eps",
+    ),
+    "vae_decoder": LDM_SPECS["vae_decoder"],
+    "vae_encoder": LDM_SPECS["vae_encoder"],
+}
+LDM_TEXT_SPECS: dict[str, ComponentSpec] = {  # the paper's text-to-image LDM (export/families/ldm_text.py)
+    "bert": replace(
+        _SD_CLIP,
+        name="bert",
+        outputs=(TensorSpec("text_embeddings", "model", _text, _BATCH),),
+        model_folder="bert",
+        description="LDMBert text encoder: token ids [B, 77] (a negative id takes its vector from token_embeds) -> "
+                    "last hidden state [B, 77, C]",
+    ),
+    "unet": _SD_UNET,
+    "vae_decoder": replace(SPECS["vae_decoder"], model_folder="vqvae"),  # a KL (or VQ) autoencoder in vqvae/
+    "vae_encoder": replace(SPECS["vae_encoder"], model_folder="vqvae"),
+}
+ALL_COMPONENTS = tuple(dict.fromkeys((*SPECS, *SDXL_SPECS, *LDM_CLASS_SPECS, *LDM_TEXT_SPECS)))  # every component name of every family
 
 
 def get_spec(name: str) -> ComponentSpec:

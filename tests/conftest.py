@@ -284,3 +284,26 @@ def xl_conditioned_engines(tmp_path_factory, xl_conditioned_parts) -> Path:
     return _shared_build(tmp_path_factory, "xl_conditioned_engines", model="tiny-xl", backend="onnxruntime",
                          precision="fp32", height=64, width=64, controlnets=(str(parts["edges"]),),
                          ip_adapter=str(parts["ip"]))
+
+
+@pytest.fixture(scope="session")
+def ldm_uncond_engines(tmp_path_factory, engine_cache) -> Path:
+    """tiny-ldm-uncond (LDMPipeline: UNet2DModel + VQ-f4, no condition) built for ONNX Runtime fp32, 64x64."""
+    return _shared_build(tmp_path_factory, "ldm-uncond-engines", model="tiny-ldm-uncond", backend="onnxruntime",
+                         precision="fp32", height=64, width=64)
+
+
+@pytest.fixture(scope="session")
+def ldm_class_engines(tmp_path_factory, engine_cache) -> Path:
+    """tiny-ldm-cin (the class-conditional LDM: class table -> UNet2DConditionModel context, VQ-f4) built for ONNX
+    Runtime fp32 with its VQ encoder (img2img), 64x64."""
+    return _shared_build(tmp_path_factory, "ldm-class-engines", model="tiny-ldm-cin", backend="onnxruntime",
+                         precision="fp32", height=64, width=64,
+                         components=("class_embedder", "unet", "vae_decoder", "vae_encoder"))
+
+
+@pytest.fixture(scope="session")
+def ldm_text_engines(tmp_path_factory, engine_cache) -> Path:
+    """tiny-ldm-text (LDMTextToImagePipeline: LDMBert, UNet2DConditionModel, KL-f8) for ONNX Runtime fp32, 64x64."""
+    return _shared_build(tmp_path_factory, "ldm-text-engines", model="tiny-ldm-text", backend="onnxruntime",
+                         precision="fp32", height=64, width=64)

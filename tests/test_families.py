@@ -74,7 +74,8 @@ def test_every_family_names_its_roles_and_owns_its_wrappers():
     for family in FAMILIES.values():
         roles = family.roles
         assert isinstance(roles, Roles)
-        named = [*roles.text_encoders, roles.denoiser, roles.latent_decoder, roles.latent_encoder, *roles.conditions]
+        named = [*roles.text_encoders, roles.denoiser, roles.latent_decoder, roles.latent_encoder, *roles.conditions,
+                 *(c for c in (roles.context_encoder,) if c in family.specs)]  # the class-conditional LDM's
         assert set(named) == set(family.specs), family.name  # every component plays a role, every role is built
         assert set(family.wrappers) == set(family.specs), family.name  # export can wrap each one
         assert {family.spec(c).model_folder for c in family.specs} <= set(family.model_classes), family.name

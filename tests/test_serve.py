@@ -146,7 +146,7 @@ def test_concurrent_requests_share_a_batch_and_match_running_alone(server):
 BAD = [  # (body, status, param, words in the message)
     (b'{"prompt": "a cat",', 400, None, "malformed JSON"),
     ({"prompt": "a cat", "colour": "red"}, 400, "colour", "unknown field"),
-    ({"steps": 4}, 400, "prompt", "required"),
+    ({"steps": 4, "prompt": 5}, 400, "prompt", "valid string"),  # absent or null: none given (text models: the default)
     ({"prompt": "a cat", "height": 72}, 400, "height", "multiple of 16"),
     ({"prompt": "a cat", "width": 8208}, 400, "width", "less than or equal to 8192"),
     ({"prompt": "a cat", "height": 2064}, 400, "height", "--max-size 2048"),

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 
 from engine import passes, refiner
+from engine.kinds import takes
 from engine.png import png_bytes
 from engine.request import Generated, PreparedRequest, Request, RequestError, StopFn
 from engine.server.a1111 import add_a1111_routes
@@ -428,6 +429,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                 "ip_adapter": (p.info.get("ip_adapter") or {}).get("name"),
                 "embeddings": {e.name: e.count for e in p.text.embeddings.values()},  # name -> token slots
                 "refiner": refiner.beside(p),  # the model refiner_switch hands over to (engine/refiner.py)
+                "takes": takes(p.family, p.dims, p.has_role("latent_encoder")),  # engine/kinds.py
                 "defaults": {"steps": d.steps, "guidance_scale": d.guidance_scale, "sampler": d.sampler,
                              "seed": d.seed, "negative_prompt": d.negative_prompt}}
 

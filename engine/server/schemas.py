@@ -186,6 +186,9 @@ FORM_JSON = {"loras": form_loras, "controls": form_controls}  # multipart fields
 class GenerateBody(_Common):
     """POST /v1/generate: one Request."""
 
+    prompt: str | None = Field(_R.prompt, max_length=MAX_PROMPT_CHARS, description="null or absent: none given (a "
+                               "text model reads the default prompt; unconditional and class-conditional models "
+                               "take none)")
     clip_skip: int | None = Field(_R.clip_skip, ge=1, le=MAX_CLIP_SKIP, description="A1111's clip skip (SD 1.x / "
                                   "2.x): 1 or null = the last layer, 2 = the penultimate")
     sampler: str = _R.sampler
@@ -206,6 +209,8 @@ class GenerateBody(_Common):
     noise_level: int | None = Field(None, ge=0, le=LOW_RES.max_noise_level, description="x4 upscaler: the noise "
                                     "added to init_image (the low-resolution image); null = "
                                     f"{LOW_RES.default_noise_level}")
+    class_label: int | None = Field(_R.class_label, ge=0, description="class-conditional LDM: the class id, 0..n-1 "
+                                    "(/v1/info says n); null = the unconditional class")
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS,
                                  description="LoRA adapters of the server's --lora-dir, merged without a rebuild")
     controls: list[ControlRef] = Field(default_factory=list, max_length=MAX_CONTROLS,
@@ -249,7 +254,8 @@ class GenerateBody(_Common):
                        width=self.width, images=self.images, init_image=init_image, strength=self.strength,
                        mask=mask, resize=self.resize, original_size=self.original_size, crop=self.crop,
                        target_size=self.target_size, aesthetic_score=self.aesthetic_score,
-                       negative_aesthetic_score=self.negative_aesthetic_score, noise_level=self.noise_level)
+                       negative_aesthetic_score=self.negative_aesthetic_score, noise_level=self.noise_level,
+                       class_label=self.class_label)
 
 
 class ImagesBody(_Common):

@@ -25,7 +25,8 @@ TextConditioning = Callable[[Outputs], dict[str, Any]]  # text encoders' outputs
 # (the batch's rows: each a resolved `.request` and its loaded `.image` / `.mask`, guidance on) -> denoiser inputs
 # from the requests themselves: SDXL's time ids; later families: a concatenated low-resolution image, class labels
 RequestConditioning = Callable[[Sequence[Any], bool], dict[str, Any]]
-RequestDefaults = Callable[[Any], dict[str, Any]]  # a resolved request -> its family fields, defaults filled in
+RequestDefaults = Callable[[Any, Dims], dict[str, Any]]  # (a resolved request, the model's dims) -> its family
+# fields, defaults filled in
 AddedDims = Callable[[Path, dict, list[dict]], dict[str, int]]  # (folder, unet config, text configs) -> Dims fields
 
 
@@ -40,6 +41,8 @@ class Roles:
     conditions: tuple[str, ...] = ()  # condition components whose outputs feed the denoiser (ControlNet, ...)
     image_encoder: str = "image_encoder"  # image prompts -> embeddings the denoiser takes (IP-Adapter); built
     # only with one
+    context_encoder: str = "context_encoder"  # a request's non-text condition (the class-conditional LDM's class
+    # ids) -> the denoiser's cross-attention context; runs on the request conditioning inputs its spec names
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class Family:
     # clip_l / clip_g: engine/embeddings.py); empty: one tensor, for the family's one text encoder
     embedding_keys: Mapping[str, str] = field(default_factory=dict)
     low_res: LowRes | None = None  # a low-resolution image concatenated to the latents (the x4 upscaler)
+    index_classes: Mapping[str, str] = field(default_factory=dict)  # model sub-folder -> the class model_index.json
+    # must name for it (the text LDM's vqvae/: AutoencoderKL or VQModel, one family each)
     reseed_step_noise: bool = False  # a sampler's per-step noise (DDIM's eta) from a generator seeded again with
     # the image's seed, not the one its latents came from (diffusers' LDM pipelines draw it from the global RNG)
 
@@ -100,7 +105,8 @@ class Family:
     def matches(self, index: dict) -> bool:
         """Whether a diffusers model_index.json describes a model of this family."""
         return (index.get("_class_name", "") in self.pipeline_classes
-                and bool(index.get("requires_aesthetics_score", False)) == self.aesthetic)
+                and bool(index.get("requires_aesthetics_score", False)) == self.aesthetic
+                and all((index.get(sub) or [None, None])[1] == cls for sub, cls in self.index_classes.items()))
 
     def model_folders(self) -> tuple[str, ...]:
         """The sub-folders a diffusers folder of this family must have (weights, tokenizers, scheduler)."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from export.families.token_embedding import text_encoder_call, with_token_inputs
+
 
 class Unet2DWrapper(torch.nn.Module):
     def __init__(self, unet):
@@ -36,6 +38,14 @@ class VqDecoderWrapper(torch.nn.Module):
         return vq.decoder(vq.post_quant_conv(quant), quant if vq.config.norm_type == "spatial" else None)
 
 
+class VqDecoderScaled(VqDecoderWrapper):
+    """As VqDecoderWrapper, after dividing by the autoencoder's scaling factor (LDMPipeline's and
+    LDMTextToImagePipeline's decode; the spec's convention: raw latents, the scaling inside the graph)."""
+
+    def forward(self, latent):
+        return super().forward(latent / self.vqvae.config.scaling_factor)
+
+
 class VqEncoderWrapper(torch.nn.Module):
     """VQModel.encode: images -> latents before quantisation, and a zero std (a VQ latent is no distribution)."""
 
@@ -46,3 +56,36 @@ class VqEncoderWrapper(torch.nn.Module):
     def forward(self, images):
         latent = self.vqvae.encode(images, return_dict=False)[0]
         return latent, torch.zeros_like(latent)
+
+
+class VqEncoderScaled(VqEncoderWrapper):
+    """As VqEncoderWrapper, times the scaling factor (the latents VqDecoderScaled takes)."""
+
+    def forward(self, images):
+        latent = self.vqvae.encode(images, return_dict=False)[0] * self.vqvae.config.scaling_factor
+        return latent, torch.zeros_like(latent)
+
+
+class ClassEmbedderWrapper(torch.nn.Module):
+    """The class-conditional LDM's embedding table: class ids [2B] int32 -> context [2B, 1, D]."""
+
+    def __init__(self, embedder):
+        super().__init__()
+        self.embedder = embedder
+
+    def forward(self, class_ids):  # -1 (a guidance row) -> the table's last row, the unconditional class
+        last = torch.full_like(class_ids, self.embedder.config.n_classes - 1)
+        return self.embedder(torch.where(class_ids < 0, last, class_ids))
+
+
+class LdmBertWrapper(torch.nn.Module):
+    """LDMBert (the text LDM's encoder): token ids [B, 77] int32 (negative: `token_embeds`' row, textual inversion)
+    -> its last hidden state [B, 77, C], as LDMTextToImagePipeline reads `bert(ids)[0]` (no attention mask)."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert  # parameter names as stored: model.*
+        with_token_inputs(bert.model)  # LDMBertModel's LDMBertEncoder: what its forward calls
+
+    def forward(self, input_ids, token_embeds):
+        return text_encoder_call(self.bert.model, input_ids, token_embeds).last_hidden_state

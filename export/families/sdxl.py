@@ -112,11 +112,11 @@ def _sizes(r: Any) -> dict[str, Any]:
     return dict(original_size=original, crop=crop)
 
 
-def _base_defaults(r: Any) -> dict[str, Any]:
+def _base_defaults(r: Any, dims: Any) -> dict[str, Any]:
     return {**_sizes(r), "target_size": tuple(r.target_size or (r.height, r.width))}
 
 
-def _refiner_defaults(r: Any) -> dict[str, Any]:
+def _refiner_defaults(r: Any, dims: Any) -> dict[str, Any]:
     positive, negative = AESTHETIC_SCORES
     return {**_sizes(r), "aesthetic_score": positive if r.aesthetic_score is None else r.aesthetic_score,
             "negative_aesthetic_score": negative if r.negative_aesthetic_score is None else r.negative_aesthetic_score}

@@ -35,7 +35,7 @@ def _noise_levels(rows: Sequence[Any], cfg: bool) -> dict[str, Any]:
     return {"class_labels": torch.tensor(levels * (2 if cfg else 1), dtype=torch.int32)}
 
 
-def _defaults(r: Any) -> dict[str, Any]:
+def _defaults(r: Any, dims: Any) -> dict[str, Any]:
     """The noise level filled in (diffusers' 20); RequestError for a strength other than 1 or a level outside
     [0, 350] (the model's own max_noise_level is checked against its engine: engine/upscale.py)."""
     if r.strength not in (None, 1.0):
