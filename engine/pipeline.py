@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import cache, control, graphs, images, ip_adapter, memory, passes, samplers
+from engine import cache, control, encoders, graphs, images, ip_adapter, memory, passes, samplers
 from engine import request as T  # the timing keys, StopFn, Stopped
 from engine.backends.base import Runner, get_backend
 from engine.cache import find_model_dir  # engine.serve and tests look it up here too
@@ -371,18 +371,17 @@ class Pipeline:
         return min(built, self.profile.hi.chunks) if self.info.get("static_shapes") else built
 
     def encode(self, rows: list[Row], cfg: bool) -> Buffers:
-        """The denoiser's conditioning for these rows as `cond.*` buffers, from the family: with CFG [uncond; cond]
-        in one batch of 2B. Each text encoder runs once per chunk (engine/prompts.py); weighted chunks get A1111's
+        """The denoiser's conditioning for these rows as `cond.*` buffers (and a map's `concat_scaled`), from the
+        family: with CFG [uncond; cond] in one batch of 2B. Each text encoder runs once per chunk (engine/prompts.py); weighted chunks get A1111's
         emphasis; the chunks' hidden states are concatenated on the token axis, other outputs (SDXL's pooled
         embedding) are the first chunk's."""
         negative = [x.request.negative_prompt for x in rows] if cfg else None
         cond = self.family.denoiser_inputs(self.text.encode(rows, cfg), rows, negative)
-        if self.has_role("context_encoder"):  # e.g. class ids -> the denoiser's context (the class-conditional LDM)
-            encoder = self.role("context_encoder")
-            cond.update({k: v.clone() for k, v in encoder(**{n: cond.pop(n).to(encoder.device) for n in encoder.spec.input_names}).items()})
+        cond = encoders.run(self.has_role, self.role, cond)  # class ids, label maps (engine/encoders.py)
         if self.has_role("image_encoder"):  # image prompts (IP-Adapter): per row, zeros and scale 0 without one
             cond.update(ip_adapter.embeddings(self.role("image_encoder"), rows, cfg, self.dims.ip_embed_dim))
-        return {COND + k: v.to(self.device) for k, v in cond.items()}
+        takes = self.role("denoiser").spec.input_names  # the rest are the step's own (a map's concat_scaled)
+        return {(COND + k if k in takes else k): v.to(self.device) for k, v in cond.items()}
 
     def start_latents(self, rows: list[Row], schedule: samplers.Schedule, cfg: bool) -> Buffers:
         """Initial latents, sampler state, per-step noise, inpainting inputs and (with CFG) the per-row guidance,

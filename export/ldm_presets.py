@@ -74,6 +74,21 @@ class LdmPreset:
             vq.quantize.embedding.weight.normal_(0.0, self.codebook_std)
         return vq
 
+    def save_parts(self, folder: Path, parts: dict) -> None:
+        """A folder diffusers has no pipeline for, in its shape: each part's config and safetensors in its sub-folder,
+        the DDIM scheduler, and model_index.json naming this preset's pipeline class and each part's class."""
+        import diffusers
+        from diffusers import DDIMScheduler
+
+        for sub, module in parts.items():
+            module.eval().save_pretrained(folder / sub, safe_serialization=True)
+        DDIMScheduler.from_config(self.scheduler.config(self.prediction_type)).save_pretrained(folder / "scheduler")
+        index = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__,
+                 **{sub: [type(m).__module__.split(".")[0] if type(m).__module__.startswith("diffusers")
+                          else type(m).__module__, type(m).__name__] for sub, m in parts.items()},
+                 "scheduler": ["diffusers", "DDIMScheduler"]}
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
     def save_folder(self, folder: Path) -> None:
         import torch
         from diffusers import DDIMScheduler, LDMSuperResolutionPipeline, UNet2DModel
@@ -125,9 +140,8 @@ class LdmClassPreset(LdmPreset):
     pipeline_class: str = "LDMClassConditionalPipeline"
 
     def save_folder(self, folder: Path) -> None:
-        import diffusers
         import torch
-        from diffusers import DDIMScheduler, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
 
         from export.families.ldm_modules import ClassEmbedder
 
@@ -136,15 +150,7 @@ class LdmClassPreset(LdmPreset):
         unet = UNet2DConditionModel(**self.cond_unet.config(c, self.default_size // self.vae_scale))
         torch.manual_seed(self.seed + 2)
         embedder = ClassEmbedder(n_classes=self.n_classes, embed_dim=self.cond_unet.cross_attention_dim)
-        parts = {"unet": unet, "vqvae": self.vqvae(), "class_embedder": embedder}
-        for sub, module in parts.items():
-            module.eval().save_pretrained(folder / sub, safe_serialization=True)
-        DDIMScheduler.from_config(self.scheduler.config(self.prediction_type)).save_pretrained(folder / "scheduler")
-        index = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__,
-                 "unet": ["diffusers", "UNet2DConditionModel"], "vqvae": ["diffusers", "VQModel"],
-                 "class_embedder": ["export.families.ldm_modules", "ClassEmbedder"],
-                 "scheduler": ["diffusers", "DDIMScheduler"]}
-        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        self.save_parts(folder, {"unet": unet, "vqvae": self.vqvae(), "class_embedder": embedder})
 
 
 # a small WordPiece vocabulary for the seeded text preset (no hub here): BERT's special tokens first, then words, letters
@@ -207,8 +213,34 @@ class LdmTextPreset(LdmPreset):
                                scheduler=scheduler).save_pretrained(folder, safe_serialization=True)
 
 
+@dataclass(frozen=True)
+class LdmSemanticPreset(LdmPreset):
+    """The semantic synthesis model: the landscapes model's spatial rescaler (`n_classes` one-hot channels, 2 stages of
+    x0.5 for the VQ-f4, a 1x1 convolution to C) and a UNet2DModel on the latents and that condition (in 2C, out C)."""
+
+    n_classes: int = 182  # COCO-Stuff's, as the paper's landscapes model
+    family: str = "ldm-semantic"
+    pipeline_class: str = "LDMSemanticSynthesisPipeline"
+
+    def save_folder(self, folder: Path) -> None:
+        import torch
+        from diffusers import UNet2DModel
+
+        from export.families.ldm_modules import SpatialRescaler
+
+        c, stages = self.vq.latent_channels, len(self.vq.block_out_channels) - 1
+        torch.manual_seed(self.seed)
+        unet = UNet2DModel(**asdict(self.unet), in_channels=2 * c, out_channels=c,
+                           sample_size=self.default_size // self.vae_scale)
+        torch.manual_seed(self.seed + 2)
+        rescaler = SpatialRescaler(n_stages=stages, multiplier=0.5, in_channels=self.n_classes, out_channels=c)
+        self.save_parts(folder, {"unet": unet, "vqvae": self.vqvae(), "semantic_encoder": rescaler})
+
+
 TINY_LDM_SR = LdmPreset(name="tiny-ldm-sr")
+TINY_LDM_SEMANTIC = LdmSemanticPreset(name="tiny-ldm-semantic", seed=29, default_size=64)
 TINY_LDM_TEXT = LdmTextPreset(name="tiny-ldm-text", seed=23)
 TINY_LDM_UNCOND = LdmUncondPreset(name="tiny-ldm-uncond", seed=17)
 TINY_LDM_CIN = LdmClassPreset(name="tiny-ldm-cin", seed=19)
-LDM_PRESETS: dict[str, LdmPreset] = {p.name: p for p in (TINY_LDM_SR, TINY_LDM_UNCOND, TINY_LDM_CIN, TINY_LDM_TEXT)}
+LDM_PRESETS: dict[str, LdmPreset] = {p.name: p for p in (TINY_LDM_SR, TINY_LDM_UNCOND, TINY_LDM_CIN, TINY_LDM_TEXT,
+                                                              TINY_LDM_SEMANTIC)}

@@ -80,7 +80,7 @@ def example_inputs(spec: ComponentSpec, dims: Dims, shape: Shape, precision: str
             x = torch.randint(0, 1000, s, generator=g).float()
         elif t == "class_labels":  # the x4 upscaler's noise levels
             x = torch.randint(0, 351, s, generator=g)
-        elif t == "class_ids":  # a class-conditional LDM's classes, the unconditional one included
+        elif t in ("class_ids", "labels"):  # a class-conditional LDM's classes; a semantic map's
             x = torch.randint(0, max(dims.n_classes, 1), s, generator=g)
         elif t == "time_ids":
             x = torch.randint(0, 1024, s, generator=g).float()

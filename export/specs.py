@@ -384,7 +384,29 @@ LDM_TEXT_SPECS: dict[str, ComponentSpec] = {  # the paper's text-to-image LDM (e
     "vae_decoder": replace(SPECS["vae_decoder"], model_folder="vqvae"),  # a KL (or VQ) autoencoder in vqvae/
     "vae_encoder": replace(SPECS["vae_encoder"], model_folder="vqvae"),
 }
-ALL_COMPONENTS = tuple(dict.fromkeys((*SPECS, *SDXL_SPECS, *LDM_CLASS_SPECS, *LDM_TEXT_SPECS)))  # every component name of every family
+
+
+def _labels(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
+    return (b, 1, h, w)  # [B, 1, H, W] int32 class ids per pixel
+
+
+def _map_condition(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
+    return (b, d.unet_in_channels - d.latent_channels, h // d.vae_scale, w // d.vae_scale)  # [B, 3, H/f, W/f]
+
+
+LDM_SEMANTIC_SPECS: dict[str, ComponentSpec] = {  # the paper's semantic synthesis (export/families/ldm_semantic.py)
+    "semantic_encoder": ComponentSpec(
+        name="semantic_encoder",
+        inputs=(TensorSpec("labels", "int32", _labels, _SPATIAL),),
+        outputs=(TensorSpec("concat_scaled", "model", _map_condition, _SPATIAL),),
+        batch_factor=1,
+        model_folder="semantic_encoder",
+        description="spatial rescaler: label map [B, 1, H, W] -> its 1x1 mapping, resized to the latents [B, 3, H/f, "
+                    "W/f], concatenated to them",
+    ),
+    **LDM_SPECS,
+}
+ALL_COMPONENTS = tuple(dict.fromkeys((*SPECS, *SDXL_SPECS, *LDM_CLASS_SPECS, *LDM_TEXT_SPECS, *LDM_SEMANTIC_SPECS)))  # every component name of every family
 
 
 def get_spec(name: str) -> ComponentSpec:

@@ -307,3 +307,11 @@ def ldm_text_engines(tmp_path_factory, engine_cache) -> Path:
     """tiny-ldm-text (LDMTextToImagePipeline: LDMBert, UNet2DConditionModel, KL-f8) for ONNX Runtime fp32, 64x64."""
     return _shared_build(tmp_path_factory, "ldm-text-engines", model="tiny-ldm-text", backend="onnxruntime",
                          precision="fp32", height=64, width=64)
+
+
+@pytest.fixture(scope="session")
+def ldm_semantic_engines(tmp_path_factory, engine_cache) -> Path:
+    """tiny-ldm-semantic (spatial rescaler over 182 classes, UNet2DModel on latents + condition, VQ-f4) for ONNX
+    Runtime fp32, 64x64 as built (any multiple of 8 runs)."""
+    return _shared_build(tmp_path_factory, "ldm-semantic-engines", model="tiny-ldm-semantic", backend="onnxruntime",
+                         precision="fp32", height=64, width=64)

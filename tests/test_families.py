@@ -75,7 +75,7 @@ def test_every_family_names_its_roles_and_owns_its_wrappers():
         roles = family.roles
         assert isinstance(roles, Roles)
         named = [*roles.text_encoders, roles.denoiser, roles.latent_decoder, roles.latent_encoder, *roles.conditions,
-                 *(c for c in (roles.context_encoder,) if c in family.specs)]  # the class-conditional LDM's
+                 *(c for c in (roles.context_encoder, roles.map_encoder) if c in family.specs)]  # LDM condition encoders
         assert set(named) == set(family.specs), family.name  # every component plays a role, every role is built
         assert set(family.wrappers) == set(family.specs), family.name  # export can wrap each one
         assert {family.spec(c).model_folder for c in family.specs} <= set(family.model_classes), family.name

@@ -211,6 +211,8 @@ class GenerateBody(_Common):
                                     f"{LOW_RES.default_noise_level}")
     class_label: int | None = Field(_R.class_label, ge=0, description="class-conditional LDM: the class id, 0..n-1 "
                                     "(/v1/info says n); null = the unconditional class")
+    semantic_map: str | None = Field(None, description="semantic synthesis LDM: a label image (PNG, mode L or P: one "
+                                     "class id per pixel), base64 or a data URL, at the request's size")
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS,
                                  description="LoRA adapters of the server's --lora-dir, merged without a rebuild")
     controls: list[ControlRef] = Field(default_factory=list, max_length=MAX_CONTROLS,
@@ -255,7 +257,9 @@ class GenerateBody(_Common):
                        mask=mask, resize=self.resize, original_size=self.original_size, crop=self.crop,
                        target_size=self.target_size, aesthetic_score=self.aesthetic_score,
                        negative_aesthetic_score=self.negative_aesthetic_score, noise_level=self.noise_level,
-                       class_label=self.class_label)
+                       class_label=self.class_label,
+                       semantic_map=None if self.semantic_map is None else decode_image(self.semantic_map,
+                                                                                        "semantic_map"))
 
 
 class ImagesBody(_Common):

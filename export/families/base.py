@@ -43,6 +43,8 @@ class Roles:
     # only with one
     context_encoder: str = "context_encoder"  # a request's non-text condition (the class-conditional LDM's class
     # ids) -> the denoiser's cross-attention context; runs on the request conditioning inputs its spec names
+    map_encoder: str = "map_encoder"  # a request's map (semantic synthesis's labels) -> channels concatenated to the
+    # latents; runs as the context encoder does
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class Family:
     low_res: LowRes | None = None  # a low-resolution image concatenated to the latents (the x4 upscaler)
     index_classes: Mapping[str, str] = field(default_factory=dict)  # model sub-folder -> the class model_index.json
     # must name for it (the text LDM's vqvae/: AutoencoderKL or VQModel, one family each)
+    warmup_fields: Callable[[int, int], dict[str, Any]] | None = None  # (height, width) -> what a warm-up request
+    # (the server's) needs besides a prompt: a semantic map
     reseed_step_noise: bool = False  # a sampler's per-step noise (DDIM's eta) from a generator seeded again with
     # the image's seed, not the one its latents came from (diffusers' LDM pipelines draw it from the global RNG)
 

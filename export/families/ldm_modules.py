@@ -19,3 +19,21 @@ class ClassEmbedder(ModelMixin, ConfigMixin):
 
     def forward(self, class_ids: torch.Tensor) -> torch.Tensor:  # [B] -> [B, 1, D]
         return self.embedding(class_ids.long())[:, None]
+
+
+class SpatialRescaler(ModelMixin, ConfigMixin):
+    """The original code's `SpatialRescaler`, the semantic-synthesis model's condition encoder: a map one-hot over
+    `in_channels` classes, resized `n_stages` times by `multiplier` (bilinear), then mapped to `out_channels` by a 1x1
+    convolution; the result is concatenated to the latents."""
+
+    @register_to_config
+    def __init__(self, n_stages: int = 2, multiplier: float = 0.5, in_channels: int = 182, out_channels: int = 3,
+                 bias: bool = False):
+        super().__init__()
+        self.channel_mapper = torch.nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, one_hot: torch.Tensor) -> torch.Tensor:  # [B, classes, H, W] -> [B, out, H/f, W/f]
+        x = one_hot
+        for _ in range(self.config.n_stages):
+            x = torch.nn.functional.interpolate(x, scale_factor=self.config.multiplier, mode="bilinear")
+        return self.channel_mapper(x)

@@ -89,3 +89,22 @@ class LdmBertWrapper(torch.nn.Module):
 
     def forward(self, input_ids, token_embeds):
         return text_encoder_call(self.bert.model, input_ids, token_embeds).last_hidden_state
+
+
+class SemanticEncoderWrapper(torch.nn.Module):
+    """The spatial rescaler on a label map: labels [B, 1, H, W] int32 -> the condition [B, C, H/f, W/f]. The 1x1
+    convolution and the bilinear resizing are both linear, so they commute: each pixel's class picks its column of the
+    convolution's weight (a Gather; no [B, classes, H, W] one-hot), then the resizing, then the bias (the same values
+    as SpatialRescaler.forward on the one-hot map, to rounding)."""
+
+    def __init__(self, rescaler):
+        super().__init__()
+        self.rescaler = rescaler
+
+    def forward(self, labels):
+        conv = self.rescaler.channel_mapper
+        columns = conv.weight[:, :, 0, 0].t()  # [classes, C]
+        x = columns[labels[:, 0].long()].permute(0, 3, 1, 2)  # [B, C, H, W]
+        for _ in range(self.rescaler.config.n_stages):
+            x = torch.nn.functional.interpolate(x, scale_factor=self.rescaler.config.multiplier, mode="bilinear")
+        return x if conv.bias is None else x + conv.bias.view(1, -1, 1, 1)
