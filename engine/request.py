@@ -8,7 +8,8 @@ mask make it inpainting (white = repaint).
 
 Some fields belong to a model family (`FAMILY_FIELDS`: SDXL's size conditioning `original_size`, `crop`,
 `target_size`, the refiner's `aesthetic_score` and `negative_aesthetic_score`, SD's `clip_skip`, the x4 upscaler's
-`noise_level`, the class-conditional LDM's `class_label`, semantic synthesis's `semantic_map`). A model without text takes no prompt (`with_prompt`). They are None by default:
+`noise_level`, the class-conditional LDM's `class_label`, semantic synthesis's `semantic_map`, the layout model's
+`layout`). A model without text takes no prompt (`with_prompt`). They are None by default:
 the family fills in diffusers' defaults (`Family.request_defaults`), and a model of another family refuses them.
 
 Every bad value raises `RequestError(field, message)`: the message names the field as the Request names it; the
@@ -85,6 +86,8 @@ class Request:
     class_label: int | None = None  # a class-conditional LDM's class, 0..n-1; None = its unconditional class (the last)
     semantic_map: ImageSource | bytes | None = None  # semantic synthesis's label image (one class id per pixel);
     # a prepared request holds it loaded (export/families/ldm_semantic.py LabelMap)
+    layout: str | Path | list | None = None  # a layout model's objects ([{"label", "box"}], or a JSON file); None = none;
+    # a prepared request holds its tokens (export/families/ldm_layout.py LayoutTokens)
     loras: tuple[Adapter, ...] = ()  # LoRA adapters merged into the weights for this request (engine/lora.py)
     controls: tuple[Control, ...] = ()  # ControlNets this request uses, each with its image (engine/control.py)
     guess_mode: bool = False  # ControlNet guess mode: the nets see the conditional rows only, residuals weighted
@@ -210,7 +213,8 @@ class Request:
 
 TIME_ID_FIELDS = ("original_size", "crop", "target_size")
 AESTHETIC_FIELDS = ("aesthetic_score", "negative_aesthetic_score")
-FAMILY_FIELDS = TIME_ID_FIELDS + AESTHETIC_FIELDS + ("clip_skip", "noise_level", "class_label", "semantic_map")  # taken by some model families only (Family.request_fields)
+LOADED_FIELDS = ("semantic_map", "layout")  # family fields a prepared request holds loaded: recorded as their path
+FAMILY_FIELDS = TIME_ID_FIELDS + AESTHETIC_FIELDS + ("clip_skip", "noise_level", "class_label") + LOADED_FIELDS  # taken by some model families only (Family.request_fields)
 FLAGS = {"sampler": "--scheduler", "images": "--images-per-prompt", "loras": "--lora",
          "controls": "--controlnet"}  # others: --field-name
 
@@ -379,7 +383,7 @@ class Generated:
 def image_params(request: Request, index: int) -> dict[str, Any]:
     """What a result records of its request: image `index` of it, with its own seed."""
     skip = ("init_image", "mask", "images", "resize", "loras", "controls", "guess_mode", "ip_image", "ip_scale",
-            "semantic_map")
+            *LOADED_FIELDS)
     if request.vae_tiling != "on":  # recorded when the VAE ran in tiles
         skip += ("vae_tiling", "vae_tile_size", "vae_tile_overlap")
     if request.hires_scale is None:  # recorded when the hires fix ran
@@ -397,7 +401,7 @@ def image_params(request: Request, index: int) -> dict[str, Any]:
     params.update(seed=request.seed + index, index=index, kind=request.kind)
     if request.kind == "txt2img":
         params.pop("strength")
-    for key in ("init_image", "mask", "ip_image", "semantic_map"):  # recorded where they were paths
+    for key in ("init_image", "mask", "ip_image", *LOADED_FIELDS):  # recorded where they were paths
         value = getattr(request, key)
         value = getattr(value, "source", value)  # a loaded map keeps where it came from
         if isinstance(value, (str, Path)):

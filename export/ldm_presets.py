@@ -84,8 +84,8 @@ class LdmPreset:
             module.eval().save_pretrained(folder / sub, safe_serialization=True)
         DDIMScheduler.from_config(self.scheduler.config(self.prediction_type)).save_pretrained(folder / "scheduler")
         index = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__,
-                 **{sub: [type(m).__module__.split(".")[0] if type(m).__module__.startswith("diffusers")
-                          else type(m).__module__, type(m).__name__] for sub, m in parts.items()},
+                 **{sub: ["diffusers" if hasattr(diffusers, type(m).__name__) else type(m).__module__,
+                          type(m).__name__] for sub, m in parts.items()},
                  "scheduler": ["diffusers", "DDIMScheduler"]}
         (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -237,10 +237,39 @@ class LdmSemanticPreset(LdmPreset):
         self.save_parts(folder, {"unet": unet, "vqvae": self.vqvae(), "semantic_encoder": rescaler})
 
 
+@dataclass(frozen=True)
+class LdmLayoutPreset(LdmClassPreset):
+    """The layout-to-image model: LDMBert's encoder over the 8192 layout tokens (92 positions) as the context of a
+    UNet2DConditionModel, a VQ autoencoder, and the label names (layout_encoder/labels.json)."""
+
+    labels: tuple[str, ...] = ("person", "dog", "cat", "car", "tree", "house", "boat", "bird")
+    bert: tuple[int, int, int, int] = (2, 2, 16, 64)  # LDMBert encoder_layers, heads, head_dim, ffn_dim
+    family: str = "ldm-layout"
+    pipeline_class: str = "LDMLayoutToImagePipeline"
+
+    def save_folder(self, folder: Path) -> None:
+        import torch
+        from diffusers import UNet2DConditionModel
+        from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+
+        from export.families.ldm_layout import LABELS_FILE, TOKENS, VOCABULARY
+
+        torch.manual_seed(self.seed)
+        unet = UNet2DConditionModel(**self.cond_unet.config(self.vq.latent_channels, self.default_size // self.vae_scale))
+        layers, heads, head_dim, ffn = self.bert
+        torch.manual_seed(self.seed + 2)
+        bert = LDMBertModel(LDMBertConfig(vocab_size=VOCABULARY, max_position_embeddings=TOKENS, encoder_layers=layers,
+                                          encoder_attention_heads=heads, head_dim=head_dim, encoder_ffn_dim=ffn,
+                                          d_model=self.cond_unet.cross_attention_dim))
+        self.save_parts(folder, {"unet": unet, "vqvae": self.vqvae(), "layout_encoder": bert})
+        (folder / LABELS_FILE).write_text(json.dumps(list(self.labels), indent=1) + "\n")
+
+
 TINY_LDM_SR = LdmPreset(name="tiny-ldm-sr")
+TINY_LDM_LAYOUT = LdmLayoutPreset(name="tiny-ldm-layout", seed=31)
 TINY_LDM_SEMANTIC = LdmSemanticPreset(name="tiny-ldm-semantic", seed=29, default_size=64)
 TINY_LDM_TEXT = LdmTextPreset(name="tiny-ldm-text", seed=23)
 TINY_LDM_UNCOND = LdmUncondPreset(name="tiny-ldm-uncond", seed=17)
 TINY_LDM_CIN = LdmClassPreset(name="tiny-ldm-cin", seed=19)
 LDM_PRESETS: dict[str, LdmPreset] = {p.name: p for p in (TINY_LDM_SR, TINY_LDM_UNCOND, TINY_LDM_CIN, TINY_LDM_TEXT,
-                                                              TINY_LDM_SEMANTIC)}
+                                                              TINY_LDM_SEMANTIC, TINY_LDM_LAYOUT)}

@@ -82,6 +82,8 @@ def example_inputs(spec: ComponentSpec, dims: Dims, shape: Shape, precision: str
             x = torch.randint(0, 351, s, generator=g)
         elif t in ("class_ids", "labels"):  # a class-conditional LDM's classes; a semantic map's
             x = torch.randint(0, max(dims.n_classes, 1), s, generator=g)
+        elif t == "layout_tokens":  # a layout model's: labels and corner tokens, 8191 = none
+            x = torch.randint(0, 8192, s, generator=g)
         elif t == "time_ids":
             x = torch.randint(0, 1024, s, generator=g).float()
         else:

@@ -73,9 +73,10 @@ class Dims:
     text_layers: int = 0  # the first text encoder's layers (SD 1.x / 2.x clip's `text_layers` output: clip skip)
     vae_sample_size: int = 512  # the VAE's sample_size: its tile in tiled decoding (engine/tiling.py), as diffusers'
     n_classes: int = 0  # a class-conditional model's class table rows, the last the unconditional class (0: none)
+    labels: tuple[str, ...] = ()  # a layout model's object labels (class id = index), read from its folder
 
     def __post_init__(self):  # build.json stores tuples as lists
-        for name in ("residual_channels", "residual_scales"):
+        for name in ("residual_channels", "residual_scales", "labels"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
@@ -406,7 +407,30 @@ LDM_SEMANTIC_SPECS: dict[str, ComponentSpec] = {  # the paper's semantic synthes
     ),
     **LDM_SPECS,
 }
-ALL_COMPONENTS = tuple(dict.fromkeys((*SPECS, *SDXL_SPECS, *LDM_CLASS_SPECS, *LDM_TEXT_SPECS, *LDM_SEMANTIC_SPECS)))  # every component name of every family
+
+
+def _layout_tokens(d: Dims, b: int, h: int, w: int) -> tuple[int, ...]:
+    return (b, d.text_len)  # [B, 92] layout tokens
+
+
+LDM_LAYOUT_SPECS: dict[str, ComponentSpec] = {  # the paper's layout-to-image model (export/families/ldm_layout.py)
+    "layout_encoder": ComponentSpec(
+        name="layout_encoder",
+        inputs=(TensorSpec("layout_tokens", "int32", _layout_tokens, _BATCH),),
+        outputs=(TensorSpec("encoder_hidden_states", "model", _class_context, _BATCH),),
+        batch_factor=1,
+        model_folder="layout_encoder",
+        description="layout transformer (LDMBert without a tokenizer): tokens [B, 92] (label, top-left, bottom-right "
+                    "per object; crop) -> the UNet's cross-attention context [B, 92, D]",
+    ),
+    "unet": replace(LDM_CLASS_SPECS["unet"], batch_factor=1,
+                    description="layout-to-image LDM UNet: latents [B, C, H/f, W/f], timesteps [B], layout context "
+                                "[B, 92, D] -> eps"),
+    "vae_decoder": LDM_SPECS["vae_decoder"],
+    "vae_encoder": LDM_SPECS["vae_encoder"],
+}
+ALL_COMPONENTS = tuple(dict.fromkeys((*SPECS, *SDXL_SPECS, *LDM_CLASS_SPECS, *LDM_TEXT_SPECS, *LDM_SEMANTIC_SPECS,
+                                      *LDM_LAYOUT_SPECS)))  # every component name of every family
 
 
 def get_spec(name: str) -> ComponentSpec:

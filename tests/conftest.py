@@ -315,3 +315,11 @@ def ldm_semantic_engines(tmp_path_factory, engine_cache) -> Path:
     Runtime fp32, 64x64 as built (any multiple of 8 runs)."""
     return _shared_build(tmp_path_factory, "ldm-semantic-engines", model="tiny-ldm-semantic", backend="onnxruntime",
                          precision="fp32", height=64, width=64)
+
+
+@pytest.fixture(scope="session")
+def ldm_layout_engines(tmp_path_factory, engine_cache) -> Path:
+    """tiny-ldm-layout (LDMBert's encoder over 92 layout tokens -> UNet2DConditionModel, VQ-f4) for ONNX Runtime fp32,
+    64x64."""
+    return _shared_build(tmp_path_factory, "ldm-layout-engines", model="tiny-ldm-layout", backend="onnxruntime",
+                         precision="fp32", height=64, width=64)

@@ -35,7 +35,8 @@ def test_sdxl_presets():
     tiny, full = SDXL_PRESETS["tiny-xl"], SDXL_PRESETS["sdxl"]
     assert set(ALL_PRESETS) == set(PRESETS) | {"tiny-xl", "tiny-xl-refiner", "tiny-xl-inpaint", "sdxl", "sdxl-refiner",
                                                "sdxl-inpaint", "tiny-upscaler", "sd-x4-upscaler", "tiny-ldm-sr",
-                                               "tiny-ldm-uncond", "tiny-ldm-cin", "tiny-ldm-text", "tiny-ldm-semantic"}
+                                               "tiny-ldm-uncond", "tiny-ldm-cin", "tiny-ldm-text", "tiny-ldm-semantic",
+                                               "tiny-ldm-layout"}
     assert not set(PRESETS) & set(SDXL_PRESETS)
     assert {p.family for p in PRESETS.values()} == {"sd"}
     assert {p.family for p in SDXL_PRESETS.values()} == {"sdxl", "sdxl-refiner"}

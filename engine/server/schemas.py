@@ -27,6 +27,7 @@ from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
 from engine.sampler_registry import get as sampler_record
 from engine.server.lora_dir import adapter_in_dir
 from engine.tiling import MAX_OVERLAP
+from export.families.ldm_layout import MAX_OBJECTS as MAX_LAYOUT_OBJECTS
 from export.families.upscale import LOW_RES
 
 _R = Request()
@@ -130,6 +131,16 @@ def resolve_loras(refs: list[LoraRef], lora_dir: Path | None) -> tuple[Adapter, 
 _FORM_LORAS: TypeAdapter[list[LoraRef]] = TypeAdapter(Annotated[list[LoraRef], Field(max_length=MAX_LORAS)])
 
 
+class LayoutObject(BaseModel):
+    """One object of a layout-to-image model's layout: a label (a name of the model's, or its class id) and a box."""
+
+    model_config = STRICT
+
+    label: str | int = Field(description="a label of the model's (/v1/info), or its class id")
+    box: tuple[float, float, float, float] = Field(description="[x0, y0, x1, y1]: fractions of the image when all "
+                                                   "are within [0, 1], else pixels")
+
+
 class ControlRef(BaseModel):
     """One ControlNet of the engines (built with engine.build --controlnet), its image and how it applies
     (engine.control.Control)."""
@@ -213,6 +224,8 @@ class GenerateBody(_Common):
                                     "(/v1/info says n); null = the unconditional class")
     semantic_map: str | None = Field(None, description="semantic synthesis LDM: a label image (PNG, mode L or P: one "
                                      "class id per pixel), base64 or a data URL, at the request's size")
+    layout: list[LayoutObject] | None = Field(None, max_length=MAX_LAYOUT_OBJECTS, description="layout-to-image LDM: "
+                                              "the objects to place; null = none")
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS,
                                  description="LoRA adapters of the server's --lora-dir, merged without a rebuild")
     controls: list[ControlRef] = Field(default_factory=list, max_length=MAX_CONTROLS,
@@ -259,7 +272,8 @@ class GenerateBody(_Common):
                        negative_aesthetic_score=self.negative_aesthetic_score, noise_level=self.noise_level,
                        class_label=self.class_label,
                        semantic_map=None if self.semantic_map is None else decode_image(self.semantic_map,
-                                                                                        "semantic_map"))
+                                                                                        "semantic_map"),
+                       layout=None if self.layout is None else [o.model_dump() for o in self.layout])
 
 
 class ImagesBody(_Common):

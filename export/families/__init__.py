@@ -1,6 +1,6 @@
 """Model families, one module each (`sd`, `sdxl`: SDXL base and its refiner, `upscale`: the x4 upscaler, `ldm`: the
 Latent Diffusion paper's own models, `ldm_class`: its class-conditional one, `ldm_text`: its text-to-image one,
-`ldm_semantic`: its semantic synthesis), and the one registry of them.
+`ldm_semantic`: its semantic synthesis, `ldm_layout`: its layout-to-image model), and the one registry of them.
 
 What a family is and owns: export/families/base.py. Which family a diffusers folder is: `detect_family`, from its
 model_index.json pipeline class (and, for SDXL img2img, `requires_aesthetics_score`: the refiner).
@@ -12,17 +12,19 @@ from pathlib import Path
 from export.families.base import Family, LowRes, Roles, read_index
 from export.families.ldm import LDM_SR, LDM_UNCOND
 from export.families.ldm_class import LDM_CLASS
+from export.families.ldm_layout import LDM_LAYOUT
 from export.families.ldm_semantic import LDM_SEMANTIC
 from export.families.ldm_text import LDM_TEXT, LDM_TEXT_VQ
 from export.families.sd import SD
 from export.families.sdxl import SDXL, SDXL_REFINER, TimeIds, sdxl_time_ids
 from export.families.upscale import UPSCALER
 
-__all__ = ["FAMILIES", "LDM_CLASS", "LDM_SEMANTIC", "LDM_SR", "LDM_TEXT", "LDM_TEXT_VQ", "LDM_UNCOND", "SD", "SDXL", "SDXL_REFINER", "UPSCALER", "Family", "LowRes", "Roles", "TimeIds",
+__all__ = ["FAMILIES", "LDM_CLASS", "LDM_LAYOUT", "LDM_SEMANTIC", "LDM_SR", "LDM_TEXT", "LDM_TEXT_VQ", "LDM_UNCOND", "SD", "SDXL", "SDXL_REFINER", "UPSCALER", "Family", "LowRes", "Roles", "TimeIds",
            "detect_family", "get_family", "sdxl_time_ids", "takers"]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL, SDXL_REFINER, UPSCALER, LDM_SR, LDM_UNCOND,
-                                                                 LDM_CLASS, LDM_TEXT, LDM_TEXT_VQ, LDM_SEMANTIC)}
+                                                                 LDM_CLASS, LDM_TEXT, LDM_TEXT_VQ, LDM_SEMANTIC,
+                                                                 LDM_LAYOUT)}
 
 
 def get_family(name: str) -> Family:

@@ -108,3 +108,14 @@ class SemanticEncoderWrapper(torch.nn.Module):
         for _ in range(self.rescaler.config.n_stages):
             x = torch.nn.functional.interpolate(x, scale_factor=self.rescaler.config.multiplier, mode="bilinear")
         return x if conv.bias is None else x + conv.bias.view(1, -1, 1, 1)
+
+
+class LayoutEncoderWrapper(torch.nn.Module):
+    """The layout model's transformer (LDMBert's encoder, no tokenizer): tokens [B, 92] int32 -> [B, 92, D]."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, layout_tokens):
+        return self.bert(layout_tokens.long(), return_dict=False)[0]
