@@ -182,6 +182,7 @@ def folder_dims(folder: Path) -> Dims:
         # the layers of a text encoder whose graph returns each (SD's clip: clip skip); 0 for families without one
         "text_layers": int(texts[0].get("num_hidden_layers", 0))
         if texts and "text_layers" in family.spec(family.roles.text_encoders[0]).output_names else 0,
+        "text_vocab": int(texts[0].get("vocab_size") or Dims.text_vocab) if texts else Dims.text_vocab,
         "vae_scale": 2 ** (len(vae["block_out_channels"]) - 1),
         "vae_sample_size": int(vae.get("sample_size") or 512),
         "unet_scale": 2 ** (len(unet["down_block_types"]) - 1),

@@ -73,8 +73,9 @@ def example_inputs(spec: ComponentSpec, dims: Dims, shape: Shape, precision: str
     for t, s in spec.input_shapes(dims, batch, shape.height, shape.width, shape.chunks).items():
         dtype = TORCH_DTYPES[str(spec.inputs[spec.input_names.index(t)].numpy_dtype(precision))]
         if t == "input_ids":
-            x = torch.randint(0, 49406, s, generator=g, dtype=torch.int32)
-            x[:, 0] = 49406  # bos
+            bos = min(49406, dims.text_vocab - 1)  # CLIP's start token; the last id of a smaller vocabulary
+            x = torch.randint(0, bos, s, generator=g, dtype=torch.int32)
+            x[:, 0] = bos
             x[:, 1] = CUSTOM_TOKEN  # a token whose vector is token_embeds' (textual inversion): validated too
         elif t == "timestep":
             x = torch.randint(0, 1000, s, generator=g).float()

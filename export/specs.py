@@ -74,6 +74,7 @@ class Dims:
     vae_sample_size: int = 512  # the VAE's sample_size: its tile in tiled decoding (engine/tiling.py), as diffusers'
     n_classes: int = 0  # a class-conditional model's class table rows, the last the unconditional class (0: none)
     labels: tuple[str, ...] = ()  # a layout model's object labels (class id = index), read from its folder
+    text_vocab: int = 49408  # the first text encoder's vocabulary (CLIP's; LDMBert's BERT one): example token ids
 
     def __post_init__(self):  # build.json stores tuples as lists
         for name in ("residual_channels", "residual_scales", "labels"):

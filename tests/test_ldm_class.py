@@ -14,6 +14,7 @@ import torch
 from engine.build import build_all
 from engine.config import BuildConfig
 from engine.pipeline import Pipeline
+from engine.png import parameters_text
 from engine.request import Request, RequestError
 from export.models import resolve_model
 from tests.helpers import max_diff, png_pixels, running_server
@@ -84,6 +85,8 @@ def test_the_class_changes_the_image_and_none_is_the_unconditional_class(pipe, r
                             progress=False)[0] for label in (1, 2, None)}
     assert max_diff(runs[1].pixels, runs[2].pixels) > 20
     assert runs[None].params["class_label"] == N_CLASSES - 1
+    assert parameters_text(runs[1].params).splitlines() == ["Steps: 8, Sampler: DDIM, CFG scale: 3.0, Seed: 4, Size: "
+                                                            "64x64, Model: tiny-ldm-cin, Class label: 1"]
     assert max_diff(runs[None].pixels, reference(N_CLASSES - 1, 4, 1.0)) <= 2
 
 
