@@ -5,7 +5,7 @@ UNet's cross-attention context; our LDMClassConditionalPipeline folder)."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from export.preset_parts import SchedulerDefaults, UNetArch
@@ -172,7 +172,8 @@ class LdmTextPreset(LdmPreset):
     cond_unet: UNetArch = field(default_factory=lambda: UNetArch(
         block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, cross_attention_dim=32,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")))
-    kl_blocks: tuple[int, ...] = (16, 32, 32, 32)  # AutoencoderKL block_out_channels: f8 (the pipeline's latents: H/8)
+    kl_blocks: tuple[int, ...] = (16, 32, 32, 32)  # the autoencoder's block_out_channels: f8 (the pipeline's latents: H/8)
+    autoencoder: str = "kl"  # "kl": AutoencoderKL (family ldm-text); "vq": VQModel (ldm-text-vq)
     bert: tuple[int, int, int, int] = (2, 2, 16, 64)  # LDMBert encoder_layers, heads, head_dim, ffn_dim
     default_size: int = 64
 
@@ -200,10 +201,13 @@ class LdmTextPreset(LdmPreset):
         torch.manual_seed(self.seed)
         unet = UNet2DConditionModel(**self.cond_unet.config(4, self.default_size // self.vae_scale))
         torch.manual_seed(self.seed + 1)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=self.kl_blocks,
-                            down_block_types=("DownEncoderBlock2D",) * len(self.kl_blocks),
-                            up_block_types=("UpDecoderBlock2D",) * len(self.kl_blocks), layers_per_block=1,
-                            norm_num_groups=8, sample_size=self.default_size)
+        if self.autoencoder == "vq":
+            vae = replace(self, vq=VQArch(block_out_channels=self.kl_blocks, latent_channels=4)).vqvae()
+        else:
+            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=self.kl_blocks,
+                                down_block_types=("DownEncoderBlock2D",) * len(self.kl_blocks),
+                                up_block_types=("UpDecoderBlock2D",) * len(self.kl_blocks), layers_per_block=1,
+                                norm_num_groups=8, sample_size=self.default_size)
         torch.manual_seed(self.seed + 2)
         bert = LDMBertModel(LDMBertConfig(vocab_size=len(BERT_VOCAB), max_position_embeddings=77, encoder_layers=layers,
                                           encoder_attention_heads=heads, head_dim=head_dim, encoder_ffn_dim=ffn,
@@ -269,7 +273,9 @@ TINY_LDM_SR = LdmPreset(name="tiny-ldm-sr")
 TINY_LDM_LAYOUT = LdmLayoutPreset(name="tiny-ldm-layout", seed=31)
 TINY_LDM_SEMANTIC = LdmSemanticPreset(name="tiny-ldm-semantic", seed=29, default_size=64)
 TINY_LDM_TEXT = LdmTextPreset(name="tiny-ldm-text", seed=23)
+TINY_LDM_TEXT_VQ = LdmTextPreset(name="tiny-ldm-text-vq", seed=23, autoencoder="vq", family="ldm-text-vq")
 TINY_LDM_UNCOND = LdmUncondPreset(name="tiny-ldm-uncond", seed=17)
 TINY_LDM_CIN = LdmClassPreset(name="tiny-ldm-cin", seed=19)
 LDM_PRESETS: dict[str, LdmPreset] = {p.name: p for p in (TINY_LDM_SR, TINY_LDM_UNCOND, TINY_LDM_CIN, TINY_LDM_TEXT,
-                                                              TINY_LDM_SEMANTIC, TINY_LDM_LAYOUT)}
+                                                              TINY_LDM_SEMANTIC, TINY_LDM_LAYOUT,
+                                                              TINY_LDM_TEXT_VQ)}

@@ -82,3 +82,29 @@ def test_cli_writes_the_prompts_image(ldm_text_engines, tmp_path, pipe):
     assert done.returncode == 0, done.stderr
     want = pipe.run(Request(prompt=PROMPTS[1], steps=4, sampler="ddim", seed=2), progress=False)[0].pixels
     assert max_diff(png_pixels(out.read_bytes()), want) <= 1
+
+
+def test_a_vq_autoencoder_folder_is_ldm_text_vq_and_matches_the_pipeline(tmp_path):
+    """The same pipeline class with a VQModel in vqvae/ (model_index.json says which): family ldm-text-vq, whose
+    decoder graph quantises to the codebook before decoding, as VQModel.decode does."""
+    from diffusers import LDMTextToImagePipeline
+
+    from engine.build import build_all
+    from engine.config import BuildConfig
+    from export.families import detect_family
+
+    folder = resolve_model("tiny-ldm-text-vq")[0]
+    assert detect_family(folder).name == "ldm-text-vq"
+    build_all(BuildConfig(engine_dir=tmp_path, model="tiny-ldm-text-vq", backend="onnxruntime", precision="fp32",
+                          height=64, width=64), progress=False)
+    ours = Pipeline.load(tmp_path)
+    try:
+        ref = LDMTextToImagePipeline.from_pretrained(folder, local_files_only=True)
+        ref.set_progress_bar_config(disable=True)
+        want = to_uint8(ref(PROMPTS[1], height=64, width=64, num_inference_steps=STEPS, guidance_scale=5.0,
+                            generator=torch.Generator().manual_seed(4), output_type="np").images)[0]
+        got = ours.run(Request(prompt=PROMPTS[1], steps=STEPS, sampler="ddim", seed=4, guidance_scale=5.0,
+                               prompt_syntax="plain"), progress=False)[0]
+        assert want.std() > 5 and max_diff(got.pixels, want) <= 2
+    finally:
+        ours.close()

@@ -36,7 +36,7 @@ def test_sdxl_presets():
     assert set(ALL_PRESETS) == set(PRESETS) | {"tiny-xl", "tiny-xl-refiner", "tiny-xl-inpaint", "sdxl", "sdxl-refiner",
                                                "sdxl-inpaint", "tiny-upscaler", "sd-x4-upscaler", "tiny-ldm-sr",
                                                "tiny-ldm-uncond", "tiny-ldm-cin", "tiny-ldm-text", "tiny-ldm-semantic",
-                                               "tiny-ldm-layout"}
+                                               "tiny-ldm-layout", "tiny-ldm-text-vq"}
     assert not set(PRESETS) & set(SDXL_PRESETS)
     assert {p.family for p in PRESETS.values()} == {"sd"}
     assert {p.family for p in SDXL_PRESETS.values()} == {"sdxl", "sdxl-refiner"}
