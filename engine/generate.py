@@ -61,6 +61,7 @@ class GenerateConfig:
     noise_level: int | None = _R.noise_level  # the x4 upscaler (export/families/upscale.py)
     class_label: int | None = _R.class_label  # a class-conditional LDM (export/families/ldm_class.py)
     semantic_map: Path | None = None  # semantic synthesis's label image (export/families/ldm_semantic.py)
+    semantic_palette: Path | None = None  # a colour map's palette, a JSON file {"#rrggbb": class id}
     layout: Path | None = None  # the layout model's objects, a JSON file (export/families/ldm_layout.py)
     lora: list[str] = field(default_factory=list)  # "path[:scale]", repeatable (engine/lora.py)
     embeddings: Path | None = None  # a folder of textual-inversion .safetensors prompts may name (engine/embeddings.py)
@@ -104,7 +105,7 @@ class GenerateConfig:
                         original_size=self.original_size, crop=self.crop, target_size=self.target_size,
                         aesthetic_score=self.aesthetic_score, negative_aesthetic_score=self.negative_aesthetic_score,
                         noise_level=self.noise_level, class_label=self.class_label, semantic_map=self.semantic_map,
-                        layout=self.layout, loras=tuple(parse_adapter(a) for a in self.lora), controls=self.controls(),
+                        semantic_palette=self.semantic_palette, layout=self.layout, loras=tuple(parse_adapter(a) for a in self.lora), controls=self.controls(),
                         guess_mode=self.guess_mode, ip_image=self.ip_image, ip_scale=self.ip_scale)
                 for p in self.prompt]
 
@@ -175,6 +176,9 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--semantic-map", type=Path, default=d.semantic_map, metavar="PNG",
                    help="semantic synthesis LDM: a label image (one class id per pixel: mode L, P or I) at the "
                         "output size (--height/--width; or --resize, nearest)")
+    p.add_argument("--semantic-palette", type=Path, default=d.semantic_palette, metavar="JSON",
+                   help='with a colour --semantic-map: a JSON file {"#rrggbb": class id, ...} giving each colour\'s '
+                        "class")
     p.add_argument("--layout", type=Path, default=d.layout, metavar="JSON",
                    help='layout-to-image LDM: a JSON file of objects [{"label": "dog" or a class id, "box": [x0, y0, '
                         'x1, y1]}] (fractions of the image, or pixels), at most 30')

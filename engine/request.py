@@ -86,6 +86,8 @@ class Request:
     class_label: int | None = None  # a class-conditional LDM's class, 0..n-1; None = its unconditional class (the last)
     semantic_map: ImageSource | bytes | None = None  # semantic synthesis's label image (one class id per pixel);
     # a prepared request holds it loaded (export/families/ldm_semantic.py LabelMap)
+    semantic_palette: str | Path | dict | None = None  # its colours' classes ({"#rrggbb": id} or a JSON file of it),
+    # for a colour map; None: the map is a label image
     layout: str | Path | list | None = None  # a layout model's objects ([{"label", "box"}], or a JSON file); None = none;
     # a prepared request holds its tokens (export/families/ldm_layout.py LayoutTokens)
     loras: tuple[Adapter, ...] = ()  # LoRA adapters merged into the weights for this request (engine/lora.py)
@@ -214,7 +216,8 @@ class Request:
 TIME_ID_FIELDS = ("original_size", "crop", "target_size")
 AESTHETIC_FIELDS = ("aesthetic_score", "negative_aesthetic_score")
 LOADED_FIELDS = ("semantic_map", "layout")  # family fields a prepared request holds loaded: recorded as their path
-FAMILY_FIELDS = TIME_ID_FIELDS + AESTHETIC_FIELDS + ("clip_skip", "noise_level", "class_label") + LOADED_FIELDS  # taken by some model families only (Family.request_fields)
+FAMILY_FIELDS = (TIME_ID_FIELDS + AESTHETIC_FIELDS + ("clip_skip", "noise_level", "class_label", "semantic_palette")
+                 + LOADED_FIELDS)  # taken by some model families only (Family.request_fields)
 FLAGS = {"sampler": "--scheduler", "images": "--images-per-prompt", "loras": "--lora",
          "controls": "--controlnet"}  # others: --field-name
 
@@ -401,7 +404,7 @@ def image_params(request: Request, index: int) -> dict[str, Any]:
     params.update(seed=request.seed + index, index=index, kind=request.kind)
     if request.kind == "txt2img":
         params.pop("strength")
-    for key in ("init_image", "mask", "ip_image", *LOADED_FIELDS):  # recorded where they were paths
+    for key in ("init_image", "mask", "ip_image", "semantic_palette", *LOADED_FIELDS):  # recorded where they were paths
         value = getattr(request, key)
         value = getattr(value, "source", value)  # a loaded map keeps where it came from
         if isinstance(value, (str, Path)):

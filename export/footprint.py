@@ -34,6 +34,9 @@ def folder_footprint(folder: Path) -> Footprint:
     # diffusers' UNet2DConditionModel reads attention_head_dim as the head count when num_attention_heads is unset
     heads = unet.get("num_attention_heads") or unet.get("attention_head_dim") or 8
     heads = heads[first or 0] if isinstance(heads, list) else heads
+    if unet.get("_class_name") == "UNet2DModel" and first is not None:  # its attention_head_dim is each head's width
+        channels = unet["block_out_channels"][first]
+        heads = channels // (unet.get("attention_head_dim") or channels)
     return Footprint(
         attention_scale=vae_scale * 2 ** first if first is not None else 0,  # 0: no self-attention in the UNet
         attention_heads=int(heads),

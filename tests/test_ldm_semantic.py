@@ -103,6 +103,29 @@ def test_a_palette_png_reads_as_class_ids(pipe, tmp_path):
     assert max_diff(a.pixels, b.pixels) == 0 and a.params["semantic_map"] == str(tmp_path / "map.png")
 
 
+COLOURS = {"#000000": 0, "#ff0000": 5, "#00ff00": 17, "#0000ff": 120}
+
+
+def test_a_colour_map_reads_through_its_palette(pipe, tmp_path):
+    """An RGB map with --semantic-palette {"#rrggbb": id}: the image of its label map."""
+    ids = np.array(list(COLOURS.values()))[label_map(64, 64, 10) % 4]  # [64, 64] of the palette's classes
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    for colour, label in COLOURS.items():
+        rgb[ids == label] = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    (tmp_path / "palette.json").write_text(json.dumps(COLOURS))
+    a = pipe.run(Request(semantic_map=PIL.Image.fromarray(rgb), semantic_palette=tmp_path / "palette.json", seed=3,
+                         steps=4, sampler="ddim"), progress=False)[0]
+    b = pipe.run(Request(semantic_map=ids, seed=3, steps=4, sampler="ddim"), progress=False)[0]
+    assert max_diff(a.pixels, b.pixels) == 0
+    rgb[5, 7] = [1, 2, 3]
+    with pytest.raises(RequestError, match=r"colour #010203 at \(x 7, y 5\) is not in the palette") as err:
+        pipe.prepare(Request(semantic_map=PIL.Image.fromarray(rgb), semantic_palette=COLOURS, steps=2))
+    assert err.value.field == "semantic_map"
+    with pytest.raises(RequestError, match=r"palette colour 'red' is not #rrggbb") as err:
+        pipe.prepare(Request(semantic_map=PIL.Image.fromarray(rgb), semantic_palette={"red": 1}, steps=2))
+    assert err.value.field == "semantic_palette"
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({}, r"needs a semantic map"),
     ({"semantic_map": np.full((64, 64), 182, np.int32)}, r"class 182 at \(x 0, y 0\) is not one of the model's 182 "

@@ -42,6 +42,15 @@ def test_the_x4_upscaler_footprint_counts_self_attention_only(tmp_path):
     assert got == Footprint(attention_scale=32, attention_heads=8, decoder_channels=128, decoder_attention=True)
 
 
+def test_a_unet2dmodel_footprint_reads_its_head_width(tmp_path):
+    """UNet2DModel (the LDM paper's unconditional and super-resolution UNets): attention_head_dim is each head's width,
+    so the first attention level's 448 channels are 14 heads of 32 (UNet2DConditionModel reads it as the count)."""
+    unet = {"_class_name": "UNet2DModel", "block_out_channels": [224, 448, 672, 896], "attention_head_dim": 32,
+            "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"]}
+    got = folder_footprint(write_folder(tmp_path, unet, {"block_out_channels": [128, 256, 512]}))
+    assert got == Footprint(attention_scale=8, attention_heads=14, decoder_channels=128, decoder_attention=True)
+
+
 def test_the_tiny_preset_footprint(tiny_folder):
     # tiny: vae block_out_channels [16, 16, 32, 32] (8 pixels per latent), attention on the first UNet level with
     # attention_head_dim [1, 2]

@@ -43,7 +43,8 @@ def test_the_cli_passes_every_field_to_the_request(tmp_path):
                       "--vae-tile-overlap", "0.125", "--hires-scale", "2", "--hires-steps", "9", "--hires-strength",
                       "0.4", "--hires-upscaler", "lanczos", "--refiner-switch", "0.8",
                       "--noise-level", "100", "--eta", "0.5", "--class-label", "4",
-                      "--semantic-map", "labels.png", "--layout", "layout.json"])
+                      "--semantic-map", "labels.png", "--layout", "layout.json",
+                      "--semantic-palette", "palette.json"])
     (req,) = cfg.requests()
     default = Request()
     unchanged = [f for f in FIELDS if getattr(req, f) == getattr(default, f)]

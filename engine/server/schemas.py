@@ -224,6 +224,8 @@ class GenerateBody(_Common):
                                     "(/v1/info says n); null = the unconditional class")
     semantic_map: str | None = Field(None, description="semantic synthesis LDM: a label image (PNG, mode L or P: one "
                                      "class id per pixel), base64 or a data URL, at the request's size")
+    semantic_palette: dict[str, int] | None = Field(None, max_length=4096, description='with a colour semantic_map: '
+                                                    '{"#rrggbb": class id} for each of its colours')
     layout: list[LayoutObject] | None = Field(None, max_length=MAX_LAYOUT_OBJECTS, description="layout-to-image LDM: "
                                               "the objects to place; null = none")
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS,
@@ -273,6 +275,7 @@ class GenerateBody(_Common):
                        class_label=self.class_label,
                        semantic_map=None if self.semantic_map is None else decode_image(self.semantic_map,
                                                                                         "semantic_map"),
+                       semantic_palette=self.semantic_palette,
                        layout=None if self.layout is None else [o.model_dump() for o in self.layout])
 
 

@@ -7,8 +7,9 @@ size. diffusers has no pipeline for it: the folder is ours, diffusers-shaped (mo
 `LDMSemanticSynthesisPipeline`; unet/, vqvae/, semantic_encoder/, scheduler/).
 
 A request's `semantic_map` (a path, PNG bytes, a PIL image or a 2-D integer array) is a label image: mode L, P (the
-palette index is the class) or I; it must have the request's size (or `resize`: nearest). Its classes are checked
-against the encoder's `in_channels` before any work.
+palette index is the class) or I; or a colour image with `semantic_palette` (a JSON file's path or the mapping
+itself: {"#rrggbb": class id}) saying each colour's class. It must have the request's size (or `resize`: nearest).
+Its classes (and colours) are checked before any work.
 """
 from __future__ import annotations
 
@@ -37,9 +38,44 @@ class LabelMap:
 LABEL_MODES = ("L", "P", "I", "I;16")  # PIL modes whose pixel values are class ids
 
 
-def load_labels(source: Any, n_classes: int, height: int, width: int, resize: bool) -> Any:
+def read_palette(source: Any) -> dict[int, int]:
+    """A colour palette ({"#rrggbb": class id}, or a JSON file of it) as 0xRRGGBB -> class id; ValueError."""
+    if isinstance(source, (str, Path)):
+        try:
+            source = json.loads(Path(source).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read the palette file {str(source)!r}: {exc}") from None
+    if not isinstance(source, dict) or not source:
+        raise ValueError('a palette maps colours to class ids: {"#rrggbb": id, ...}')
+    out = {}
+    for colour, label in source.items():
+        text = str(colour).removeprefix("#")
+        if len(text) != 6 or any(c not in "0123456789abcdefABCDEF" for c in text):
+            raise ValueError(f"palette colour {colour!r} is not #rrggbb")
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise ValueError(f"palette colour {colour!r}: class {label!r} is not an integer")
+        out[int(text, 16)] = label
+    return out
+
+
+def _colour_labels(image: Any, palette: dict[int, int]) -> Any:
+    """An RGB image's class ids through the palette; ValueError naming the first colour it does not list."""
+    import numpy as np
+
+    rgb = np.asarray(image.convert("RGB")).astype(np.int64)
+    codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]  # [H, W] 0xRRGGBB
+    colours, inverse = np.unique(codes, return_inverse=True)
+    missing = [int(c) for c in colours if int(c) not in palette]
+    if missing:
+        y, x = (int(v[0]) for v in np.nonzero(codes == missing[0]))
+        raise ValueError(f"colour #{missing[0]:06x} at (x {x}, y {y}) is not in the palette")
+    return np.array([palette[int(c)] for c in colours], np.int64)[inverse.reshape(codes.shape)]
+
+
+def load_labels(source: Any, n_classes: int, height: int, width: int, resize: bool,
+                palette: dict[int, int] | None = None) -> Any:
     """The label map as int32 [height, width]; ValueError saying what is wrong (not a label image, its size, a class
-    past the model's)."""
+    past the model's, a colour the palette lacks)."""
     import numpy as np
     import PIL.Image
 
@@ -57,15 +93,15 @@ def load_labels(source: Any, n_classes: int, height: int, width: int, resize: bo
             image = source
         else:
             raise ValueError(f"a semantic map is a path, PNG bytes, a PIL image or an array, not {type(source).__name__}")
-        if image.mode not in LABEL_MODES:
+        if image.mode not in LABEL_MODES and palette is None:
             raise ValueError(f"a semantic map is a label image (one class id per pixel: mode {', '.join(LABEL_MODES)}), "
-                             f"not a mode {image.mode} image")
+                             f"not a mode {image.mode} image; or give a palette of its colours (semantic_palette)")
     if image.size != (width, height):
         if not resize:
             raise ValueError(f"the semantic map is {image.width}x{image.height}, the request {width}x{height}: give "
                              "its size as height and width, or resize (nearest)")
         image = image.resize((width, height), PIL.Image.Resampling.NEAREST)
-    labels = np.asarray(image).astype(np.int32)
+    labels = (_colour_labels(image, palette) if palette is not None else np.asarray(image)).astype(np.int32)
     if labels.min() < 0 or labels.max() >= n_classes:
         bad = int(labels.max() if labels.max() >= n_classes else labels.min())
         y, x = (int(v[0]) for v in np.nonzero(labels == bad))
@@ -82,7 +118,11 @@ def _defaults(r: Any, dims: Any) -> dict[str, Any]:
         raise RequestError(FIELD, "a semantic synthesis model needs a semantic map (a label image: one class id per "
                                   "pixel)")
     try:
-        labels = load_labels(r.semantic_map, dims.n_classes, r.height, r.width, r.resize)
+        palette = None if r.semantic_palette is None else read_palette(r.semantic_palette)
+    except ValueError as exc:
+        raise RequestError("semantic_palette", f"semantic_palette: {exc}") from None
+    try:
+        labels = load_labels(r.semantic_map, dims.n_classes, r.height, r.width, r.resize, palette)
     except (ValueError, OSError) as exc:  # OSError: PIL cannot read the file
         raise RequestError(FIELD, f"semantic_map: {exc}") from None
     source = str(r.semantic_map) if isinstance(r.semantic_map, (str, Path)) else None
@@ -118,7 +158,7 @@ LDM_SEMANTIC = Family(
     model_classes={**LDM_MODEL_CLASSES, "semantic_encoder": ("export.families.ldm_modules", "SpatialRescaler")},
     conditioning=no_text,
     request_conditioning=labels_input,
-    request_fields=(FIELD,),
+    request_fields=(FIELD, "semantic_palette"),
     request_defaults=_defaults,
     added_dims=_dims,
     blend_inpainting=False,
