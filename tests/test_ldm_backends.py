@@ -1,6 +1,6 @@
 """The LDM paper's new graph kinds on OpenVINO (fp32): LDMBert (text and layout), the spatial rescaler's Gather and
 bilinear resizing, UNet2DModel, the VQ decoder's ArgMin, each model's image against the ONNX Runtime engines' (the
-class-conditional model on torch and OpenVINO: tests/test_ldm_class.py). TensorRT: no TensorRT can be installed here;
+class-conditional model: tests/test_ldm_class.py). TensorRT: no TensorRT can be installed here;
 its profiles for these graphs are checked in tests/test_ldm_export.py."""
 from __future__ import annotations
 

@@ -128,10 +128,10 @@ def test_a_class_label_to_a_text_model_is_refused(ort_pipeline):
     assert err.value.field == "class_label"
 
 
-@pytest.mark.parametrize("backend", ["torch", "openvino"])
-def test_other_backends_match_onnxruntime(pipe, tmp_path, backend):
-    """The class embedder, UNet and VQ decoder built for another backend (fp32) give ONNX Runtime's image."""
-    build_all(BuildConfig(engine_dir=tmp_path, model="tiny-ldm-cin", backend=backend, precision="fp32", height=64,
+def test_openvino_matches_onnxruntime(pipe, tmp_path):
+    """The class embedder, UNet and VQ decoder built for OpenVINO (fp32) give ONNX Runtime's image (the torch backend
+    runs the torch modules the composed reference uses)."""
+    build_all(BuildConfig(engine_dir=tmp_path, model="tiny-ldm-cin", backend="openvino", precision="fp32", height=64,
                           width=64), progress=False)
     other = Pipeline.load(tmp_path)
     try:
