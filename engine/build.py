@@ -17,7 +17,7 @@ from typing import Any
 from engine import cache
 from engine.backends.base import Backend, get_backend
 from engine.config import ATTENTION_MODES, BACKENDS, BuildConfig, BuildPlan, Profile
-from export import control, ip_adapter
+from export import control, feature_cache, ip_adapter
 from export.families import Family, detect_family
 from export.footprint import folder_footprint
 from export.quiet import add_verbose_flag, quiet_cli, quieted
@@ -181,6 +181,7 @@ class _Job:
     why: str = ""  # how `auto` was resolved (one line), if it was
     source: Path | None = None  # the model folder as given (`folder` adds the ControlNets to it); None: `folder`
     ip: dict[str, Any] | None = None  # the IP-Adapter's name and image preprocessing (build.json), if given
+    feature_cache: dict[str, Any] | None = None  # the feature cache's branch and tensors (build.json), if asked for
 
 
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
@@ -249,12 +250,25 @@ def _prepare(cfg: BuildConfig) -> _Job:
         family.spec(name)
     folder, family = _with_controlnets(cfg, source, family, dims)
     folder, family, dims, ip = _with_ip_adapter(cfg, folder, family, dims)
+    family, cached = _with_feature_cache(cfg, folder, family)
     preset = ALL_PRESETS.get(str(cfg.model))
     profile = make_profile(cfg, dims, default_size(folder), preset.min_size if preset else 256,
                            preset.max_size if preset else 1024, static=backend.static_shapes)
     plan = make_plan(cfg, backend, profile)
     fingerprint = backend.fingerprint(plan)  # raises a clear error when the backend is unusable
-    return _Job(cfg, model_id, folder, family, dims, backend, plan, fingerprint, why=why, source=source, ip=ip)
+    return _Job(cfg, model_id, folder, family, dims, backend, plan, fingerprint, why=why, source=source, ip=ip,
+                feature_cache=cached)
+
+
+def _with_feature_cache(cfg: BuildConfig, folder: Path, family: Family) -> tuple[Family, dict[str, Any] | None]:
+    """(the family, the record's "feature_cache" entry) with the shallow graph of `cfg.cache_branch` added
+    (export/feature_cache.py); ValueError naming a branch the UNet lacks, or a denoiser it cannot split."""
+    if cfg.cache_branch is None:
+        return family, None
+    unet = cache.read_json(folder / family.spec(family.roles.denoiser).model_folder / "config.json")
+    feature_cache.check_family(family, unet)
+    entry = feature_cache.record_entry(cfg.cache_branch, unet)
+    return feature_cache.with_feature_cache(family, entry), entry
 
 
 def _with_controlnets(cfg: BuildConfig, source: Path, family: Family, dims: Dims) -> tuple[Path, Family]:
@@ -314,6 +328,7 @@ def _components(cfg: BuildConfig, job: _Job, record_path: Path) -> tuple[tuple[s
         before = {}
     nets = job.family.roles.conditions  # the ControlNets given: always built, never "kept"
     nets += (ip_adapter.COMPONENT,) if job.ip else ()  # so is the IP-Adapter's image encoder
+    nets += (feature_cache.SHALLOW,) if job.feature_cache else ()  # and the feature cache's shallow graph
     chosen, note = _base_components(cfg, job, before, needed, nets)
     return tuple(dict.fromkeys(chosen + nets)), note
 
@@ -357,6 +372,7 @@ def _record(job: _Job, model_files: Path, entries: dict[str, Any]) -> dict[str, 
         **({"controls": [n[len(control.PREFIX):] for n in job.family.roles.conditions]}
            if job.family.roles.conditions else {}),
         **({"ip_adapter": job.ip} if job.ip else {}),
+        **({"feature_cache": job.feature_cache} if job.feature_cache else {}),
         "text_chunks": MAX_CHUNKS,  # prompt chunks of 77 tokens the denoiser graphs take (engine/prompts.py)
     }
 
@@ -453,6 +469,11 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                         "(generate --ip-image); its image encoder is built as the image_encoder component")
     p.add_argument("--image-encoder", default=d.image_encoder, metavar="DIR",
                    help="the IP-Adapter's CLIP vision encoder folder; None = image_encoder/ beside the file")
+    p.add_argument("--cache-branch", type=int, default=d.cache_branch, metavar="B",
+                   help="feature caching (DeepCache): also build the UNet's shallow graph above skip branch B (0 = the "
+                        "shallowest: fastest) and the full graph that returns its cache; generate --cache-interval N "
+                        "then runs N-1 shallow steps after each full one. SD and SDXL UNets without ControlNets or an "
+                        "IP-Adapter")
     add_verbose_flag(p)
     a = vars(p.parse_args(argv))
     a["controlnets"] = tuple(a["controlnets"])

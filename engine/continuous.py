@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import passes, samplers
-from engine.denoise import COND
+from engine import feature_cache, passes, samplers
+from engine.denoise import CACHE, COND
 from engine.graphs import Buffers, StepFn, StepGraph, StepGraphCache
 from engine.pipeline import Pipeline
 from engine.request import Generated, Row, flex_key, row_key
@@ -54,7 +54,7 @@ MIN_WIDTH = 8  # narrowest padded table width
 
 
 def _paired(name: str, cfg: bool) -> bool:
-    return cfg and (name.startswith(COND) or name in PAIRED)
+    return cfg and (name.startswith((COND, CACHE)) or name in PAIRED)
 
 
 # ---- buckets: static shapes for one graph per key ----
@@ -100,23 +100,24 @@ def schedule_buffers(stacked: samplers.Schedule, width: int) -> Buffers:
     return out
 
 
-def bucket_step(pipe: Pipeline, template: samplers.Schedule, cfg: bool) -> StepFn:
+def bucket_step(pipe: Pipeline, template: samplers.Schedule, cfg: bool, shallow: bool = False) -> StepFn:
     """The step as one function of its buffers, tables included: `template` gives only the sampler's static
-    facts (name, prediction type, noise); timesteps and tables are read from the `sched.*` buffers."""
+    facts (name, prediction type, noise); timesteps and tables are read from the `sched.*` buffers. `shallow`: the
+    UNet's shallow graph (feature caching)."""
 
     def step(b: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
         tables = {k[len(SCHED):]: v for k, v in b.items() if k.startswith(SCHED)}
         schedule = dataclasses.replace(template, timesteps=tables.pop("timesteps"), tables=tables, start=0)
-        return pipe.step(schedule, cfg, {k: v for k, v in b.items() if not k.startswith(SCHED)})
+        return pipe.step(schedule, cfg, {k: v for k, v in b.items() if not k.startswith(SCHED)}, shallow)
 
     return step
 
 
-def graph_key(template: samplers.Schedule, cfg: bool, b: Buffers) -> tuple:
-    """What a captured step is specific to: the sampler, guidance on/off and every buffer's name, shape
-    (bucket, table width, latent size, ...) and dtype."""
+def graph_key(template: samplers.Schedule, cfg: bool, b: Buffers, shallow: bool = False) -> tuple:
+    """What a captured step is specific to: the sampler, guidance on/off, full or shallow UNet and every buffer's
+    name, shape (bucket, table width, latent size, ...) and dtype."""
     shapes = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(b.items()))
-    return (template.name, template.prediction_type, template.needs_noise, cfg, shapes)
+    return (template.name, template.prediction_type, template.needs_noise, cfg, shallow, shapes)
 
 
 @dataclass(eq=False)
@@ -128,6 +129,7 @@ class Slot:
     idx: int  # the next step to run
     bufs: Buffers  # batch dim 1; paired buffers hold [uncond; cond] (2 rows)
     noise: torch.Tensor | None  # [N, 1, 4, h, w] per-step draws (ancestral samplers)
+    full: tuple[bool, ...] | None = None  # feature caching: per step, full UNet or shallow graph (None: all full)
     joined: float = field(default_factory=time.perf_counter)
     steps_run: int = 0
     graph_steps: int = 0  # steps of steps_run that ran in a CUDA graph
@@ -135,6 +137,11 @@ class Slot:
     @property
     def done(self) -> bool:
         return self.idx >= self.schedule.num_steps
+
+    @property
+    def shallow(self) -> bool:
+        """Whether its next step runs the UNet's shallow graph (feature caching)."""
+        return self.full is not None and not self.full[self.idx]
 
 
 @dataclass
@@ -205,12 +212,14 @@ class Flight:
             start = p.start_latents([rows[k] for k in members], schedule, cfg)
             start.update(p.conditions([rows[k] for k in members], schedule, cfg))  # ControlNet images, tables
             noise = start.pop("noise", None)  # [N, b, 4, h, w]
+            full = feature_cache.full_steps(r, schedule.start, schedule.stop)
+            start.update(feature_cache.buffers(p.runners, p.dims, full, start["latents"], cfg))  # [2b, C, h', w']
             for j, k in enumerate(members):
                 bufs = {name: self._row_of(v, k, n, _paired(name, cfg)) for name, v in cond.items()}
                 bufs.update({name: self._row_of(v, j, len(members), _paired(name, cfg)) for name, v in start.items()})
                 bufs = {name: v.to(p.device) for name, v in bufs.items()}
                 row_noise = noise[:, j:j + 1].to(p.device) if noise is not None else None
-                new.append(Slot(rows[k], owners[k], schedule, schedule.start, bufs, row_noise))
+                new.append(Slot(rows[k], owners[k], schedule, schedule.start, bufs, row_noise, full))
         order = {id(r): k for k, r in enumerate(rows)}
         new.sort(key=lambda s: order[id(s.row)])
         self.slots.extend(new)
@@ -226,19 +235,29 @@ class Flight:
     # ---- one step ----
 
     def step(self) -> None:
-        """One denoising step for every slot in flight (each at its own step index)."""
+        """One denoising step for every slot in flight (each at its own step index); with feature caching, the rows
+        at a full step and those at a shallow one run apart."""
         slots = [s for s in self.slots if not s.done]
-        if not slots:
-            return
+        groups = {shallow: [s for s in slots if s.shallow == shallow] for shallow in (False, True)}  # before either runs
+        for shallow, group in groups.items():
+            if group:
+                self._step(group, shallow)
+
+    def _step(self, slots: list[Slot], shallow: bool) -> None:
         cfg = self.cfg
         if self.buckets:
             rows = slots + [slots[0]] * (bucket_for(len(slots), self.max_batch) - len(slots))  # padding: row 0
-            latents, state, graphed = self._bucket_step(rows, cfg, self._batch(rows, cfg))
+            out, graphed = self._bucket_step(rows, cfg, self._batch(rows, cfg), shallow)
         else:
-            latents, state = self.pipe.step(self._schedule(slots), cfg, self._batch(slots, cfg))
+            out = self._batch(slots, cfg)
+            out["latents"], out["state"] = self.pipe.step(self._schedule(slots), cfg, out, shallow)
             graphed = False
+        n = len(out["latents"])
         for k, s in enumerate(slots):  # padded rows (k >= len(slots)) are dropped here
-            s.bufs["latents"], s.bufs["state"] = latents[k:k + 1], state[k:k + 1]
+            s.bufs["latents"], s.bufs["state"] = out["latents"][k:k + 1].clone(), out["state"][k:k + 1].clone()
+            for name in s.bufs:
+                if name.startswith(CACHE) and not shallow:  # what the full step wrote, for this row's shallow steps
+                    s.bufs[name] = self._row_of(out[name], k, n, _paired(name, cfg)).clone()
             s.idx += 1
             s.steps_run += 1
             s.graph_steps += int(graphed)
@@ -267,18 +286,19 @@ class Flight:
 
     # ---- the padded step: static shapes, eager or in a CUDA graph ----
 
-    def _bucket_step(self, rows: list[Slot], cfg: bool, b: Buffers) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(latents [B, 4, h, w], state [B, 4, h, w], graphed) of the padded batch `rows` (B = its bucket)."""
+    def _bucket_step(self, rows: list[Slot], cfg: bool, b: Buffers, shallow: bool) -> tuple[Buffers, bool]:
+        """(the buffers holding the step's results: latents and state [B, 4, h, w], the cache; graphed) of the padded
+        batch `rows` (B = its bucket)."""
         template, tables = self._padded_schedule(rows)
         b.update(tables)
-        step = bucket_step(self.pipe, template, cfg)
-        graph = self._graph(graph_key(template, cfg, b), step, b)
+        step = bucket_step(self.pipe, template, cfg, shallow)
+        graph = self._graph(graph_key(template, cfg, b, shallow), step, b)
         if graph is None:
-            latents, state = step(b)
-            return latents, state, False
+            b["latents"], b["state"] = step(b)
+            return b, False
         graph.load(b)
-        graph.replay()  # writes the static latents/state (and advances its idx, reloaded next step)
-        return graph.buffers["latents"].clone(), graph.buffers["state"].clone(), True  # the next replay overwrites
+        graph.replay()  # writes the static latents/state and cache (and advances its idx, reloaded next step)
+        return graph.buffers, True  # the rows copy what they keep: the next replay overwrites
 
     def _padded_schedule(self, rows: list[Slot]) -> tuple[samplers.Schedule, Buffers]:
         """The rows' stacked schedule (static facts) and its tables as sched.* buffers [B, table_width]."""

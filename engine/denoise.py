@@ -17,6 +17,8 @@ CUDA graph (engine/graphs.py). Buffers:
     concat_scaled  [B, 3, h, w] LDM super-resolution's low-res image: concatenated before the scaling
     image_latents, init_noise, mask   the latent blend of 4-channel inpainting, as diffusers does
     table.<name>   [B, N] per-row, per-step tables of condition components (ControlNet scales: engine/tables.py)
+    cache.<name>   [2B, C, h/s, w/s] the feature cache (engine/feature_cache.py): the full UNet writes it in place,
+                   its shallow graph reads it
     control.*      condition components' other inputs (ControlNet images [B, 3, H, W])
 
 Randomness follows diffusers with one generator per image (`generator=[...]`): each row draws, from its
@@ -36,6 +38,7 @@ from engine.graphs import Buffers
 from engine.tiling import Tiling
 
 COND = "cond."
+CACHE = "cache."  # the feature cache's tensors (engine/feature_cache.py): a full step writes them, a shallow one reads
 
 
 Residuals = Callable[[torch.Tensor, torch.Tensor, dict, Buffers, bool], dict]  # engine/control.py's ControlStep
@@ -54,7 +57,13 @@ def denoise_step(unet: Runner, schedule: samplers.Schedule, cfg: bool, b: Buffer
     extra = residuals(x, t, cond, b, cfg) if residuals is not None else {}
     if "concat" in b:
         x = torch.cat([x, b["concat"]], dim=1)  # [2B, 9, h, w]
-    out = unet(sample=x, timestep=t, **cond, **extra)["latent"].float()
+    cache = {k[len(CACHE):]: v for k, v in b.items() if k.startswith(CACHE)}
+    reads = {k: v for k, v in cache.items() if k in unet.spec.input_names}  # the shallow graph's
+    out = unet(sample=x, timestep=t, **cond, **extra, **reads)
+    for k, v in cache.items():
+        if k not in reads:  # a full step: keep the cache for the shallow steps after it
+            v.copy_(out[k])
+    out = out["latent"].float()
     if cfg:
         uncond, text = out.chunk(2)
         out = uncond + b["guidance"] * (text - uncond)

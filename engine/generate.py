@@ -21,7 +21,16 @@ from engine.control import PREPROCESS, Control
 from engine.hires import UPSCALERS as HIRES_UPSCALERS
 from engine.png import IMAGE_FORMATS
 from engine.prompts import SYNTAXES
-from engine.request import DEFAULT_PROMPT, MAX_SEED, MAX_STEPS, RANDOM_SEED, Request, RequestError, flag
+from engine.request import (
+    CACHE_SCHEDULES,
+    DEFAULT_PROMPT,
+    MAX_SEED,
+    MAX_STEPS,
+    RANDOM_SEED,
+    Request,
+    RequestError,
+    flag,
+)
 from engine.sampler_registry import SAMPLERS
 from engine.tiling import MODES as TILING_MODES
 from export.families.upscale import LOW_RES
@@ -84,6 +93,8 @@ class GenerateConfig:
     hires_strength: float = _R.hires_strength
     hires_upscaler: str = _R.hires_upscaler
     refiner_switch: float | None = _R.refiner_switch  # engine/refiner.py: SDXL base -> the refiner in the engine dir
+    cache_interval: int = _R.cache_interval  # engine/feature_cache.py: DeepCache's feature caching
+    cache_schedule: str = _R.cache_schedule
     output: Path = Path("out")
     model: str | None = None  # None = the only model in the engine dir
     engine_dir: Path = Path("engines")
@@ -98,6 +109,7 @@ class GenerateConfig:
                         vae_tile_overlap=self.vae_tile_overlap, hires_scale=self.hires_scale,
                         hires_steps=self.hires_steps, hires_strength=self.hires_strength,
                         hires_upscaler=self.hires_upscaler, refiner_switch=self.refiner_switch,
+                        cache_interval=self.cache_interval, cache_schedule=self.cache_schedule,
                         steps=self.steps,
                         guidance_scale=self.guidance_scale, sampler=self.scheduler, eta=self.eta, seed=self.seed,
                         height=self.height, width=self.width, images=self.images_per_prompt,
@@ -203,6 +215,12 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--refiner-switch", type=float, default=d.refiner_switch, metavar="FRACTION",
                    help="SDXL: the base denoises this share of the schedule, (0, 1), the refiner built into the same "
                         "--engine-dir the rest (diffusers' denoising_end / denoising_start)")
+    p.add_argument("--cache-interval", type=int, default=d.cache_interval, metavar="N",
+                   help="feature caching (DeepCache; engines built with --cache-branch): a full UNet step every N "
+                        "steps, the shallow graph between; 1 = every step in full")
+    p.add_argument("--cache-schedule", choices=CACHE_SCHEDULES, default=d.cache_schedule,
+                   help="where the full steps go: uniform (every N, DeepCache's default) or center (its non-uniform "
+                        "schedule: denser around the middle step)")
     p.add_argument("--output", type=Path, default=d.output,
                    help=f"an image file ({', '.join(IMAGE_FORMATS)}), or a folder (no suffix) for numbered PNGs")
     p.add_argument("--model", default=d.model, help="model id, preset or path given to engine.build; "

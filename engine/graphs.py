@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -34,19 +34,26 @@ class StepGraph:
     """Replays `step(buffers) -> (latents, state)` in place on static buffers.
 
     Each replay reads the buffers, writes the new latents/state into the same buffers and advances
-    buffers["idx"], all on the device: the host only launches the graph."""
+    buffers["idx"], all on the device: the host only launches the graph. Several step functions (a full and a
+    shallow UNet step: engine/feature_cache.py) are captured as one graph each over the same static buffers, and
+    `replay(k)` runs the k-th."""
 
-    def __init__(self, step: StepFn, buffers: Buffers, warmup: int = 1):
-        self.buffers = {k: v.clone() for k, v in buffers.items()}  # static: owned by the graph
+    def __init__(self, step: StepFn | Sequence[StepFn], buffers: Buffers, warmup: int = 1):
+        steps = [step] if callable(step) else list(step)
+        self.buffers = {k: v.clone() for k, v in buffers.items()}  # static: owned by the graphs
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside capture: lazy inits, allocator pools
-            for _ in range(warmup):
-                self._advance(step)
+            for fn in steps:
+                for _ in range(warmup):
+                    self._advance(fn)
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._advance(step)
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        for fn in steps:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._advance(fn)
+            self.graphs.append(graph)
 
     def _advance(self, step: StepFn) -> None:
         lat, st = step(self.buffers)
@@ -59,11 +66,11 @@ class StepGraph:
         for k, v in values.items():
             self.buffers[k].copy_(v)
 
-    def replay(self) -> None:
-        self.graph.replay()
+    def replay(self, k: int = 0) -> None:
+        self.graphs[k].replay()
 
 
-def try_capture(step: StepFn, buffers: Buffers) -> StepGraph | None:
+def try_capture(step: StepFn | Sequence[StepFn], buffers: Buffers) -> StepGraph | None:
     """A captured step graph, or None (with one warning) when capture is not possible here."""
     if not buffers["latents"].is_cuda:
         return None
@@ -86,7 +93,7 @@ class StepGraphCache:
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[Hashable, StepGraph | None] = OrderedDict()  # oldest use first
 
-    def get_or_capture(self, key: Hashable, step: StepFn, buffers: Buffers) -> StepGraph | None:
+    def get_or_capture(self, key: Hashable, step: StepFn | Sequence[StepFn], buffers: Buffers) -> StepGraph | None:
         """The graph of `key` (captured from `step` on `buffers` on a miss), or None: run `step` eagerly."""
         if key in self._graphs:
             self._graphs.move_to_end(key)

@@ -355,16 +355,21 @@ def merged_runners(adapters: Sequence[Adapter], runners: Mapping[str, Any], spec
     scales), every adapter loaded and checked against every runner first; RequestError naming `loras` for weights
     of a sub-model none of `runners` (their `spec(name).model_folder`) holds."""
     loaded = [(load_lora(a.path), float(a.scale)) for a in adapters]
-    folders = {spec(name).model_folder: name for name in runners}
+    folders: dict[str, list[str]] = {}  # several runners of one sub-model: the UNet and its shallow graph
+    for name in runners:
+        folders.setdefault(spec(name).model_folder, []).append(name)
     merged: dict[str, dict[str, torch.Tensor] | None] = {}
     for target in TARGETS:
         parts = parts_for(loaded, target)
         if parts and target not in folders:
             raise RequestError("loras", f"LoRA {parts[0][0].adapter!r} has {target} weights, which model {model!r} has "
                                         "no engine for")
-        if target in folders:
-            name = folders[target]
-            merged[name] = merged_tensors(runners[name].base_weights(), parts, target) if parts else None
+        if target in folders:  # merged once, into the graph with every weight; the others take their share
+            whole, *parts_of = sorted(folders[target], key=lambda n: -len(runners[n].base_weights()))
+            merged[whole] = merged_tensors(runners[whole].base_weights(), parts, target) if parts else None
+            for name in parts_of:
+                has = runners[name].base_weights()
+                merged[name] = None if merged[whole] is None else {k: v for k, v in merged[whole].items() if k in has}
     return merged, loaded
 
 

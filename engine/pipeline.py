@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import cache, control, encoders, graphs, images, ip_adapter, memory, passes, samplers
+from engine import cache, control, encoders, feature_cache, graphs, images, ip_adapter, memory, passes, samplers
 from engine import request as T  # the timing keys, StopFn, Stopped
 from engine.backends.base import Runner, get_backend
 from engine.cache import find_model_dir  # engine.serve and tests look it up here too
@@ -46,6 +46,7 @@ from engine.request import (
     Request,
     RequestError,
     Row,
+    cache_key,
     control_key,
     image_params,
     with_family_fields,
@@ -56,6 +57,7 @@ from engine.tiling import resolve as resolve_tiling
 from engine.upscale import LowResImage
 from export.control import PREFIX, with_controls
 from export.families import Family, get_family
+from export.feature_cache import with_feature_cache
 from export.footprint import Footprint
 from export.ip_adapter import with_ip_adapter
 from export.specs import Dims, check_size
@@ -115,6 +117,7 @@ class Pipeline:
         dims = Dims(**record["dims"])
         family = with_controls(get_family(record["family"]), tuple(record.get("controls", ())), dims)
         family = with_ip_adapter(family, dims)  # an image encoder and image inputs, when built with an IP-Adapter
+        family = with_feature_cache(family, record.get("feature_cache"))  # + the shallow graph (DeepCache)
         backend = get_backend(record["backend"])
         runners = {}
         for name, entry in record["components"].items():
@@ -187,6 +190,8 @@ class Pipeline:
         check_kind(r, self.family, self.dims, self.has_role("latent_encoder"), model,
                    Path(self.info.get("engine_dir", ".")))  # engine/kinds.py
         schedule = self._check_schedule(r)
+        s = schedule or self._schedules.get((r.sampler, r.steps, r.strength, r.eta))
+        feature_cache.check(r, self.runners, self.info.get("model"), s.start, s.stop)  # before any work
         texts = self.text.read(r)  # each text encoder's chunks (engine/text.py)
         if (r.clip_skip or 1) > max(self.dims.text_layers, 1):
             raise RequestError("clip_skip", f"clip_skip {r.clip_skip} is past the text encoder's "
@@ -299,9 +304,11 @@ class Pipeline:
         buffers.update(self.conditions(rows, schedule, cfg))
         buffers = {k: v.to(self.device) for k, v in buffers.items()}
         t = self._lap(timings, T.TIMING_START, t)
+        full = feature_cache.full_steps(r, schedule.start, schedule.stop)  # None: every step in full
+        buffers.update(feature_cache.buffers(self.runners, self.dims, full, buffers["latents"], cfg))
         step_key = (len(rows), r.height, r.width, r.sampler, r.eta, r.steps, r.strength, schedule.start, schedule.stop, cfg,
-                    r.kind, control_key(r), rows[0].chunks)
-        latents, graphed = self._denoise(step_key, schedule, cfg, buffers, cuda_graph, progress and tqdm, stop)
+                    r.kind, control_key(r), rows[0].chunks, cache_key(r))
+        latents, graphed = self._denoise(step_key, schedule, cfg, buffers, cuda_graph, progress and tqdm, stop, full)
         t = self._lap(timings, T.TIMING_DENOISE, t)
         timings[T.TIMING_STEP] = timings[T.TIMING_DENOISE] / schedule.run_steps
         if not decode:
@@ -312,31 +319,29 @@ class Pipeline:
         return pixels, timings, graphed
 
     def _denoise(self, key: tuple, schedule: samplers.Schedule, cfg: bool, buffers: Buffers, cuda_graph: bool,
-                 bar, stop: T.StopFn | None = None) -> tuple[torch.Tensor, bool]:
+                 bar, stop: T.StopFn | None = None, full: tuple[bool, ...] | None = None) -> tuple[torch.Tensor, bool]:
         """The final latents, and whether a (new or cached) CUDA graph ran the steps; `Stopped` when `stop` says so
-        before a step."""
-
-        def step(b: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
-            return self.step(schedule, cfg, b)
-
+        before a step. `full`: per step, whether it runs the full UNet or the shallow graph (feature caching)."""
+        steps_of = (False,) if full is None else (False, True)  # shallow or not: one step function (and graph) each
+        fns = [lambda b, shallow=s: self.step(schedule, cfg, b, shallow) for s in steps_of]
         graph = None
         if cuda_graph and self.graph_safe(buffers):
-            graph = self.graphs.get_or_capture(key, step, buffers)
+            graph = self.graphs.get_or_capture(key, fns, buffers)
         steps = range(schedule.start, schedule.stop)
         if bar:
             steps = bar(steps, desc=f"denoise ({schedule.name})", unit="step")
+        b = graph.buffers if graph is not None else dict(buffers)
         if graph is not None:
             graph.load(buffers)
-            for i in steps:
-                _check_stop(stop, i)
-                graph.replay()  # updates latents, state and idx in place
-            return graph.buffers["latents"].clone(), True
-        b = dict(buffers)
         for i in steps:
             _check_stop(stop, i)
-            b["latents"], b["state"] = step(b)
-            b["idx"] = b["idx"] + 1
-        return b["latents"], False
+            k = int(full is not None and not full[i])  # the host knows each step's kind: no device sync
+            if graph is not None:
+                graph.replay(k)  # updates latents, state, the cache and idx in place
+            else:
+                b["latents"], b["state"] = fns[k](b)
+                b["idx"] = b["idx"] + 1
+        return (b["latents"].clone() if graph is not None else b["latents"]), graph is not None
 
     # ---- the session's stages (what both drivers call) ----
 
@@ -433,9 +438,12 @@ class Pipeline:
             return {}
         return control.buffers(rows, schedule.num_steps, schedule.start, r.guess_mode)
 
-    def step(self, schedule: samplers.Schedule, cfg: bool, buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
-        """One denoise step of the session's denoiser: (next latents, next sampler state); no host sync."""
-        return denoise_step(self.role("denoiser"), schedule, cfg, buffers, self._residuals(buffers))
+    def step(self, schedule: samplers.Schedule, cfg: bool, buffers: Buffers,
+             shallow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One denoise step of the session's denoiser (or its shallow graph: feature caching): (next latents, next
+        sampler state); no host sync."""
+        unet = feature_cache.denoiser(self.runners, self.family.roles.denoiser, shallow)
+        return denoise_step(unet, schedule, cfg, buffers, self._residuals(buffers))
 
     def _residuals(self, buffers: Buffers) -> control.ControlStep | None:
         """What gives the denoiser its ControlNet residuals for a step on `buffers` (None: built without)."""

@@ -57,6 +57,8 @@ DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"  # what a text mo
 MAX_SEED = 2**64 - 1  # torch.Generator takes 64-bit seeds
 MAX_STEPS = 1000
 MAX_IMAGES = 64  # images per request
+MAX_CACHE_INTERVAL = 100  # feature caching: at most this many steps per full UNet step
+CACHE_SCHEDULES = ("uniform", "center")  # engine/feature_cache.py
 RANDOM_SEED = -1
 
 
@@ -109,6 +111,9 @@ class Request:
     # SDXL base -> refiner (engine/refiner.py): the share of the schedule the base runs; the refiner in the engine
     # dir runs the rest
     refiner_switch: float | None = None  # None = off; (0, 1)
+    # feature caching (DeepCache; engines built with --cache-branch): engine/feature_cache.py
+    cache_interval: int = 1  # a full UNet step every N steps, shallow steps between; 1 = every step in full
+    cache_schedule: str = "uniform"  # where the full steps go: "uniform" (every N) | "center" (DeepCache's non-uniform)
 
     @property
     def kind(self) -> str:
@@ -173,6 +178,16 @@ class Request:
         check_syntax(self.prompt_syntax)
         check_tiling(self.vae_tiling, self.vae_tile_size, self.vae_tile_overlap, 1)  # the model's multiple: prepare
         check_passes(self)  # the hires fix, the refiner handoff
+        self._check_cache()
+
+    def _check_cache(self) -> None:
+        n = self.cache_interval
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CACHE_INTERVAL:
+            raise RequestError("cache_interval", f"cache_interval {n!r} must be an integer in [1, {MAX_CACHE_INTERVAL}] "
+                                                 "(1 = every step in full)")
+        if self.cache_schedule not in CACHE_SCHEDULES:
+            raise RequestError("cache_schedule", f"cache_schedule {self.cache_schedule!r} is not one of "
+                                                 f"{', '.join(CACHE_SCHEDULES)}")
 
     def _check_loras(self) -> None:
         from engine.lora import Adapter, check_lora_file
@@ -270,7 +285,12 @@ def flex_key(r: Request) -> tuple:
     """What the rows of resolved requests must share to run in one step-batched flight (steps and strength may
     differ): adapters, kind, size, sampler, guidance on/off."""
     return (r.loras, r.kind, r.height, r.width, r.sampler, r.eta, r.guidance_scale > 1.0, control_key(r),
-            tiling_key(r))
+            tiling_key(r), cache_key(r))
+
+
+def cache_key(r: Request) -> tuple:
+    """What rows must share to run one schedule of full and shallow steps (engine/feature_cache.py)."""
+    return (r.cache_interval, r.cache_schedule) if r.cache_interval > 1 else ()
 
 
 def tiling_key(r: Request) -> tuple:
@@ -395,6 +415,8 @@ def image_params(request: Request, index: int) -> dict[str, Any]:
         skip += ("refiner_switch",)
     if not request.eta:  # recorded where DDIM ran with noise
         skip += ("eta",)
+    if request.cache_interval <= 1:  # recorded where feature caching ran
+        skip += ("cache_interval", "cache_schedule")
     params = {f.name: getattr(request, f.name) for f in fields(request) if f.name not in skip}  # loras: by the pipeline
     if request.ip_image is not None:  # the adapter's name: by the pipeline
         params["ip_scale"] = request.ip_scale

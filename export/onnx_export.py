@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import torch
 
-from export import attention, control
+from export import attention, control, feature_cache
 from export.families import Family, detect_family
 from export.models import (
     LoadedModel,
@@ -147,11 +147,11 @@ def export_component(model: LoadedModel | Path, name: str, path: Path, opts: Exp
     with torch.no_grad(), attention.emission(module, opts.attention):  # this module's processors only
         program = torch.onnx.export(
             module,
-            kwargs=control.pack(example),
+            kwargs=feature_cache.pack(control.pack(example)),
             input_names=spec.input_names,
             output_names=spec.output_names,
             opset_version=opts.opset,
-            dynamic_shapes=control.pack(dynamic_shapes(spec, dims)),
+            dynamic_shapes=feature_cache.pack(control.pack(dynamic_shapes(spec, dims))),
             dynamo=True,
             optimize=False,  # lean.optimize below: the weights have no values yet
             verbose=False,
@@ -207,7 +207,7 @@ def validate(module: torch.nn.Module, spec: ComponentSpec, dims: Dims, path: Pat
     output."""
     inputs = example_inputs(spec, dims, shape, precision, seed=1)
     with torch.no_grad():
-        ref = module(**control.pack(inputs))
+        ref = module(**feature_cache.pack(control.pack(inputs)))
     refs = ref if isinstance(ref, tuple) else (ref,)
     onnx_out = run_onnx(path, inputs)
     err = 0.0

@@ -128,6 +128,21 @@ def ov_engines(ov_build) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ov_int8_build(tmp_path_factory, ov_engines):
+    """(engine dir, BuildResult) of tiny built for OpenVINO int8 (NNCF int8 weights) with the VAE encoder, 64x64, in
+    a copy of `ov_engines` (its fp32 ONNX exports reused); skips where NNCF is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("nncf") is None:
+        pytest.skip("NNCF is not installed (a dependency where OpenVINO is: pip install nncf)")
+    with _shared(tmp_path_factory, "ov_int8_engines") as engine_dir:
+        if not engine_dir.exists():
+            shutil.copytree(ov_engines, engine_dir)
+        return engine_dir, _build(engine_dir, model="tiny", backend="openvino", precision="int8", height=64,
+                                  width=64, components=TINY_SD_COMPONENTS)
+
+
+@pytest.fixture(scope="session")
 def xl_folder(engine_cache) -> Path:
     """The materialised `tiny-xl` diffusers folder."""
     from export.models import materialize_preset
@@ -323,3 +338,16 @@ def ldm_layout_engines(tmp_path_factory, engine_cache) -> Path:
     64x64."""
     return _shared_build(tmp_path_factory, "ldm-layout-engines", model="tiny-ldm-layout", backend="onnxruntime",
                          precision="fp32", height=64, width=64)
+
+
+@pytest.fixture(scope="session")
+def cache_engines(tmp_path_factory, tiny_folder) -> Path:
+    """tiny for ONNX Runtime fp32 with the feature cache of skip branch 0 (DeepCache: the full UNet that returns the
+    cache, and its shallow graph) and the VAE encoder, 64x64."""
+    return _shared_build(tmp_path_factory, "cache-engines", model="tiny", backend="onnxruntime", precision="fp32",
+                         height=64, width=64, components=TINY_SD_COMPONENTS, cache_branch=0)
+
+
+@pytest.fixture(scope="session")
+def cache_pipeline(cache_engines):
+    yield from _loaded(cache_engines)

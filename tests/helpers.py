@@ -172,14 +172,15 @@ EXPORT_SHAPES = (Shape(1, 128, 128), Shape(3, 64, 96))  # a graph's export shape
 def check_parity(model, name: str, path, precision: str = "fp32", atol: float = 1e-4) -> None:
     """Every output of the ONNX graph in ONNX Runtime vs the torch module, at EXPORT_SHAPES (spec from the
     model's family)."""
+    from export import control, feature_cache
     from export.models import component_module
     from export.onnx_export import example_inputs, run_onnx
 
     spec = model.family.spec(name)
     for shape in EXPORT_SHAPES:
         inputs = example_inputs(spec, model.dims, shape, precision, seed=3)
-        with torch.no_grad():
-            ref = component_module(model, name)(**inputs)
+        with torch.no_grad():  # ControlNet residuals and a feature cache reach the wrappers as tuples
+            ref = component_module(model, name)(**feature_cache.pack(control.pack(inputs)))
         refs = ref if isinstance(ref, tuple) else (ref,)
         onnx_out = run_onnx(path, inputs)
         expected = spec.output_shapes(model.dims, shape.batch * spec.batch_factor, shape.height, shape.width)

@@ -44,7 +44,7 @@ def test_the_cli_passes_every_field_to_the_request(tmp_path):
                       "0.4", "--hires-upscaler", "lanczos", "--refiner-switch", "0.8",
                       "--noise-level", "100", "--eta", "0.5", "--class-label", "4",
                       "--semantic-map", "labels.png", "--layout", "layout.json",
-                      "--semantic-palette", "palette.json"])
+                      "--semantic-palette", "palette.json", "--cache-interval", "3", "--cache-schedule", "center"])
     (req,) = cfg.requests()
     default = Request()
     unchanged = [f for f in FIELDS if getattr(req, f) == getattr(default, f)]
@@ -56,7 +56,8 @@ def test_request_errors_name_their_field():
     bad = {"steps": 0, "guidance_scale": float("nan"), "images": 0, "seed": -5, "height": 0, "width": True,
            "crop": (1,), "original_size": (0, 1), "target_size": "x", "aesthetic_score": float("inf"),
            "negative_aesthetic_score": "2", "refiner_switch": 1.5, "noise_level": -1, "eta": 2.0,
-           "class_label": True, "prompt": 7, "negative_prompt": b"x"}
+           "class_label": True, "prompt": 7, "negative_prompt": b"x", "cache_interval": 0,
+           "cache_schedule": "every"}
     for name, value in bad.items():
         try:
             Request(**{name: value}).check()

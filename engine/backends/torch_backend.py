@@ -22,7 +22,7 @@ import torch
 
 from engine.backends.cpu import check_bf16
 from engine.config import BuildPlan
-from export import attention, control
+from export import attention, control, feature_cache
 from export.specs import ComponentSpec, Dims, precision_torch_dtype
 
 WEIGHT_SUFFIXES = (".json", ".safetensors")
@@ -69,7 +69,7 @@ class TorchRunner:
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         args = {t.name: inputs[t.name].to(self.device, self.dtype if t.dtype == "model" else None)
                 for t in self.spec.inputs}
-        out = self._forward(**control.pack(args))  # ControlNet residuals: one tuple (export/control.py)
+        out = self._forward(**feature_cache.pack(control.pack(args)))  # residuals, a feature cache: tuples
         outs = out if isinstance(out, tuple) else (out,)
         return dict(zip(self.spec.output_names, outs, strict=True))
 
@@ -142,7 +142,7 @@ class TorchBackend:
         if precision == "bf16" and not device.startswith("cuda"):
             check_bf16("torch")  # an engine dir moved to a CPU without native bf16
         dtype = precision_torch_dtype(precision)  # weights and compute
-        module = load_component(art_dir, spec.name, dtype, device)
+        module = load_component(art_dir, spec.name, dtype, device, family=feature_cache.family_for(spec, art_dir))
         impl = "kernel" if device.startswith("cuda") and precision == "fp16" and _kernel_available() else "sdpa"
         return TorchRunner(spec, module, device, impl, compile=bool(manifest.get("compile")))
 

@@ -23,7 +23,7 @@ from engine.control import Control
 from engine.hires import MAX_SCALE as MAX_HIRES_SCALE
 from engine.ip_adapter import MAX_SCALE as MAX_IP_SCALE
 from engine.lora import Adapter
-from engine.request import MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
+from engine.request import MAX_CACHE_INTERVAL, MAX_SEED, MAX_STEPS, RANDOM_SEED, Request
 from engine.sampler_registry import get as sampler_record
 from engine.server.lora_dir import adapter_in_dir
 from engine.tiling import MAX_OVERLAP
@@ -251,6 +251,10 @@ class GenerateBody(_Common):
     refiner_switch: float | None = Field(_R.refiner_switch, gt=0, lt=1, allow_inf_nan=False,
                                          description="SDXL: the share of the schedule the base runs; the refiner "
                                          "built beside it runs the rest")
+    cache_interval: int = Field(_R.cache_interval, ge=1, le=MAX_CACHE_INTERVAL,
+                                description="feature caching (engines built with --cache-branch): a full UNet step "
+                                            "every N steps, its shallow graph between; 1 = every step in full")
+    cache_schedule: Literal["uniform", "center"] = Field(_R.cache_schedule, description="where the full steps go")
     response_format: Literal["json", "png"] = "json"
 
     _check_sampler = field_validator("sampler")(_sampler)
@@ -265,7 +269,7 @@ class GenerateBody(_Common):
                        vae_tile_overlap=self.vae_tile_overlap, hires_scale=self.hires_scale,
                        hires_steps=self.hires_steps, hires_strength=self.hires_strength,
                        hires_upscaler=self.hires_upscaler, refiner_switch=self.refiner_switch,
-                       prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+                       cache_interval=self.cache_interval, cache_schedule=self.cache_schedule, prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
                        guidance_scale=self.guidance_scale, sampler=self.sampler, eta=self.eta, seed=self.seed,
                        height=self.height,
                        width=self.width, images=self.images, init_image=init_image, strength=self.strength,
