@@ -29,10 +29,11 @@ depend on its batch-mates, and a seed gives diffusers' image.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from engine import samplers
+from engine import images, samplers
 from engine.backends.base import Runner
 from engine.graphs import Buffers
 from engine.tiling import Tiling
@@ -119,3 +120,47 @@ def step_noise(schedule: samplers.Schedule, gens: list[torch.Generator], shape: 
     for s in range(schedule.start, schedule.stop):
         noise[s] = randn_rows(gens, shape)
     return noise
+
+
+def start_latents(pipe: Any, rows: list, schedule: samplers.Schedule, cfg: bool) -> Buffers:
+    """Initial latents, sampler state, per-step noise, inpainting inputs and (with CFG) the per-row guidance of a
+    pipeline's (engine/pipeline.py) rows, from per-row generators."""
+    r = rows[0].request
+    gens = [torch.Generator("cpu").manual_seed(row.seed) for row in rows]
+    shape = (1, pipe.dims.latent_channels, r.height // pipe.dims.vae_scale, r.width // pipe.dims.vae_scale)
+    inpaint_9 = r.kind == "inpaint" and pipe.dims.inpainting_unet
+    pure_noise = r.kind == "txt2img" or (r.kind == "inpaint" and r.strength == 1.0) or pipe.low_res is not None
+    out: Buffers = {}
+    image = torch.cat([row.image for row in rows]) if rows[0].image is not None else None  # [B, 3, H, W]
+    if pipe.low_res is not None:  # a low-res image concatenated to the latents (engine/upscale.py)
+        out.update(pipe.low_res.condition(image, rows, gens, cfg))  # [2B, 3, h, w]
+        image = None
+    image_latents = torch.cat([row.latents for row in rows]) if rows[0].latents is not None else None  # given
+    if image is not None and image_latents is None and not (inpaint_9 and pure_noise):
+        image_latents = sample_latents(pipe.role("latent_encoder"), image, gens, pipe.tiling(r))  # [B, 4, h, w]
+    noise = None if rows[0].noised else randn_rows(gens, shape)  # [B, 4, h, w]
+    if noise is None:  # latents another model left at schedule.start (engine/refiner.py): as they are
+        latents = image_latents.to(pipe.device)
+    elif pure_noise:
+        latents = noise * schedule.init_noise_sigma
+    else:  # the schedule's tables live on the device
+        start = torch.tensor(schedule.start, device=pipe.device)
+        latents = samplers.add_noise(schedule, image_latents.to(pipe.device), noise.to(pipe.device), start)
+    if r.kind == "inpaint":
+        mask = torch.cat([row.mask for row in rows])  # [B, 1, H, W]
+        mask_lat = images.mask_latents(mask, pipe.dims.vae_scale)  # [B, 1, h, w]
+        if inpaint_9:
+            masked = sample_latents(pipe.role("latent_encoder"), images.masked_image(image, mask), gens,
+                                    pipe.tiling(r))
+            concat = torch.cat([mask_lat, masked], dim=1)  # [B, 5, h, w]
+            out["concat"] = torch.cat([concat, concat]) if cfg else concat
+        else:
+            randn_rows(gens, shape)  # diffusers samples the masked image's latents here too: keep the streams
+            out.update(image_latents=image_latents, init_noise=noise, mask=mask_lat)
+    if schedule.needs_noise:  # from each row's generator, or one seeded again (LDM's pipelines: the global RNG)
+        again = [torch.Generator("cpu").manual_seed(row.seed) for row in rows] if pipe.family.reseed_step_noise else gens
+        out["noise"] = step_noise(schedule, again, shape)
+    if cfg:
+        out["guidance"] = torch.tensor([row.request.guidance_scale for row in rows]).view(-1, 1, 1, 1)
+    out.update(latents=latents, state=samplers.init_state(schedule, latents))
+    return out

@@ -36,7 +36,7 @@ from engine import request as T  # the timing keys, StopFn, Stopped
 from engine.backends.base import Runner, get_backend
 from engine.cache import find_model_dir  # engine.serve and tests look it up here too
 from engine.config import Profile
-from engine.denoise import COND, Buffers, denoise_step, randn_rows, sample_latents, step_noise
+from engine.denoise import COND, Buffers, denoise_step, start_latents
 from engine.embeddings import Embedding, encoder_widths, load_embeddings
 from engine.kinds import check_kind
 from engine.lora_cache import Lru
@@ -390,46 +390,8 @@ class Pipeline:
 
     def start_latents(self, rows: list[Row], schedule: samplers.Schedule, cfg: bool) -> Buffers:
         """Initial latents, sampler state, per-step noise, inpainting inputs and (with CFG) the per-row guidance,
-        from per-row generators."""
-        r = rows[0].request
-        gens = [torch.Generator("cpu").manual_seed(row.seed) for row in rows]
-        shape = (1, self.dims.latent_channels, r.height // self.dims.vae_scale, r.width // self.dims.vae_scale)
-        inpaint_9 = r.kind == "inpaint" and self.dims.inpainting_unet
-        pure_noise = r.kind == "txt2img" or (r.kind == "inpaint" and r.strength == 1.0) or self.low_res is not None
-        out: Buffers = {}
-        image = torch.cat([row.image for row in rows]) if rows[0].image is not None else None  # [B, 3, H, W]
-        if self.low_res is not None:  # a low-res image concatenated to the latents (engine/upscale.py)
-            out.update(self.low_res.condition(image, rows, gens, cfg))  # [2B, 3, h, w]
-            image = None
-        image_latents = torch.cat([row.latents for row in rows]) if rows[0].latents is not None else None  # given
-        if image is not None and image_latents is None and not (inpaint_9 and pure_noise):
-            image_latents = sample_latents(self.role("latent_encoder"), image, gens, self.tiling(r))  # [B, 4, h, w]
-        noise = None if rows[0].noised else randn_rows(gens, shape)  # [B, 4, h, w]
-        if noise is None:  # latents another model left at schedule.start (engine/refiner.py): as they are
-            latents = image_latents.to(self.device)
-        elif pure_noise:
-            latents = noise * schedule.init_noise_sigma
-        else:  # the schedule's tables live on the device
-            start = torch.tensor(schedule.start, device=self.device)
-            latents = samplers.add_noise(schedule, image_latents.to(self.device), noise.to(self.device), start)
-        if r.kind == "inpaint":
-            mask = torch.cat([row.mask for row in rows])  # [B, 1, H, W]
-            mask_lat = images.mask_latents(mask, self.dims.vae_scale)  # [B, 1, h, w]
-            if inpaint_9:
-                masked = sample_latents(self.role("latent_encoder"), images.masked_image(image, mask), gens,
-                                        self.tiling(r))
-                concat = torch.cat([mask_lat, masked], dim=1)  # [B, 5, h, w]
-                out["concat"] = torch.cat([concat, concat]) if cfg else concat
-            else:
-                randn_rows(gens, shape)  # diffusers samples the masked image's latents here too: keep the streams
-                out.update(image_latents=image_latents, init_noise=noise, mask=mask_lat)
-        if schedule.needs_noise:  # from each row's generator, or one seeded again (LDM's pipelines: the global RNG)
-            again = [torch.Generator("cpu").manual_seed(row.seed) for row in rows] if self.family.reseed_step_noise else gens
-            out["noise"] = step_noise(schedule, again, shape)
-        if cfg:
-            out["guidance"] = torch.tensor([row.request.guidance_scale for row in rows]).view(-1, 1, 1, 1)
-        out.update(latents=latents, state=samplers.init_state(schedule, latents))
-        return out
+        from per-row generators (engine/denoise.py)."""
+        return start_latents(self, rows, schedule, cfg)
 
     def conditions(self, rows: list[Row], schedule: samplers.Schedule, cfg: bool) -> Buffers:
         """The step buffers of the rows' condition components (ControlNets: images and scale tables)."""
