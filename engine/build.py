@@ -17,7 +17,7 @@ from typing import Any
 from engine import cache
 from engine.backends.base import Backend, get_backend
 from engine.config import ATTENTION_MODES, BACKENDS, BuildConfig, BuildPlan, Profile
-from export import control, feature_cache, ip_adapter
+from export import control, feature_cache, ip_adapter, tiny_vae
 from export.families import Family, detect_family
 from export.footprint import folder_footprint
 from export.quiet import add_verbose_flag, quiet_cli, quieted
@@ -251,6 +251,7 @@ def _prepare(cfg: BuildConfig) -> _Job:
     folder, family = _with_controlnets(cfg, source, family, dims)
     folder, family, dims, ip = _with_ip_adapter(cfg, folder, family, dims)
     family, cached = _with_feature_cache(cfg, folder, family)
+    folder, family = _with_tiny_vae(cfg, folder, family, dims, str(cfg.model))
     preset = ALL_PRESETS.get(str(cfg.model))
     profile = make_profile(cfg, dims, default_size(folder), preset.min_size if preset else 256,
                            preset.max_size if preset else 1024, static=backend.static_shapes)
@@ -258,6 +259,18 @@ def _prepare(cfg: BuildConfig) -> _Job:
     fingerprint = backend.fingerprint(plan)  # raises a clear error when the backend is unusable
     return _Job(cfg, model_id, folder, family, dims, backend, plan, fingerprint, why=why, source=source, ip=ip,
                 feature_cache=cached)
+
+
+def _with_tiny_vae(cfg: BuildConfig, folder: Path, family: Family, dims: Dims, model: str) -> tuple[Path, Family]:
+    """(the folder export reads, the family) with `cfg.tiny_vae` added as the preview decoder (export/tiny_vae.py);
+    ValueError naming a folder that is not an AutoencoderTiny of this model's latents, before any work."""
+    if not cfg.tiny_vae:
+        return folder, family
+    from export.store import cache_root
+
+    path = Path(cfg.tiny_vae).expanduser()
+    tiny_vae.check_folder(path, dims.latent_channels, model)
+    return tiny_vae.tiny_vae_folder(folder, path, cache_root() / "tiny-vae"), tiny_vae.with_tiny_vae(family)
 
 
 def _with_feature_cache(cfg: BuildConfig, folder: Path, family: Family) -> tuple[Family, dict[str, Any] | None]:
@@ -329,6 +342,7 @@ def _components(cfg: BuildConfig, job: _Job, record_path: Path) -> tuple[tuple[s
     nets = job.family.roles.conditions  # the ControlNets given: always built, never "kept"
     nets += (ip_adapter.COMPONENT,) if job.ip else ()  # so is the IP-Adapter's image encoder
     nets += (feature_cache.SHALLOW,) if job.feature_cache else ()  # and the feature cache's shallow graph
+    nets += (tiny_vae.COMPONENT,) if job.cfg.tiny_vae else ()  # and the tiny decoder
     chosen, note = _base_components(cfg, job, before, needed, nets)
     return tuple(dict.fromkeys(chosen + nets)), note
 
@@ -373,6 +387,7 @@ def _record(job: _Job, model_files: Path, entries: dict[str, Any]) -> dict[str, 
            if job.family.roles.conditions else {}),
         **({"ip_adapter": job.ip} if job.ip else {}),
         **({"feature_cache": job.feature_cache} if job.feature_cache else {}),
+        **({"tiny_vae": Path(job.cfg.tiny_vae).name} if job.cfg.tiny_vae else {}),
         "text_chunks": MAX_CHUNKS,  # prompt chunks of 77 tokens the denoiser graphs take (engine/prompts.py)
     }
 
@@ -469,6 +484,9 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                         "(generate --ip-image); its image encoder is built as the image_encoder component")
     p.add_argument("--image-encoder", default=d.image_encoder, metavar="DIR",
                    help="the IP-Adapter's CLIP vision encoder folder; None = image_encoder/ beside the file")
+    p.add_argument("--tiny-vae", default=d.tiny_vae, metavar="DIR",
+                   help="an AutoencoderTiny folder (TAESD for SD 1.x/2.x, TAESDXL for SDXL), built as component "
+                        "tiny_vae_decoder: live previews (generate --preview-every K) and generate --decoder tiny")
     p.add_argument("--cache-branch", type=int, default=d.cache_branch, metavar="B",
                    help="feature caching (DeepCache): also build the UNet's shallow graph above skip branch B (0 = the "
                         "shallowest: fastest) and the full graph that returns its cache; generate --cache-interval N "

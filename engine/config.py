@@ -42,6 +42,7 @@ class BuildConfig:
     controlnets: tuple[str, ...] = ()  # ControlNetModel folders or single-file ControlNets, each named by its stem
     ip_adapter: str | None = None  # an IP-Adapter .safetensors (published layout): image prompts
     image_encoder: str | None = None  # its CLIP vision encoder folder; None = image_encoder/ beside the file
+    tiny_vae: str | None = None  # an AutoencoderTiny folder (TAESD / TAESDXL): previews, and --decoder tiny
     cache_branch: int | None = None  # feature caching (DeepCache): also build the UNet's shallow graph above this skip
     # branch (export/feature_cache.py); generate --cache-interval N uses it
 

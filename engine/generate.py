@@ -23,6 +23,7 @@ from engine.png import IMAGE_FORMATS
 from engine.prompts import SYNTAXES
 from engine.request import (
     CACHE_SCHEDULES,
+    DECODERS,
     DEFAULT_PROMPT,
     MAX_SEED,
     MAX_STEPS,
@@ -95,6 +96,8 @@ class GenerateConfig:
     refiner_switch: float | None = _R.refiner_switch  # engine/refiner.py: SDXL base -> the refiner in the engine dir
     cache_interval: int = _R.cache_interval  # engine/feature_cache.py: DeepCache's feature caching
     cache_schedule: str = _R.cache_schedule
+    decoder: str = _R.decoder  # engine/previews.py: full (the VAE) or tiny (engines built with --tiny-vae)
+    preview_every: int = 0  # write a preview PNG every K steps (into <output folder>/previews); 0 = none
     output: Path = Path("out")
     model: str | None = None  # None = the only model in the engine dir
     engine_dir: Path = Path("engines")
@@ -109,7 +112,7 @@ class GenerateConfig:
                         vae_tile_overlap=self.vae_tile_overlap, hires_scale=self.hires_scale,
                         hires_steps=self.hires_steps, hires_strength=self.hires_strength,
                         hires_upscaler=self.hires_upscaler, refiner_switch=self.refiner_switch,
-                        cache_interval=self.cache_interval, cache_schedule=self.cache_schedule,
+                        cache_interval=self.cache_interval, cache_schedule=self.cache_schedule, decoder=self.decoder,
                         steps=self.steps,
                         guidance_scale=self.guidance_scale, sampler=self.scheduler, eta=self.eta, seed=self.seed,
                         height=self.height, width=self.width, images=self.images_per_prompt,
@@ -221,6 +224,12 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--cache-schedule", choices=CACHE_SCHEDULES, default=d.cache_schedule,
                    help="where the full steps go: uniform (every N, DeepCache's default) or center (its non-uniform "
                         "schedule: denser around the middle step)")
+    p.add_argument("--decoder", choices=DECODERS, default=d.decoder,
+                   help="what decodes the final images: full (the model's VAE) or tiny (the tiny VAE built with "
+                        "engine.build --tiny-vae: faster, rougher)")
+    p.add_argument("--preview-every", type=int, default=d.preview_every, metavar="K",
+                   help="write a preview PNG every K steps into <output folder>/previews (the tiny VAE decodes them "
+                        "where built, else the VAE); 0 = none")
     p.add_argument("--output", type=Path, default=d.output,
                    help=f"an image file ({', '.join(IMAGE_FORMATS)}), or a folder (no suffix) for numbered PNGs")
     p.add_argument("--model", default=d.model, help="model id, preset or path given to engine.build; "
@@ -243,6 +252,8 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
         p.error(f"argument --embeddings: {args.embeddings} is not a folder (of textual-inversion .safetensors)")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"argument --batch-size: {args.batch_size} must be >= 1")
+    if args.preview_every < 0:
+        p.error(f"argument --preview-every: {args.preview_every} must be >= 0 (0 = no previews)")
     values = {f.name: getattr(args, f.name) for f in fields(GenerateConfig)}
     for name in ("original_size", "crop", "target_size"):
         values[name] = tuple(values[name]) if values[name] is not None else None
@@ -360,7 +371,13 @@ def run(cfg: GenerateConfig) -> list[Path]:
     if cfg.backend not in ("auto", built):
         raise ValueError(f"engines in {cfg.engine_dir} were built for backend {built!r}, not {cfg.backend!r}: "
                          f"run python -m engine.build --backend {cfg.backend}")
-    results = pipe.run(cfg.requests())
+    preview = None
+    if cfg.preview_every:
+        from engine.previews import Previews, writer
+
+        folder = (cfg.output.parent if output_is_file(cfg.output) else cfg.output) / "previews"
+        preview = Previews(cfg.preview_every, writer(folder))
+    results = pipe.run(cfg.requests(), preview=preview)
     paths = output_paths(cfg.output, len(results), [r.params["seed"] for r in results])
     for result, path in zip(results, paths, strict=True):
         result.save(path)

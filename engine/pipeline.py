@@ -31,7 +31,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import cache, control, encoders, feature_cache, graphs, images, ip_adapter, memory, passes, samplers
+from engine import (
+    cache,
+    control,
+    encoders,
+    feature_cache,
+    graphs,
+    images,
+    ip_adapter,
+    memory,
+    passes,
+    previews,
+    samplers,
+)
 from engine import request as T  # the timing keys, StopFn, Stopped
 from engine.backends.base import Runner, get_backend
 from engine.cache import find_model_dir  # engine.serve and tests look it up here too
@@ -61,6 +73,7 @@ from export.feature_cache import with_feature_cache
 from export.footprint import Footprint
 from export.ip_adapter import with_ip_adapter
 from export.specs import Dims, check_size
+from export.tiny_vae import with_tiny_vae
 
 MAX_SCHEDULES = 64  # sampler tables kept on the device, least recently used out (a client's strength is any float)
 MAX_GRAPHS = 8  # captured step graphs kept (each holds its static buffers); the least recently used goes first
@@ -118,6 +131,7 @@ class Pipeline:
         family = with_controls(get_family(record["family"]), tuple(record.get("controls", ())), dims)
         family = with_ip_adapter(family, dims)  # an image encoder and image inputs, when built with an IP-Adapter
         family = with_feature_cache(family, record.get("feature_cache"))  # + the shallow graph (DeepCache)
+        family = with_tiny_vae(family, "tiny_vae" in record)  # + a tiny decoder (TAESD): previews
         backend = get_backend(record["backend"])
         runners = {}
         for name, entry in record["components"].items():
@@ -192,6 +206,7 @@ class Pipeline:
         schedule = self._check_schedule(r)
         s = schedule or self._schedules.get((r.sampler, r.steps, r.strength, r.eta))
         feature_cache.check(r, self.runners, self.info.get("model"), s.start, s.stop)  # before any work
+        previews.check(r, self.has_role("preview_decoder"), self.info.get("model"))
         texts = self.text.read(r)  # each text encoder's chunks (engine/text.py)
         if (r.clip_skip or 1) > max(self.dims.text_layers, 1):
             raise RequestError("clip_skip", f"clip_skip {r.clip_skip} is past the text encoder's "
@@ -252,10 +267,12 @@ class Pipeline:
     # ---- the static batch: the first driver ----
 
     def run(self, requests: Request | PreparedRequest | list[Request | PreparedRequest], progress: bool = True,
-            cuda_graph: bool = True, batch_size: int | None = None, stop: T.StopFn | None = None) -> list[Generated]:
+            cuda_graph: bool = True, batch_size: int | None = None, stop: T.StopFn | None = None,
+            preview: previews.Previews | None = None) -> list[Generated]:
         """One `Generated` per image, in request order (image k of request j after image k-1). Every request is
         prepared (checked) before any work; prepared ones are taken as they are. `stop`, asked on the host before
-        every step (no device sync), ends the run with `Stopped` when it answers True."""
+        every step (no device sync), ends the run with `Stopped` when it answers True. `preview`: live previews of
+        each batch every K steps (engine/previews.py; not of a two-pass request's passes)."""
         reqs = requests if isinstance(requests, list) else [requests]
         prepared = [r if isinstance(r, PreparedRequest) else self.prepare(r) for r in reqs]
         size = batch_size or self.batch_size
@@ -278,14 +295,14 @@ class Pipeline:
             cfg = prepared[members[0].req].cfg
             for start in range(0, len(members), size):
                 chunk = members[start:start + size]
-                pixels, timings, graphed = self.run_batch(chunk, cfg, progress, cuda_graph, stop)
+                pixels, timings, graphed = self.run_batch(chunk, cfg, progress, cuda_graph, stop, preview=preview)
                 for row, px in zip(chunk, pixels, strict=True):
                     results[(row.req, row.k)] = self.result(row, px, graphed, timings)
         return [results[(j, k)] for j, p in enumerate(prepared) for k in range(p.request.images)]
 
     def run_batch(self, rows: list[Row], cfg: bool, progress: bool = True, cuda_graph: bool = True,
-                  stop: T.StopFn | None = None, decode: bool = True, schedule: samplers.Schedule | None = None
-                  ) -> tuple[Any, dict[str, float], bool]:
+                  stop: T.StopFn | None = None, decode: bool = True, schedule: samplers.Schedule | None = None,
+                  preview: previews.Previews | None = None) -> tuple[Any, dict[str, float], bool]:
         """One batch of rows that share a batch key: (pixels [B, H, W, 3] uint8, or the latents [B, C, h, w] when
         not `decode`), the stage timings (ms) and whether the steps ran in a CUDA graph. `schedule`: the steps to
         run when they are not the request's own (a pass of a handoff, engine/refiner.py)."""
@@ -308,7 +325,9 @@ class Pipeline:
         buffers.update(feature_cache.buffers(self.runners, self.dims, full, buffers["latents"], cfg))
         step_key = (len(rows), r.height, r.width, r.sampler, r.eta, r.steps, r.strength, schedule.start, schedule.stop, cfg,
                     r.kind, control_key(r), rows[0].chunks, cache_key(r))
-        latents, graphed = self._denoise(step_key, schedule, cfg, buffers, cuda_graph, progress and tqdm, stop, full)
+        show = None if preview is None else self._previewer(preview, rows[:n_real], schedule)
+        latents, graphed = self._denoise(step_key, schedule, cfg, buffers, cuda_graph, progress and tqdm, stop, full,
+                                         show)
         t = self._lap(timings, T.TIMING_DENOISE, t)
         timings[T.TIMING_STEP] = timings[T.TIMING_DENOISE] / schedule.run_steps
         if not decode:
@@ -319,7 +338,8 @@ class Pipeline:
         return pixels, timings, graphed
 
     def _denoise(self, key: tuple, schedule: samplers.Schedule, cfg: bool, buffers: Buffers, cuda_graph: bool,
-                 bar, stop: T.StopFn | None = None, full: tuple[bool, ...] | None = None) -> tuple[torch.Tensor, bool]:
+                 bar, stop: T.StopFn | None = None, full: tuple[bool, ...] | None = None,
+                 show=None) -> tuple[torch.Tensor, bool]:
         """The final latents, and whether a (new or cached) CUDA graph ran the steps; `Stopped` when `stop` says so
         before a step. `full`: per step, whether it runs the full UNet or the shallow graph (feature caching)."""
         steps_of = (False,) if full is None else (False, True)  # shallow or not: one step function (and graph) each
@@ -341,7 +361,21 @@ class Pipeline:
             else:
                 b["latents"], b["state"] = fns[k](b)
                 b["idx"] = b["idx"] + 1
+            if show is not None:
+                show(i + 1, b["latents"])  # between steps: a preview costs its decode only
         return (b["latents"].clone() if graph is not None else b["latents"]), graph is not None
+
+    def _previewer(self, preview: previews.Previews, rows: list[Row], schedule: samplers.Schedule):
+        """(step index + 1, latents) -> emits the rows' preview when one is due (engine/previews.py)."""
+        tiny = replace(rows[0].request, decoder="tiny" if self.has_role("preview_decoder") else "full",
+                       vae_tiling="off")
+
+        def show(i: int, latents: torch.Tensor) -> None:
+            done, total = i - schedule.start, schedule.run_steps
+            due = preview.due(done, total)
+            preview.emit(done, total, rows, self.decode(latents[:len(rows)], tiny) if due else None)
+
+        return show
 
     # ---- the session's stages (what both drivers call) ----
 
@@ -417,7 +451,7 @@ class Pipeline:
     def decode(self, latents: torch.Tensor, r: Request | None = None) -> np.ndarray:
         """Pixels [B, H, W, 3] uint8 of latents [B, C, h, w], in tiles where the rows' request `r` says so."""
         self.check_latents(latents)
-        decoder, tiling = self.role("latent_decoder"), self.tiling(r) if r is not None else None
+        decoder, tiling = self.role(previews.decoder_role(r)), self.tiling(r) if r is not None else None
         if tiling is None:
             pixels = decoder(latent=latents)["images"].float()  # [B, 3, H, W] in [-1, 1]
         else:  # each tile's output copied: the next call may reuse its buffer
@@ -444,6 +478,8 @@ class Pipeline:
             params["loras"] = self.adapter_params
         if row.ip_image is not None:
             params["ip_adapter"] = self.info["ip_adapter"]["name"]
+        if row.request.decoder == "tiny":  # A1111's `VAE`: the tiny decoder's folder name
+            params["vae"] = self.info.get("tiny_vae")
         if any(t.embeddings for t in row.texts):  # textual inversion: A1111's `TI hashes`
             params["embeddings"] = self.text.hashes(row.texts)
         return Generated(pixels, params, timings)

@@ -85,6 +85,7 @@ def infotext_fields(params: dict[str, Any]) -> dict[str, Any]:
         "Noise level": params.get("noise_level"),  # the x4 upscaler's (A1111 has none: the key says what it is)
         "Class label": params.get("class_label"),  # a class-conditional LDM's (A1111 has none either)
         "Eta": params.get("eta") or None,  # DDIM's, where it drew noise (A1111 writes "Eta" where it is not 0)
+        "VAE": params.get("vae"),  # A1111's: a VAE other than the checkpoint's (here the tiny decoder)
         "Cache interval": params.get("cache_interval"),  # feature caching (DeepCache), where it ran
         "Cache schedule": params.get("cache_schedule"),
         # A1111's record of the adapters: `Lora hashes: "name: hash, name: hash"` (the prompt carries <lora:..>)

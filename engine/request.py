@@ -59,6 +59,7 @@ MAX_STEPS = 1000
 MAX_IMAGES = 64  # images per request
 MAX_CACHE_INTERVAL = 100  # feature caching: at most this many steps per full UNet step
 CACHE_SCHEDULES = ("uniform", "center")  # engine/feature_cache.py
+DECODERS = ("full", "tiny")  # engine/previews.py
 RANDOM_SEED = -1
 
 
@@ -114,6 +115,8 @@ class Request:
     # feature caching (DeepCache; engines built with --cache-branch): engine/feature_cache.py
     cache_interval: int = 1  # a full UNet step every N steps, shallow steps between; 1 = every step in full
     cache_schedule: str = "uniform"  # where the full steps go: "uniform" (every N) | "center" (DeepCache's non-uniform)
+    decoder: str = "full"  # what decodes the final images: "full" (the model's VAE) | "tiny" (the tiny VAE built with
+    # --tiny-vae: faster, rougher; engine/previews.py)
 
     @property
     def kind(self) -> str:
@@ -188,6 +191,8 @@ class Request:
         if self.cache_schedule not in CACHE_SCHEDULES:
             raise RequestError("cache_schedule", f"cache_schedule {self.cache_schedule!r} is not one of "
                                                  f"{', '.join(CACHE_SCHEDULES)}")
+        if self.decoder not in DECODERS:
+            raise RequestError("decoder", f"decoder {self.decoder!r} is not one of {', '.join(DECODERS)}")
 
     def _check_loras(self) -> None:
         from engine.lora import Adapter, check_lora_file
@@ -417,6 +422,8 @@ def image_params(request: Request, index: int) -> dict[str, Any]:
         skip += ("eta",)
     if request.cache_interval <= 1:  # recorded where feature caching ran
         skip += ("cache_interval", "cache_schedule")
+    if request.decoder == "full":  # recorded where the tiny decoder made the image
+        skip += ("decoder",)
     params = {f.name: getattr(request, f.name) for f in fields(request) if f.name not in skip}  # loras: by the pipeline
     if request.ip_image is not None:  # the adapter's name: by the pipeline
         params["ip_scale"] = request.ip_scale

@@ -18,9 +18,7 @@ single-file `.safetensors` ControlNet in the original layout is converted to suc
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -205,21 +203,9 @@ def _norm(v: Any) -> Any:
 def control_folder(base: Path, nets: dict[str, Path], root: Path) -> Path:
     """One folder that is the model `base` plus each ControlNet as sub-folder `controlnet.<name>`: links, made
     once (atomically) under `root`, keyed by the resolved paths (weights are keyed by content where it matters)."""
-    from export.store import exclusive, staging_dir
+    from export.store import linked_folder
 
-    parts = {"base": str(base.resolve()), "nets": {k: str(v.resolve()) for k, v in sorted(nets.items())}}
-    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-    folder = root / f"{base.name}-{key}"
-    if (folder / "model_index.json").exists():
-        return folder
-    with exclusive(folder):
-        if not (folder / "model_index.json").exists():  # unless another build made it meanwhile
-            with staging_dir(folder) as tmp:
-                for entry in sorted(base.resolve().iterdir()):
-                    os.symlink(entry, tmp / entry.name)
-                for name, path in nets.items():
-                    os.symlink(path.resolve(), tmp / (PREFIX + name))
-    return folder
+    return linked_folder(base, {PREFIX + name: path for name, path in nets.items()}, root)
 
 
 def random_controlnet(model: Path, out: Path, seed: int, embedding: tuple[int, ...] = (16, 32, 96, 256),

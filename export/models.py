@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from export import attention, ip_adapter
+from export import attention, ip_adapter, tiny_vae
 from export.control import for_component, residual_layout
 from export.errors import PICKLE_SUFFIXES
 from export.families import SD, SDXL, Family, detect_family, get_family
@@ -296,7 +296,7 @@ def load_component(folder: Path, name: str, dtype: torch.dtype = torch.float32, 
     """One component's wrapped torch module, loading only its own sub-folder of `folder`. The family is
     given, or read from the folder's model_index.json, or SD for a folder without one (an engine dir)."""
     family = _family_of(folder, family)  # a ControlNet's or the image encoder's artifact: its own classes
-    family = ip_adapter.for_component(for_component(family, name), name)
+    family = tiny_vae.for_component(ip_adapter.for_component(for_component(family, name), name), name)
     sub, wrap = _wrapper(name, family)
     return wrap(load_submodel(folder, sub, dtype, family).to(device)).eval()
 

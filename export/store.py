@@ -237,3 +237,22 @@ def staging_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def linked_folder(base: Path, extra: dict[str, Path], root: Path) -> Path:
+    """One folder that is the model folder `base` with the sub-folders `extra` (name -> folder) added or replaced:
+    links, made once (atomically) under `root`, keyed by the resolved paths (what export and the backends read as
+    one model: ControlNets, a tiny VAE)."""
+    parts = {"base": str(base.resolve()), "extra": {k: str(v.resolve()) for k, v in sorted(extra.items())}}
+    folder = root / f"{base.name}-{hashlib.sha256(canonical(parts).encode()).hexdigest()[:16]}"
+    if (folder / "model_index.json").exists():
+        return folder
+    with exclusive(folder):
+        if not (folder / "model_index.json").exists():  # unless another build made it meanwhile
+            with staging_dir(folder) as tmp:
+                for entry in sorted(base.resolve().iterdir()):
+                    if entry.name not in extra:
+                        os.symlink(entry, tmp / entry.name)
+                for name, path in extra.items():
+                    os.symlink(path.resolve(), tmp / name)
+    return folder

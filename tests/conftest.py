@@ -351,3 +351,19 @@ def cache_engines(tmp_path_factory, tiny_folder) -> Path:
 @pytest.fixture(scope="session")
 def cache_pipeline(cache_engines):
     yield from _loaded(cache_engines)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_engines(tmp_path_factory, tiny_folder, engine_cache) -> Path:
+    """tiny for ONNX Runtime fp32 with a seeded random AutoencoderTiny (TAESD's architecture) as its preview decoder,
+    64x64 (the other components' exports are the shared ones of `ort_engines`)."""
+    from export.tiny_vae import random_tiny_vae
+
+    taesd = random_tiny_vae(engine_cache / "taesd-random", seed=0)
+    return _shared_build(tmp_path_factory, "tiny-vae-engines", model="tiny", backend="onnxruntime", precision="fp32",
+                         height=64, width=64, tiny_vae=str(taesd))
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_pipeline(tiny_vae_engines):
+    yield from _loaded(tiny_vae_engines)

@@ -167,7 +167,7 @@ async def _cancel_running_batch(pipe) -> None:
         steps.append(time.perf_counter())
         return real_step(*args)
 
-    def run(requests, batch_size, stop):
+    def run(requests, batch_size, stop, _previews=None):
         return pipe.run(requests, progress=False, batch_size=batch_size, stop=stop)
 
     batcher = Batcher(run, max_batch=1, max_wait_s=0.0, max_queue=4)
@@ -195,7 +195,7 @@ async def _cancel_queued() -> None:
     ran: list[str] = []
     gate = threading.Event()
 
-    def run(requests, _batch_size, _stop):
+    def run(requests, _batch_size, _stop, _previews=None):
         ran.extend(r.request.prompt for r in requests)
         gate.wait(DEADLINE_S)  # the first batch holds the worker while the second request is cancelled
         return [object()] * sum(r.request.images for r in requests)

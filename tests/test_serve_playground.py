@@ -85,7 +85,13 @@ def generate(page) -> tuple[dict, dict, dict]:
     assert response.status == 200, response.text()
     page.wait_for_function("() => !document.getElementById('generate').disabled", timeout=WAIT_MS)
     assert page.inner_text("#error") == ""
-    return response.request.post_data_json, response.request.headers, response.json()
+    body = response.request.post_data_json
+    assert body["stream"] is True  # the page asks for the streamed answer: progress, previews, then the images
+    events = [(b.split("\n")[0].removeprefix("event: "), b.split("\n")[1].removeprefix("data: "))
+              for b in response.text().strip().split("\n\n")]
+    steps = [json.loads(d)["step"] for e, d in events if e == "progress"]
+    assert steps and steps == list(range(1, len(steps) + 1)) and events[-1][0] == "result"  # every step, in order
+    return body, response.request.headers, json.loads(events[-1][1])
 
 
 def shown_png(page, selector: str) -> bytes:

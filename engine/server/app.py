@@ -30,7 +30,7 @@ from starlette.requests import Request as HttpRequest
 
 from engine import passes, refiner
 from engine.kinds import takes
-from engine.png import png_bytes
+from engine.previews import Previews
 from engine.request import Generated, PreparedRequest, Request, RequestError, StopFn
 from engine.server.a1111 import add_a1111_routes
 from engine.server.access import Access, allowed_hosts
@@ -51,6 +51,7 @@ from engine.server.schemas import (
     validation_error,
 )
 from engine.server.step_batcher import StepBatcher
+from engine.server.stream import Stream, answer, encode, respond
 from engine.server.warmup import warmup_request
 from export.control import PREFIX
 
@@ -182,7 +183,8 @@ class ServerState:
                                 "or ask for response_format b64_json", kind="unavailable",
                            headers={"Retry-After": str(RETRY_UNAVAILABLE_S)}) from None
 
-    def _run(self, requests: list[PreparedRequest], batch_size: int, stop: StopFn) -> list[Generated]:
+    def _run(self, requests: list[PreparedRequest], batch_size: int, stop: StopFn,
+             previews: Previews | None = None) -> list[Generated]:
         total = run_steps(requests[0].request)  # a batch's rows share steps and strength (its batch key)
         done = itertools.count()
 
@@ -191,7 +193,8 @@ class ServerState:
             return stop()
 
         try:
-            return self.pipeline.run(requests, progress=False, batch_size=batch_size, stop=step_then_stop)
+            return self.pipeline.run(requests, progress=False, batch_size=batch_size, stop=step_then_stop,
+                                     preview=previews)
         finally:
             self.step_progress = None
 
@@ -259,15 +262,16 @@ class ServerState:
         check_max_size(request, prepared.request, self.config.max_size, params)  # the x4 upscaler's: 4x its image
         return prepared
 
-    async def generate(self, http: HttpRequest, request: Request, params: dict[str, str] | None = None) -> Outcome:
+    async def generate(self, http: HttpRequest, request: Request | PreparedRequest, params: dict[str, str] | None = None,
+                       stream: Stream | None = None) -> Outcome:
         t0 = time.perf_counter()
-        prepared = await self.prepare(request, params or {})
+        prepared = request if isinstance(request, PreparedRequest) else await self.prepare(request, params or {})
         if self.status != "ready":
             raise ApiError(503, f"server is {self.status}; retry when /readyz answers 200", kind="unavailable",
                            headers={"Retry-After": str(RETRY_NOT_READY_S)})
         assert self.batcher is not None
         try:
-            work = asyncio.wait_for(self.batcher.submit(prepared), self.config.timeout_s)
+            work = asyncio.wait_for(self.batcher.submit(prepared, stream=stream), self.config.timeout_s)
             outcome = await _unless_client_leaves(http, work)
         except QueueFull as exc:
             raise self._busy(exc.retry_after_s) from None
@@ -342,8 +346,9 @@ def _timings(outcome: Outcome, total_s: float) -> dict[str, float]:
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def _encode(images: list[Generated]) -> list[bytes]:
-    return [png_bytes(g.pixels, g.params) for g in images]
+async def _answer(outcome: Outcome, t0: float) -> dict:
+    pngs = await asyncio.to_thread(encode, outcome.images)
+    return answer(outcome, pngs, _timings(outcome, time.perf_counter() - t0))
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -448,18 +453,15 @@ def create_app(config: ServeConfig) -> FastAPI:
                                               state.config.lora_dir, images[CONTROL_FILES], images["ip_image"])
         except ValueError as exc:  # loras (engine/server/lora_dir.py): a message without a path
             raise ApiError(400, str(exc), "loras") from None
+        if body.stream:  # server-sent events (engine/server/stream.py): checked first, then streamed
+            return await respond(state, http, request, body.preview_every, lambda o: _answer(o, t0))
         outcome = await state.generate(http, request)
-        pngs = await asyncio.to_thread(_encode, outcome.images)
+        pngs = await asyncio.to_thread(encode, outcome.images)
         timings = _timings(outcome, time.perf_counter() - t0)
         if body.response_format == "png":
             return Response(pngs[0], media_type="image/png", headers={
                 "X-Seed": str(outcome.images[0].params["seed"]), "X-Timings-Ms": json.dumps(timings)})
-        return JSONResponse({
-            "created": int(time.time()),
-            "images": [{"b64_png": base64.b64encode(b).decode(), "seed": g.params["seed"],
-                        "params": json.loads(json.dumps(g.params, default=str))}
-                       for b, g in zip(pngs, outcome.images, strict=True)],
-            "timings_ms": timings, "batch_images": outcome.batch_images})
+        return JSONResponse(answer(outcome, pngs, timings))
 
     @app.post("/v1/images/generations", responses={200: {"model": ImagesAnswer, "description": "the images"},
                                                    **ROUTE_ERRORS["generate"]})
@@ -470,7 +472,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         if body.response_format != "b64_json" and state.images_error is not None:  # before the generation
             raise ApiError(503, state.images_error, "response_format", kind="unavailable")
         outcome = await state.generate(http, body.to_request(), OPENAI_PARAMS)
-        pngs = await asyncio.to_thread(_encode, outcome.images)
+        pngs = await asyncio.to_thread(encode, outcome.images)
         if body.response_format == "b64_json":
             data = [{"b64_json": base64.b64encode(b).decode()} for b in pngs]
         else:

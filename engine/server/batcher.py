@@ -24,13 +24,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from engine.previews import Previews
 from engine.request import Generated, PreparedRequest, StopFn, Stopped
 from engine.server.metrics import Metrics
 
 log = logging.getLogger("engine.serve")
-# (requests, batch size, stop) -> images in order; `stop` is asked between steps, `Stopped` raised when it says so
-RunFn = Callable[[list[PreparedRequest], int, StopFn], list[Generated]]
+# (requests, batch size, stop, previews) -> images in order; `stop` is asked between steps, `Stopped` raised when it
+# says so; `previews` (None: no request of the batch streams) gets every step (engine/previews.py)
+RunFn = Callable[[list[PreparedRequest], int, StopFn, "Previews | None"], list[Generated]]
 BATCH_TIME_WEIGHT = 0.2  # weight of the newest batch in the moving average of batch time (Retry-After)
 
 
@@ -64,6 +67,7 @@ class Job:
     started: float | None = None
     gone: bool = False  # nobody waits for it (its caller went away, or a drain abandoned it)
     counted: bool = True  # in the metrics (the warm-up is not)
+    stream: Any = None  # engine/server/stream.py's Stream of a streamed request: its progress and previews
 
     @property
     def images(self) -> int:
@@ -119,14 +123,15 @@ class Batcher:
     def retry_after_s(self) -> int:
         return max(1, math.ceil(self._batch_s * (1 + len(self._queue) / self.max_batch)))
 
-    async def submit(self, prepared: PreparedRequest, counted: bool = True) -> Outcome:
+    async def submit(self, prepared: PreparedRequest, counted: bool = True, stream: Any = None) -> Outcome:
         """The request's images once its batch ran. QueueFull / Draining at once; BatchFailed if its batch raised.
-        `counted=False` (the warm-up) keeps its batch out of the metrics."""
+        `counted=False` (the warm-up) keeps its batch out of the metrics; `stream` gets its progress."""
         if not self.accepting:
             raise Draining("the server is draining")
         if len(self._queue) >= self.max_queue:
             raise QueueFull(self.retry_after_s())
-        job = Job(prepared, asyncio.get_running_loop().create_future(), time.perf_counter(), counted=counted)
+        job = Job(prepared, asyncio.get_running_loop().create_future(), time.perf_counter(), counted=counted,
+                  stream=stream)
         self._queue.append(job)
         self._jobs.add(job)
         self._set_depth()
@@ -198,8 +203,15 @@ class Batcher:
         def nobody_waits() -> bool:  # asked from the run's thread between steps: reads only plain flags
             return all(j.gone for j in jobs)
 
+        streams = [j.stream for j in jobs]
+        previews = None
+        if any(streams):  # every step reaches the streamed requests; pixels as often as the most eager asks
+            from engine.server.stream import route
+
+            every = math.gcd(*(s.preview_every for s in streams if s is not None))  # 0 when none asks for pixels
+            previews = Previews(every, route(jobs, streams))
         try:
-            images = await asyncio.to_thread(self.run, requests, min(n, self.max_batch), nobody_waits)
+            images = await asyncio.to_thread(self.run, requests, min(n, self.max_batch), nobody_waits, previews)
         except Stopped as exc:
             self._idle_since = time.perf_counter()
             log.info("batch of %d request(s) %s", len(jobs), exc)

@@ -255,7 +255,13 @@ class GenerateBody(_Common):
                                 description="feature caching (engines built with --cache-branch): a full UNet step "
                                             "every N steps, its shallow graph between; 1 = every step in full")
     cache_schedule: Literal["uniform", "center"] = Field(_R.cache_schedule, description="where the full steps go")
+    decoder: Literal["full", "tiny"] = Field(_R.decoder, description="what decodes the final images: the model's VAE, "
+                                                                    "or the tiny VAE built with --tiny-vae")
     response_format: Literal["json", "png"] = "json"
+    stream: bool = Field(False, description="answer with server-sent events: progress after every step, previews "
+                                            "every preview_every steps, then the JSON answer as the `result` event")
+    preview_every: int = Field(0, ge=0, le=MAX_STEPS, description="with stream: a preview image every K steps "
+                                                                  "(0 = progress only)")
 
     _check_sampler = field_validator("sampler")(_sampler)
 
@@ -269,7 +275,8 @@ class GenerateBody(_Common):
                        vae_tile_overlap=self.vae_tile_overlap, hires_scale=self.hires_scale,
                        hires_steps=self.hires_steps, hires_strength=self.hires_strength,
                        hires_upscaler=self.hires_upscaler, refiner_switch=self.refiner_switch,
-                       cache_interval=self.cache_interval, cache_schedule=self.cache_schedule, prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+                       cache_interval=self.cache_interval, cache_schedule=self.cache_schedule, decoder=self.decoder,
+                       prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
                        guidance_scale=self.guidance_scale, sampler=self.sampler, eta=self.eta, seed=self.seed,
                        height=self.height,
                        width=self.width, images=self.images, init_image=init_image, strength=self.strength,

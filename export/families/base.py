@@ -45,6 +45,8 @@ class Roles:
     # ids) -> the denoiser's cross-attention context; runs on the request conditioning inputs its spec names
     map_encoder: str = "map_encoder"  # a request's map (semantic synthesis's labels) -> channels concatenated to the
     # latents; runs as the context encoder does
+    preview_decoder: str = "tiny_vae_decoder"  # a tiny decoder (TAESD): live previews, and final images on request;
+    # built only with one (export/tiny_vae.py)
 
 
 @dataclass(frozen=True)
