@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         print(json.dumps(child(Path(a.child[0]), int(a.child[1]), intervals, a.steps, a.rounds)))
         return 0
-    results = Results(suite="feature-cache")
+    import torch
+
+    results = Results(device="cuda" if torch.cuda.is_available() else "cpu", suite="feature-cache")
     with tempfile.TemporaryDirectory() as tmp:
         engine_dir = a.engine_dir or Path(tmp)
         build(a.model, a.backend, a.precision, engine_dir)

@@ -98,6 +98,9 @@ else
 fi
 if has diffusers; then  # the common-schema suite on the GPU: pipeline per backend, UNet step, attention, build cost
   step bench_run "$py" -m benchmarks.run --suite quick --device cuda --out "$out"
+  # feature caching and the tiny decoder on the GPU: the CPU suite's script, GPU backend (TensorRT where installed)
+  step feature_cache_bench "$py" -m benchmarks.feature_cache --backend auto --precision fp16 --sizes 512 1024
+  find benchmarks/results -name '*-feature-cache-*.json' -newer "$out/bench_run.log" -exec cp {} "$out/" \;
 else
   echo "== bench_run: skipped, diffusers does not import (docs/gpu.md)"
 fi
