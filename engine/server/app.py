@@ -439,7 +439,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                              "seed": d.seed, "negative_prompt": d.negative_prompt}}
 
     @app.post("/v1/generate", openapi_extra={"requestBody": generate_request_body()},
-              responses=ROUTE_ERRORS["generate"])
+              responses=ROUTE_ERRORS["generated"])
     async def generate(http: HttpRequest) -> Response:
         """Every Request field; init_image / mask as base64 (JSON) or file parts (multipart)."""
         t0 = time.perf_counter()

@@ -43,6 +43,13 @@ ROUTE_ERRORS: dict[str, dict[int | str, dict[str, Any]]] = {  # `responses=` of 
     "read": _errors(400, 401),
     "info": _errors(400, 401, 503),
     "generate": _errors(400, 401, 403, 413, 415, 429, 500, 503, 504),
+    "generated": {200: {"description": "the images: JSON (base64 PNGs with their parameters); one PNG with "
+                                       "response_format png; server-sent events with stream (progress, preview, "
+                                       "then the JSON answer as the `result` event)",
+                        "content": {"application/json": {"schema": {"type": "object"}},
+                                    "image/png": {"schema": PNG_SCHEMA},
+                                    "text/event-stream": {"schema": {"type": "string"}}}},
+                  **_errors(400, 401, 403, 413, 415, 429, 500, 503, 504)},
     "file": {200: {"description": "the PNG", "content": {"image/png": {"schema": PNG_SCHEMA}}},
              **_errors(400, 404, 503)},  # no 401: the name is the credential (engine/server/image_files.py)
 }
