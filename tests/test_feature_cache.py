@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from engine.pipeline import Pipeline
 from engine.request import Request, RequestError
@@ -249,3 +250,60 @@ def test_the_server_body_carries_the_cache_fields():
         with pytest.raises(ValidationError) as e:
             GenerateBody(prompt="x", **bad)
         assert e.value.errors()[0]["loc"] == (next(iter(bad)),)
+
+
+def _helper_steps(pipe, inputs: list[dict], branch: int) -> list[torch.Tensor]:
+    """The UNet's outputs on two steps under DeepCache's helper (interval 2: the first full, the second from its
+    cache), each step at the scheduler's timestep of its index."""
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=2, cache_branch_id=branch)
+    helper.enable()
+    try:
+        with torch.no_grad():
+            return [_unet(pipe, x) for x in inputs]
+    finally:
+        helper.disable()
+
+
+def _unet(pipe, x: dict) -> torch.Tensor:
+    rest = {k: v for k, v in x.items() if k not in ("sample", "timestep")}
+    return pipe.unet(x["sample"], x["timestep"], **rest).sample  # positional, as the pipelines call it (and DeepCache
+    # reads the timestep from there)
+
+
+@pytest.mark.parametrize(("preset", "branches"), [("tiny", (0, 1, 3, 4)), ("tiny-xl", (0, 1, 3))])
+def test_split_matches_deepcache_on_sd_and_sdxl_unets(preset, branches, engine_cache):
+    """Our full/shallow torch modules against DeepCache's helper, step by step, for every branch of the tiny SD UNet
+    and the tiny SDXL UNet (added text and time conditioning): the full step equals the plain UNet and the shallow
+    step equals the helper's cached step."""
+    from diffusers import DiffusionPipeline
+
+    from export.families.cache_wrappers import CacheUNet
+    from export.models import materialize_preset
+    from export.presets import ALL_PRESETS
+
+    pipe = DiffusionPipeline.from_pretrained(materialize_preset(ALL_PRESETS[preset]), local_files_only=True)
+    pipe.scheduler.set_timesteps(10)
+    c = pipe.unet.config
+    g = torch.Generator().manual_seed(0)
+    ehs = torch.randn(2, 77, c.cross_attention_dim, generator=g)
+    added = {}
+    if c.addition_embed_type == "text_time":
+        added = {"text_embeds": torch.randn(2, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim,
+                                            generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    steps = [{"sample": torch.randn(2, c.in_channels, 8, 8, generator=g), "timestep": pipe.scheduler.timesteps[i],
+              "encoder_hidden_states": ehs, **({"added_cond_kwargs": added} if added else {})} for i in (0, 1)]
+    for branch in branches:
+        want = _helper_steps(pipe, steps, branch)
+        full, shallow = CacheUNet(pipe.unet, branch, False), CacheUNet(pipe.unet, branch, True)
+        with torch.no_grad():
+            args = [(x["sample"], x["timestep"].expand(2), ehs, added.get("text_embeds"), added.get("time_ids"))
+                    for x in steps]
+            first, *cache = full(*args[0])
+            second = shallow(*args[1], cache=tuple(cache))
+            plain = _unet(pipe, steps[1])
+        torch.testing.assert_close(first, want[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(second, want[1], rtol=0, atol=1e-6)
+        assert (second - plain).abs().max() > 1e-4, branch  # the second step really read the cache
