@@ -204,7 +204,7 @@ class Pipeline:
         check_kind(r, self.family, self.dims, self.has_role("latent_encoder"), model,
                    Path(self.info.get("engine_dir", ".")))  # engine/kinds.py
         schedule = self._check_schedule(r)
-        s = schedule or self._schedules.get((r.sampler, r.steps, r.strength, r.eta))
+        s = schedule or self._schedules.get(key := (r.sampler, r.steps, r.strength, r.eta)) or self._make_schedule(*key)
         feature_cache.check(r, self.runners, self.info.get("model"), s.start, s.stop)  # before any work
         previews.check(r, self.has_role("preview_decoder"), self.info.get("model"))
         texts = self.text.read(r)  # each text encoder's chunks (engine/text.py)
