@@ -1,8 +1,8 @@
 """Quality gate of the reduced-precision CPU paths: each one's image against its own backend's fp32 image.
 
-For each path (openvino bf16, torch bf16, onnxruntime int8) the same request (prompt, seed, sampler, steps,
-size) runs through the whole pipeline twice, once built at the reduced precision and once at fp32 with the same
-backend, and the two uint8 images are compared: `mean_abs_px`, `max_abs_px` (0..255) and `psnr_db`
+For each path (openvino bf16, torch bf16, onnxruntime int8, openvino int8) the same request (prompt, seed, sampler,
+steps, size) runs through the whole pipeline twice, once built at the reduced precision and once at fp32 with the
+same backend, and the two uint8 images are compared: `mean_abs_px`, `max_abs_px` (0..255) and `psnr_db`
 (10·log10(255² / MSE); inf when identical is written as 99 dB, the cap of identical images). A path this CPU
 cannot run (no avx512_bf16 / AMX for bf16, a backend not installed) is a skipped row with the reason.
 
@@ -11,7 +11,7 @@ than a trained one's, and every step feeds the next, so the differences measured
 for (not an estimate of) what a trained checkpoint of the same architecture shows. The rows say so.
 
     python -m benchmarks.quality                       # tiny, 128², 10 steps
-    python -m benchmarks.quality --model sd15 --size 256
+    python -m benchmarks.quality --model sd15 --size 256 [--paths openvino:int8,openvino:bf16]
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import numpy as np
 
 from benchmarks.schema import Results
 
-PATHS = (("openvino", "bf16"), ("torch", "bf16"), ("onnxruntime", "int8"))  # each against (backend, "fp32")
+PATHS = (("openvino", "bf16"), ("torch", "bf16"), ("onnxruntime", "int8"),  # each against (backend, "fp32")
+         ("openvino", "int8"))
 REFERENCE = "fp32"
 PROMPT = "a lighthouse at dusk, oil painting"
 PSNR_CAP_DB = 99.0  # identical images (MSE 0)
@@ -96,6 +97,17 @@ def measure(results: Results, *, model: str = "tiny", size: int = 128, steps: in
     return out
 
 
+def _paths(text: str) -> tuple[tuple[str, str], ...]:
+    """`openvino:int8,torch:bf16` -> (("openvino", "int8"), ("torch", "bf16"))."""
+    out = []
+    for item in text.split(","):
+        backend, sep, precision = item.strip().partition(":")
+        if not sep or not backend or not precision:
+            raise argparse.ArgumentTypeError(f"path {item!r}: expected BACKEND:PRECISION (e.g. openvino:int8)")
+        out.append((backend, precision))
+    return tuple(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     from export.quiet import add_verbose_flag, quiet_cli
 
@@ -105,12 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=128, help="image side in pixels")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--paths", type=_paths, default=PATHS, help="comma separated BACKEND:PRECISION, each against "
+                    f"the same backend's fp32 (default: {','.join(f'{b}:{p}' for b, p in PATHS)})")
     ap.add_argument("--engine-dir", type=Path, default=None, help="where the builds go; default: a temp dir")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default: benchmarks/results)")
     add_verbose_flag(ap)
     a = ap.parse_args(argv)
     results = Results(device="cpu", suite="quality")
-    figures = measure(results, model=a.model, size=a.size, steps=a.steps, seed=a.seed, engine_dir=a.engine_dir)
+    figures = measure(results, model=a.model, size=a.size, steps=a.steps, seed=a.seed, engine_dir=a.engine_dir,
+                      paths=a.paths)
     print(f"quality vs the same backend's fp32 image: {a.model} {a.size}², {a.steps} steps, seed {a.seed}, "
           f"{results.device_name}")
     from export.presets import ALL_PRESETS

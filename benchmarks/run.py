@@ -29,7 +29,7 @@ CPU_BACKENDS = ("onnxruntime", "torch", "openvino")
 GPU_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 # the interleaved UNet step: (backend, precision), the first is the fp32 reference the others' errors are against
 CPU_VARIANTS = (("onnxruntime", "fp32"), ("torch", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"),
-                ("torch", "bf16"), ("onnxruntime", "int8"))
+                ("torch", "bf16"), ("onnxruntime", "int8"), ("openvino", "int8"))
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ SUITES = {
 }
 
 
-def _step(label: str, fn: Callable[[], None]) -> None:
+def _step(label: str, fn: Callable[[], object]) -> None:
     t0 = time.perf_counter()
     print(f"== {label}", flush=True)
     fn()
@@ -117,8 +117,9 @@ def run(suite: Suite, backends: tuple[str, ...], device: str, out: Path) -> Path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--suite", choices=[*sorted(SUITES), "peers"], default="quick",
+                   help="peers: python -m benchmarks.peers, with its own options (see its --help)")
     p.add_argument("--backends", default=None, help=f"comma separated (default on CPU: {','.join(CPU_BACKENDS)}; "
                    f"on CUDA: {','.join(GPU_BACKENDS)}); one not installed gets a skipped row")
     p.add_argument("--models", default=None, help="comma separated, among the suite's (default: all of them)")
@@ -128,6 +129,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.peers import peers_argv
+
+    rest = peers_argv(sys.argv[1:] if argv is None else argv)
+    if rest is not None:  # --suite peers: other engines against ours, each in its own process (benchmarks/peers.py)
+        from benchmarks import peers
+
+        return peers.main(rest)
     from export.quiet import quiet_cli
 
     quiet_cli(argv)

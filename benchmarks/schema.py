@@ -97,8 +97,8 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     env: dict[str, Any] = {
         "cpu": cpu_model(), "cores": cores(), "cpu_flags": cpu_flags(), "python": platform.python_version(),
         "torch": _version("torch"), "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
-        "tensorrt": _version("tensorrt"), "openvino": _version("openvino"), "diffusers": _version("diffusers"),
-        "git": git_commit(),
+        "tensorrt": _version("tensorrt"), "openvino": _version("openvino"), "nncf": _version("nncf"),
+        "diffusers": _version("diffusers"), "git": git_commit(),
     }
     if device.startswith("cuda"):
         import torch

@@ -7,9 +7,18 @@ Rows per (variant, size): `unet_call_ms_p50/p90/p99/mean`, `max_abs_err` and `re
 first variant (the fp32 reference), and `time_vs_ref` (p50 over the reference's p50, same run). With
 `isolated`, each variant runs in its own process instead, one after the other (not interleaved), and its
 peak RSS is recorded: for models whose variants do not all fit in memory together (sd15 on 23 GiB).
+
+`python -m benchmarks.run` runs it in its suites; alone, for a few variants of one model:
+
+    python -m benchmarks.unet_step --model sd15 --sizes 256 \
+        --variants openvino:fp32,openvino:bf16,openvino:int8 [--runs 5] [--isolated] [--engine-dir DIR]
+
+writes <out>/<UTC time>-unet-step-<device>.json (the first variant is the reference of the others).
 """
 from __future__ import annotations
 
+import argparse
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -126,7 +135,6 @@ def measure(results: Results, cfg: UnetStepBench, engine_dir: Path | None = None
 def _measure_isolated(results: Results, cfg: UnetStepBench, variants: list, engine_dir: Path) -> None:
     import json
     import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
@@ -137,8 +145,8 @@ def _measure_isolated(results: Results, cfg: UnetStepBench, variants: list, engi
         out_dir = Path(tempfile.mkdtemp(prefix="unet-step-out-"))
         job = {"cfg": {**asdict(cfg), "variants": [[backend, precision]]}, "engine_dir": str(engine_dir),
                "out": str(out_dir)}
-        r = subprocess.run([sys.executable, "-m", "benchmarks.unet_step", json.dumps(job)], capture_output=True,
-                           text=True, check=False, timeout=7200)
+        r = subprocess.run([sys.executable, "-m", "benchmarks.unet_step", CHILD, json.dumps(job)],
+                           capture_output=True, text=True, check=False, timeout=7200)
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
         if r.returncode != 0 or not line:
             results.skip("unet_step", {"model": cfg.model, "backend": backend, "precision": precision},
@@ -170,11 +178,58 @@ def _child(job: dict) -> dict:
     return {"samples": out, "peak_rss_gib": peak_rss_bytes() / 2**30}
 
 
-if __name__ == "__main__":  # child of an isolated run: python -m benchmarks.unet_step JOB_JSON
-    import json
-    import sys
+def _variants(text: str) -> tuple[tuple[str, str], ...]:
+    """`onnxruntime:fp32,openvino:int8` -> (("onnxruntime", "fp32"), ("openvino", "int8")); a precision is required."""
+    out = []
+    for item in text.split(","):
+        backend, sep, precision = item.strip().partition(":")
+        if not sep or not backend or not precision:
+            raise argparse.ArgumentTypeError(f"variant {item!r}: expected BACKEND:PRECISION (e.g. openvino:int8)")
+        out.append((backend, precision))
+    return tuple(out)
 
-    from export.quiet import quiet
 
-    quiet(False)
-    print("RESULT " + json.dumps(_child(json.loads(sys.argv[1]))))
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks import RESULTS
+    from export.quiet import add_verbose_flag, quiet_cli
+
+    quiet_cli(argv)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.unet_step", description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--model", default="tiny", help="preset or local model path")
+    p.add_argument("--sizes", default="128", help="comma separated image sides in pixels")
+    p.add_argument("--variants", type=_variants, default=UnetStepBench.variants,
+                   help="comma separated BACKEND:PRECISION, the first the reference (default: onnxruntime:fp32,"
+                        "torch:fp32)")
+    p.add_argument("--runs", type=int, default=5, help="timed calls per variant and size (after one warm-up)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--isolated", action="store_true", help="one process per variant, one after the other")
+    p.add_argument("--engine-dir", type=Path, default=None, help="where the builds go (cached); default: a temp dir")
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    add_verbose_flag(p)
+    a = p.parse_args(argv)
+    cfg = UnetStepBench(model=a.model, sizes=tuple(int(s) for s in a.sizes.split(",")), variants=a.variants,
+                        runs=a.runs, device=a.device, isolated=a.isolated)
+    results = Results(device=a.device, suite="unet-step")
+    measure(results, cfg, a.engine_dir)
+    for r in results.rows:
+        c = r["config"]
+        if r.get("skipped"):
+            print(f"{c['backend']:12s} {c['precision']}: skipped ({r['skipped']})")
+        elif r["metric"] in ("unet_call_ms_p50", "time_vs_ref", "max_abs_err"):
+            print(f"{c['backend']:12s} {c['precision']:5s} {c['size']}²  {r['metric']:18s} {r['value']:.4g} {r['unit']}")
+    print(f"wrote {results.write(a.out)}")
+    return 0
+
+
+CHILD = "--child"  # python -m benchmarks.unet_step --child JOB_JSON: one variant of an isolated run
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == [CHILD]:
+        import json
+
+        from export.quiet import quiet
+
+        quiet(False)
+        print("RESULT " + json.dumps(_child(json.loads(sys.argv[2]))))
+    else:
+        sys.exit(main())

@@ -443,7 +443,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                         "(engine/backends/cpu_table.json)")
     p.add_argument("--precision", default=d.precision,
                    help="fp32, fp16 (onnxruntime, torch, tensorrt), bf16 (torch, openvino; on a CPU with "
-                        "avx512_bf16 or AMX), int8 (onnxruntime: MatMul weights); None = with --backend auto on a "
+                        "avx512_bf16 or AMX), int8 (onnxruntime: MatMul weights; openvino: NNCF per-channel int8 weights); None = with --backend auto on a "
                         "CPU, the table's pick; else the backend's default: fp16 on a GPU, fp32 on the CPU")
     p.add_argument("--attention", choices=ATTENTION_MODES, default=d.attention,
                    help="ONNX attention emission; auto = the backend's preferred one")

@@ -58,7 +58,7 @@ def _loaded(engine_dir: Path):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def engine_cache(tmp_path_factory) -> Path:
+def engine_cache(tmp_path_factory) -> Iterator[Path]:
     """Keep presets and conversions out of the user's ~/.cache for the whole session."""
     with _shared(tmp_path_factory, "sd_engine_cache") as root:
         root.mkdir(exist_ok=True)

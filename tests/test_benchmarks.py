@@ -104,7 +104,7 @@ def test_readme_measured_block_matches_the_committed_results():
 
 
 def test_pipeline_cli_takes_backend_precision_specs(ort_engines, tmp_path):
-    """`python -m benchmarks.pipeline --backends onnxruntime,openvino:bf16,openvino:int8`: rows per backend and
+    """`python -m benchmarks.pipeline --backends onnxruntime,openvino:bf16,openvino:fp16`: rows per backend and
     precision (the precision asked for, or the backend's default); a precision the backend lacks is a skipped row."""
     import importlib.util
     import shutil
@@ -114,7 +114,7 @@ def test_pipeline_cli_takes_backend_precision_specs(ort_engines, tmp_path):
     engines = tmp_path / "engines"
     shutil.copytree(ort_engines, engines)  # tiny 64²: its fp32 exports are reused
     have_ov = importlib.util.find_spec("openvino") is not None
-    specs = ["onnxruntime", "openvino:int8"] + (["openvino:bf16"] if have_ov and cpu.has_native_bf16() else [])
+    specs = ["onnxruntime", "openvino:fp16"] + (["openvino:bf16"] if have_ov and cpu.has_native_bf16() else [])
     out = tmp_path / "results"
     r = subprocess.run([sys.executable, "-m", "benchmarks.pipeline", "--model", "tiny", "--size", "64", "--steps", "2",
                         "--runs", "1", "--batch-sizes", "1", "--backends", ",".join(specs), "--engine-dir", str(engines),
@@ -126,4 +126,4 @@ def test_pipeline_cli_takes_backend_precision_specs(ort_engines, tmp_path):
     assert measured == {("onnxruntime", "fp32")} | ({("openvino", "bf16")} if "openvino:bf16" in specs else set())
     (skipped,) = [x for x in rows if x["value"] is None]
     why = "not available with the openvino backend" if have_ov else "OpenVINO is not installed"
-    assert skipped["config"]["precision"] == "int8" and why in skipped["skipped"]
+    assert skipped["config"]["precision"] == "fp16" and why in skipped["skipped"]

@@ -21,7 +21,7 @@ NO_BF16 = frozenset({"avx2", "fma", "avx512f"})
 
 def test_every_backend_declares_its_precisions():
     allowed = {"torch": ("fp32", "fp16", "bf16"), "onnxruntime": ("fp32", "fp16", "int8"),
-               "tensorrt": ("fp16", "fp32"), "openvino": ("fp32", "bf16")}
+               "tensorrt": ("fp16", "fp32"), "openvino": ("fp32", "bf16", "int8")}
     assert set(BACKEND_MODULES) == set(allowed)
     for name in ("torch", "onnxruntime"):  # importable everywhere (tensorrt / openvino: their own tests)
         backend = get_backend(name)
@@ -61,7 +61,10 @@ def test_torch_bf16_runs_in_bf16(tmp_path, tiny_folder, monkeypatch):
     assert record["precision"] == "bf16"
     pipe = Pipeline.load(tmp_path, "tiny")
     try:
+        from engine.backends.torch_backend import TorchRunner
+
         unet = pipe.runners["unet"]
+        assert isinstance(unet, TorchRunner) and unet.module is not None
         assert {p.dtype for p in unet.module.parameters()} == {torch.bfloat16}  # weights, and so compute
         r = pipe.run(Request(prompt="a red bicycle", steps=3, seed=1), progress=False)[0]
         assert r.pixels.shape == (64, 64, 3) and r.pixels.std() > 10

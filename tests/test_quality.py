@@ -39,8 +39,8 @@ def test_reduced_precision_images_are_close_to_fp32(tmp_path, tiny_folder):
     rows = [r for r in results.rows if r["bench"] == "quality"]
     bf16 = cpu.has_native_bf16()
     expected = {("onnxruntime", "int8")} | ({("torch", "bf16")} if bf16 else set())
-    if bf16 and importlib.util.find_spec("openvino") is not None:
-        expected.add(("openvino", "bf16"))
+    if importlib.util.find_spec("openvino") is not None:
+        expected |= {("openvino", "int8")} | ({("openvino", "bf16")} if bf16 else set())
     assert set(figures) == expected
     for r in rows:
         assert r["config"]["reference"] == f"{r['config']['backend']} fp32"

@@ -1,18 +1,23 @@
-"""OpenVINO backend: the exported fp32 ONNX compiled by OpenVINO's CPU plugin, fp32 or bf16.
+"""OpenVINO backend: the exported fp32 ONNX compiled by OpenVINO's CPU plugin, fp32, bf16 or int8 weights.
 
 The build converts the component's ONNX (model.onnx + model.onnx.data) once into OpenVINO IR
 (model.xml + model.bin, fp32 weights: no fp16 compression) in the artifact dir and test-compiles it;
 `load` reads the IR, whose .bin OpenVINO memory-maps (no second in-RAM copy of the file), and compiles it
 for the CPU with every core of this process's affinity mask. The precision is a compile-time hint
 (`INFERENCE_PRECISION_HINT`: f32, or bf16 where the CPU has avx512_bf16 / AMX: refused elsewhere); the IR
-itself stays fp32. The cache key holds the OpenVINO version and the CPU's ISA flags; an IR written by
-another OpenVINO version is refused at load, naming both. Any batch and size the graph was exported for runs.
+itself stays fp32. int8 (engine/backends/openvino_int8.py): the IR's weights compressed to int8 by NNCF, one scale
+per output channel, and compiled with activations at the CPU's best precision (bf16 where it has native bf16, f32
+elsewhere; the plugin's dynamic int8 quantization of activations is turned off). The cache key holds the OpenVINO
+version and the CPU's ISA flags; an IR written by another OpenVINO version is refused at load, naming both. Any batch
+and size the graph was exported for runs.
 
 LoRA: each weight is a `Constant` named after its ONNX initializer (`unet.conv_in.weight`); adapters are merged by
 re-reading the pristine IR, swapping the touched weight constants for merged ones and recompiling with the same
 config (the IR on disk is untouched; no weights => the pristine IR recompiled, the built weights exactly). A
 runner keeps its last few compiled models (engine.lora_cache.variants_limit(), the built one included) by the content of
 their merged weights, so alternating between a few adapter sets compiles each once; `compiles` counts compilations.
+An int8 IR's weights are 8-bit constants with their scales, not the fp32 tensors a merge replaces: LoRA is refused there
+(ValueError naming the precision to build instead), as with ONNX Runtime's int8 graphs.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from typing import Any
 
 import torch
 
-from engine.backends.cpu import check_bf16, isa_flags, threads
+from engine.backends.cpu import check_bf16, has_native_bf16, isa_flags, threads
 from engine.config import BuildPlan
 from engine.lora_cache import Lru, variants_limit, weights_key
 from export.specs import ComponentSpec, Dims
@@ -32,6 +37,7 @@ from export.specs import ComponentSpec, Dims
 IR_XML = "model.xml"  # + model.bin (the weights, memory-mapped on load)
 ONNX_FILE = "model.onnx"
 REBUILD_HINT = "rebuild with python -m engine.build --backend openvino --force-rebuild"
+PRECISIONS = ("fp32", "bf16", "int8")  # int8: int8 weights (openvino_int8.py), activations bf16 or f32
 _HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision -> the CPU plugin's INFERENCE_PRECISION_HINT
 _TORCH = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "i32": torch.int32,
           "i64": torch.int64}
@@ -68,9 +74,20 @@ def ov_version() -> str:
     return _ov().get_version()
 
 
+def activation_precision(precision: str) -> str:
+    """The CPU plugin's INFERENCE_PRECISION_HINT for our precision: int8 weights compute with bf16 activations where
+    the CPU has native bf16 (engine/backends/cpu.py), f32 elsewhere."""
+    if precision == "int8":
+        return "bf16" if has_native_bf16() else "f32"
+    return _HINTS[precision]
+
+
 def _compile_config(precision: str) -> dict[str, Any]:
-    return {"INFERENCE_PRECISION_HINT": _HINTS[precision], "INFERENCE_NUM_THREADS": threads(),
-            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": activation_precision(precision),
+                              "INFERENCE_NUM_THREADS": threads(), "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    if precision == "int8":  # weights only: the CPU plugin would otherwise quantize f32 activations of int8-weight
+        config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0  # MatMuls to int8 per group of 32 on the fly
+    return config
 
 
 def read_ir(spec: ComponentSpec, xml: Path):
@@ -159,9 +176,9 @@ class OpenVinoRunner:
     device = torch.device("cpu")
 
     def __init__(self, spec: ComponentSpec, xml: Path, precision: str):
-        if precision not in _HINTS:
+        if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not available with the openvino backend; "
-                             f"choose from {', '.join(_HINTS)}")
+                             f"choose from {', '.join(PRECISIONS)}")
         if precision == "bf16":
             check_bf16("openvino")
         self.spec, self.path, self.precision = spec, xml, precision
@@ -187,16 +204,26 @@ class OpenVinoRunner:
         return _ov().Core().compile_model(model, "CPU", _compile_config(self.precision))
 
     def base_weights(self) -> Mapping[str, torch.Tensor]:
-        """The IR's own weights by the sub-model's parameter names (read on access, the .bin memory-mapped)."""
+        """The IR's own weights by the sub-model's parameter names (read on access, the .bin memory-mapped).
+        ValueError for an int8 IR: its weights are int8 with per-channel scales, which a LoRA merge cannot replace."""
+        self._check_mergeable()
         if self._weights is None:  # read once: every switch needs the names and some base tensors
             self._weights = IrWeights(read_ir(self.spec, self.path))
         return self._weights
+
+    def _check_mergeable(self) -> None:
+        if self.precision == "int8":
+            raise ValueError(f"{self.path}: an int8 (weight-compressed) OpenVINO IR: LoRA adapters cannot be merged "
+                             "into it (its weights are int8 constants with per-channel scales, not the fp32 tensors a "
+                             "merge replaces); build with --precision fp32 or bf16 for LoRA")
 
     def set_weights(self, merged: Mapping[str, torch.Tensor] | None) -> None:
         """Recompile the pristine IR with `merged` (sub-model parameter names) replacing its weight constants, or
         as built (None); a compiled model of the same weights kept in `variants` is taken instead. Until the new
         model compiles the old one stays in place: a failure leaves the runner as it was. The IR on disk is
         untouched."""
+        if merged:
+            self._check_mergeable()
         key = weights_key(merged) if merged else None
         variant = self.variants.get(key)
         if variant is None:
@@ -220,7 +247,7 @@ class OpenVinoBackend:
     name = "openvino"
     needs_onnx = True
     static_shapes = False
-    precisions = ("fp32", "bf16")
+    precisions = PRECISIONS
 
     def version(self) -> str:
         return ov_version()
@@ -240,20 +267,33 @@ class OpenVinoBackend:
     def fingerprint(self, plan: BuildPlan) -> dict[str, Any]:
         if plan.precision == "bf16":
             check_bf16("openvino")
-        return {"openvino": ov_version(), "device": "cpu", "cpu_isa": isa_flags()}
+        fingerprint = {"openvino": ov_version(), "device": "cpu", "cpu_isa": isa_flags()}
+        if plan.precision == "int8":  # the compressed IR is NNCF's work too
+            from engine.backends.openvino_int8 import MODE, nncf_version
+
+            fingerprint.update(nncf=nncf_version(), int8_mode=MODE)
+        return fingerprint
 
     def build(self, spec: ComponentSpec, onnx_path: Path | None, out_dir: Path, dims: Dims, plan: BuildPlan,
               source: Path) -> dict[str, Any]:
         if onnx_path is None:
             raise ValueError("the openvino backend builds from ONNX; no ONNX path was given")
         ov = _ov()
-        # the runtime's ONNX reader, not ov.convert_model: that tool sends usage telemetry to the network unless
-        # the user has opted out; the IR compiles to the same graph (same outputs and speed, measured on tiny)
-        model = ov.Core().read_model(str(onnx_path))  # reads model.onnx.data too
-        ov.save_model(model, str(out_dir / IR_XML), compress_to_fp16=False)  # fp32 weights, as exported
+        extra: dict[str, Any] = {}
+        if plan.precision == "int8":
+            from engine.backends.openvino_int8 import compress_int8
+
+            model, extra = compress_int8(onnx_path)
+            extra["int8"]["activations"] = activation_precision("int8")  # on this CPU (decided again at load)
+        else:
+            # the runtime's ONNX reader, not ov.convert_model: that tool sends usage telemetry to the network unless
+            # the user has opted out; the IR compiles to the same graph (same outputs and speed, measured on tiny)
+            model = ov.Core().read_model(str(onnx_path))  # reads model.onnx.data too
+        # out_dir is the build's fresh temp dir, published whole by the cache (engine/cache.py) once this returns
+        ov.save_model(model, str(out_dir / IR_XML), compress_to_fp16=False)  # no fp32 weight made f16
         del model
         OpenVinoRunner(spec, out_dir / IR_XML, plan.precision).close()  # fails here, not at generate time
-        return {"device": "cpu", "precision": plan.precision, "openvino": ov_version(), "cpu_isa": isa_flags()}
+        return {"device": "cpu", "precision": plan.precision, "openvino": ov_version(), "cpu_isa": isa_flags(), **extra}
 
     def load(self, spec: ComponentSpec, art_dir: Path, manifest: dict[str, Any], device: str) -> OpenVinoRunner:
         self.resolve_device(device)
