@@ -3,6 +3,7 @@ serving stack fixes (no sandbox, no GPU, no background network or component upda
 the reason where Playwright or chromium is absent (tests/run.sh installs chromium with apt-get where it can)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -48,4 +49,13 @@ def generate(page: Any, prompt: str, steps: int, seed: int) -> tuple[int, dict, 
     page.fill("#seed", str(seed))
     with page.expect_response("**/v1/generate", timeout=GENERATE_MS) as answer:
         page.click("#generate")
-    return answer.value.status, answer.value.request.post_data_json, answer.value.json()
+    return answer.value.status, answer.value.request.post_data_json, streamed_answer(answer.value.text())[1]
+
+
+def streamed_answer(text: str) -> tuple[list[int], dict]:
+    """(the steps its `progress` events reported, the JSON answer of its `result` event) of the server-sent events
+    the page reads from /v1/generate (engine/server/stream.py)."""
+    events = [(b.split("\n")[0].removeprefix("event: "), b.split("\n")[1].removeprefix("data: "))
+              for b in text.strip().split("\n\n")]
+    assert events[-1][0] == "result", events[-1]
+    return [json.loads(d)["step"] for e, d in events if e == "progress"], json.loads(events[-1][1])

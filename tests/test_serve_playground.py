@@ -20,7 +20,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from tests.browser import CHROMIUM_ARGS, GENERATE_MS, WAIT_MS, chromium_path
+from tests.browser import CHROMIUM_ARGS, GENERATE_MS, WAIT_MS, chromium_path, streamed_answer
 from tests.helpers import init_image, max_diff, png_pixels, running_server, write_kohya
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
@@ -87,11 +87,9 @@ def generate(page) -> tuple[dict, dict, dict]:
     assert page.inner_text("#error") == ""
     body = response.request.post_data_json
     assert body["stream"] is True  # the page asks for the streamed answer: progress, previews, then the images
-    events = [(b.split("\n")[0].removeprefix("event: "), b.split("\n")[1].removeprefix("data: "))
-              for b in response.text().strip().split("\n\n")]
-    steps = [json.loads(d)["step"] for e, d in events if e == "progress"]
-    assert steps and steps == list(range(1, len(steps) + 1)) and events[-1][0] == "result"  # every step, in order
-    return body, response.request.headers, json.loads(events[-1][1])
+    steps, answered = streamed_answer(response.text())
+    assert steps and steps == list(range(1, len(steps) + 1))  # every step, in order
+    return body, response.request.headers, answered
 
 
 def shown_png(page, selector: str) -> bytes:

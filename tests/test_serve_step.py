@@ -74,6 +74,11 @@ def test_two_pass_requests_are_refused_naming_the_field(server, field, value):
     assert "--batching request" in body["error"]["message"]
 
 
+def test_a_streamed_request_is_a_400_naming_stream(server):
+    status, body = post(server, {"prompt": "a", "steps": 2, "stream": True})
+    assert status == 400 and body["error"]["param"] == "stream", body
+
+
 def test_queue_bound_answers_429_and_everything_accepted_finishes(server):
     bodies = [{"prompt": f"flood {i}", "steps": 30, "seed": i, "images": 4} for i in range(8)]
     out: list[int] = []

@@ -112,9 +112,11 @@ class StepBatcher:
         """Images one request may ask for: its rows run in one flight (the app answers 400 above it)."""
         return self.max_batch
 
-    async def submit(self, prepared: PreparedRequest, counted: bool = True) -> Outcome:
+    async def submit(self, prepared: PreparedRequest, counted: bool = True, stream: object = None) -> Outcome:
         """The request's images once its last row finished; `counted=False` (the warm-up) stays out of the
-        metrics."""
+        metrics. `stream` must be None: a flight streams nothing (engine/server/stream.py refuses it first)."""
+        if stream is not None:
+            raise ValueError("step batching streams no progress: the stream was to be refused before submit")
         request = prepared.request
         if not self.accepting:
             raise Draining("the server is draining")
