@@ -62,13 +62,17 @@ class ReliabilityConfig:
     health_samples: int = 20
     burst_uploads: int = 12
     burst_side: int = 2048  # noise PNG, about 12 MB: under the server's default --max-body-mb 20
+    burst_probe_samples: int = 100  # /healthz during the burst (~2 s here), every burst_probe_interval_s
+    burst_probe_interval_s: float = 0.02
+    phases: tuple[str, ...] = ("schema", "soak", "idle_sockets", "decode_burst", "overload_10x")  # what runs
     out: Path | None = None
 
 
-def health_ms(url: str, samples: int) -> dict:
-    """/healthz latencies (ms) and statuses, one request at a time, from this process."""
+def health_ms(url: str, samples: int, interval_s: float = 0.0) -> dict:
+    """/healthz latencies (ms) and statuses, one request at a time, `interval_s` apart, from this process."""
     times, statuses = [], Counter()
-    for _ in range(samples):
+    for i in range(samples):
+        time.sleep(interval_s if i else 0.0)
         t0 = time.perf_counter()
         try:
             status, _, _ = http_call("GET", url + "/healthz", None, 10.0)
@@ -79,10 +83,11 @@ def health_ms(url: str, samples: int) -> dict:
     return {"latency_ms": latency_stats(times), "statuses": dict(statuses)}
 
 
-def probe_health(url: str, samples: int) -> dict:
+def probe_health(url: str, samples: int, interval_s: float = 0.0) -> dict:
     """`health_ms` from a process of its own, as an orchestrator's probe: the load's client threads in this process
     would otherwise share its interpreter lock and delay the probe itself."""
-    code = f"import json; from benchmarks.reliability import health_ms; print(json.dumps(health_ms({url!r}, {samples})))"
+    code = ("import json; from benchmarks.reliability import health_ms; "
+            f"print(json.dumps(health_ms({url!r}, {samples}, {interval_s})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     return json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr[-500:]}
 
@@ -236,12 +241,24 @@ def decode_burst_phase(server: Server, cfg: ReliabilityConfig) -> dict:
         with lock:
             statuses[str(status)] += 1
 
+    code = ("import json, sys; from benchmarks.reliability import health_ms; print('ready', flush=True); "
+            f"sys.stdin.readline(); print(json.dumps(health_ms({server.url!r}, {cfg.burst_probe_samples}, "
+            f"{cfg.burst_probe_interval_s})))")
+    probe = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             cwd=REPO)  # a process of its own, started first: it probes from the burst's start
+    assert probe.stdin is not None and probe.stdout is not None
+    probe.stdout.readline()
     with ThreadPoolExecutor(cfg.burst_uploads) as pool:
+        t0 = time.perf_counter()
+        probe.stdin.write("go\n")
+        probe.stdin.flush()
         futures = [pool.submit(upload, i) for i in range(cfg.burst_uploads)]
-        time.sleep(0.5)  # bodies on the wire and being decoded
-        results["healthz_during"] = probe_health(server.url, cfg.health_samples)
         for f in futures:
             f.result(timeout=600)
+        results["burst_s"] = round(time.perf_counter() - t0, 2)
+    out, _ = probe.communicate(timeout=300)
+    results["probe_s"] = round(time.perf_counter() - t0, 2)
+    results["healthz_during"] = json.loads(out) if probe.returncode == 0 else {"error": f"probe exit {probe.returncode}"}
     return {"uploads": cfg.burst_uploads, "upload_mb": round(len(body) / 2**20, 1), "statuses": dict(statuses),
             **results}
 
@@ -279,18 +296,19 @@ def run(cfg: ReliabilityConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="reliability-") as tmp:
         work = Path(tmp)
         engine_dir = cfg.engine_dir or build_engines(work / "engines")
-        with running_server(engine_dir, work, "--max-images", "2") as server:
-            doc["schema"] = schema_phase(server, cfg, work)
-        with running_server(engine_dir, work) as server:
-            doc["soak"] = soak_phase(server, cfg)
         header_timeout_s = 5.0
-        with running_server(engine_dir, work, "--limit-concurrency", str(sockets + 512), "--header-timeout-s",
-                            str(header_timeout_s)) as server:
-            doc["idle_sockets"] = idle_sockets_phase(server, cfg, header_timeout_s)
-        with running_server(engine_dir, work) as server:
-            doc["decode_burst"] = decode_burst_phase(server, cfg)
-        with running_server(engine_dir, work, "--max-batch", "8", "--max-queue", "8") as server:
-            doc["overload_10x"] = overload_phase(server, 10.0)
+        phases = {  # name: (the server's extra flags, the phase)
+            "schema": (("--max-images", "2"), lambda server: schema_phase(server, cfg, work)),
+            "soak": ((), lambda server: soak_phase(server, cfg)),
+            "idle_sockets": (("--limit-concurrency", str(sockets + 512), "--header-timeout-s", str(header_timeout_s)),
+                             lambda server: idle_sockets_phase(server, cfg, header_timeout_s)),
+            "decode_burst": ((), lambda server: decode_burst_phase(server, cfg)),
+            "overload_10x": (("--max-batch", "8", "--max-queue", "8"), lambda server: overload_phase(server, 10.0)),
+        }
+        for name in cfg.phases:
+            flags, phase = phases[name]
+            with running_server(engine_dir, work, *flags) as server:
+                doc[name] = phase(server)
     return doc
 
 
@@ -299,12 +317,14 @@ def parse_args(argv: list[str] | None) -> ReliabilityConfig:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine-dir", type=Path, default=d.engine_dir)
     for name in ("schema_examples", "soak_requests", "soak_concurrency", "idle_sockets", "health_samples",
-                 "burst_uploads", "burst_side"):
+                 "burst_uploads", "burst_side", "burst_probe_samples"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     p.add_argument("--soak-cap-s", type=float, default=d.soak_cap_s)
+    p.add_argument("--phases", nargs="+", choices=d.phases, default=d.phases, help="the phases to run, in order")
     p.add_argument("--out", type=Path, default=d.out)
     a = p.parse_args(argv)
-    return ReliabilityConfig(**{k: getattr(a, k) for k in asdict(d) if hasattr(a, k)})
+    return ReliabilityConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                for k, v in ((k, getattr(a, k)) for k in asdict(d) if hasattr(a, k))})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     if out.is_dir():
         out = out / f"reliability-{time.strftime('%Y-%m-%d', time.gmtime())}.json"
     write_json(out, doc)
-    brief = {k: doc[k] for k in ("soak", "idle_sockets", "decode_burst", "overload_10x")}
-    print(json.dumps({"schema_exit_code": doc["schema"].get("exit_code"), **brief}, indent=2)[:6000])
+    brief = {k: doc[k] for k in ("soak", "idle_sockets", "decode_burst", "overload_10x") if k in doc}
+    print(json.dumps({"schema_exit_code": doc.get("schema", {}).get("exit_code"), **brief}, indent=2)[:6000])
     print(f"wrote {out}")
     return 0
 

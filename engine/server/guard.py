@@ -2,10 +2,12 @@
 and every answer is counted in sd_http_requests_total by route (never by a random path)."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 from engine.server.a1111 import PREFIX as A1111_PREFIX
 from engine.server.a1111 import ROUTES as A1111_ROUTES
+from engine.server.bodies import OFF_LOOP_BYTES
 from engine.server.image_files import ROUTE as IMAGE_ROUTE
 from engine.server.metrics import Metrics
 from engine.server.schemas import ApiError
@@ -56,7 +58,9 @@ class Guard:
                 break
         if size > self.max_bytes:
             return await self._too_large(counted_send)
-        body, replayed = b"".join(chunks), False
+        # a large join in a worker thread: bytes.join copies a large body without the GIL, so the loop runs on
+        body = b"".join(chunks) if size < OFF_LOOP_BYTES else await asyncio.to_thread(b"".join, chunks)
+        replayed = False
 
         async def replay():
             nonlocal replayed
