@@ -43,6 +43,7 @@ from engine import (
     passes,
     previews,
     samplers,
+    shape_state,
 )
 from engine import request as T  # the timing keys, StopFn, Stopped
 from engine.backends.base import Runner, get_backend
@@ -354,7 +355,7 @@ class Pipeline:
         if graph is not None:
             graph.load(buffers)
         for i in steps:
-            _check_stop(stop, i)
+            T.check_stop(stop, i)
             k = int(full is not None and not full[i])  # the host knows each step's kind: no device sync
             if graph is not None:
                 graph.replay(k)  # updates latents, state, the cache and idx in place
@@ -389,7 +390,10 @@ class Pipeline:
         any runner changes, so a bad adapter leaves the pipeline as it was. No re-export, no rebuild."""
         from engine import lora
 
-        if tuple(adapters) == self._applied:
+        if shape_state.over_budget(self.runners):  # runners holding state for too many sizes compile again
+            shape_state.forget(self.runners)
+            self._applied = ()
+        elif tuple(adapters) == self._applied:
             return
         merged, loaded = lora.merged_runners(adapters, self.runners, self.family.spec, self.info.get("model"))
         for name, tensors in merged.items():
@@ -493,8 +497,3 @@ class Pipeline:
         now = self._now()
         timings[name] = (now - t) * 1e3
         return now
-
-
-def _check_stop(stop: T.StopFn | None, i: int) -> None:
-    if stop is not None and stop():
-        raise T.Stopped(f"stopped before step {i}: nobody waits for this batch")

@@ -53,6 +53,12 @@ class Stopped(Exception):
     """A run stopped between two steps because its `stop` said nobody waits for the batch (timeout, disconnect)."""
 
 
+def check_stop(stop: StopFn | None, i: int) -> None:
+    """Stopped when `stop` (asked on the host before step `i`, no device sync) says nobody waits any more."""
+    if stop is not None and stop():
+        raise Stopped(f"stopped before step {i}: nobody waits for this batch")
+
+
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"  # what a text model draws when a request gives none
 MAX_SEED = 2**64 - 1  # torch.Generator takes 64-bit seeds
 MAX_STEPS = 1000

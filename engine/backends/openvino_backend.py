@@ -184,6 +184,7 @@ class OpenVinoRunner:
         self.spec, self.path, self.precision = spec, xml, precision
         self._weights: IrWeights | None = None  # the IR's own weights, read on first use
         self.compiles = 0  # compile_model calls: the first, then one per adapter set new to `variants`
+        self._shapes: set[tuple] = set()  # input shapes since the last compile of all (engine/shape_state.py)
         self.compiled = self._compile(read_ir(spec, xml))
         self.request = self.compiled.create_infer_request()
         # (compiled model, its infer request) by weights_key of the merged weights; None = as built
@@ -196,6 +197,7 @@ class OpenVinoRunner:
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         assert self.request is not None, "runner closed"
         feeds = {n: inputs[n].to("cpu", self.dtypes[n]).contiguous().numpy() for n in self.spec.input_names}
+        self._shapes.add(tuple(f.shape for f in feeds.values()))
         res = self.request.infer(feeds, share_inputs=True, share_outputs=False)  # outputs copied: ours to keep
         return {n: torch.from_numpy(res[n]) for n in self.spec.output_names}
 
@@ -235,6 +237,22 @@ class OpenVinoRunner:
             variant = (compiled, compiled.create_infer_request())
             self.variants.put(key, variant)
         self.compiled, self.request = variant
+
+    @property
+    def kept_shapes(self) -> int:
+        """Distinct input shapes run since the compiled models were last all made anew: the CPU plugin keeps state
+        for each (~4 MB on tiny) until then (engine/shape_state.py)."""
+        return len(self._shapes)
+
+    def forget_shapes(self) -> None:
+        """Drop every compiled model (and what the plugin keeps per shape with it); the built weights compiled
+        again. Merged weights are compiled again by the next set_weights."""
+        self.variants.clear()
+        self.compiled = self.request = None
+        self.compiled = self._compile(read_ir(self.spec, self.path))
+        self.request = self.compiled.create_infer_request()
+        self.variants.put(None, (self.compiled, self.request))
+        self._shapes.clear()
 
     def close(self) -> None:
         self.request = None
