@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import peers
+from benchmarks import peer_children, peers
 from benchmarks.peers import CONTESTANTS, Outcome
 
 
@@ -82,7 +82,7 @@ def test_psnr_of_uint8_images():
 
 def test_to_uint8_scales_floats_as_diffusers():
     x = np.array([[[0.0, 0.5, 1.0, 0.25]]], np.float32)
-    assert peers.to_uint8(x).tolist() == [[[0, 128, 255]]]  # RGBA -> RGB, round(x * 255)
+    assert peer_children.to_uint8(x).tolist() == [[[0, 128, 255]]]  # RGBA -> RGB, round(x * 255)
 
 
 def test_tail_keeps_the_library_error_and_drops_traceback_frames():
