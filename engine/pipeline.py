@@ -390,14 +390,14 @@ class Pipeline:
         any runner changes, so a bad adapter leaves the pipeline as it was. No re-export, no rebuild."""
         from engine import lora
 
-        if shape_state.over_budget(self.runners):  # runners holding state for too many sizes compile again
-            shape_state.forget(self.runners)
-            self._applied = ()
+        forgot = shape_state.over_budget(self.runners)  # runners holding state for too many sizes compile again
+        if forgot:
+            shape_state.forget(self.runners)  # back to the built weights: every runner is set below
         elif tuple(adapters) == self._applied:
             return
         merged, loaded = lora.merged_runners(adapters, self.runners, self.family.spec, self.info.get("model"))
         for name, tensors in merged.items():
-            if tensors is not None or self._applied:
+            if tensors is not None or self._applied or forgot:
                 self.runners[name].set_weights(tensors)
         self.graphs.clear()  # captured steps read the old weights' buffers
         self._applied, self.adapter_params = tuple(adapters), lora.adapter_params(loaded)

@@ -185,11 +185,9 @@ class OpenVinoRunner:
         self._weights: IrWeights | None = None  # the IR's own weights, read on first use
         self.compiles = 0  # compile_model calls: the first, then one per adapter set new to `variants`
         self._shapes: set[tuple] = set()  # input shapes since the last compile of all (engine/shape_state.py)
-        self.compiled = self._compile(read_ir(spec, xml))
-        self.request = self.compiled.create_infer_request()
         # (compiled model, its infer request) by weights_key of the merged weights; None = as built
         self.variants: Lru[str | None, tuple[Any, Any]] = Lru(max_entries=variants_limit())
-        self.variants.put(None, (self.compiled, self.request))
+        self._compile_built()
         # by name: a compiled port may carry more names than the IR's (fused tensors), get_any_name() any of them
         self.dtypes = {n: _TORCH[self.compiled.input(n).get_element_type().get_type_name()]
                        for n in spec.input_names}
@@ -249,10 +247,14 @@ class OpenVinoRunner:
         again. Merged weights are compiled again by the next set_weights."""
         self.variants.clear()
         self.compiled = self.request = None
+        self._compile_built()
+        self._shapes.clear()
+
+    def _compile_built(self) -> None:
+        """The IR as built, compiled, current and kept in `variants` under None."""
         self.compiled = self._compile(read_ir(self.spec, self.path))
         self.request = self.compiled.create_infer_request()
         self.variants.put(None, (self.compiled, self.request))
-        self._shapes.clear()
 
     def close(self) -> None:
         self.request = None
